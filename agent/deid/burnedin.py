@@ -1,0 +1,99 @@
+"""Burned-in annotation: decide quarantine, or black out known text regions.
+
+Ultrasound, secondary capture, photographs, endoscopy and derived/secondary
+images often carry the patient's name in the pixels, where no header rule can
+reach it.  Such instances are quarantined unless BurnedInAnnotation says NO,
+or a configured pixel-clean rule for that exact device and image size lets us
+black the text regions out.
+"""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from agent.deid.settings import PixelCleanRule
+
+RISKY_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES", "GM", "SM"})
+_SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
+_ENCAPSULATED_DOC_ROOT = "1.2.840.10008.5.1.4.1.1.104."
+RULE_TEXT = (
+    "An instance is quarantined when BurnedInAnnotation is YES, or when it is an image "
+    "of modality US, SC, XC, OT, ES, GM or SM, a Secondary Capture SOP class, or has "
+    "ImageType DERIVED or SECONDARY, and BurnedInAnnotation is not NO; unless a pixel-clean "
+    "rule matches its Manufacturer, Manufacturer's Model Name, Rows and Columns and the "
+    "pixels decode: then the rule's rectangles are blacked out in every frame, "
+    "BurnedInAnnotation becomes NO and Clean Pixel Data (113101) is claimed."
+)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if isinstance(value, list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value or "").strip()
+
+
+def is_encapsulated_document(ds: Dataset) -> bool:
+    return str(ds.get("SOPClassUID", "")).startswith(_ENCAPSULATED_DOC_ROOT)
+
+
+def burned_in_risk(ds: Dataset) -> str | None:
+    """Why the pixels may carry text, or None when there is no reason to think so."""
+    if is_encapsulated_document(ds):
+        return "encapsulated document: its content cannot be checked for identifiers"
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return None
+    burned = _text(ds, "BurnedInAnnotation").upper()
+    if burned == "YES":
+        return "burned-in annotation present (BurnedInAnnotation YES)"
+    if burned == "NO":
+        return None
+    shown = burned if burned else "absent"
+    modality = _text(ds, "Modality").upper()
+    if modality in RISKY_MODALITIES:
+        return f"burned-in annotation possible ({modality}, BurnedInAnnotation {shown})"
+    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT):
+        return f"burned-in annotation possible (secondary capture, BurnedInAnnotation {shown})"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "DERIVED" in image_type[:1] or "SECONDARY" in image_type[1:2]:
+        return (
+            f"burned-in annotation possible ({'/'.join(image_type[:2])} image, "
+            f"BurnedInAnnotation {shown})"
+        )
+    return None
+
+
+def matching_rule(ds: Dataset, rules: tuple[PixelCleanRule, ...]) -> PixelCleanRule | None:
+    if not rules:
+        return None
+    manufacturer = _text(ds, "Manufacturer")
+    model = _text(ds, "ManufacturerModelName")
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    for rule in rules:
+        if rule.matches(manufacturer, model, rows, cols):
+            return rule
+    return None
+
+
+def black_out(ds: Dataset, rule: PixelCleanRule) -> None:
+    """Black out the rule's rectangles in every frame of ``ds`` (a de-identified copy).
+
+    Raises whatever the pixel handlers raise when the data cannot be decoded; the
+    caller turns that into a quarantine reason.
+    """
+    arr = ds.pixel_array.copy()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    black = 0
+    if photometric == "MONOCHROME1":  # in MONOCHROME1 the highest value is black
+        black = (1 << int(ds.BitsStored)) - 1
+    for x, y, w, h in rule.rectangles:
+        if frames > 1:
+            arr[:, y : y + h, x : x + w, ...] = black
+        else:
+            arr[y : y + h, x : x + w, ...] = black
+    if photometric.startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
+        photometric = "RGB"  # pydicom converted the decoded pixels to RGB
+    ds.set_pixel_data(arr, photometric, int(ds.BitsStored))
+    ds.BurnedInAnnotation = "NO"
