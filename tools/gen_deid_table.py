@@ -68,9 +68,7 @@ def e11_rows(path: Path) -> list[dict[str, Any]]:
         basic = _clean(rec["basicProfile"])
         if basic not in BASIC_ACTIONS:
             raise SystemExit(f"unknown action {basic!r} for {tag}")
-        options = {
-            name: _clean(rec[col]) for col, name in OPTION_COLUMNS.items() if rec.get(col)
-        }
+        options = {name: _clean(rec[col]) for col, name in OPTION_COLUMNS.items() if rec.get(col)}
         for act in options.values():
             if act not in {"K", "C"}:
                 raise SystemExit(f"unknown option action {act!r} for {tag}")

@@ -22,7 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from agent.deid import burnedin
 from agent.deid.envelope import envelope
@@ -127,7 +127,7 @@ def _pack(values: list[Any]) -> Any:
 class _Instance:
     """Per-instance state of one walk."""
 
-    __slots__ = ("phi", "scrubber", "date_offset", "patient_token", "modified_tags")
+    __slots__ = ("date_offset", "modified_tags", "patient_token", "phi", "scrubber")
 
     def __init__(self, patient_token: str, date_offset: int) -> None:
         self.phi: set[str] = set()
@@ -184,7 +184,9 @@ class Deidentifier:
     # ------------------------------------------------------------------ public
     def describe(self) -> str:
         opts = ", ".join(sorted(self._opts)) or "none"
-        return f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
+        return (
+            f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
+        )
 
     def method_text(self) -> str:
         """DeidentificationMethod value: short enough for one LO value (64 chars)."""
@@ -195,7 +197,7 @@ class Deidentifier:
             return self._deidentify(ds)
         except DeidError:
             raise
-        except Exception as exc:  # malformed input: one error family for callers
+        except Exception as exc:  # noqa: BLE001 -- malformed input: one error family for callers
             raise DeidError(
                 f"instance could not be de-identified ({type(exc).__name__})",
                 hint="the instance is malformed; it is kept encrypted and not published",
@@ -220,8 +222,10 @@ class Deidentifier:
         risk = burnedin.burned_in_risk(ds)
         rule = None
         if risk is not None:
-            rule = None if burnedin.is_encapsulated_document(ds) else burnedin.matching_rule(
-                ds, self._settings.pixel_clean
+            rule = (
+                None
+                if burnedin.is_encapsulated_document(ds)
+                else burnedin.matching_rule(ds, self._settings.pixel_clean)
             )
             if rule is None:
                 self._collect_phi_only(ds, state)
@@ -233,12 +237,14 @@ class Deidentifier:
         if rule is not None:
             try:
                 burnedin.black_out(out, rule)
-            except Exception as exc:  # any decoder failure: we cannot vouch for pixels
+            except Exception as exc:  # noqa: BLE001 -- any decoder failure: pixels unverifiable
                 self._collect_phi_only(ds, state)
-                reason = f"{risk}; pixel-clean rule matched but pixels not decodable ({type(exc).__name__})"
+                reason = (
+                    f"{risk}; pixel-clean rule matched but pixels not decodable "
+                    f"({type(exc).__name__})"
+                )
                 return DeidOutcome(None, reason, frozenset(state.phi), patient_ref, study_ref)
             codes.append("113101")
-            out.file_meta.TransferSyntaxUID = out.file_meta.TransferSyntaxUID
         self._stamp(out, sorted(codes))
         if self._settings.mode == "encrypt":
             self._encrypt_originals(ds, out, state)
@@ -426,7 +432,8 @@ class Deidentifier:
         if action == "Z":
             if tag == _PATIENT_NAME:
                 return DataElement(tag, vr, state.patient_token), True
-            return DataElement(tag, vr, "" if vr in DUMMY_BY_VR and isinstance(DUMMY_BY_VR[vr], str) else None), True
+            empty = "" if isinstance(DUMMY_BY_VR.get(vr), str) else None
+            return DataElement(tag, vr, empty), True
         if action == "U" or (action == "D" and vr == "UI"):
             if self._retain_uids:
                 return self._copy(elem), False
@@ -501,19 +508,19 @@ class Deidentifier:
     def _file_meta(self, ds: Dataset, out: Dataset) -> None:
         meta = FileMetaDataset()
         src = getattr(ds, "file_meta", None)
-        ts = None
+        ts: UID | None = None
         if src is not None:
             ts = src.get("TransferSyntaxUID")
         if ts is None:
-            implicit, little = ds.original_encoding
+            implicit = ds.original_encoding[0]
             if implicit:
-                ts = UID("1.2.840.10008.1.2")
+                ts = ImplicitVRLittleEndian
             else:
                 ts = ExplicitVRLittleEndian
         meta.MediaStorageSOPClassUID = out.SOPClassUID
         meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
         meta.TransferSyntaxUID = ts
-        meta.ImplementationClassUID = IMPLEMENTATION_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION
         out.file_meta = meta
         out.preamble = b"\x00" * 128

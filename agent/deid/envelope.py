@@ -8,12 +8,12 @@ RSA PKCS#1 v1.5 or OAEP), and cryptography's pkcs7_decrypt_der does not.
 
 from __future__ import annotations
 
-from asn1crypto import cms
+from asn1crypto import cms  # type: ignore[import-untyped,unused-ignore]
 from cryptography import x509
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, padding
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs7

@@ -78,9 +78,7 @@ def shift_date(value: str, days: int) -> str:
     return ""
 
 
-_DATE_LIKE = re.compile(
-    r"\b(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4})\b"
-)
+_DATE_LIKE = re.compile(r"\b(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4})\b")
 _LONG_DIGITS = re.compile(r"\d{5,}")
 
 

@@ -1,0 +1,203 @@
+"""`edge-agent deid` and `edge-agent reidentify`: the daemon's engine on files.
+
+Commands stay thin: argument and config handling here, everything else in
+agent.deid.  Output files are named after the new UIDs, never after input
+paths (folder names such as SMITH_JOHN/ are PHI too).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydicom
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from pydicom.errors import InvalidDicomError
+
+from agent.crypto import load_key_file, random_key
+from agent.deid import OPTIONS, Deidentifier, DeidSettings
+from agent.deid.reidentify import reidentify
+from agent.errors import ConfigError, EdgeAgentError
+
+
+def _files(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"recipient certificate {path}: {exc.strerror}"]) from None
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise ConfigError(
+            [f"recipient certificate {path} is not a PEM or DER certificate"]
+        ) from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"cannot read config: {exc.strerror}"], path=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], path=str(path)) from None
+    return doc
+
+
+def _settings(
+    config: Path | None, mode: str | None, recipients: list[Path], options: list[str]
+) -> tuple[DeidSettings, bytes | None]:
+    problems: list[str] = []
+    key: bytes | None = None
+    cfg_mode = "strip"
+    cfg_options: list[str] = []
+    cfg_recipients: list[Path] = []
+    if config is not None:
+        doc = _read_config(config)
+        base = config.resolve().parent
+        key_path = doc.get("keys", {}).get("pseudonym")
+        if isinstance(key_path, str):
+            key = load_key_file(base / key_path, purpose="pseudonym")
+        else:
+            problems.append("[keys] pseudonym (path to the pseudonym key file) is missing")
+        deid = doc.get("deid", {})
+        cfg_mode = str(deid.get("mode", "strip"))
+        cfg_options = [str(o) for o in deid.get("options", [])]
+        cfg_recipients = [base / str(p) for p in deid.get("recipients", [])]
+    chosen_mode = mode or cfg_mode
+    opts = frozenset(options or cfg_options)
+    certs: list[x509.Certificate] = []
+    for p in recipients or cfg_recipients:
+        try:
+            certs.append(_load_cert(p))
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if chosen_mode not in ("strip", "encrypt"):
+        problems.append(f"mode {chosen_mode!r} is not 'strip' or 'encrypt'")
+        chosen_mode = "strip"
+    settings = DeidSettings(
+        mode="encrypt" if chosen_mode == "encrypt" else "strip",
+        options=opts,
+        recipients=tuple(certs),
+    )
+    problems.extend(settings.problems())
+    if problems:
+        raise ConfigError(problems, path=str(config) if config else None)
+    return settings, key
+
+
+def deid(
+    src: Annotated[Path, typer.Argument(help="DICOM file or folder (recursive)", exists=True)],
+    out: Annotated[Path, typer.Argument(help="folder for de-identified instances")],
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="strip | encrypt (default: config, else strip)")
+    ] = None,
+    recipient: Annotated[
+        list[Path] | None,
+        typer.Option("--recipient", help="re-identification recipient certificate (encrypt)"),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help=f"Annex E option, repeatable: {', '.join(OPTIONS)}"),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="agent.toml: use the box pseudonym key")
+    ] = None,
+) -> None:
+    """De-identify DICOM files (PS3.15 Annex E); quarantined instances are never written."""
+    try:
+        settings, key = _settings(config, mode, recipient or [], option or [])
+    except EdgeAgentError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if key is None:
+        typer.echo(
+            "warning: no --config given: using a fresh random pseudonym key for this run; "
+            "pseudonyms will not match the box's or any other run's",
+            err=True,
+        )
+        key = random_key()
+    engine = Deidentifier(settings, key)
+    done = 0
+    quarantined: list[tuple[Path, str]] = []
+    failed: list[tuple[Path, str]] = []
+    for path in _files(src):
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            failed.append((path, f"not readable as DICOM ({type(exc).__name__})"))
+            continue
+        try:
+            outcome = engine.deidentify(ds)
+        except EdgeAgentError as exc:
+            failed.append((path, str(exc).splitlines()[0]))
+            continue
+        if outcome.dataset is None:
+            quarantined.append((path, outcome.quarantine_reason or "quarantined"))
+            continue
+        target = out / outcome.study_ref / f"{outcome.dataset.SOPInstanceUID}.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        outcome.dataset.save_as(target, enforce_file_format=True)
+        done += 1
+    typer.echo(f"method: {engine.describe()}")
+    typer.echo(f"de-identified: {done}")
+    typer.echo(f"quarantined: {len(quarantined)}")
+    for path, reason in quarantined:
+        typer.echo(f"  {path}: {reason}")
+    typer.echo(f"failed: {len(failed)}")
+    for path, reason in failed:
+        typer.echo(f"  {path}: {reason}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def reidentify_cmd(
+    src: Annotated[Path, typer.Argument(help="de-identified file or folder", exists=True)],
+    out: Annotated[Path, typer.Argument(help="folder for re-identified instances")],
+    key: Annotated[Path, typer.Option("--key", help="recipient RSA private key (PEM)")],
+) -> None:
+    """Restore original attributes from the Encrypted Attributes Sequence."""
+    try:
+        private_key = load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        typer.echo(f"error: cannot load private key {key}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    done, failed = 0, 0
+    for path in _files(src):
+        rel = path.relative_to(src) if src.is_dir() else Path(path.name)
+        try:
+            ds = pydicom.dcmread(path)
+            restored = reidentify(ds, private_key)
+        except (InvalidDicomError, OSError, EOFError, ValueError, EdgeAgentError) as exc:
+            typer.echo(f"  {path}: {str(exc).splitlines()[0]}", err=True)
+            failed += 1
+            continue
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        restored.save_as(target, enforce_file_format=True)
+        done += 1
+    typer.echo(f"re-identified: {done}")
+    typer.echo(f"failed: {failed}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deid")(deid)
+    app.command("reidentify")(reidentify_cmd)
