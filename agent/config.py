@@ -1,0 +1,542 @@
+"""agent.toml: load, validate (every problem at once), and expose frozen settings.
+
+Secrets are never inline: the config names files (0600) or systemd credentials,
+and nothing here ever prints key material.  Relative paths are resolved against
+the directory of the config file, so a provisioned box folder is relocatable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+
+# Identities end up in MQTT topics and client ids: a safe alphabet keeps one box
+# from reaching into another's topics ("+", "#", "/" are MQTT syntax).
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no control chars
+
+DEID_OPTIONS = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_longitudinal_full_dates",
+    "retain_longitudinal_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """One allowlist entry binding a calling AE title to addresses (and a TLS subject)."""
+
+    ae_title: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    certificate_subject: str | None = None
+
+    def allows(self, ae_title: str, address: str, subject: str | None) -> bool:
+        if ae_title != self.ae_title and self.ae_title != "*":
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if not any(ip in net for net in self.networks):
+            return False
+        if self.certificate_subject is not None and subject != self.certificate_subject:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class DicomTls:
+    enabled: bool = False
+    port: int = 2762
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = True
+    plain_listener: bool = True  # keep the plain TCP listener next to TLS
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    host: str = "0.0.0.0"
+    port: int = 11112
+    ae_title: str = "EDGE_AGENT"
+    peers: tuple[PeerRule, ...] = ()
+    max_pdu: int = 1048576
+    max_associations: int = 16
+    max_associations_per_peer: int = 4
+    associations_per_minute_per_peer: int = 120
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_instance_bytes: int = 2 * 1024**3
+    tls: DicomTls = DicomTls()
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    quiet_seconds: float = 30.0
+    max_instances: int = 5000
+    max_bytes: int = 8 * 1024**3
+    max_age_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class InboxSettings:
+    max_bytes: int = 50 * 1024**3
+    min_free_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class PixelCleanConfig:
+    manufacturer: str
+    model: str
+    rows: int
+    columns: int
+    rectangles: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    mode: Literal["strip", "encrypt"] = "strip"
+    options: frozenset[str] = frozenset()
+    recipients: tuple[Path, ...] = ()
+    pixel_clean: tuple[PixelCleanConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyFiles:
+    pseudonym: Path
+    kek: Path
+    audit_signing: Path
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    dir: Path
+    publisher_keys: tuple[Path, ...] = ()
+    threads: int = 1
+    timeout_seconds: float = 60.0
+    drift_min_studies: int = 10
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path = field(repr=False)
+    topic_prefix: str = "edge"
+    client_id: str | None = None
+    keepalive: int = 30
+    session_expiry_seconds: int = 7 * 24 * 3600
+    inflight: int = 32
+    crl: Path | None = None
+    tls_server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    interval_seconds: float = 60.0
+    prometheus_port: int = 0  # 0 = off; binds 127.0.0.1 only
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 300.0
+    retention_days: int = 2190  # HIPAA documentation retention: six years
+    max_bytes: int = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    max_bytes: int = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    socket: Path
+    admin_group: str = "edge-agent-admin"
+    auditor_group: str = "edge-agent-audit"
+    operator_group: str = "edge-agent"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    site: str
+    device: str
+    environment: Literal["production", "development"]
+    state_dir: Path
+    log_level: str
+    dicom: DicomSettings
+    study: StudySettings
+    inbox: InboxSettings
+    deid: DeidConfig
+    keys: KeyFiles
+    models: ModelSettings
+    mqtt: MqttSettings
+    telemetry: TelemetrySettings
+    audit: AuditSettings
+    outbox: OutboxSettings
+    control: ControlSettings
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.site}/{self.device}"
+
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+class _Reader:
+    """Pulls typed values out of nested TOML tables, collecting every problem."""
+
+    def __init__(self, data: dict[str, Any], base: Path) -> None:
+        self.data = data
+        self.base = base
+        self.problems: list[str] = []
+        self.seen: set[str] = set()
+
+    def _lookup(self, key: str) -> Any:
+        self.seen.add(key)
+        node: Any = self.data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    def get(
+        self,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = _MISSING,
+        *,
+        check: Callable[[Any], str | None] | None = None,
+        allowed: str = "",
+    ) -> T:
+        value = self._lookup(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.problems.append(f"[{key}] is required ({allowed or _kind_name(kind)})")
+                return cast(T, None)
+            return cast(T, default)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            self.problems.append(
+                f"[{key}] is {type(value).__name__} {value!r}; expected {allowed or _kind_name(kind)}"
+            )
+            return cast(T, default if default is not _MISSING else None)
+        if check is not None:
+            msg = check(value)
+            if msg:
+                self.problems.append(f"[{key}] = {value!r}: {msg}")
+                return cast(T, default if default is not _MISSING else None)
+        return cast(T, value)
+
+    def path(self, key: str, default: str | None | object = _MISSING) -> Path | None:
+        raw = self.get(key, str, default)
+        if raw is None:
+            return None
+        p = Path(os.path.expandvars(str(raw)))
+        return p if p.is_absolute() else (self.base / p)
+
+    def require_path(self, key: str, default: str | object = _MISSING) -> Path:
+        p = self.path(key, default)
+        return p if p is not None else Path("/nonexistent")
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        return self.get(
+            key,
+            str,
+            default,
+            check=lambda v: None if v in choices else f"must be one of {', '.join(choices)}",
+        )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _port(v: Any) -> str | None:
+    return None if 0 < v < 65536 else "must be a TCP port between 1 and 65535"
+
+
+def _port_or_zero(v: Any) -> str | None:
+    return None if 0 <= v < 65536 else "must be 0 (off) or a TCP port between 1 and 65535"
+
+
+def _safe_id(v: Any) -> str | None:
+    return None if SAFE_ID.match(v) else (
+        "must be 1-64 characters of A-Z a-z 0-9 _ . - (it becomes an MQTT topic segment)"
+    )
+
+
+def _ae(v: Any) -> str | None:
+    return None if AE_TITLE.match(v) and v.strip() else (
+        "must be 1-16 printable ASCII characters without backslash"
+    )
+
+
+_KNOWN_TOP = {
+    "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
+    "telemetry", "audit", "outbox", "control",
+}
+
+
+def _peers(r: _Reader) -> tuple[PeerRule, ...]:
+    raw = r._lookup("dicom.peers")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("[dicom.peers] must be an array of tables ([[dicom.peers]])")
+        return ()
+    rules: list[PeerRule] = []
+    for i, entry in enumerate(raw):
+        where = f"dicom.peers[{i}]"
+        if not isinstance(entry, dict):
+            r.problems.append(f"[{where}] must be a table with ae_title and addresses")
+            continue
+        ae = entry.get("ae_title")
+        if not isinstance(ae, str) or (ae != "*" and _ae(ae)):
+            r.problems.append(f"[{where}.ae_title] = {ae!r}: must be an AE title (1-16 chars) or '*'")
+            continue
+        addrs = entry.get("addresses", ["127.0.0.1/32"])
+        if isinstance(addrs, str):
+            addrs = [addrs]
+        nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for a in addrs if isinstance(addrs, list) else []:
+            try:
+                nets.append(ipaddress.ip_network(str(a), strict=False))
+            except ValueError:
+                r.problems.append(f"[{where}.addresses] {a!r} is not an IP address or CIDR network")
+        if not nets:
+            r.problems.append(f"[{where}.addresses] must list at least one address or CIDR")
+            continue
+        subject = entry.get("certificate_subject")
+        if subject is not None and not isinstance(subject, str):
+            r.problems.append(f"[{where}.certificate_subject] must be a string like 'CN=ct1,O=Hospital'")
+            subject = None
+        unknown = set(entry) - {"ae_title", "addresses", "certificate_subject"}
+        if unknown:
+            r.problems.append(f"[{where}] unknown key(s) {sorted(unknown)}; allowed: ae_title, addresses, certificate_subject")
+        rules.append(PeerRule(ae, tuple(nets), subject))
+    return tuple(rules)
+
+
+def _pixel_clean(r: _Reader) -> tuple[PixelCleanConfig, ...]:
+    raw = r._lookup("deid.pixel_clean")
+    if raw is _MISSING:
+        return ()
+    out: list[PixelCleanConfig] = []
+    if not isinstance(raw, list):
+        r.problems.append("[deid.pixel_clean] must be an array of tables ([[deid.pixel_clean]])")
+        return ()
+    for i, e in enumerate(raw):
+        where = f"deid.pixel_clean[{i}]"
+        try:
+            rects = tuple(tuple(int(x) for x in rect) for rect in e["rectangles"])
+            if any(len(rect) != 4 for rect in rects):
+                raise ValueError
+            out.append(PixelCleanConfig(
+                str(e["manufacturer"]), str(e["model"]), int(e["rows"]), int(e["columns"]),
+                cast(tuple[tuple[int, int, int, int], ...], rects),
+            ))
+        except (KeyError, TypeError, ValueError):
+            r.problems.append(
+                f"[{where}] needs manufacturer, model, rows, columns and rectangles = "
+                "[[x, y, width, height], ...]"
+            )
+    return tuple(out)
+
+
+def parse(data: dict[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    base = path.parent.resolve()
+    r = _Reader(data, base)
+    unknown_top = set(data) - _KNOWN_TOP
+    for k in sorted(unknown_top):
+        r.problems.append(f"[{k}] is not a known section; allowed: {', '.join(sorted(_KNOWN_TOP))}")
+
+    site = r.get("box.site", str, check=_safe_id, allowed="a site id like 'st-marys'")
+    device = r.get("box.device", str, check=_safe_id, allowed="a device id like 'ct-edge-01'")
+    env = r.choice("box.environment", ("production", "development"), "production")
+    state_dir = r.require_path("box.state_dir", "/var/lib/edge-agent")
+    log_level = r.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
+
+    tls = DicomTls(
+        enabled=r.get("dicom.tls.enabled", bool, False),
+        port=r.get("dicom.tls.port", int, 2762, check=_port),
+        cert=r.path("dicom.tls.cert", None),
+        key=r.path("dicom.tls.key", None),
+        ca=r.path("dicom.tls.ca", None),
+        require_client_cert=r.get("dicom.tls.require_client_cert", bool, True),
+        plain_listener=r.get("dicom.tls.plain_listener", bool, True),
+    )
+    if tls.enabled and not (tls.cert and tls.key and tls.ca):
+        r.problems.append("[dicom.tls] enabled = true needs cert, key and ca paths")
+    dicom = DicomSettings(
+        host=r.get("dicom.host", str, "0.0.0.0"),
+        port=r.get("dicom.port", int, 11112, check=_port),
+        ae_title=r.get("dicom.ae_title", str, "EDGE_AGENT", check=_ae),
+        peers=_peers(r),
+        max_pdu=r.get("dicom.max_pdu", int, 1048576,
+                      check=lambda v: None if 4096 <= v <= 16 * 1024**2 else "must be 4096..16777216"),
+        max_associations=r.get("dicom.max_associations", int, 16, check=_positive),
+        max_associations_per_peer=r.get("dicom.max_associations_per_peer", int, 4, check=_positive),
+        associations_per_minute_per_peer=r.get(
+            "dicom.associations_per_minute_per_peer", int, 120, check=_positive),
+        acse_timeout=r.get("dicom.acse_timeout", float, 30.0, check=_positive),
+        dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
+        network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
+        max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
+        tls=tls,
+    )
+    study = StudySettings(
+        quiet_seconds=r.get("study.quiet_seconds", float, 30.0, check=_positive),
+        max_instances=r.get("study.max_instances", int, 5000, check=_positive),
+        max_bytes=r.get("study.max_bytes", int, 8 * 1024**3, check=_positive),
+        max_age_seconds=r.get("study.max_age_seconds", float, 3600.0, check=_positive),
+    )
+    inbox = InboxSettings(
+        max_bytes=r.get("inbox.max_bytes", int, 50 * 1024**3, check=_positive),
+        min_free_bytes=r.get("inbox.min_free_bytes", int, 2 * 1024**3,
+                             check=lambda v: None if v >= 0 else "must be >= 0"),
+    )
+    opts = r.get("deid.options", list, [])
+    bad = [o for o in opts if o not in DEID_OPTIONS]
+    if bad:
+        r.problems.append(f"[deid.options] unknown option(s) {bad}; allowed: {', '.join(DEID_OPTIONS)}")
+    mode = r.choice("deid.mode", ("strip", "encrypt"), "strip")
+    recips = r.get("deid.recipients", list, [])
+    recipients = tuple((base / p) if not Path(p).is_absolute() else Path(p) for p in recips if isinstance(p, str))
+    if mode == "encrypt" and not recipients:
+        r.problems.append("[deid.recipients] mode = 'encrypt' needs at least one recipient certificate path")
+    deid = DeidConfig(
+        mode=cast(Literal["strip", "encrypt"], mode),
+        options=frozenset(o for o in opts if o in DEID_OPTIONS),
+        recipients=recipients,
+        pixel_clean=_pixel_clean(r),
+    )
+    keys = KeyFiles(
+        pseudonym=r.require_path("keys.pseudonym"),
+        kek=r.require_path("keys.kek"),
+        audit_signing=r.require_path("keys.audit_signing"),
+    )
+    models = ModelSettings(
+        dir=r.require_path("models.dir", str(state_dir / "models")),
+        publisher_keys=tuple(
+            (base / p) if not Path(p).is_absolute() else Path(p)
+            for p in r.get("models.publisher_keys", list, []) if isinstance(p, str)
+        ),
+        threads=r.get("models.threads", int, 1, check=_positive),
+        timeout_seconds=r.get("models.timeout_seconds", float, 60.0, check=_positive),
+        drift_min_studies=r.get("models.drift_min_studies", int, 10, check=_positive),
+    )
+    mqtt = MqttSettings(
+        host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
+        port=r.get("mqtt.port", int, 8883, check=_port),
+        ca=r.require_path("mqtt.ca"),
+        cert=r.require_path("mqtt.cert"),
+        key=r.require_path("mqtt.key"),
+        topic_prefix=r.get("mqtt.topic_prefix", str, "edge", check=_safe_id),
+        client_id=r.get("mqtt.client_id", (str, type(None)), None),
+        keepalive=r.get("mqtt.keepalive", int, 30, check=_positive),
+        session_expiry_seconds=r.get("mqtt.session_expiry_seconds", int, 7 * 24 * 3600, check=_positive),
+        inflight=r.get("mqtt.inflight", int, 32, check=_positive),
+        crl=r.path("mqtt.crl", None),
+        tls_server_name=r.get("mqtt.tls_server_name", (str, type(None)), None),
+    )
+    telemetry = TelemetrySettings(
+        interval_seconds=r.get("telemetry.interval_seconds", float, 60.0, check=_positive),
+        prometheus_port=r.get("telemetry.prometheus_port", int, 0, check=_port_or_zero),
+    )
+    audit = AuditSettings(
+        checkpoint_every=r.get("audit.checkpoint_every", int, 100, check=_positive),
+        checkpoint_seconds=r.get("audit.checkpoint_seconds", float, 300.0, check=_positive),
+        retention_days=r.get("audit.retention_days", int, 2190, check=_positive),
+        max_bytes=r.get("audit.max_bytes", int, 5 * 1024**3, check=_positive),
+    )
+    outbox = OutboxSettings(max_bytes=r.get("outbox.max_bytes", int, 2 * 1024**3, check=_positive))
+    control = ControlSettings(
+        socket=r.require_path("control.socket", str(state_dir / "control.sock")),
+        admin_group=r.get("control.admin_group", str, "edge-agent-admin"),
+        auditor_group=r.get("control.auditor_group", str, "edge-agent-audit"),
+        operator_group=r.get("control.operator_group", str, "edge-agent"),
+    )
+    _unknown_keys(data, r)
+    if r.problems:
+        raise ConfigError(r.problems, path=str(path))
+    return Config(
+        path=path, site=site, device=device,
+        environment=cast(Literal["production", "development"], env),
+        state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
+        deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
+        outbox=outbox, control=control,
+    )
+
+
+def _unknown_keys(data: dict[str, Any], r: _Reader) -> None:
+    """Report typos: every leaf key that validation never looked at."""
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key in {"dicom.peers", "deid.pixel_clean"} or prefix == "" and k not in _KNOWN_TOP:
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif key not in r.seen:
+                r.problems.append(f"[{key}] is not a known setting (typo?); see docs/configuration.md")
+    walk(data, "")
+
+
+def load(path: Path | None = None) -> Config:
+    """Load and validate the config file; every problem is reported at once."""
+    p = Path(path or os.environ.get("EDGE_AGENT_CONFIG", DEFAULT_CONFIG))
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"file not found; create it with 'edge-agent provision init' or pass --config"],
+            path=str(p),
+        ) from None
+    except PermissionError:
+        raise ConfigError(["not readable by this user; run as the edge-agent user"], path=str(p)) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from None
+    return parse(data, p)

@@ -1,0 +1,250 @@
+"""Encryption at rest: a box key-encryption key (KEK) wraps per-scope data keys.
+
+Every PHI-bearing byte on disk (inbox, quarantine, outbox, audit) is sealed with
+AES-256-GCM under a random 256-bit data key.  Data keys are stored only wrapped
+by the KEK (AES key wrap, RFC 3394) together with the KEK's id, so that:
+
+* rotating the KEK re-wraps small data keys, never re-encrypts data;
+* destroying a wrapped data key makes its data unrecoverable (crypto-shredding).
+
+Large files are sealed in fixed-size chunks (STREAM construction): each chunk
+has its own nonce derived from a random prefix and the chunk counter, and the
+last chunk is flagged in the associated data, so truncation, reordering and
+chunk swapping all fail authentication.  Memory stays bounded by the chunk size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
+    aes_key_wrap,
+)
+
+from agent.errors import CryptoError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+CHUNK_BYTES = 1 << 20
+_STREAM_MAGIC = b"EAS1"
+_PREFIX_BYTES = 7
+
+
+def random_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+def key_id(key: bytes) -> str:
+    """A short public identifier of a key (never the key itself)."""
+    return hashlib.sha256(b"edge-agent key id\x00" + key).hexdigest()[:16]
+
+
+def load_key_file(path: Path, *, purpose: str) -> bytes:
+    """Read a 32-byte secret stored raw or as hex; refuse loose permissions."""
+    try:
+        st = path.stat()
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CryptoError(
+            f"{purpose} key file {path} does not exist",
+            hint="run 'edge-agent provision init' (or 'provision dev') to create the box keys",
+        ) from None
+    except PermissionError:
+        raise CryptoError(
+            f"{purpose} key file {path} is not readable by this user",
+            hint="run as the edge-agent service user, or fix the file owner",
+        ) from None
+    if st.st_mode & 0o077:
+        raise CryptoError(
+            f"{purpose} key file {path} is readable by group or others "
+            f"(mode {st.st_mode & 0o777:o})",
+            hint=f"chmod 600 {path}",
+        )
+    text = raw.strip()
+    key = raw
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            key = bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            key = raw
+    if len(key) != KEY_BYTES:
+        raise CryptoError(
+            f"{purpose} key file {path} does not hold a 32-byte key",
+            hint="restore it from backup or re-provision the box",
+        )
+    return key
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create a 0600 file atomically (never briefly world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class KeyEncryptionKey:
+    """The box KEK. Its repr never shows key material."""
+
+    key: bytes = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return key_id(self.key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeyEncryptionKey:
+        return cls(load_key_file(path, purpose="key-encryption"))
+
+    def wrap(self, data_key: bytes) -> bytes:
+        """Wrapped form: kek id (16 ascii) + RFC 3394 wrap."""
+        return self.id.encode("ascii") + aes_key_wrap(self.key, data_key)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        kid, body = wrapped[:16].decode("ascii", "replace"), wrapped[16:]
+        if kid != self.id:
+            raise CryptoError(
+                f"data key is wrapped by key-encryption key {kid}, not by this box's {self.id}",
+                hint="restore the previous KEK or finish 'edge-agent keys rotate'",
+            )
+        try:
+            return aes_key_unwrap(self.key, body)
+        except InvalidUnwrap:
+            raise CryptoError("wrapped data key failed integrity check") from None
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+    """AES-256-GCM: nonce || ciphertext+tag."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, blob: bytes, aad: bytes = b"") -> bytes:
+    if len(blob) < NONCE_BYTES + TAG_BYTES:
+        raise CryptoError("ciphertext is truncated")
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise CryptoError("ciphertext failed authentication (tampered, truncated or wrong key)") from None
+
+
+def _chunk_nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    return prefix + struct.pack(">IB", counter, 1 if last else 0)
+
+
+class StreamWriter:
+    """Seal a byte stream chunk by chunk into ``out`` (bounded memory).
+
+    Format: magic(4) prefix(7) then for each chunk: len(4) nonce-implied ct+tag.
+    ``aad`` binds the stream to its context (e.g. the study key and file name).
+    """
+
+    def __init__(self, key: bytes, out: BinaryIO, aad: bytes = b"") -> None:
+        self._aead = AESGCM(key)
+        self._out = out
+        self._aad = aad
+        self._prefix = os.urandom(_PREFIX_BYTES)
+        self._buf = bytearray()
+        self._counter = 0
+        self._closed = False
+        self.plain_bytes = 0
+        out.write(_STREAM_MAGIC + self._prefix)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buf += data
+        self.plain_bytes += len(data)
+        while len(self._buf) > CHUNK_BYTES:
+            self._emit(bytes(self._buf[:CHUNK_BYTES]), last=False)
+            del self._buf[:CHUNK_BYTES]
+        return len(data)
+
+    def _emit(self, chunk: bytes, *, last: bool) -> None:
+        nonce = _chunk_nonce(self._prefix, self._counter, last)
+        ct = self._aead.encrypt(nonce, chunk, self._aad + struct.pack(">I?", self._counter, last))
+        self._out.write(struct.pack(">I", len(ct)) + ct)
+        self._counter += 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._emit(bytes(self._buf), last=True)
+            self._buf.clear()
+            self._closed = True
+
+
+def iter_open_stream(key: bytes, src: BinaryIO, aad: bytes = b"") -> Iterator[bytes]:
+    """Yield the plaintext chunks of a sealed stream, authenticating each."""
+    head = src.read(4 + _PREFIX_BYTES)
+    if len(head) != 4 + _PREFIX_BYTES or head[:4] != _STREAM_MAGIC:
+        raise CryptoError("not an edge-agent encrypted file (bad header)")
+    prefix = head[4:]
+    aead = AESGCM(key)
+    counter = 0
+    while True:
+        lenb = src.read(4)
+        if len(lenb) != 4:
+            raise CryptoError("encrypted file is truncated (missing final chunk)")
+        (n,) = struct.unpack(">I", lenb)
+        if n > CHUNK_BYTES + TAG_BYTES:
+            raise CryptoError("encrypted file has an oversized chunk (corrupt)")
+        ct = src.read(n)
+        if len(ct) != n:
+            raise CryptoError("encrypted file is truncated")
+        for last in (False, True):
+            try:
+                plain = aead.decrypt(
+                    _chunk_nonce(prefix, counter, last),
+                    ct,
+                    aad + struct.pack(">I?", counter, last),
+                )
+            except InvalidTag:
+                continue
+            yield plain
+            if last:
+                if src.read(1):
+                    raise CryptoError("encrypted file has data after its final chunk")
+                return
+            break
+        else:
+            raise CryptoError(
+                f"encrypted file chunk {counter} failed authentication (tampered or wrong key)"
+            )
+        counter += 1
+
+
+def open_stream(key: bytes, src: BinaryIO, aad: bytes = b"") -> bytes:
+    return b"".join(iter_open_stream(key, src, aad))
+
+
+def hmac_sha256(key: bytes, *parts: bytes) -> bytes:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for p in parts:
+        mac.update(struct.pack(">I", len(p)))
+        mac.update(p)
+    return mac.digest()

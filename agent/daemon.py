@@ -1,0 +1,284 @@
+"""The daemon: wires the stages together and owns their threads.
+
+Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
+studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish).
+SIGTERM/SIGINT stop intake first, let the current study finish, drain the
+outbox for a bounded time, publish the offline status and exit 0.  Studies
+still open stay open on disk and resume on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cryptography import x509
+
+from agent import __version__, cloudevents, sdnotify, telemetry
+from agent.audit import AuditLog
+from agent.config import Config
+from agent.crypto import KeyEncryptionKey, load_key_file
+from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.errors import ConfigError, EdgeAgentError, OutOfResources
+from agent.inbox import Inbox
+from agent.infer import InferenceEngine, InferenceSettings
+from agent.outbox import Outbox
+from agent.pipeline import Pipeline
+from agent.publish import Publisher
+from agent.quarantine import Quarantine
+from agent.receive import StorageSCP
+
+log = logging.getLogger("edge_agent.daemon")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    burst: bool = False  # run to empty: process everything, drain, exit (tests, batch)
+    burst_timeout: float = 120.0
+
+
+def load_recipients(paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
+    certs = []
+    for p in paths:
+        try:
+            certs.append(x509.load_pem_x509_certificate(p.read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError([f"[deid.recipients] {p}: not a readable PEM certificate ({exc})"]) from None
+    return tuple(certs)
+
+
+def build_deidentifier(cfg: Config, pseudonym_key: bytes) -> Deidentifier:
+    settings = DeidSettings(
+        mode=cfg.deid.mode,
+        options=cfg.deid.options,
+        recipients=load_recipients(cfg.deid.recipients),
+        pixel_clean=tuple(
+            PixelCleanRule(r.manufacturer, r.model, r.rows, r.columns, r.rectangles)
+            for r in cfg.deid.pixel_clean
+        ),
+    )
+    return Deidentifier(settings, pseudonym_key)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, options: RunOptions = RunOptions()) -> None:
+        self.cfg = cfg
+        self.opts = options
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._intake = threading.Event()
+        self._intake.set()
+        self._work = threading.Event()
+        state = cfg.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.kek = KeyEncryptionKey.from_file(cfg.keys.kek)
+        self.pseudonym_key = load_key_file(cfg.keys.pseudonym, purpose="pseudonym")
+        self.outbox = Outbox(state / "outbox" / "outbox.db", self.kek, cfg.outbox.max_bytes)
+        self.audit_log = AuditLog(
+            state / "audit" / "audit.db", self.kek, cfg.keys.audit_signing, cfg.audit,
+            box=f"{cfg.site}/{cfg.device}", publish=self._publish_audit,
+        )
+        self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
+        self.quarantine = Quarantine(state / "quarantine", self.kek)
+        self.deidentifier = build_deidentifier(cfg, self.pseudonym_key)
+        self.engine = InferenceEngine(
+            InferenceSettings(
+                models_dir=cfg.models.dir, state_dir=state / "models-state",
+                environment=cfg.environment, publisher_keys=cfg.models.publisher_keys,
+                threads=cfg.models.threads, timeout_seconds=cfg.models.timeout_seconds,
+                drift_min_studies=cfg.models.drift_min_studies,
+            ),
+            audit=lambda event, details: self.audit(event, details=details),
+        )
+        self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
+                                 self.quarantine, self.audit)
+        self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
+                              on_stored=lambda _r: self._work.set(),
+                              accepting=self._intake.is_set)
+        self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
+                                   on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
+                                                                    details=d))
+        self.audit("config.loaded", details={"environment": cfg.environment,
+                                              "deid_mode": cfg.deid.mode})
+
+    # -- helpers -----------------------------------------------------------------
+
+    def audit(self, event: str, *, outcome: str = "success", user: str | None = None,
+              source: str | None = None, details: Mapping[str, object] | None = None,
+              phi: Mapping[str, str] | None = None) -> None:
+        self.audit_log.record(event, outcome=outcome, user=user, source=source, details=details,
+                              phi=phi)
+
+    def _source(self) -> str:
+        return f"edge-agent/{self.cfg.site}/{self.cfg.device}"
+
+    def _publish_audit(self, data: dict[str, object]) -> None:
+        ev = cloudevents.envelope(kind="audit", source=self._source(), data=dict(data))
+        try:
+            self.outbox.enqueue("audit", ev["id"], cloudevents.encode(ev))
+        except OutOfResources:
+            log.error("outbox full: audit checkpoint kept locally only until space frees")
+
+    def _status(self, online: bool) -> dict[str, Any]:
+        return cloudevents.envelope(kind="status", source=self._source(), data={
+            "state": "online" if online else "offline",
+            "since": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "agent_version": __version__,
+            "site": self.cfg.site, "device": self.cfg.device,
+            "models": self.engine.active_models() if online else [],
+        })
+
+    def _birth(self) -> dict[str, Any]:
+        return self._status(True)
+
+    def _offline(self) -> dict[str, Any]:
+        return self._status(False)
+
+    # -- threads --------------------------------------------------------------------
+
+    def _assembler(self) -> None:
+        while not self._stop.is_set():
+            self._work.wait(timeout=min(1.0, self.cfg.study.quiet_seconds / 4))
+            self._work.clear()
+            try:
+                for sid in self.inbox.complete_due():
+                    log.info("study row %d complete", sid)
+                self._process_ready()
+            except Exception:  # noqa: BLE001 - keep assembling whatever happened
+                log.exception("assembler cycle failed")
+                self._stop.wait(1.0)
+
+    def _process_ready(self) -> int:
+        n = 0
+        for study in self.inbox.ready():
+            if self._stop.is_set():
+                break
+            try:
+                self.pipeline.process(study)
+                n += 1
+            except OutOfResources as exc:
+                log.error("cannot finish study %s: %s", study.ref, exc)
+                break
+            except EdgeAgentError as exc:
+                self.pipeline.counters["failed_studies"] += 1
+                log.error("study %s failed: %s", study.ref, exc)
+        return n
+
+    def telemetry_data(self) -> dict[str, Any]:
+        r = self.scp.counters
+        lat = self.pipeline.latencies_ms
+        ob = self.outbox.stats()
+        return {
+            "system": telemetry.system(self.cfg.state_dir),
+            "pipeline": {
+                "associations_accepted": r.associations_accepted,
+                "associations_rejected": r.associations_rejected,
+                "associations_active": r.active,
+                "instances_received": r.instances_stored,
+                "instances_duplicate": r.instances_duplicate,
+                "instances_failed": r.instances_failed,
+                "studies_processed": self.pipeline.counters["studies"],
+                "studies_failed": self.pipeline.counters["failed_studies"],
+                "instances_quarantined": self.pipeline.counters["quarantined"],
+                "latency_ms_p50": telemetry.percentile(lat, 0.5),
+                "latency_ms_p95": telemetry.percentile(lat, 0.95),
+                "inbox": self.inbox.counts(),
+                "outbox_depth": int(ob["depth"]),
+                "outbox_oldest_age_s": round(ob["oldest_age_s"], 1),
+                "outbox_blocked": int(ob["blocked"]),
+            },
+            "security": {
+                "rejected_associations": r.associations_rejected,
+                "mqtt_tls_failures": self.publisher.state.tls_failures,
+                "egress_blocked": self.publisher.state.blocked_phi,
+                "broker_refusals": self.publisher.state.refused,
+                "cert_days_left": {"mqtt_device": telemetry.cert_days_left(self.cfg.mqtt.cert)},
+            },
+            "models": self.engine.active_models(),
+            "drift": self.engine.drift_report(),
+        }
+
+    def _telemetry(self) -> None:
+        interval = self.cfg.telemetry.interval_seconds
+        while not self._stop.wait(interval):
+            try:
+                ev = cloudevents.envelope(kind="telemetry", source=self._source(),
+                                          data=self.telemetry_data())
+                self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
+                self.audit_log.maybe_checkpoint()
+            except Exception:  # noqa: BLE001
+                log.exception("telemetry cycle failed")
+
+    def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while not self._stop.wait(interval):
+            sdnotify.notify("WATCHDOG=1")
+
+    # -- run ------------------------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested (signal %s): closing intake, draining", signum)
+        self._intake.clear()
+        self._stop.set()
+        self._work.set()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.audit("daemon.started", details={"version": __version__})
+        self.publisher.start()
+        if not self.opts.burst:
+            self.scp.start()
+        threads = [threading.Thread(target=self._telemetry, name="telemetry", daemon=True),
+                   threading.Thread(target=self._watchdog, name="watchdog", daemon=True)]
+        if not self.opts.burst:
+            threads.append(threading.Thread(target=self._assembler, name="assembler", daemon=True))
+        for t in threads:
+            t.start()
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}")
+        log.info("edge-agent %s running (site=%s device=%s env=%s)", __version__, self.cfg.site,
+                 self.cfg.device, self.cfg.environment)
+        if self.opts.burst:
+            self._burst()
+        else:
+            self._stop.wait()
+        return self.shutdown(threads)
+
+    def _burst(self) -> None:
+        self.inbox.complete_all()
+        self._process_ready()
+        self.publisher.wait_connected(timeout=self.opts.burst_timeout)
+        deadline = time.time() + self.opts.burst_timeout
+        while time.time() < deadline and self.outbox.stats()["depth"] > 0:
+            time.sleep(0.1)
+        self._stop.set()
+
+    def shutdown(self, threads: list[threading.Thread]) -> int:
+        sdnotify.notify("STOPPING=1")
+        self.scp.stop()
+        for t in threads:
+            t.join(timeout=30)
+        self.audit("daemon.stopped", details={"pending_outbox": int(self.outbox.stats()["depth"])})
+        try:
+            self.audit_log.checkpoint()
+        except Exception:  # noqa: BLE001
+            log.exception("final audit checkpoint failed")
+        self.publisher.stop(drain_timeout=5.0)
+        self.engine.close()
+        self.audit_log.close()
+        self.inbox.close()
+        self.quarantine.close()
+        self.outbox.close()
+        log.info("edge-agent stopped")
+        return 0

@@ -1,0 +1,403 @@
+"""The durable inbox: encrypted instance files plus a SQLite index of studies.
+
+A C-STORE is acknowledged only after ``Inbox.store`` returns: the instance is
+sealed under its study's data key, written, fsynced, renamed into place, the
+directory fsynced, and the index row committed with ``synchronous=FULL``.
+
+The index is also the study assembly state, so a restart resumes exactly where
+the previous process stopped (``open`` studies keep collecting, ``complete`` and
+``processing`` studies are processed again; results are idempotent by id).
+
+File names are derived from keyed hashes, never from UIDs or dataset values,
+so nothing a peer sends can steer a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from agent.config import InboxSettings, StudySettings
+from agent.crypto import (
+    KeyEncryptionKey,
+    StreamWriter,
+    fsync_dir,
+    hmac_sha256,
+    iter_open_stream,
+    random_key,
+)
+from agent.errors import CryptoError, OutOfResources, StorageError
+from agent.types import ReceivedInstance, Study, StudyCompletion
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    study_key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,            -- open | complete | done
+    wrapped_key BLOB,               -- NULL once shredded
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    n_bytes INTEGER NOT NULL DEFAULT 0,
+    completion TEXT,
+    completed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (study_key, version)
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    instance_key TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    file TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    flag TEXT                       -- NULL | conflict
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id);
+CREATE INDEX IF NOT EXISTS instances_key ON instances(instance_key);
+"""
+
+StoreOutcome = Literal["stored", "duplicate", "conflict"]
+
+
+@dataclass(frozen=True)
+class StoreReceipt:
+    outcome: StoreOutcome
+    instance: ReceivedInstance
+    study_version: int
+    new_study: bool
+
+
+class Inbox:
+    """Encrypted, fsynced instance storage and the on-disk assembly state."""
+
+    def __init__(
+        self,
+        root: Path,
+        kek: KeyEncryptionKey,
+        pseudonym_key: bytes,
+        settings: InboxSettings,
+        study: StudySettings,
+    ) -> None:
+        self.root = root
+        self.files = root / "files"
+        self.tmp = root / "tmp"
+        for d in (self.root, self.files, self.tmp):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._kek = kek
+        self._pkey = pseudonym_key
+        self.settings = settings
+        self.study_settings = study
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(root / "index.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._clean_tmp()
+        self._pending_bytes = self._sum_pending()
+
+    # -- keys and names ---------------------------------------------------
+
+    def study_key(self, study_uid: str) -> str:
+        return hmac_sha256(self._pkey, b"study", study_uid.encode()).hex()[:32]
+
+    def instance_key(self, sop_uid: str) -> str:
+        return hmac_sha256(self._pkey, b"instance", sop_uid.encode()).hex()[:32]
+
+    def _clean_tmp(self) -> None:
+        # Partial writes from a crash were never acknowledged: drop them.
+        for p in self.tmp.iterdir():
+            p.unlink(missing_ok=True)
+
+    def _sum_pending(self) -> int:
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(n_bytes),0) FROM studies WHERE state != 'done'"
+        ).fetchone()
+        return int(row[0])
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- capacity -----------------------------------------------------------
+
+    def check_capacity(self, incoming: int = 0) -> None:
+        """Raise OutOfResources when the disk reserve or byte budget is hit."""
+        free = shutil.disk_usage(self.root).free
+        if free - incoming < self.settings.min_free_bytes:
+            raise OutOfResources(
+                f"free disk {free // 2**20} MiB is below the reserve "
+                f"{self.settings.min_free_bytes // 2**20} MiB",
+                hint="free space on the state volume or lower [inbox] min_free_bytes",
+            )
+        if self._pending_bytes + incoming > self.settings.max_bytes:
+            raise OutOfResources(
+                f"inbox holds {self._pending_bytes // 2**20} MiB, budget "
+                f"{self.settings.max_bytes // 2**20} MiB",
+                hint="wait for processing to catch up or raise [inbox] max_bytes",
+            )
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    # -- store ----------------------------------------------------------------
+
+    def _data_key(self, db: sqlite3.Connection, study_id: int) -> bytes:
+        row = db.execute("SELECT wrapped_key FROM studies WHERE id=?", (study_id,)).fetchone()
+        if row is None or row[0] is None:
+            raise StorageError(f"study row {study_id} has no data key (shredded)")
+        return self._kek.unwrap(bytes(row[0]))
+
+    def _open_study(self, db: sqlite3.Connection, skey: str, now: float) -> tuple[int, int, bool]:
+        """The open version of a study, creating one (a follow-up) when needed."""
+        row = db.execute(
+            "SELECT id, version, state FROM studies WHERE study_key=? ORDER BY version DESC LIMIT 1",
+            (skey,),
+        ).fetchone()
+        if row is not None and row[2] == "open":
+            return int(row[0]), int(row[1]), False
+        version = 1 if row is None else int(row[1]) + 1
+        wrapped = self._kek.wrap(random_key())
+        cur = db.execute(
+            "INSERT INTO studies (study_key, version, state, wrapped_key, first_at, last_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (skey, version, "open", wrapped, now, now),
+        )
+        return int(cur.lastrowid or 0), version, True
+
+    def store(
+        self,
+        src: BinaryIO,
+        *,
+        study_uid: str,
+        sop_uid: str,
+        sop_class: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        peer: str,
+        size_hint: int = 0,
+    ) -> StoreReceipt:
+        """Seal the Part 10 stream ``src`` durably; return once it is safe to ack."""
+        self.check_capacity(size_hint)
+        now = time.time()
+        skey = self.study_key(study_uid)
+        ikey = self.instance_key(sop_uid)
+        with self._tx() as db:
+            study_id, version, new_study = self._open_study(db, skey, now)
+            data_key = self._data_key(db, study_id)
+        tmp = self.tmp / f"{ikey}.{os.getpid()}.{threading.get_ident()}.part"
+        digest = hashlib.sha256()
+        aad = skey.encode()
+        try:
+            with open(tmp, "wb") as fh:
+                writer = StreamWriter(data_key, fh, aad)
+                while True:
+                    block = src.read(1 << 20)
+                    if not block:
+                        break
+                    digest.update(block)
+                    writer.write(block)
+                writer.close()
+                fh.flush()
+                os.fsync(fh.fileno())
+            size = writer.plain_bytes
+            sha = digest.hexdigest()
+            with self._tx() as db:
+                dup = db.execute(
+                    "SELECT i.sha256, s.version FROM instances i JOIN studies s ON s.id=i.study_id "
+                    "WHERE s.study_key=? AND i.instance_key=?",
+                    (skey, ikey),
+                ).fetchall()
+                if any(r[0] == sha for r in dup):
+                    tmp.unlink(missing_ok=True)
+                    inst = ReceivedInstance(skey, ikey, Path(), size, sha, sop_class,
+                                            transfer_syntax, calling_ae, peer, now)
+                    return StoreReceipt("duplicate", inst, version, new_study)
+                # The study row may have been completed while we were writing:
+                # then this instance belongs to a follow-up version.
+                study_id2, version2, new2 = self._open_study(db, skey, now)
+                if study_id2 != study_id:
+                    # Re-seal under the new version's key is not needed: data keys
+                    # are per version, so move the file and re-key lazily by
+                    # re-encrypting here (rare path).
+                    new_key = self._data_key(db, study_id2)
+                    self._rekey(tmp, data_key, new_key, aad)
+                    study_id, version, new_study = study_id2, version2, new2
+                outcome: StoreOutcome = "conflict" if dup else "stored"
+                fname = f"{study_id:08d}-{ikey}-{sha[:12]}.enc"
+                dest_dir = self.files / skey[:2]
+                dest_dir.mkdir(exist_ok=True, mode=0o700)
+                dest = dest_dir / fname
+                os.replace(tmp, dest)
+                fsync_dir(dest_dir)
+                db.execute(
+                    "INSERT INTO instances (study_id, instance_key, sha256, file, size, sop_class, "
+                    "transfer_syntax, calling_ae, peer, received_at, flag) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (study_id, ikey, sha, str(dest.relative_to(self.root)), size, sop_class,
+                     transfer_syntax, calling_ae, peer, now, "conflict" if dup else None),
+                )
+                db.execute(
+                    "UPDATE studies SET last_at=?, n_instances=n_instances+1, n_bytes=n_bytes+? "
+                    "WHERE id=?",
+                    (now, size, study_id),
+                )
+                self._pending_bytes += size
+            inst = ReceivedInstance(skey, ikey, dest, size, sha, sop_class, transfer_syntax,
+                                    calling_ae, peer, now)
+            return StoreReceipt(outcome, inst, version, new_study)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _rekey(self, path: Path, old: bytes, new: bytes, aad: bytes) -> None:
+        out = path.with_suffix(".rekey")
+        with open(path, "rb") as src, open(out, "wb") as fh:
+            w = StreamWriter(new, fh, aad)
+            for chunk in iter_open_stream(old, src, aad):
+                w.write(chunk)
+            w.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(out, path)
+
+    # -- assembly ---------------------------------------------------------------
+
+    def complete_due(self, now: float | None = None) -> list[int]:
+        """Close open studies that went quiet or hit a bound; returns their ids."""
+        now = time.time() if now is None else now
+        s = self.study_settings
+        closed: list[int] = []
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id, first_at, last_at, n_instances, n_bytes FROM studies WHERE state='open'"
+            ).fetchall()
+            for sid, first_at, last_at, n, nbytes in rows:
+                reason: StudyCompletion | None = None
+                if n >= s.max_instances:
+                    reason = "max_instances"
+                elif nbytes >= s.max_bytes:
+                    reason = "max_bytes"
+                elif now - last_at >= s.quiet_seconds and n > 0:
+                    reason = "quiet"
+                elif now - first_at >= s.max_age_seconds and n > 0:
+                    reason = "max_age"
+                if reason is not None:
+                    db.execute(
+                        "UPDATE studies SET state='complete', completion=?, completed_at=? WHERE id=?",
+                        (reason, now, sid),
+                    )
+                    closed.append(int(sid))
+        return closed
+
+    def complete_all(self) -> list[int]:
+        """Close every open study now (run-to-empty mode)."""
+        now = time.time()
+        with self._tx() as db:
+            ids = [int(r[0]) for r in db.execute(
+                "SELECT id FROM studies WHERE state='open' AND n_instances > 0").fetchall()]
+            for sid in ids:
+                db.execute(
+                    "UPDATE studies SET state='complete', completion='shutdown', completed_at=? "
+                    "WHERE id=?", (now, sid))
+        return ids
+
+    def ready(self) -> list[Study]:
+        """Completed studies not yet turned into a result, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id FROM studies WHERE state='complete' ORDER BY completed_at, id"
+            ).fetchall()
+        return [self.study(int(r[0])) for r in rows]
+
+    def study(self, study_id: int) -> Study:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT study_key, version, completion, first_at, last_at, completed_at "
+                "FROM studies WHERE id=?", (study_id,)).fetchone()
+            if row is None:
+                raise StorageError(f"no study row {study_id}")
+            inst = self._db.execute(
+                "SELECT instance_key, file, size, sha256, sop_class, transfer_syntax, calling_ae, "
+                "peer, received_at FROM instances WHERE study_id=? ORDER BY id", (study_id,)
+            ).fetchall()
+        instances = tuple(
+            ReceivedInstance(row[0], i[0], self.root / i[1], int(i[2]), i[3], i[4], i[5], i[6],
+                             i[7], float(i[8]))
+            for i in inst
+        )
+        return Study(
+            study_id=study_id, study_key=row[0], version=int(row[1]), instances=instances,
+            completion=row[2] or "quiet", first_received_at=float(row[3]),
+            last_received_at=float(row[4]), completed_at=float(row[5] or 0.0),
+        )
+
+    def read(self, study: Study, inst: ReceivedInstance) -> bytes:
+        """Decrypt one stored instance (authenticated)."""
+        with self._lock:
+            key = self._data_key(self._db, study.study_id)
+        try:
+            with open(inst.path, "rb") as fh:
+                return b"".join(iter_open_stream(key, fh, study.study_key.encode()))
+        except FileNotFoundError:
+            raise StorageError(f"inbox file for instance {inst.instance_key[:12]} is missing") from None
+        except CryptoError as exc:
+            raise StorageError(f"inbox file for instance {inst.instance_key[:12]}: {exc}") from None
+
+    def mark_done(self, study: Study) -> None:
+        """Result is in the outbox: shred the study's key and delete its files."""
+        with self._tx() as db:
+            db.execute("UPDATE studies SET state='done', wrapped_key=NULL WHERE id=?",
+                       (study.study_id,))
+            db.execute("DELETE FROM instances WHERE study_id=?", (study.study_id,))
+            self._pending_bytes = max(0, self._pending_bytes - sum(i.size for i in study.instances))
+        for inst in study.instances:
+            inst.path.unlink(missing_ok=True)
+
+    def note_attempt(self, study: Study) -> int:
+        with self._tx() as db:
+            db.execute("UPDATE studies SET attempts=attempts+1 WHERE id=?", (study.study_id,))
+            row = db.execute("SELECT attempts FROM studies WHERE id=?", (study.study_id,)).fetchone()
+        return int(row[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        out = {"open": 0, "complete": 0, "done": 0}
+        out.update({str(r[0]): int(r[1]) for r in rows})
+        out["pending_bytes"] = self._pending_bytes
+        return out
+
+    def rewrap(self, old: KeyEncryptionKey, new: KeyEncryptionKey) -> int:
+        with self._tx() as db:
+            rows = db.execute("SELECT id, wrapped_key FROM studies WHERE wrapped_key IS NOT NULL").fetchall()
+            for sid, wrapped in rows:
+                db.execute("UPDATE studies SET wrapped_key=? WHERE id=?",
+                           (new.wrap(old.unwrap(bytes(wrapped))), sid))
+        return len(rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,204 @@
+"""Study processing: inbox -> de-identify -> PHI boundary -> infer -> outbox.
+
+``process`` is idempotent per study version: the result's CloudEvents id is
+derived from the study's keyed handle and version, the outbox ignores a second
+insert of the same id, and the study is marked done only after its result is
+durable.  A crash anywhere in between reprocesses the study and produces the
+same single result.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from agent import cloudevents
+from agent.config import Config
+from agent.deid import Deidentifier
+from agent.errors import DeidError, EdgeAgentError
+from agent.inbox import Inbox
+from agent.infer import InferenceEngine
+from agent.outbox import Outbox
+from agent.quarantine import Quarantine
+from agent.types import (
+    DeidentifiedStudy,
+    InferenceResult,
+    ModelOutput,
+    PhiFingerprint,
+    QuarantineNote,
+    Study,
+)
+
+log = logging.getLogger("edge_agent.pipeline")
+
+AuditFn = Callable[..., None]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        cfg: Config,
+        inbox: Inbox,
+        deidentifier: Deidentifier,
+        engine: InferenceEngine | None,
+        outbox: Outbox,
+        quarantine: Quarantine,
+        audit: AuditFn,
+    ) -> None:
+        self.cfg = cfg
+        self.inbox = inbox
+        self.deid = deidentifier
+        self.engine = engine
+        self.outbox = outbox
+        self.quarantine = quarantine
+        self.audit = audit
+        self.latencies_ms: list[float] = []
+        self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
+
+    # -- stages ------------------------------------------------------------------
+
+    def deidentify(self, study: Study) -> tuple[DeidentifiedStudy, PhiFingerprint]:
+        """Cross the PHI boundary: only pseudonyms and de-identified data come out."""
+        datasets: list[pydicom.Dataset] = []
+        quarantined: list[QuarantineNote] = []
+        failed: list[QuarantineNote] = []
+        phi: set[str] = set()
+        patient_ref = study_ref = ""
+        for inst in study.instances:
+            ref = inst.instance_key[:12]
+            try:
+                raw = self.inbox.read(study, inst)
+            except EdgeAgentError as exc:
+                failed.append(QuarantineNote(ref, f"unreadable inbox file: {exc}"))
+                self.audit("security.alert", outcome="serious_failure",
+                           details={"study": study.ref, "instance": ref,
+                                    "reason": "inbox file failed authentication"})
+                continue
+            try:
+                ds = pydicom.dcmread(io.BytesIO(raw))
+                outcome = self.deid.deidentify(ds)
+            except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
+                    AttributeError, EOFError) as exc:
+                reason = f"cannot de-identify ({type(exc).__name__})"
+                self.quarantine.put(study.study_key, inst.instance_key, raw, reason)
+                failed.append(QuarantineNote(ref, reason))
+                self.audit("instance.quarantined", outcome="minor_failure",
+                           details={"study": study.ref, "instance": ref, "reason": reason})
+                continue
+            phi |= outcome.phi
+            patient_ref = patient_ref or outcome.patient_ref
+            study_ref = study_ref or outcome.study_ref
+            if outcome.quarantine_reason is not None or outcome.dataset is None:
+                reason = outcome.quarantine_reason or "quarantined"
+                self.quarantine.put(study.study_key, inst.instance_key, raw, reason)
+                quarantined.append(QuarantineNote(ref, reason))
+                self.audit("instance.quarantined", details={"study": study.ref, "instance": ref,
+                                                            "reason": reason})
+                continue
+            datasets.append(outcome.dataset)
+        if not study_ref:
+            study_ref = study.study_key[:16]
+        if not patient_ref:
+            patient_ref = "unknown"
+        self.audit("deid.applied", details={
+            "study": study_ref, "method": self.deid.describe(),
+            "instances": len(datasets), "quarantined": len(quarantined), "failed": len(failed),
+        })
+        dstudy = DeidentifiedStudy(
+            study_ref=study_ref, patient_ref=patient_ref, version=study.version,
+            instances=tuple(datasets), quarantined=tuple(quarantined), failed=tuple(failed),
+            method=self.deid.describe(), options=tuple(sorted(self.cfg.deid.options)),
+            received_instances=len(study.instances),
+            first_received_at=study.first_received_at, last_received_at=study.last_received_at,
+        )
+        return dstudy, PhiFingerprint(frozenset(phi))
+
+    def infer(self, d: DeidentifiedStudy) -> InferenceResult:
+        outputs: list[ModelOutput] = []
+        failures: list[str] = []
+        if d.instances and self.engine is not None:
+            try:
+                outs, fails = self.engine.infer(d)
+                outputs, failures = list(outs), list(fails)
+            except Exception as exc:  # noqa: BLE001 - a model must never take the daemon down
+                failures.append(f"inference failed: {type(exc).__name__}")
+                log.exception("inference failed for study %s", d.study_ref)
+        if not d.instances:
+            status = "all_quarantined"
+        elif failures and not outputs:
+            status = "failed"
+        elif not outputs:
+            status = "no_applicable_model"
+        else:
+            status = "ok"
+        notes = d.quarantined + d.failed
+        return InferenceResult(
+            study_ref=d.study_ref, patient_ref=d.patient_ref, version=d.version,
+            status=status,  # type: ignore[arg-type]
+            models=tuple(outputs), failures=tuple(failures),
+            instances_received=d.received_instances, instances_processed=len(d.instances),
+            quarantined=notes, deid_method=d.method, deid_options=d.options,
+            latency_ms=(time.time() - d.last_received_at) * 1000.0,
+        )
+
+    def result_payload(self, study: Study, r: InferenceResult) -> tuple[str, bytes]:
+        data: dict[str, Any] = {
+            "study": {
+                "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
+                "instances_received": r.instances_received,
+                "instances_processed": r.instances_processed,
+                "quarantined": [{"instance": q.instance_key, "reason": q.reason}
+                                for q in r.quarantined],
+            },
+            "status": r.status,
+            "deidentification": {"method": r.deid_method, "options": list(r.deid_options)},
+            "models": [_model_json(m) for m in r.models],
+            "failures": list(r.failures),
+            "latency_ms": round(r.latency_ms, 1),
+        }
+        eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study.study_key,
+                                    str(study.version))
+        ev = cloudevents.envelope(kind="result", source=f"edge-agent/{self.cfg.site}/{self.cfg.device}",
+                                  data=data, event_id=eid, subject=r.study_ref)
+        return eid, cloudevents.encode(ev)
+
+    # -- the whole thing -------------------------------------------------------------
+
+    def process(self, study: Study) -> InferenceResult:
+        attempts = self.inbox.note_attempt(study)
+        log.info("processing study %s (%d instances, attempt %d)", study.ref,
+                 len(study.instances), attempts)
+        dstudy, phi = self.deidentify(study)
+        result = self.infer(dstudy)
+        for m in result.models:
+            self.audit("inference.done", details={"study": dstudy.study_ref, "model": m.name,
+                                                  "version": m.version, "sha256": m.sha256,
+                                                  "finding": m.finding})
+        for f in result.failures:
+            self.audit("inference.failed", outcome="serious_failure",
+                       details={"study": dstudy.study_ref, "reason": f})
+        eid, payload = self.result_payload(study, result)
+        self.outbox.enqueue("results", eid, payload, phi)
+        self.inbox.mark_done(study)
+        self.counters["studies"] += 1
+        self.counters["quarantined"] += len(dstudy.quarantined)
+        self.counters["failed_instances"] += len(dstudy.failed)
+        self.latencies_ms.append(result.latency_ms)
+        del self.latencies_ms[:-1000]
+        self.audit("study.completed", details={"study": dstudy.study_ref, "version": study.version,
+                                               "status": result.status, "event_id": eid})
+        log.info("study %s -> result %s (%s)", dstudy.study_ref, eid, result.status)
+        return result
+
+
+def _model_json(m: ModelOutput) -> dict[str, Any]:
+    d = asdict(m)
+    d["review_reasons"] = list(m.review_reasons)
+    return d
