@@ -1,0 +1,25 @@
+"""Encrypted, hash-chained audit log with forward-evolving signed checkpoints.
+
+See docs/audit.md for the design and docs/schemas/audit.schema.json for what
+is published.
+"""
+
+from __future__ import annotations
+
+from .events import CATALOGUE, EventKind, kind_of
+from .export import records_between, tail, write_atna_xml, write_jsonl
+from .log import AuditLog
+from .verify import VerifyReport, verify
+
+__all__ = [
+    "CATALOGUE",
+    "AuditLog",
+    "EventKind",
+    "VerifyReport",
+    "kind_of",
+    "records_between",
+    "tail",
+    "verify",
+    "write_atna_xml",
+    "write_jsonl",
+]

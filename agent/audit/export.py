@@ -1,0 +1,162 @@
+"""Read paths for investigators and operators: export (full records) and tail (projection).
+
+Export writes complete local records (with PHI) as JSON lines, or as ATNA
+audit messages in the DICOM PS3.15 A.5.1 / RFC 3881 schema shape, one
+``AuditMessage`` per record inside an ``AuditMessages`` container.  Exporting
+is itself an audited access; the CLI records it before writing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.crypto import KeyEncryptionKey
+
+from . import events
+from .projection import project
+from .store import Store, connect, decrypt_rows
+
+# DICOM PS3.15 A.5.2.2: 4 = Application Server process or thread.
+AUDIT_SOURCE_TYPE = "4"
+
+
+def _us(dt: datetime) -> int:
+    return int(dt.timestamp() * 1_000_000)
+
+
+def records_between(db_path: Path, kek: KeyEncryptionKey, since: datetime, until: datetime,
+                    patient: str | None = None) -> list[dict[str, Any]]:
+    """Decrypted records with since <= time < until (optionally of one patient id)."""
+    conn = connect(db_path, readonly=True)
+    try:
+        store = Store(conn)
+        out = []
+        for _, rec in decrypt_rows(store, kek, store.rows_between(_us(since), _us(until))):
+            if patient is not None and (rec.get("phi") or {}).get("patient_id") != patient:
+                continue
+            out.append(rec)
+        return out
+    finally:
+        conn.close()
+
+
+def tail(db_path: Path, kek: KeyEncryptionKey, n: int = 20) -> list[dict[str, object]]:
+    """The last ``n`` records, pseudonymised (what an operator may see)."""
+    conn = connect(db_path, readonly=True)
+    try:
+        store = Store(conn)
+        return [project(rec) for _, rec in decrypt_rows(store, kek, store.last_rows(n))]
+    finally:
+        conn.close()
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+    n = 0
+    for rec in records:
+        out.write(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def _coded(parent: ET.Element, tag: str, code: events.Code) -> ET.Element:
+    return ET.SubElement(parent, tag, {"csd-code": code.code, "codeSystemName": code.system,
+                                       "originalText": code.meaning})
+
+
+def atna_message(rec: dict[str, Any]) -> ET.Element:
+    """One PS3.15 A.5.1 AuditMessage for a decrypted record."""
+    kind = events.kind_of(str(rec.get("event")))
+    msg = ET.Element("AuditMessage")
+    ev = ET.SubElement(msg, "EventIdentification", {
+        "EventActionCode": str(rec.get("action", kind.action)),
+        "EventDateTime": str(rec.get("time", "")),
+        "EventOutcomeIndicator": str(rec.get("outcome_code", 0)),
+    })
+    _coded(ev, "EventID", kind.event_id)
+    if kind.type_code is not None:
+        _coded(ev, "EventTypeCode", kind.type_code)
+    ET.SubElement(ev, "EventOutcomeDescription").text = (
+        f"{rec.get('event')}: {rec.get('outcome')}")
+
+    box = str(rec.get("box", ""))
+    app = ET.SubElement(msg, "ActiveParticipant", {
+        "UserID": f"edge-agent@{box}",
+        "UserIsRequestor": "true" if kind.requestor == "box" else "false",
+    })
+    _coded(app, "RoleIDCode", kind.box_role)
+    user = rec.get("user")
+    source = rec.get("source")
+    if user or source:
+        attrs = {"UserID": str(user or source),
+                 "UserIsRequestor": "true" if kind.requestor != "box" else "false"}
+        if source:
+            host = str(source).rsplit("@", 1)[-1]
+            attrs["NetworkAccessPointID"] = host
+            # 2 = IP address (PS3.15 A.5.2.1), 1 = machine name.
+            attrs["NetworkAccessPointTypeCode"] = "2" if _looks_ip(host) else "1"
+        part = ET.SubElement(msg, "ActiveParticipant", attrs)
+        _coded(part, "RoleIDCode", events.ROLE_SOURCE if kind.box_role
+               == events.ROLE_DESTINATION else events.ROLE_DESTINATION)
+
+    site = box.split("/", 1)[0]
+    src = ET.SubElement(msg, "AuditSourceIdentification",
+                        {"AuditEnterpriseSiteID": site, "AuditSourceID": box})
+    ET.SubElement(src, "AuditSourceTypeCode", {"csd-code": AUDIT_SOURCE_TYPE})
+
+    phi = rec.get("phi") or {}
+    details = rec.get("details") or {}
+    if phi.get("patient_id") or details.get("patient_ref"):
+        pid = str(phi.get("patient_id") or details.get("patient_ref"))
+        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": pid,
+            "ParticipantObjectTypeCode": "1",  # Person
+            "ParticipantObjectTypeCodeRole": "1",  # Patient
+        })
+        ET.SubElement(po, "ParticipantObjectIDTypeCode", {
+            "csd-code": "2", "codeSystemName": "RFC-3881", "originalText": "Patient Number"})
+        if phi.get("patient_name"):
+            ET.SubElement(po, "ParticipantObjectName").text = str(phi["patient_name"])
+    study = phi.get("study_uid") or details.get("study_ref")
+    if study:
+        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": str(study),
+            "ParticipantObjectTypeCode": "2",  # System Object
+            "ParticipantObjectTypeCodeRole": "3",  # Report
+        })
+        ET.SubElement(po, "ParticipantObjectIDTypeCode", {
+            "csd-code": "110180", "codeSystemName": "DCM",
+            "originalText": "Study Instance UID"})
+        for k, v in sorted(details.items()):
+            ET.SubElement(po, "ParticipantObjectDetail",
+                          {"type": str(k), "value": json.dumps(v, sort_keys=True)})
+    return msg
+
+
+def _looks_ip(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def iter_atna_xml(records: Iterable[dict[str, Any]]) -> Iterator[str]:
+    yield '<?xml version="1.0" encoding="UTF-8"?>\n<AuditMessages>\n'
+    for rec in records:
+        yield ET.tostring(atna_message(rec), encoding="unicode") + "\n"
+    yield "</AuditMessages>\n"
+
+
+def write_atna_xml(records: Iterable[dict[str, Any]], out: TextIO) -> int:
+    n = 0
+    recs = list(records)
+    for chunk in iter_atna_xml(recs):
+        out.write(chunk)
+    n = len(recs)
+    return n
