@@ -1,0 +1,311 @@
+"""The inference stage the daemon calls: de-identified study in, model outputs out.
+
+Models are loaded once (verified, policy-checked, warmed up).  For each study
+and each applicable model: decode frames -> preprocess (pixels plus the
+manifest's attributes only) -> batched runs with test-time flips (probability
+and uncertainty) -> study aggregation -> review rule -> occlusion explanation
+on the top image -> drift aggregates -> audit.  A failing model yields a
+failure reason and an audit event; it never raises into the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from agent.errors import ModelError
+from agent.infer.drift import DriftMonitor
+from agent.infer.explain import occlusion, to_image_box
+from agent.infer.manifest import AppliesTo, Decision, Manifest
+from agent.infer.pixels import frame_count, iter_images
+from agent.infer.preprocess import preprocess
+from agent.infer.registry import ModelPackage, Registry, safe_audit
+from agent.infer.session import ModelSession
+from agent.infer.signing import load_public_keys
+from agent.types import DeidentifiedStudy, ModelOutput
+
+log = logging.getLogger(__name__)
+
+AuditFn = Callable[[str, dict[str, object]], None]
+_RUN_BATCH = 128  # images per onnxruntime call: bounds memory for long series
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    models_dir: Path
+    state_dir: Path  # where active-version state and drift aggregates live
+    environment: Literal["production", "development"] = "development"
+    publisher_keys: tuple[Path, ...] = ()  # pinned Ed25519 public keys (PEM)
+    threads: int = 1
+    timeout_seconds: float = 60.0
+    drift_min_studies: int = 10  # k-anonymity for drift telemetry
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    package: ModelPackage
+    session: ModelSession
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.package.manifest
+
+
+def applies(rule: AppliesTo, ds: Dataset) -> bool:
+    """Routing check on the de-identified dataset (engine-side, never seen by models)."""
+    if "PixelData" not in ds:
+        return False
+    if rule.modalities and str(ds.get("Modality", "")).upper() not in rule.modalities:
+        return False
+    if rule.sop_classes and str(ds.get("SOPClassUID", "")) not in rule.sop_classes:
+        return False
+    body = str(ds.get("BodyPartExamined", "") or "").upper()
+    # A missing body part does not exclude: many modalities leave it empty.
+    return not (rule.body_parts and body and body not in rule.body_parts)
+
+
+def activate(logits: npt.NDArray[np.float32], kind: str) -> npt.NDArray[np.float64]:
+    z = logits.astype(np.float64)
+    if kind == "softmax":
+        z = z - z.max(axis=-1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=-1, keepdims=True)  # type: ignore[no-any-return]
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    return np.clip(z, 0.0, 1.0)
+
+
+def aggregate(values: npt.NDArray[np.float64], how: str) -> float:
+    if how == "mean":
+        return float(values.mean())
+    if how == "noisy_or":
+        return float(1.0 - np.prod(1.0 - values))
+    return float(values.max())
+
+
+def review(decision: Decision, p: float, uncertainty: float, positive: bool) -> tuple[str, ...]:
+    reasons = []
+    low, high = decision.review_band
+    if low <= p <= high:
+        reasons.append(f"probability {p:.2f} is inside the review band [{low:.2f}, {high:.2f}]")
+    if uncertainty > decision.max_uncertainty:
+        reasons.append(f"uncertainty {uncertainty:.3f} exceeds {decision.max_uncertainty:.3f}")
+    if positive and decision.review_if_positive:
+        reasons.append("positive findings always need a clinician's review (manifest rule)")
+    return tuple(reasons)
+
+
+class InferenceEngine:
+    def __init__(self, settings: InferenceSettings, audit: AuditFn | None = None) -> None:
+        self._settings = settings
+        self._audit = audit
+        self._lock = threading.Lock()
+        self._registry = Registry(settings.models_dir, settings.state_dir,
+                                  publisher_keys=load_public_keys(settings.publisher_keys),
+                                  environment=settings.environment, audit=audit)
+        self._drift = DriftMonitor(settings.state_dir, settings.drift_min_studies)
+        self._models: list[_Loaded] = []
+        for pkg in self._registry.active_packages():
+            pre = pkg.manifest.preprocessing
+            try:
+                session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
+                                       output_name=pkg.manifest.output_name,
+                                       threads=settings.threads)
+                session.check_input(pre.channels, *pre.resize)
+                session.warm_up(pre.channels, *pre.resize, timeout=settings.timeout_seconds)
+            except ModelError as exc:
+                log.error("model %s %s not loaded: %s", pkg.name, pkg.version, exc)
+                safe_audit(audit, "model.not_loaded", {"model": pkg.name, "version": pkg.version,
+                                                       "reason": str(exc)})
+                continue
+            self._models.append(_Loaded(pkg, session))
+            self._drift.track(pkg.name, pkg.version, pkg.manifest.drift)
+            safe_audit(audit, "model.loaded", {"model": pkg.name, "version": pkg.version,
+                                               "sha256": pkg.verification.sha256,
+                                               "verification": pkg.verification.status})
+
+    # -- public API ------------------------------------------------------------
+    def active_models(self) -> list[dict[str, str]]:
+        return [{"name": m.package.name, "version": m.package.version,
+                 "sha256": m.package.verification.sha256,
+                 "verification": m.package.verification.status} for m in self._models]
+
+    def drift_report(self) -> dict[str, object]:
+        return self._drift.report()
+
+    def close(self) -> None:
+        with self._lock:
+            self._models = []
+
+    def infer(self, study: DeidentifiedStudy) -> tuple[list[ModelOutput], list[str]]:
+        outputs: list[ModelOutput] = []
+        failures: list[str] = []
+        with self._lock:
+            for model in self._models:
+                rule = model.manifest.applies_to
+                selected = [(i, ds) for i, ds in enumerate(study.instances) if applies(rule, ds)]
+                if sum(frame_count(ds) for _, ds in selected) < max(1, rule.min_images):
+                    continue
+                try:
+                    outputs.append(self._run(model, selected, study.study_ref))
+                except Exception as exc:  # noqa: BLE001 - a failing model fails this model only
+                    reason = (f"model {model.package.name} {model.package.version} failed: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+                    failures.append(reason)
+                    log.warning("study %s: %s", study.study_ref[:12], reason)
+                    safe_audit(self._audit, "model.failed", {
+                        "model": model.package.name, "version": model.package.version,
+                        "sha256": model.package.verification.sha256,
+                        "study": study.study_ref, "reason": reason,
+                        "error": type(exc).__name__})
+        return outputs, failures
+
+    # -- one model on one study ------------------------------------------------
+    def _scores(self, model: _Loaded, batch: npt.NDArray[np.float32],
+                deadline: float) -> tuple[npt.NDArray[np.float64], list[npt.NDArray[np.float32]]]:
+        raws = []
+        for start in range(0, len(batch), _RUN_BATCH):
+            raws.append(model.session.run(np.ascontiguousarray(batch[start : start + _RUN_BATCH]),
+                                          deadline - time.monotonic()))
+        logits = np.concatenate(raws, axis=0)
+        return activate(logits, model.manifest.decision.activation), raws
+
+    def _run(self, model: _Loaded, selected: Sequence[tuple[int, Dataset]],
+             study_ref: str) -> ModelOutput:
+        m = model.manifest
+        dec = m.decision
+        t_start = time.perf_counter()
+        deadline = time.monotonic() + self._settings.timeout_seconds
+        tensors: list[npt.NDArray[np.float32]] = []
+        means: list[float] = []
+        where: list[tuple[int, int, tuple[int, int]]] = []
+        subgroup: dict[str, str] = {}
+        decode_s = pre_s = 0.0
+        images = iter_images(selected, m.attributes, m.applies_to.max_images)
+        while True:
+            t0 = time.perf_counter()
+            img = next(images, None)
+            t1 = time.perf_counter()
+            decode_s += t1 - t0
+            if img is None:
+                break
+            tensor, unit = preprocess(img, m.preprocessing)
+            tensors.append(tensor)
+            means.append(float(unit.mean()))
+            where.append((img.instance, img.frame, (img.pixels.shape[0], img.pixels.shape[1])))
+            if not subgroup:
+                subgroup = {a: str(img.attrs.get(a, "unknown")) for a in m.drift.subgroup_attributes}
+            pre_s += time.perf_counter() - t1
+        if not tensors:
+            raise ModelError("no decodable image among the applicable instances")
+        x = np.stack(tensors)
+        n = len(x)
+
+        t2 = time.perf_counter()
+        tta = m.uncertainty == "tta_flip"
+        views = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]] if tta else [x]
+        probs, raws = self._scores(model, np.concatenate(views, axis=0), deadline)
+        probs = probs.reshape(len(views), n, -1)
+        if probs.shape[-1] != len(dec.labels) and not (dec.activation == "sigmoid"
+                                                       and probs.shape[-1] == 1):
+            raise ModelError(f"model returned {probs.shape[-1]} outputs for "
+                             f"{len(dec.labels)} labels")
+        pos = dec.labels.index(dec.positive_label) if probs.shape[-1] > 1 else 0
+        per_image = probs.mean(axis=0)  # (n, labels): TTA-averaged
+        p = aggregate(per_image[:, pos], dec.aggregation)
+        if tta:
+            uncertainty = float(np.std([aggregate(probs[v, :, pos], dec.aggregation)
+                                        for v in range(len(views))]))
+        else:
+            q = min(max(p, 1e-12), 1 - 1e-12)
+            uncertainty = float(-(q * math.log2(q) + (1 - q) * math.log2(1 - q)))
+        labels = {label: round(aggregate(per_image[:, j], dec.aggregation), 6)
+                  for j, label in enumerate(dec.labels) if j < per_image.shape[1]}
+        if len(dec.labels) == 2 and dec.activation == "softmax":
+            other = dec.labels[1 - dec.labels.index(dec.positive_label)]
+            labels[other] = round(1.0 - p, 6)  # keep the pair consistent after aggregation
+        labels[dec.positive_label] = round(p, 6)
+        t3 = time.perf_counter()
+
+        top = int(per_image[:, pos].argmax())
+        explanation = self._explain(model, x[top], float(probs[0, top, pos]), pos, where[top],
+                                    selected, deadline, p)
+        t4 = time.perf_counter()
+
+        positive = p >= dec.threshold
+        reasons = review(dec, p, uncertainty, positive)
+        out_hash = hashlib.sha256(b"".join(r.tobytes() for r in raws)).hexdigest()
+        self._drift.update(model.package.name, float(np.mean(means)), p, subgroup)
+        result = ModelOutput(
+            name=model.package.name,
+            version=model.package.version,
+            sha256=model.package.verification.sha256,
+            labels=labels,
+            finding=dec.positive_finding if positive else dec.negative_finding,
+            confidence=round(p if positive else 1.0 - p, 6),
+            uncertainty=round(uncertainty, 6),
+            needs_review=bool(reasons),
+            review_reasons=reasons,
+            explanation=explanation,
+            timings_ms={
+                "decode": round(decode_s * 1000, 3),
+                "preprocess": round(pre_s * 1000, 3),
+                "inference": round((t3 - t2) * 1000, 3),
+                "explanation": round((t4 - t3) * 1000, 3),
+                "total": round((time.perf_counter() - t_start) * 1000, 3),
+            },
+            instances_used=len({w[0] for w in where}),
+        )
+        safe_audit(self._audit, "inference.done", {
+            "model": result.name, "version": result.version, "sha256": result.sha256,
+            "study": study_ref, "images": n,
+            "input_sha256": hashlib.sha256(x.tobytes()).hexdigest(),
+            "output_sha256": out_hash, "finding": result.finding,
+            "needs_review": result.needs_review})
+        return result
+
+    def _explain(self, model: _Loaded, tensor: npt.NDArray[np.float32], base: float, pos: int,
+                 where: tuple[int, int, tuple[int, int]],
+                 selected: Sequence[tuple[int, Dataset]], deadline: float,
+                 study_p: float) -> dict[str, Any]:
+        spec = model.manifest.explanation
+        instance, frame, shape = where
+        info: dict[str, Any] = {"method": spec.method, "instance": instance, "frame": frame,
+                                "image_size": [shape[0], shape[1]]}
+        uid = next((ds.get("SOPInstanceUID") for i, ds in selected if i == instance), None)
+        if uid:
+            info["sop_instance_uid"] = str(uid)  # the de-identified (keyed) UID
+        if spec.method == "none":
+            info.update(bbox=None, text="This model does not provide explanations.")
+            return info
+
+        def score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+            return self._scores(model, batch, deadline)[0][:, pos]
+
+        sal = occlusion(score, tensor, base, patch=spec.patch, stride=spec.stride,
+                        keep_fraction=spec.keep_fraction)
+        label = model.manifest.decision.positive_label.replace("_", " ")
+        where_txt = f"image {instance + 1}" + (f", frame {frame + 1}" if frame else "")
+        if sal.bbox is None:
+            info.update(bbox=None, score_drop=round(sal.peak_drop, 4),
+                        text=f"No single region of {where_txt} changed the {label} score "
+                             f"noticeably (score {base:.2f}).")
+            return info
+        x, y, w, h = to_image_box(sal.bbox, model.manifest.preprocessing.resize, shape)
+        lead = ("Region that drove the" if study_p >= model.manifest.decision.threshold
+                else "Most suspicious region, below threshold, for the")
+        info.update(bbox=[x, y, w, h], score_drop=round(sal.peak_drop, 4),
+                    text=f"{lead} {label} score: {where_txt}, x={x} y={y} ({w}x{h} px); "
+                         f"hiding it lowers the score from {base:.2f} by {sal.peak_drop:.2f}.")
+        return info

@@ -1,0 +1,281 @@
+"""The model manifest: what a model applies to, how to feed it, how to read it.
+
+The manifest is the signed part of a model package (the ONNX file is bound to
+it by its sha256), so everything that changes a model's clinical behaviour —
+preprocessing, threshold, review band, aggregation — lives here and is covered
+by the publisher's signature.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.errors import ModelError
+
+Activation = Literal["softmax", "sigmoid", "none"]
+Aggregation = Literal["max", "mean", "noisy_or"]
+VoiMode = Literal["window", "dataset", "percentile"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AppliesTo:
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]  # empty: any; a study without BodyPartExamined matches
+    sop_classes: tuple[str, ...]  # empty: any
+    min_images: int
+    max_images: int  # larger studies are sampled evenly, bounding latency and memory
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    rescale: bool
+    voi: VoiMode
+    windows: dict[str, tuple[float, float]]  # modality -> (center, width)
+    percentile: tuple[float, float]
+    invert_monochrome1: bool
+    resize: tuple[int, int]  # rows, cols
+    mean: float
+    std: float
+    channels: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    labels: tuple[str, ...]
+    activation: Activation
+    positive_label: str
+    positive_finding: str
+    negative_finding: str
+    threshold: float
+    review_band: tuple[float, float]
+    max_uncertainty: float
+    review_if_positive: bool
+    aggregation: Aggregation
+
+
+@dataclass(frozen=True)
+class Explanation:
+    method: Literal["occlusion", "none"]
+    patch: int
+    stride: int
+    keep_fraction: float  # saliency above this fraction of the peak forms the box
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    input_edges: tuple[float, ...]
+    input_reference: tuple[float, ...]
+    output_edges: tuple[float, ...]
+    output_reference: tuple[float, ...]
+    subgroup_attributes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    description: str
+    intended_use: str
+    publisher: str
+    model_file: str
+    sha256: str
+    input_name: str
+    output_name: str
+    applies_to: AppliesTo
+    attributes: tuple[str, ...]  # the only dataset attributes model code may see
+    preprocessing: Preprocessing
+    decision: Decision
+    uncertainty: Literal["tta_flip", "entropy"]
+    explanation: Explanation
+    drift: DriftReference
+
+
+class _Reader:
+    """Collects every problem so a publisher fixes a manifest in one pass."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.problems: list[str] = []
+
+    def table(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"[{key}] must be a table")
+            return {}
+        return value
+
+    def get(self, tbl: dict[str, Any], where: str, key: str, kind: type, default: Any = None) -> Any:
+        if key not in tbl:
+            if default is None:
+                self.problems.append(f"{where}.{key} is missing")
+            return default
+        value = tbl[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.problems.append(f"{where}.{key} must be {kind.__name__}, got {value!r}")
+            return default
+        return value
+
+    def strings(self, tbl: dict[str, Any], where: str, key: str) -> tuple[str, ...]:
+        value = tbl.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problems.append(f"{where}.{key} must be a list of strings")
+            return ()
+        return tuple(value)
+
+    def floats(self, tbl: dict[str, Any], where: str, key: str, n: int | None = None) -> tuple[float, ...]:
+        value = tbl.get(key)
+        ok = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if not ok or (n is not None and len(value) != n):  # type: ignore[arg-type]
+            size = f" of {n}" if n is not None else ""
+            self.problems.append(f"{where}.{key} must be a list{size} numbers")
+            return tuple(0.0 for _ in range(n or 0))
+        return tuple(float(v) for v in value)  # type: ignore[union-attr]
+
+    def choice(self, tbl: dict[str, Any], where: str, key: str, allowed: tuple[str, ...],
+               default: str | None = None) -> str:
+        value = tbl.get(key, default)
+        if value not in allowed:
+            self.problems.append(f"{where}.{key} must be one of {list(allowed)}, got {value!r}")
+            return allowed[0]
+        return str(value)
+
+
+def _pair(values: tuple[float, ...]) -> tuple[float, float]:
+    return (values[0], values[1])
+
+
+def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
+    """Parse and validate manifest bytes (the exact bytes the signature covers)."""
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ModelError(
+            f"{source}: not valid UTF-8 TOML ({exc})",
+            hint="rebuild the package with training/sign.py; do not edit manifests by hand",
+        ) from exc
+    r = _Reader(data)
+    if data.get("schema") != SCHEMA_VERSION:
+        r.problems.append(f"schema must be {SCHEMA_VERSION}, got {data.get('schema')!r}")
+    name = r.get(data, "", "name", str, "")
+    version = r.get(data, "", "version", str, "")
+    model = r.table("model")
+    applies = r.table("applies_to")
+    inputs = r.table("inputs")
+    pre = r.table("preprocessing")
+    dec = r.table("decision")
+    expl = r.table("explanation")
+    drift = r.table("drift")
+
+    labels = r.strings(dec, "decision", "labels")
+    positive = r.get(dec, "decision", "positive_label", str, "")
+    if labels and positive not in labels:
+        r.problems.append(f"decision.positive_label {positive!r} is not one of {list(labels)}")
+    windows: dict[str, tuple[float, float]] = {}
+    raw_windows = pre.get("windows", {})
+    if isinstance(raw_windows, dict):
+        for modality in raw_windows:
+            cw = r.floats(raw_windows, "preprocessing.windows", modality, 2)
+            if cw[1] <= 0:
+                r.problems.append(f"preprocessing.windows.{modality} width must be > 0")
+            windows[str(modality)] = (cw[0], cw[1])
+    resize = r.floats(pre, "preprocessing", "resize", 2)
+    band = r.floats(dec, "decision", "review_band", 2)
+    attributes = r.strings(inputs, "inputs", "attributes")
+    subgroups = r.strings(drift, "drift", "subgroup_attributes")
+    for attr in subgroups:
+        if attr not in attributes:
+            r.problems.append(f"drift.subgroup_attributes {attr!r} is not in inputs.attributes")
+    sha = r.get(model, "model", "sha256", str, "")
+    if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        r.problems.append("model.sha256 must be 64 lowercase hex digits")
+    in_edges = r.floats(drift, "drift", "input_edges")
+    in_ref = r.floats(drift, "drift", "input_reference")
+    out_edges = r.floats(drift, "drift", "output_edges")
+    out_ref = r.floats(drift, "drift", "output_reference")
+    for edges, ref, what in ((in_edges, in_ref, "input"), (out_edges, out_ref, "output")):
+        if len(edges) != len(ref) + 1:
+            r.problems.append(f"drift.{what}_edges must have one more entry than {what}_reference")
+
+    manifest = Manifest(
+        name=name,
+        version=version,
+        description=r.get(data, "", "description", str, ""),
+        intended_use=r.get(data, "", "intended_use", str, ""),
+        publisher=r.get(data, "", "publisher", str, ""),
+        model_file=r.get(model, "model", "file", str, "model.onnx"),
+        sha256=sha,
+        input_name=r.get(model, "model", "input", str, ""),
+        output_name=r.get(model, "model", "output", str, ""),
+        applies_to=AppliesTo(
+            modalities=r.strings(applies, "applies_to", "modalities"),
+            body_parts=tuple(b.upper() for b in r.strings(applies, "applies_to", "body_parts")),
+            sop_classes=r.strings(applies, "applies_to", "sop_classes"),
+            min_images=r.get(applies, "applies_to", "min_images", int, 1),
+            max_images=r.get(applies, "applies_to", "max_images", int, 64),
+        ),
+        attributes=attributes,
+        preprocessing=Preprocessing(
+            rescale=r.get(pre, "preprocessing", "rescale", bool, True),
+            voi=r.choice(pre, "preprocessing", "voi", ("window", "dataset", "percentile")),  # type: ignore[arg-type]
+            windows=windows,
+            percentile=_pair(r.floats(pre, "preprocessing", "percentile", 2))
+            if "percentile" in pre else (1.0, 99.0),
+            invert_monochrome1=r.get(pre, "preprocessing", "invert_monochrome1", bool, True),
+            resize=(int(resize[0]), int(resize[1])),
+            mean=r.get(pre, "preprocessing", "mean", float, 0.0),
+            std=r.get(pre, "preprocessing", "std", float, 1.0),
+            channels=r.get(pre, "preprocessing", "channels", int, 1),
+        ),
+        decision=Decision(
+            labels=labels,
+            activation=r.choice(dec, "decision", "activation", ("softmax", "sigmoid", "none")),  # type: ignore[arg-type]
+            positive_label=positive,
+            positive_finding=r.get(dec, "decision", "positive_finding", str, ""),
+            negative_finding=r.get(dec, "decision", "negative_finding", str, ""),
+            threshold=r.get(dec, "decision", "threshold", float, 0.5),
+            review_band=(band[0], band[1]),
+            max_uncertainty=r.get(dec, "decision", "max_uncertainty", float, 1.0),
+            review_if_positive=r.get(dec, "decision", "review_if_positive", bool, False),
+            aggregation=r.choice(dec, "decision", "aggregation", ("max", "mean", "noisy_or"), "max"),  # type: ignore[arg-type]
+        ),
+        uncertainty=r.choice(data.get("uncertainty", {}) if isinstance(data.get("uncertainty"), dict) else {},
+                             "uncertainty", "method", ("tta_flip", "entropy"), "tta_flip"),  # type: ignore[arg-type]
+        explanation=Explanation(
+            method=r.choice(expl, "explanation", "method", ("occlusion", "none"), "occlusion"),  # type: ignore[arg-type]
+            patch=r.get(expl, "explanation", "patch", int, 16),
+            stride=r.get(expl, "explanation", "stride", int, 8),
+            keep_fraction=r.get(expl, "explanation", "keep_fraction", float, 0.5),
+        ),
+        drift=DriftReference(in_edges, in_ref, out_edges, out_ref, subgroups),
+    )
+    p = manifest.preprocessing
+    if p.channels not in (1, 3):
+        r.problems.append("preprocessing.channels must be 1 or 3")
+    if p.std <= 0:
+        r.problems.append("preprocessing.std must be > 0")
+    if min(p.resize) < 8:
+        r.problems.append("preprocessing.resize must be at least 8x8")
+    if not 0.0 <= manifest.decision.review_band[0] <= manifest.decision.review_band[1] <= 1.0:
+        r.problems.append("decision.review_band must be [low, high] within 0..1")
+    if manifest.applies_to.min_images < 1 or manifest.applies_to.max_images < 1:
+        r.problems.append("applies_to.min_images and max_images must be >= 1")
+    if r.problems:
+        lines = "\n".join(f"  - {p}" for p in r.problems)
+        raise ModelError(
+            f"{source}: {len(r.problems)} manifest problem(s):\n{lines}",
+            hint="fix the manifest at its source, then re-sign it with training/sign.py",
+        )
+    return manifest
+
+
+def load_manifest(path: Path) -> Manifest:
+    return parse_manifest(path.read_bytes(), source=str(path))

@@ -1,0 +1,135 @@
+"""Decode de-identified instances into 2-D images, one frame at a time.
+
+This is the last place a pydicom Dataset is touched on the way to a model: it
+produces ``ImageInput`` objects holding pixels plus only the attributes the
+manifest lists.  Multi-frame objects are decoded frame by frame
+(``pydicom.pixels.pixel_array(ds, index=i)``), so memory stays bounded by one
+frame per image in flight, whatever the number of frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels.processing import apply_color_lut
+from pydicom.pixels.utils import pixel_array
+from pydicom.valuerep import IS, DSfloat
+
+from agent.errors import ModelError
+from agent.infer.preprocess import ImageInput
+
+# Where enhanced multi-frame objects keep per-frame technical attributes.
+_FUNCTIONAL_GROUPS = {
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+    "WindowCenter": "FrameVOILUTSequence",
+    "WindowWidth": "FrameVOILUTSequence",
+}
+
+
+def frame_count(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _plain(value: Any) -> Any:
+    """pydicom value -> plain Python, so model code never holds pydicom objects."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (DSfloat, float)):
+        return float(value)
+    if isinstance(value, (IS, int)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, bytes):
+        return None  # binary values are never "technical attributes" a model needs
+    return str(value)
+
+
+def extract_attributes(ds: Dataset, names: Sequence[str], frame: int = 0) -> dict[str, Any]:
+    """Only the requested attributes; for enhanced objects, per-frame then shared groups."""
+    out: dict[str, Any] = {}
+    for name in names:
+        value = ds.get(name)
+        if value is None and name in _FUNCTIONAL_GROUPS:
+            value = _from_functional_groups(ds, _FUNCTIONAL_GROUPS[name], name, frame)
+        if value is not None and value != "":
+            plain = _plain(value)
+            if plain is not None:
+                out[name] = plain
+    return out
+
+
+def _from_functional_groups(ds: Dataset, seq: str, name: str, frame: int) -> Any:
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and frame < len(per_frame):
+        item = per_frame[frame].get(seq)
+        if item:
+            value = item[0].get(name)
+            if value is not None:
+                return value
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        item = shared[0].get(seq)
+        if item:
+            return item[0].get(name)
+    return None
+
+
+def _to_gray(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[Any]:
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:
+        # pydicom returns RGB for YBR data by default; luminance per BT.601.
+        rgb = arr[..., :3].astype(np.float32)
+        return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114  # type: ignore[no-any-return]
+    return arr
+
+
+def decode_frame(ds: Dataset, frame: int) -> npt.NDArray[Any]:
+    try:
+        if frame_count(ds) > 1:
+            arr = pixel_array(ds, index=frame)
+        else:
+            arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types; the daemon must go on
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise ModelError(
+            f"pixel data (transfer syntax {ts}, frame {frame}) could not be decoded: "
+            f"{type(exc).__name__}: {str(exc)[:160]}",
+            hint="check that a codec for this transfer syntax is installed",
+        ) from exc
+    arr = _to_gray(arr, ds)
+    if arr.ndim != 2:
+        raise ModelError(f"decoded frame has shape {arr.shape}, expected a 2-D image")
+    return arr
+
+
+def plan_images(counts: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """(instance position, frame) pairs, sampled evenly when there are more than limit."""
+    pairs = [(i, f) for i, n in enumerate(counts) for f in range(n)]
+    if len(pairs) <= limit:
+        return pairs
+    picks = np.linspace(0, len(pairs) - 1, limit).round().astype(int)
+    return [pairs[int(k)] for k in picks]
+
+
+def iter_images(instances: Sequence[tuple[int, Dataset]], attributes: Sequence[str],
+                limit: int) -> Iterator[ImageInput]:
+    """Yield ImageInputs for up to ``limit`` frames of the given (study index, dataset)."""
+    plan = plan_images([frame_count(ds) for _, ds in instances], limit)
+    for position, frame in plan:
+        index, ds = instances[position]
+        yield ImageInput(
+            pixels=decode_frame(ds, frame),
+            attrs=extract_attributes(ds, attributes, frame),
+            instance=index,
+            frame=frame,
+        )

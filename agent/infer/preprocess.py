@@ -1,0 +1,130 @@
+"""Turn stored pixel values plus a few technical attributes into a model tensor.
+
+This module is numpy-only and never sees a pydicom Dataset: the decoder hands it
+an ``ImageInput`` (pixels plus the attributes the manifest asked for), which is
+how "minimum necessary" is enforced.  The training script imports these same
+functions, so the model is trained on exactly what the runtime feeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.infer.manifest import Preprocessing
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One 2-D image (a single frame) on its way to a model."""
+
+    pixels: npt.NDArray[Any]  # stored values (rows, cols), grayscale
+    attrs: dict[str, Any] = field(default_factory=dict)  # manifest-requested attributes only
+    instance: int = 0  # index of the instance in the de-identified study
+    frame: int = 0
+
+
+def _first_number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def modality_values(img: ImageInput, pre: Preprocessing) -> FloatArray:
+    arr = img.pixels.astype(np.float32, copy=False)
+    if pre.rescale:
+        slope = _first_number(img.attrs.get("RescaleSlope"))
+        intercept = _first_number(img.attrs.get("RescaleIntercept"))
+        if slope is not None and slope != 1.0:
+            arr = arr * np.float32(slope)
+        if intercept:
+            arr = arr + np.float32(intercept)
+    return arr
+
+
+def _linear(arr: FloatArray, low: float, high: float) -> FloatArray:
+    if high <= low:
+        return np.zeros_like(arr)
+    return np.asarray(np.clip((arr - np.float32(low)) / np.float32(high - low), 0.0, 1.0),
+                      dtype=np.float32)
+
+
+def to_unit(img: ImageInput, pre: Preprocessing) -> FloatArray:
+    """Modality values -> display intensities in 0..1 (VOI, then MONOCHROME1 inversion)."""
+    arr = modality_values(img, pre)
+    modality = str(img.attrs.get("Modality", ""))
+    low = high = None
+    # "window": the manifest's fixed window for this modality, else as "dataset";
+    # "dataset": the image's own window, else percentiles.
+    if pre.voi == "window" and modality in pre.windows:
+        center, width = pre.windows[modality]
+        low, high = center - width / 2.0, center + width / 2.0
+    elif pre.voi in ("window", "dataset"):
+        center_v = _first_number(img.attrs.get("WindowCenter"))
+        width_v = _first_number(img.attrs.get("WindowWidth"))
+        if center_v is not None and width_v is not None and width_v > 0:
+            low, high = center_v - width_v / 2.0, center_v + width_v / 2.0
+    if low is None or high is None:
+        # Percentiles, not min/max: a few hot pixels or burned-in markers must not
+        # squash the anatomy into a narrow grey band.
+        lo_p, hi_p = np.percentile(arr, pre.percentile)
+        low, high = float(lo_p), float(hi_p)
+    unit = _linear(arr, low, high)
+    if pre.invert_monochrome1 and img.attrs.get("PhotometricInterpretation") == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit.astype(np.float32, copy=False)
+
+
+def resize(arr: FloatArray, shape: tuple[int, int]) -> FloatArray:
+    """Area-style downscale (box average to an integer factor, then bilinear)."""
+    rows, cols = shape
+    h, w = arr.shape
+    fy, fx = max(1, h // rows), max(1, w // cols)
+    if fy > 1 or fx > 1:
+        # Averaging blocks first avoids the aliasing a plain bilinear
+        # decimation would add (a small nodule could vanish between samples).
+        hh, ww = (h // fy) * fy, (w // fx) * fx
+        arr = arr[:hh, :ww].reshape(hh // fy, fy, ww // fx, fx).mean(axis=(1, 3))
+        h, w = arr.shape
+    if (h, w) == (rows, cols):
+        return arr.astype(np.float32, copy=False)
+    ys = (np.arange(rows, dtype=np.float32) + 0.5) * (h / rows) - 0.5
+    xs = (np.arange(cols, dtype=np.float32) + 0.5) * (w / cols) - 0.5
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.floor(ys).astype(np.intp)
+    x0 = np.floor(xs).astype(np.intp)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0)[:, None]
+    wx = (xs - x0)[None, :]
+    top = arr[y0][:, x0] * (1 - wx) + arr[y0][:, x1] * wx
+    bottom = arr[y1][:, x0] * (1 - wx) + arr[y1][:, x1] * wx
+    return np.asarray(top * (1 - wy) + bottom * wy, dtype=np.float32)
+
+
+def to_tensor(unit: FloatArray, pre: Preprocessing) -> FloatArray:
+    """Resized unit image -> (C, H, W) normalised tensor."""
+    small = resize(unit, pre.resize)
+    norm = (small - np.float32(pre.mean)) / np.float32(pre.std)
+    return np.repeat(norm[None, :, :], pre.channels, axis=0).astype(np.float32)
+
+
+def preprocess(img: ImageInput, pre: Preprocessing) -> tuple[FloatArray, FloatArray]:
+    """Returns the model tensor (C, H, W) and the resized unit image (for drift)."""
+    unit = to_unit(img, pre)
+    tensor = to_tensor(unit, pre)
+    small_unit = tensor[0] * np.float32(pre.std) + np.float32(pre.mean)
+    return tensor, small_unit
