@@ -1,48 +1,21 @@
-"""Fixtures for the audit tests: a real KEK, a real signing seed file, real SQLite."""
+"""Fixtures for the audit tests (helpers live in audit_helpers.py)."""
 
 from __future__ import annotations
 
-import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditLog
-from agent.config import AuditSettings
-from agent.crypto import KeyEncryptionKey, write_secret_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BOX = "st-marys/ct-edge-01"
-
-
-class Box:
-    """One box's audit files, and a way to open its AuditLog."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.db = root / "audit" / "audit.db"
-        self.kek = KeyEncryptionKey(os.urandom(32))
-        self.signing = root / "keys" / "audit_signing.key"
-        write_secret_file(self.signing, os.urandom(32).hex().encode())
-        self.published: list[dict[str, object]] = []
-        self.logs: list[AuditLog] = []
-
-    def open(self, settings: AuditSettings | None = None, *, publish: bool = True,
-             kek: KeyEncryptionKey | None = None) -> AuditLog:
-        log = AuditLog(self.db, kek or self.kek, self.signing,
-                       settings or AuditSettings(checkpoint_every=5, checkpoint_seconds=3600),
-                       box=BOX, publish=self.published.append if publish else None)
-        self.logs.append(log)
-        return log
-
-    @property
-    def genesis(self) -> bytes:
-        return bytes.fromhex((self.db.parent / "genesis.pub").read_text())
+from audit_helpers import AuditBox, Fill, fill  # noqa: E402
 
 
 @pytest.fixture
-def box(tmp_path: Path) -> Iterator[Box]:
-    b = Box(tmp_path)
+def ab(tmp_path: Path) -> Iterator[AuditBox]:
+    b = AuditBox(tmp_path)
     yield b
     for log in b.logs:
         try:
@@ -52,10 +25,8 @@ def box(tmp_path: Path) -> Iterator[Box]:
 
 
 @pytest.fixture
-def fill() -> Callable[[AuditLog, int], None]:
-    def _fill(log: AuditLog, n: int) -> None:
-        for i in range(n):
-            log.record("instance.received", source=f"CT{i % 3}@10.0.0.{i % 7}",
-                       details={"study": f"s{i:04x}", "instance": f"i{i:06x}", "bytes": 1000 + i},
-                       phi={"patient_id": f"PID-{i:05d}", "patient_name": f"Doe^Jane{i}"})
-    return _fill
+def filler() -> Callable[..., None]:
+    return fill
+
+
+__all__ = ["Fill"]
