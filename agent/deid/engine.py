@@ -156,7 +156,6 @@ class Deidentifier:
             else:
                 self._rules[tag] = resolved
         self._private = masks["private"]
-        self._curves = masks["50xx,xxxx"]
         self._overlay_data = masks["60xx,3000"]
         self._overlay_comments = masks["60xx,4000"]
         self._unlisted_date = resolve(_UNLISTED_DATE, opts)
@@ -328,11 +327,16 @@ class Deidentifier:
                 continue
             if number == 0 or group == 0x0002:
                 continue  # group lengths (and stray meta elements) are rebuilt or obsolete
+            if 0x5000 <= group <= 0x501E:
+                # Curves are retired; cleaning them has no safe meaning, so they go.
+                self._note(state, _elem_vr(elem), ds[tag].value)
+                changed = True
+                if top:
+                    state.modified_tags.append(tag)
+                continue
             rule = self._rules.get(tag)
             if rule is None:
-                if 0x5000 <= group <= 0x501E:
-                    rule = self._curves
-                elif 0x6000 <= group <= 0x601E:
+                if 0x6000 <= group <= 0x601E:
                     rule = self._overlay_rule(number)
                     if rule is None:
                         if self._overlay_data.action == "X":
@@ -501,7 +505,7 @@ class Deidentifier:
                 limit = MAX_LEN.get(vr)
                 cleaned.append(new[:limit] if limit else new)
             return DataElement(tag, vr, _pack(cleaned)), cleaned != [str(v) for v in _values(value)]
-        if vr in ("OB", "OW", "UN") or tag >> 16 in range(0x5000, 0x501F, 2):
+        if vr in ("OB", "OW", "UN"):
             return None, True  # binary content cannot be cleaned, so it goes
         return DataElement(tag, vr, value), False
 
