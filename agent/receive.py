@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_preamble, read_partial
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pynetdicom import AE, _config, evt
@@ -140,7 +140,11 @@ class StorageSCP:
 
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         req = event.assoc.requestor
-        return str(req.ae_title).strip(), str(req.address)
+        # During EVT_REQUESTED pynetdicom has not copied the title from the
+        # A-ASSOCIATE-RQ primitive yet, so read it from there.
+        prim = req.primitive
+        title = prim.calling_ae_title if prim is not None else req.ae_title
+        return str(title).strip(), str(req.address)
 
     def _reject(self, event: evt.Event, result: int, source: int, diag: int, why: str) -> None:
         ae_title, addr = self._peer(event)
@@ -223,11 +227,11 @@ class StorageSCP:
             if len(raw) > self.s.max_instance_bytes:
                 return self._fail(STATUS_OUT_OF_RESOURCES, "instance larger than max_instance_bytes",
                                   addr, ae_title)
-            study_uid = _study_uid(raw, tsyntax)
+            part10 = _part10(raw, sop_class, sop_uid, tsyntax, self.s.ae_title)
+            study_uid = _study_uid(part10)
             if study_uid is None:
                 return self._fail(STATUS_CANNOT_UNDERSTAND, "data set has no StudyInstanceUID",
                                   addr, ae_title)
-            part10 = _part10(raw, sop_class, sop_uid, tsyntax, self.s.ae_title)
             receipt = self.inbox.store(
                 io.BytesIO(part10), study_uid=study_uid, sop_uid=sop_uid, sop_class=sop_class,
                 transfer_syntax=tsyntax, calling_ae=ae_title, peer=addr, size_hint=len(part10),
@@ -277,30 +281,13 @@ class StorageSCP:
 _STUDY_UID = Tag(0x0020, 0x000D)
 
 
-def _study_uid(raw: bytes, tsyntax: str) -> str | None:
+def _study_uid(part10: bytes) -> str | None:
     """Read only as far as StudyInstanceUID (pixel data is never parsed here)."""
-    ds = _dataset_head(raw, tsyntax)
+    ds = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=[_STUDY_UID])
     value = ds.get(_STUDY_UID)
     if value is None or not str(value.value).strip():
         return None
     return str(value.value).strip()
-
-
-def _dataset_head(raw: bytes, tsyntax: str) -> Dataset:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = "1.2.3"
-    meta.TransferSyntaxUID = tsyntax
-    buf = io.BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    buf.write(raw)
-    buf.seek(0)
-    read_preamble(buf, False)
-    return read_partial(buf, stop_when=lambda tag, vr, length: tag > _STUDY_UID)
 
 
 def _part10(raw: bytes, sop_class: str, sop_uid: str, tsyntax: str, ae: str) -> bytes:
