@@ -233,6 +233,8 @@ class AuditLog:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            # COMMIT inside the try: a full disk can fail the commit itself.
+            self._conn.execute("COMMIT")
         except BaseException:
             try:
                 self._conn.execute("ROLLBACK")
@@ -241,7 +243,6 @@ class AuditLog:
             # A day key created inside the rolled-back transaction must not stay cached.
             self._store.forget_cached_keys()
             raise
-        self._conn.execute("COMMIT")
 
     def _pin_genesis(self) -> bytes:
         pinned = self._store.meta("genesis_public_key")

@@ -9,6 +9,7 @@ patient name into ``details`` by mistake still does not publish it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,8 +32,10 @@ def _contains_phi(text: str, phi: Iterable[str]) -> bool:
 
 
 def safe_value(value: object, phi: list[str], depth: int = 0) -> object:
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, bool | int):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # JSON has no NaN/Infinity
     if isinstance(value, str):
         if not _TOKEN.match(value) or _contains_phi(value, phi):
             return REDACTED

@@ -83,6 +83,7 @@ class _Verifier:
         self.kek = kek
         self.problems: list[str] = []
         self.notes: list[str] = []
+        self.unwrappable: set[str] = set()
 
     def run(self, trusted: bytes | None, published: Sequence[Mapping[str, Any]],
             signing_key_path: Path | None) -> VerifyReport:
@@ -274,7 +275,7 @@ class _Verifier:
             prev = row.hash
             expected = row.seq + 1
         for day in sorted(keys):
-            if keys[day] is None and day not in shredded:
+            if keys[day] is None and day not in shredded and day not in self.unwrappable:
                 self.problems.append(f"day {day}: its data key is missing but no retention "
                                      "shredded it (records of that day are unreadable)")
         return hashes, first, last, count, attested
@@ -286,6 +287,7 @@ class _Verifier:
                 keys[row.day] = self.store.day_key(row.day, self.kek, create=False)
             except EdgeAgentError as exc:
                 keys[row.day] = None
+                self.unwrappable.add(row.day)
                 self.problems.append(f"day {row.day}: data key cannot be unwrapped ({exc.args[0]})")
         key = keys[row.day]
         if key is None:

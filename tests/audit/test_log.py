@@ -1,0 +1,321 @@
+"""AuditLog behaviour: crash safety, retention, re-wrap, concurrency, full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from audit_helpers import BOX, AuditBox, fill
+
+import agent.audit.log as audit_log_module
+from agent.audit import CATALOGUE, AuditLog, kind_of, records_between, verify
+from agent.config import AuditSettings
+from agent.crypto import KeyEncryptionKey
+from agent.errors import AuditError
+
+DAY = 86_400_000_000
+BASE = 1_790_000_000_000_000  # 2026-09-21
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _clock(monkeypatch: pytest.MonkeyPatch, step: int = DAY // 4) -> None:
+    ticks = iter(range(BASE, BASE + 1000 * DAY, step))
+    monkeypatch.setattr(audit_log_module, "_now_us", lambda: next(ticks))
+
+
+def test_catalogue_covers_every_daemon_event() -> None:
+    names = ("association.accepted association.rejected instance.received instance.duplicate "
+             "instance.conflict study.completed deid.applied instance.quarantined inference.done "
+             "inference.failed model.refused model.changed message.published egress.blocked "
+             "security.alert config.loaded cli.action key.rotated cert.changed audit.exported "
+             "audit.retention daemon.started daemon.stopped").split()
+    assert sorted(CATALOGUE) == sorted(names)
+    assert kind_of("instance.received").event_id.code == "110104"
+    assert kind_of("egress.blocked").event_id.code == "110113"
+    assert kind_of("no.such.event").event_id.code == "110100"
+
+
+def test_unknown_event_is_recorded_not_dropped(ab: AuditBox) -> None:
+    log = ab.open()
+    log.record("made.up", details={"x": 1})
+    log.close()
+    rec = records_between(ab.db, ab.kek, datetime(2000, 1, 1, tzinfo=UTC),
+                          datetime(2100, 1, 1, tzinfo=UTC))
+    assert [(r["event"], r["event_id"]) for r in rec] == [("made.up", "110100")]
+
+
+def test_signing_key_evolves_and_forgets_the_past(ab: AuditBox) -> None:
+    genesis_seed = ab.signing.read_bytes()
+    log = ab.open()
+    fill(log, 3)
+    log.checkpoint()
+    log.checkpoint()
+    assert ab.signing.read_bytes() != genesis_seed
+    assert ab.signing.stat().st_mode & 0o777 == 0o600
+    log.close()
+    # The db pins epoch 0's public key; the file now holds epoch 2's seed.
+    assert verify(ab.db, ab.kek, ab.genesis, signing_key_path=ab.signing).ok
+
+
+def test_foreign_signing_key_is_refused(ab: AuditBox) -> None:
+    log = ab.open()
+    fill(log, 6)
+    log.close()
+    ab.signing.write_text(os.urandom(32).hex())
+    with pytest.raises(AuditError, match="does not continue the checkpoint chain"):
+        ab.open()
+
+
+def test_threads_and_two_writers_keep_one_chain(ab: AuditBox) -> None:
+    first, second = ab.open(), ab.open(publish=False)
+
+    def work(log: AuditLog, k: int) -> None:
+        fill(log, 25, start=k * 100)
+        log.maybe_checkpoint()
+
+    threads = [threading.Thread(target=work, args=(first if k % 2 else second, k))
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    second.checkpoint()
+    first.checkpoint()
+    assert first.errors == second.errors == 0
+    first.close()
+    second.close()
+    report = verify(ab.db, ab.kek, ab.genesis, signing_key_path=ab.signing)
+    assert report.ok, report.problems
+    assert report.records == 100
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from agent.audit import AuditLog
+from agent.config import AuditSettings
+from agent.crypto import KeyEncryptionKey
+log = AuditLog(Path({db!r}), KeyEncryptionKey(bytes.fromhex({kek!r})), Path({sig!r}),
+               AuditSettings(checkpoint_every=7, checkpoint_seconds=3600), box={box!r})
+i = 0
+while True:
+    log.record("instance.received", details={{"n": i}}, phi={{"patient_id": "P%d" % i}})
+    if log.errors:
+        sys.exit(3)
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_loses_nothing_committed(ab: AuditBox) -> None:
+    code = WRITER.format(repo=str(REPO), db=str(ab.db), kek=ab.kek.key.hex(),
+                         sig=str(ab.signing), box=BOX)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    acknowledged = 0
+    for line in proc.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 80:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    report = verify(ab.db, ab.kek, ab.genesis, signing_key_path=ab.signing)
+    assert report.ok, report.problems
+    assert report.records >= acknowledged
+    # The next start continues the chain and the ratchet where the killed writer left them.
+    log = ab.open()
+    log.record("daemon.started")
+    log.checkpoint()
+    assert log.errors == 0, log.last_error
+    log.close()
+    report = verify(ab.db, ab.kek, ab.genesis, ab.published, signing_key_path=ab.signing)
+    assert report.ok, report.problems
+    assert report.records >= acknowledged + 1
+
+
+def test_retention_crypto_shreds_and_verify_still_passes(
+        ab: AuditBox, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch)
+    log = ab.open(AuditSettings(checkpoint_every=5, checkpoint_seconds=3600, retention_days=2))
+    fill(log, 20)  # ~5 days
+    with sqlite3.connect(ab.db) as db:
+        keys = dict(db.execute("SELECT day, wrapped FROM day_keys"))
+    log.apply_retention(datetime.fromtimestamp((BASE + 6 * DAY) / 1e6, UTC))
+    assert log.errors == 0, log.last_error
+    log.close()
+    with sqlite3.connect(ab.db) as db:
+        live = dict(db.execute("SELECT day, wrapped FROM day_keys"))
+    shredded = sorted(d for d, w in live.items() if w is None)
+    assert shredded == sorted(keys)[:len(shredded)] and 1 <= len(shredded) < len(keys)
+    # Crypto-shredding means the wrapped keys are really gone from the files.
+    on_disk = b"".join(p.read_bytes() for p in ab.db.parent.glob("audit.db*"))
+    for day in shredded:
+        assert keys[day] not in on_disk
+    report = verify(ab.db, ab.kek, ab.genesis, ab.published, signing_key_path=ab.signing)
+    assert report.ok, report.problems
+    assert report.shredded_through > 0
+    assert report.first_seq == report.shredded_through + 1
+    retention = [e for m in ab.published for e in m["events"]  # type: ignore[attr-defined]
+                 if e["event"] == "audit.retention"]
+    assert retention and retention[0]["details"]["floor_seq"] == report.shredded_through
+
+
+def test_byte_budget_shreds_oldest_days_but_never_today(
+        ab: AuditBox, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch)
+    log = ab.open(AuditSettings(checkpoint_every=50, checkpoint_seconds=3600, max_bytes=1))
+    fill(log, 12)
+    with sqlite3.connect(ab.db) as db:
+        newest = db.execute("SELECT MAX(day) FROM records").fetchone()[0]
+    log.apply_retention(datetime.fromtimestamp(BASE / 1e6, UTC))
+    with sqlite3.connect(ab.db) as db:
+        days = list(db.execute("SELECT day, wrapped FROM day_keys ORDER BY day"))
+    # Every day before the newest is shredded; the newest (and the retention record's) stay.
+    assert len(days) >= 3
+    assert all((w is None) == (d < newest) for d, w in days), days
+    fill(log, 2, start=100)
+    assert log.errors == 0, log.last_error
+    log.close()
+    report = verify(ab.db, ab.kek, ab.genesis, signing_key_path=ab.signing)
+    assert report.ok, report.problems
+
+
+def test_deletion_dressed_up_as_retention_is_caught(ab: AuditBox) -> None:
+    log = ab.open()
+    fill(log, 12)
+    log.checkpoint()
+    log.close()
+    with sqlite3.connect(ab.db) as db:
+        h = db.execute("SELECT hash FROM records WHERE seq=4").fetchone()[0]
+        db.execute("DELETE FROM records WHERE seq <= 4")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('floor_seq', '4'), ('floor_hash', ?)",
+                   (h.hex(),))
+    report = verify(ab.db, ab.kek, ab.genesis)
+    assert report.problems == ["records 1..4 are gone but no audit.retention record attests "
+                               "that they were crypto-shredded (deleted outside retention)"]
+
+
+def test_rewrap_moves_every_day_key_to_the_new_kek(
+        ab: AuditBox, monkeypatch: pytest.MonkeyPatch) -> None:
+    _clock(monkeypatch)
+    log = ab.open()
+    fill(log, 10)
+    new = KeyEncryptionKey(os.urandom(32))
+    with sqlite3.connect(ab.db) as db:
+        days = db.execute("SELECT COUNT(*) FROM day_keys").fetchone()[0]
+    assert days >= 3
+    assert log.rewrap(ab.kek, new) == days
+    assert log.rewrap(ab.kek, new) == 0  # idempotent: already under the new key
+    fill(log, 3, start=50)
+    log.checkpoint()
+    assert log.errors == 0, log.last_error
+    log.close()
+    assert verify(ab.db, new, ab.genesis).ok
+    old = verify(ab.db, ab.kek, ab.genesis)
+    assert not old.ok and all("cannot be unwrapped" in p for p in old.problems), old.problems
+    with pytest.raises(AuditError, match="audit day"):
+        ab.open(kek=new).rewrap(KeyEncryptionKey(os.urandom(32)), ab.kek)
+
+
+def test_publish_failure_is_retried_at_the_next_checkpoint(ab: AuditBox) -> None:
+    outbox: list[dict[str, object]] = []
+    down = True
+
+    def publish(data: dict[str, object]) -> None:
+        if down:
+            raise ConnectionError("outbox full")
+        outbox.append(data)
+
+    log = AuditLog(ab.db, ab.kek, ab.signing, AuditSettings(checkpoint_every=3), box=BOX,
+                   publish=publish)
+    fill(log, 7)
+    assert log.errors == 2 and not outbox
+    down = False
+    log.checkpoint()
+    log.close()
+    assert [m["checkpoint"]["body"]["checkpoint"] for m in outbox] == [0, 1, 2]  # type: ignore[index]
+    assert [e["seq"] for m in outbox for e in m["events"]] == list(range(1, 8))  # type: ignore[attr-defined]
+
+
+def _mount_tmpfs(where: Path) -> bool:
+    where.mkdir()
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def test_full_disk_never_raises_and_recovers(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt):
+        pytest.skip("cannot mount a 1 MiB tmpfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        ab = AuditBox(tmp_path)
+        ab.db = mnt / "audit" / "audit.db"
+        log = ab.open(AuditSettings(checkpoint_every=1000))
+        filler = mnt / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        written = 0
+        for i in range(300):
+            log.record("instance.received", details={"pad": "x" * 2000, "n": i})
+            written += 1
+            if log.errors:
+                break
+        assert log.errors >= 1 and log.stats()["backlog"] >= 1
+        assert "full" in (log.last_error or "").lower()
+        filler.unlink()
+        log.record("security.alert", details={"what": "disk-was-full"})
+        assert log.stats()["backlog"] == 0
+        log.checkpoint()
+        log.close()
+        report = verify(ab.db, ab.kek, ab.genesis)
+        assert report.ok, report.problems
+        assert report.records == written + 1  # nothing lost: the backlog was written in order
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from agent import cloudevents
+
+    schema = json.loads((REPO / "docs" / "schemas" / "audit.schema.json").read_text())
+    log = ab.open()
+    phi = {"patient_id": "MRN-884422", "patient_name": "Smith^Anna", "birth_date": "19610304"}
+    log.record("deid.applied", details={"study": "9f2c1ab4", "profile": "PS3.15-E.1-1"}, phi=phi)
+    # A careless caller puts PHI into details too: it must still not be published.
+    log.record("instance.quarantined", outcome="minor_failure",
+               details={"reason": "burned in text for Smith^Anna", "patient": "MRN-884422",
+                        "nested": {"id": "x-MRN-884422-y"}, "nan": float("nan")}, phi=phi)
+    log.record("cli.action", user="alice", details={"command": "audit.export"})
+    log.checkpoint()
+    log.close()
+    assert ab.published
+    for data in ab.published:
+        ev = cloudevents.envelope(kind="audit", source="urn:edge:" + BOX, data=data)
+        jsonschema.validate(ev, schema, format_checker=jsonschema.FormatChecker())
+        text = cloudevents.encode(ev).decode().casefold()
+        for value in phi.values():
+            assert value.casefold() not in text
+    events = {e["event"]: e for m in ab.published for e in m["events"]}  # type: ignore[attr-defined]
+    assert events["instance.quarantined"]["details"]["reason"] == "[redacted]"
+    assert events["deid.applied"]["details"] == {"study": "9f2c1ab4", "profile": "PS3.15-E.1-1"}
+    assert events["cli.action"]["user"] == "alice"
