@@ -103,6 +103,7 @@ def build(i: int, *, base: str = "CT_small.dcm") -> Canary:
     # identity shared by the whole study (consistency checks)
     ds.PatientName = PATIENT_NAME
     ds.PatientID = PATIENT_ID
+    ds.IssuerOfPatientID = "ISSUERMKQ"  # the same patient in every instance
     ds.StudyInstanceUID = STUDY_UID
     ds.SeriesInstanceUID = SERIES_UID
     ds.FrameOfReferenceUID = FOR_UID
@@ -112,6 +113,7 @@ def build(i: int, *, base: str = "CT_small.dcm") -> Canary:
     c.text["CANARYFAMILY"] = "PatientName"
     c.text["CANARYGIVEN"] = "PatientName"
     c.text[PATIENT_ID] = "PatientID"
+    c.text["ISSUERMKQ"] = "IssuerOfPatientID"
     for u, w in ((STUDY_UID, "StudyInstanceUID"), (SERIES_UID, "Series"), (FOR_UID, "FoR")):
         c.uids[u] = w
     c.uids[sop_uid(i)] = "SOPInstanceUID"
