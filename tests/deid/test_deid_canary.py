@@ -10,7 +10,7 @@ import pytest
 from deid_support import KEY, OTHER_KEY, Recipient
 from pydicom.dataset import Dataset
 
-from agent.deid import OPTIONS, DeidSettings, Deidentifier
+from agent.deid import OPTIONS, Deidentifier, DeidSettings
 from agent.deid.rules import resolve
 from agent.deid.table import TABLE
 from agent.errors import DeidError
@@ -41,9 +41,7 @@ def test_corpus_really_carries_the_markers(corpus: list[dc.Canary]) -> None:
 
 
 @pytest.mark.parametrize("mode", ["strip", "encrypt"])
-def test_no_marker_anywhere_in_output(
-    corpus: list[dc.Canary], mode: str, recipient: Recipient
-) -> None:
+def test_no_marker_anywhere_in_output(corpus: list[dc.Canary], mode: str, recipient: Recipient) -> None:
     settings = DeidSettings(
         mode="encrypt" if mode == "encrypt" else "strip",
         recipients=(recipient.cert,) if mode == "encrypt" else (),
@@ -167,9 +165,7 @@ def test_options_keep_what_they_promise_and_clean_the_rest(corpus: list[dc.Canar
     assert not any(e.tag >> 16 == 0x5000 for e in out)
     # whatever survives is only what these options keep on purpose
     engine = Deidentifier(DeidSettings(options=opts), KEY)
-    kept_rows = {
-        r.tag.replace(",", ",") for r in TABLE.rows if resolve(r, opts).action in ("K", "C")
-    }
+    kept_rows = {r.tag.replace(",", ",") for r in TABLE.rows if resolve(r, opts).action in ("K", "C")}
     data = dc.to_bytes(out)
     leaked = {w for m, w in c.text.items() if m.upper().encode() in data.upper()}
     leaked |= {w for u, w in c.uids.items() if u.encode() in data}
@@ -199,9 +195,7 @@ def test_malformed_input_raises_deid_error() -> None:
 def test_invalid_settings_report_every_problem() -> None:
     settings = DeidSettings(
         mode="encrypt",
-        options=frozenset(
-            {"bogus", "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"}
-        ),
+        options=frozenset({"bogus", "retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"}),
     )
     problems = settings.problems()
     assert len(problems) == 3
