@@ -1,0 +1,55 @@
+"""Helpers for the inference tests: paths, an audit recorder, synthetic studies."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from agent.types import DeidentifiedStudy
+from training.synth import SynthCase, to_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "models" / "lesion-demo" / "1.0.0"
+DEV_PUB = REPO / "models" / "dev-publisher.pub"
+
+
+class Events:
+    """An audit sink that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, object]]] = []
+
+    def __call__(self, event: str, details: dict[str, object]) -> None:
+        self.items.append((event, details))
+
+    def named(self, event: str) -> list[dict[str, object]]:
+        return [d for e, d in self.items if e == event]
+
+
+PackageMaker = Callable[..., Path]
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """Write and re-read as Part 10, so tests decode real DICOM bytes."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def study(cases: list[SynthCase], ref: str = "study-ref") -> DeidentifiedStudy:
+    datasets = tuple(roundtrip(to_dataset(c, instance_number=i + 1, study_seed=ref))
+                     for i, c in enumerate(cases))
+    return study_of(datasets, ref)
+
+
+def study_of(datasets: tuple[Dataset, ...], ref: str = "study-ref") -> DeidentifiedStudy:
+    return DeidentifiedStudy(
+        study_ref=ref, patient_ref="patient-ref", version=1, instances=datasets,
+        quarantined=(), failed=(), method="test", options=(),
+        received_instances=len(datasets), first_received_at=0.0, last_received_at=0.0,
+    )
