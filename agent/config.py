@@ -525,12 +525,12 @@ def _unknown_keys(data: dict[str, Any], r: _Reader) -> None:
 
 def load(path: Path | None = None) -> Config:
     """Load and validate the config file; every problem is reported at once."""
-    p = Path(path or os.environ.get("EDGE_AGENT_CONFIG", DEFAULT_CONFIG))
+    p = Path(path or os.environ.get("EDGE_AGENT_CONFIG") or DEFAULT_CONFIG)
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
-            [f"file not found; create it with 'edge-agent provision init' or pass --config"],
+            ["file not found; create it with 'edge-agent provision init' or pass --config"],
             path=str(p),
         ) from None
     except PermissionError:

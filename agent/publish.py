@@ -222,7 +222,7 @@ class Publisher:
         return c
 
     def _connect(self, c: mqtt.Client) -> None:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.s.session_expiry_seconds
         c.connect(self.s.host, self.s.port, keepalive=self.s.keepalive,
                   clean_start=False, properties=props)
