@@ -90,9 +90,7 @@ def test_openssl_decrypts_our_envelope(recipient: Recipient, tmp_path: Path) -> 
         capture_output=True,
         check=True,
     ).stdout
-    inner = pydicom.filereader.read_dataset(
-        io.BytesIO(plain), is_implicit_VR=False, is_little_endian=True
-    )
+    inner = pydicom.filereader.read_dataset(io.BytesIO(plain), is_implicit_VR=False, is_little_endian=True)
     assert inner.ModifiedAttributesSequence[0].PatientID == dc.PATIENT_ID
 
 
