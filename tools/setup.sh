@@ -36,7 +36,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  echo "installing edge-agent and its dependencies into .venv (log: .venv/install.log)"
+  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[dev]'; } > .venv/install.log 2>&1; then
+    tail -40 .venv/install.log
+    echo "pip install failed; see .venv/install.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
