@@ -74,7 +74,11 @@ class AuditLog:
         self._kek = kek
         self._publish = publish
         self._lock = threading.RLock()
-        self._backlog: deque[tuple[int, dict[str, object]]] = deque()
+        self._backlog: deque[tuple[int, int, dict[str, object]]] = deque()  # (qid, ts, entry)
+        self._qid = 0
+        # Guards only the backlog deque, so threads can queue while another one is
+        # committing; the next commit then takes them all (group commit: one fsync).
+        self._queue_lock = threading.Lock()
         self._lock_path = db_path.with_name(db_path.name + ".lock")
         self._conn = connect(db_path)
         self._store = Store(self._conn)
@@ -102,11 +106,13 @@ class AuditLog:
         """Append one event; never raises (failures are logged and counted)."""
         try:
             entry = self._entry(event, outcome, user, source, details, phi)
-            with self._lock:
+            with self._queue_lock:
                 if len(self._backlog) >= MAX_BACKLOG:
                     self._backlog.popleft()
                     self.dropped += 1
-                self._backlog.append((_now_us(), entry))
+                self._qid += 1
+                self._backlog.append((self._qid, _now_us(), entry))
+            with self._lock:
                 self._flush()
                 if self._since_checkpoint >= self.settings.checkpoint_every:
                     self._checkpoint()
@@ -288,16 +294,23 @@ class AuditLog:
         return 0, genesis_prev(self._genesis, self.box), None
 
     def _flush(self) -> None:
-        if not self._backlog:
+        """Write every queued event in one transaction (caller holds self._lock)."""
+        with self._queue_lock:
+            batch = list(self._backlog)
+        if not batch:
             return
         with self._transaction():
-            self._append_backlog()
-        self._since_checkpoint += len(self._backlog)
-        self._backlog.clear()
+            self._append([(ts, entry) for _, ts, entry in batch])
+        last = batch[-1][0]
+        with self._queue_lock:
+            # By id, not count: an overflow may have dropped queued items meanwhile.
+            while self._backlog and self._backlog[0][0] <= last:
+                self._backlog.popleft()
+        self._since_checkpoint += len(batch)
 
-    def _append_backlog(self) -> None:
+    def _append(self, batch: list[tuple[int, dict[str, object]]]) -> None:
         seq, prev, last_day = self._chain_head()
-        for ts_us, entry in self._backlog:
+        for ts_us, entry in batch:
             seq += 1
             day = day_of(ts_us)
             # Days never go backwards along the chain (clock steps), so shredding the
@@ -373,17 +386,16 @@ class AuditLog:
             if not days:
                 return
             result = shred(self._store, days, _now_us())
-            self._backlog.append((_now_us(), self._entry(
+            attest = (_now_us(), self._entry(
                 "audit.retention", "success", None, None,
                 {"days": list(result.days), "records": result.records,
                  "floor_seq": result.floor_seq, "floor_hash": result.floor_hash.hex(),
                  "retention_days": self.settings.retention_days,
                  "max_bytes": self.settings.max_bytes},
-                None)))
+                None))
             # Same transaction: the shredding and the record attesting it land together.
-            self._append_backlog()
-        self._since_checkpoint += len(self._backlog)
-        self._backlog.clear()
+            self._append([attest])
+        self._since_checkpoint += 1
         try:
             # Push the zeroed pages out of the WAL so no stale copy of a wrapped key lingers.
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
