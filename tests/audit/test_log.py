@@ -319,3 +319,31 @@ def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> Non
     assert events["instance.quarantined"]["details"]["reason"] == "[redacted]"
     assert events["deid.applied"]["details"] == {"study": "9f2c1ab4", "profile": "PS3.15-E.1-1"}
     assert events["cli.action"]["user"] == "alice"
+
+
+def test_catalogue_is_documented() -> None:
+    doc = (REPO / "docs" / "audit.md").read_text()
+    for name, kind in CATALOGUE.items():
+        row = next((line for line in doc.splitlines()
+                    if line.startswith("| ") and name in line.split("|")[1]), None)
+        assert row is not None, f"{name} missing from docs/audit.md"
+        assert kind.event_id.code in row and f"| {kind.action} |" in row, row
+
+
+def test_time_based_checkpoint(ab: AuditBox) -> None:
+    log = ab.open(AuditSettings(checkpoint_every=1000, checkpoint_seconds=1e-9))
+    log.maybe_checkpoint()  # nothing recorded yet: nothing to sign
+    assert not ab.published
+    log.record("daemon.started")
+    log.maybe_checkpoint()
+    assert [m["checkpoint"]["body"]["seq"] for m in ab.published] == [1]  # type: ignore[index]
+
+
+def test_record_survives_bad_input_and_a_closed_store(ab: AuditBox) -> None:
+    log = ab.open()
+    log.record("security.alert", details={"obj": object(), "when": datetime(2026, 1, 1)})
+    assert log.errors == 0, log.last_error
+    log.close()
+    log.record("daemon.stopped")  # must not raise
+    log.checkpoint()
+    assert log.errors == 2
