@@ -114,10 +114,11 @@ class AuditLog:
                 self._backlog.append((self._qid, _now_us(), entry))
             with self._lock:
                 self._flush()
-                if self._since_checkpoint >= self.settings.checkpoint_every:
-                    self._checkpoint()
         except Exception as exc:  # noqa: BLE001 - the pipeline must survive any audit failure
             self._failed("record", exc)
+            return
+        if self._since_checkpoint >= self.settings.checkpoint_every:
+            self.maybe_checkpoint()  # re-checks under the lock: one checkpoint per batch
 
     def checkpoint(self) -> None:
         """Sign a checkpoint now (the daemon calls this at stop); never raises."""
