@@ -100,8 +100,10 @@ def atna_message(rec: dict[str, Any]) -> ET.Element:
             # 2 = IP address (PS3.15 A.5.2.1), 1 = machine name.
             attrs["NetworkAccessPointTypeCode"] = "2" if _looks_ip(host) else "1"
         part = ET.SubElement(msg, "ActiveParticipant", attrs)
-        _coded(part, "RoleIDCode", events.ROLE_SOURCE if kind.box_role
-               == events.ROLE_DESTINATION else events.ROLE_DESTINATION)
+        # A local operator has no transfer role; a peer is the other end of a transfer.
+        if kind.requestor == "peer" or kind.box_role != events.ROLE_APPLICATION:
+            _coded(part, "RoleIDCode", events.ROLE_SOURCE if kind.box_role
+                   == events.ROLE_DESTINATION else events.ROLE_DESTINATION)
 
     site = box.split("/", 1)[0]
     src = ET.SubElement(msg, "AuditSourceIdentification",
@@ -154,9 +156,7 @@ def iter_atna_xml(records: Iterable[dict[str, Any]]) -> Iterator[str]:
 
 
 def write_atna_xml(records: Iterable[dict[str, Any]], out: TextIO) -> int:
-    n = 0
     recs = list(records)
     for chunk in iter_atna_xml(recs):
         out.write(chunk)
-    n = len(recs)
-    return n
+    return len(recs)

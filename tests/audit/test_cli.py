@@ -151,3 +151,14 @@ def test_auditor_role() -> None:
     assert is_auditor(1000, [some_group.gr_gid], some_group.gr_name)
     assert not is_auditor(1000, [some_group.gr_gid + 12345], some_group.gr_name)
     assert not is_auditor(1000, [some_group.gr_gid], "no-such-group-xyz")
+
+
+def test_atna_cli_user_is_the_requestor(cli: tuple[typer.Typer, Path, AuditBox]) -> None:
+    app, cfg, _ = cli
+    res = CliRunner().invoke(app, ["audit", "export", "--config", str(cfg), "--since",
+                                   "2000-01-01", "--until", "2100-01-01", "--format", "atna-xml"])
+    msg = ET.fromstring(res.stdout).findall("AuditMessage")[10]
+    people = {p.get("UserID"): p for p in msg.findall("ActiveParticipant")}
+    assert people["alice"].get("UserIsRequestor") == "true"
+    assert people["alice"].find("RoleIDCode") is None
+    assert people["edge-agent@st-marys/ct-edge-01"].get("UserIsRequestor") == "false"
