@@ -199,3 +199,38 @@ def test_recreated_log_is_caught_by_the_pinned_key(ab: AuditBox) -> None:
     report = verify(ab.db, ab.kek, genesis)
     assert any(p.startswith("the genesis key pinned in the database") and "re-created" in p
                for p in report.problems), report.problems
+
+
+def test_root_with_the_kek_rewrites_history(ab: AuditBox) -> None:
+    """The strongest local attacker: re-seals a record with the real day key, re-hashes the
+    chain, drops the checkpoints and plants a fresh signing seed.  The local log is then
+    self-consistent, but the evolved key and the published checkpoints give it away."""
+    from agent.audit.store import Row, Store, connect, open_record, record_hash, seal_record
+
+    _written(ab, 12)
+    conn = connect(ab.db)
+    store = Store(conn)
+    rows = list(store.rows())
+    key = store.day_key(rows[2].day, ab.kek, create=False)
+    assert key is not None
+    forged = open_record(key, rows[2])
+    forged["phi"] = {"patient_id": "SOMEONE-ELSE"}
+    prev = rows[1].hash
+    conn.execute("BEGIN")
+    for row in rows[2:]:
+        ct = seal_record(key, row.seq, row.day, forged) if row.seq == 3 else row.ct
+        h = record_hash(row.seq, row.day, row.ts_us, prev, ct)
+        conn.execute("DELETE FROM records WHERE seq=?", (row.seq,))
+        store.insert(Row(row.seq, row.day, row.ts_us, prev, h, ct))
+        prev = h
+    conn.execute("DELETE FROM checkpoints")
+    conn.execute("COMMIT")
+    conn.close()
+    # Without outside evidence only the chain of signing keys can tell.
+    ab.signing.write_text(os.urandom(32).hex())
+    assert _problems(ab) == ["the audit signing key has evolved past the genesis key: later "
+                             "checkpoints were removed (or the key file was replaced)"]
+    report = verify(ab.db, ab.kek, ab.genesis, ab.published)
+    assert any("published checkpoint 0 (seq 5) is missing locally" in p for p in report.problems)
+    assert any(p.startswith("published checkpoint 0: record seq 5 no longer hashes to the "
+                            "signed head") for p in report.problems), report.problems
