@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, sdnotify, telemetry
+from agent import __version__, cloudevents, control, sdnotify, telemetry
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
@@ -106,6 +106,8 @@ class Daemon:
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d))
+        self.control = control.ControlServer(cfg.control, control.daemon_commands(self),
+                                             audit=self.audit)
         self.audit("config.loaded", details={"environment": cfg.environment,
                                               "deid_mode": cfg.deid.mode})
 
@@ -238,6 +240,7 @@ class Daemon:
             signal.signal(sig, self.request_stop)
         self.audit("daemon.started", details={"version": __version__})
         self.publisher.start()
+        self.control.start()
         if not self.opts.burst:
             self.scp.start()
         threads = [threading.Thread(target=self._telemetry, name="telemetry", daemon=True),
@@ -269,6 +272,7 @@ class Daemon:
         self.scp.stop()
         for t in threads:
             t.join(timeout=30)
+        self.control.stop()
         self.audit("daemon.stopped", details={"pending_outbox": int(self.outbox.stats()["depth"])})
         try:
             self.audit_log.checkpoint()

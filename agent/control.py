@@ -1,0 +1,434 @@
+"""The local control socket: live status and the admin actions that need the daemon.
+
+Authorization is by the kernel, not by anything the client says: SO_PEERCRED
+gives the connecting process's uid/gid, the user database turns that into a
+user name and groups, and the groups named in ``[control]`` turn those into
+roles (operator, admin, auditor).  root holds every role.  The socket file is
+world-connectable on purpose: a refusal then names the role that is missing
+instead of a bare "permission denied", and every refusal is audited.
+
+Protocol: one JSON object per line each way.  Request
+``{"command": "status", "args": {}}``; reply ``{"ok": true, "data": {...}}`` or
+``{"ok": false, "error": "...", "needed_role": "admin"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__, credentials, telemetry
+from agent.config import ControlSettings
+from agent.errors import AccessDenied, EdgeAgentError
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+log = logging.getLogger("edge_agent.control")
+
+OPERATOR, ADMIN, AUDITOR = "operator", "admin", "auditor"
+ROLES = (OPERATOR, ADMIN, AUDITOR)
+ANY_ROLE = frozenset(ROLES)
+MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 8
+IO_TIMEOUT = 5.0
+DEFAULT_SOCKET = Path("/run/edge-agent/control.sock")
+
+AuditFn = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end of the socket (or running this CLI)."""
+
+    uid: int
+    gid: int
+    pid: int
+    user: str
+    roles: frozenset[str]
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def _group_names(gids: set[int]) -> set[str]:
+    names: set[str] = set()
+    for g in gids:
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(g).gr_name)
+    return names
+
+
+def roles_for(uid: int, gids: set[int], settings: ControlSettings,
+              service_uid: int | None = None) -> frozenset[str]:
+    """Map a uid and its groups to roles.  admin includes operator; auditor stands apart
+    (separation of duties: reading the trail is not the same as running the box)."""
+    if uid == 0:
+        return ANY_ROLE
+    names = _group_names(gids)
+    roles: set[str] = set()
+    if settings.admin_group in names:
+        roles |= {ADMIN, OPERATOR}
+    if settings.operator_group in names:
+        roles.add(OPERATOR)
+    if settings.auditor_group in names:
+        roles.add(AUDITOR)
+    if service_uid is not None and uid == service_uid:
+        roles.add(OPERATOR)  # the service account may ask its own daemon for status
+    return frozenset(roles)
+
+
+def peer_caller(conn: socket.socket, settings: ControlSettings) -> Caller:
+    """Identify a connected peer from SO_PEERCRED (kernel-supplied, unforgeable)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    name = user_name(uid)
+    gids = {gid}
+    # From the user database, not /proc/<pid>: under ProtectProc=invisible the daemon
+    # cannot see other users' processes, and a pid can be reused after connect.
+    with contextlib.suppress(KeyError, OSError):
+        gids |= set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    return Caller(uid, gid, pid, name, roles_for(uid, gids, settings, os.getuid()))
+
+
+def local_caller(settings: ControlSettings) -> Caller:
+    """The user running this CLI process, with its actual (possibly newgrp'd) groups."""
+    uid, gid = os.getuid(), os.getgid()
+    gids = {gid, *os.getgroups()}
+    return Caller(uid, gid, os.getpid(), user_name(uid), roles_for(uid, gids, settings))
+
+
+def role_group(settings: ControlSettings, role: str) -> str:
+    return {OPERATOR: settings.operator_group, ADMIN: settings.admin_group,
+            AUDITOR: settings.auditor_group}[role]
+
+
+def denial(caller: Caller, allowed: frozenset[str], action: str,
+           settings: ControlSettings) -> AccessDenied:
+    needed = sorted(allowed)
+    role = needed[0] if len(needed) == 1 else " or ".join(needed)
+    groups = ", ".join(role_group(settings, r) for r in needed)
+    return AccessDenied(
+        f"user {caller.user} may not {action}: it needs the {role} role",
+        hint=f"ask an administrator to add {caller.user} to group {groups} "
+             "(then log in again), or run it as root",
+    )
+
+
+def require(caller: Caller, allowed: frozenset[str], action: str,
+            settings: ControlSettings) -> None:
+    """Raise AccessDenied naming the needed role unless the caller holds one of ``allowed``."""
+    if not caller.roles & allowed:
+        raise denial(caller, allowed, action, settings)
+
+
+# -- socket paths ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _sun_path(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits sockaddr_un (108 bytes): long paths go through
+    an O_PATH handle on the folder (/proc/self/fd/N/name), which the kernel resolves."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+# -- server ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Command:
+    allowed: frozenset[str]
+    action: str  # words for a refusal: "user x may not <action>"
+    run: Callable[[Caller, Mapping[str, Any]], dict[str, Any]]
+    audited: bool = False  # admin actions are audited with the Unix user name
+
+
+class ControlServer:
+    """A Unix socket server thread; handlers never raise into the accept loop."""
+
+    def __init__(self, settings: ControlSettings, commands: Mapping[str, Command],
+                 audit: AuditFn) -> None:
+        self.settings = settings
+        self.path = settings.socket
+        self.commands = dict(commands)
+        self.commands.setdefault("whoami", Command(frozenset(), "ask who they are", _whoami))
+        self._audit = audit
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.error: str | None = None
+
+    def start(self) -> bool:
+        """Bind and serve; on failure log, remember why, and let the daemon run without it."""
+        try:
+            self._sock = self._bind()
+        except OSError as exc:
+            self.error = f"control socket {self.path}: {exc.strerror or exc}"
+            log.error("%s; 'edge-agent status' will not work", self.error)
+            return False
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+        return True
+
+    def _bind(self) -> socket.socket:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if self.path.is_socket():
+            if _alive(self.path):
+                raise OSError(98, "another edge-agent is already listening there")
+            self.path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with _sun_path(self.path) as addr:
+                s.bind(addr)
+            os.chmod(self.path, 0o666)  # see module docstring: peer credentials decide
+            s.listen(16)
+            s.settimeout(0.5)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("control socket accept failed: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            if not self._slots.acquire(blocking=False):
+                _send(conn, {"ok": False, "error": "too many control clients; try again"})
+                conn.close()
+                continue
+            threading.Thread(target=self._client, args=(conn,), name="control-client",
+                             daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(IO_TIMEOUT)
+            _send(conn, self.handle(conn))
+        except Exception:  # noqa: BLE001 - one bad client must not hurt the daemon
+            log.exception("control client failed")
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def handle(self, conn: socket.socket) -> dict[str, Any]:
+        caller = peer_caller(conn, self.settings)
+        try:
+            req = _read_request(conn)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        name = req.get("command")
+        args = req.get("args") or {}
+        cmd = self.commands.get(name) if isinstance(name, str) else None
+        if cmd is None or not isinstance(args, dict):
+            return {"ok": False, "error": f"unknown command {name!r}; known: "
+                                          f"{', '.join(sorted(self.commands))}"}
+        if cmd.allowed and not caller.roles & cmd.allowed:
+            err = denial(caller, cmd.allowed, cmd.action, self.settings)
+            self._audit("cli.action", outcome="serious_failure", user=caller.user,
+                        details={"command": f"control.{name}", "denied": True,
+                                 "needed_role": sorted(cmd.allowed)})
+            return {"ok": False, "error": str(err), "needed_role": sorted(cmd.allowed)}
+        try:
+            data = cmd.run(caller, args)
+        except EdgeAgentError as exc:
+            if cmd.audited:
+                self._audit("cli.action", outcome="minor_failure", user=caller.user,
+                            details={"command": f"control.{name}"})
+            return {"ok": False, "error": str(exc)}
+        if cmd.audited:
+            self._audit("cli.action", user=caller.user, details={"command": f"control.{name}"})
+        return {"ok": True, "data": data}
+
+
+def _whoami(caller: Caller, _args: Mapping[str, Any]) -> dict[str, Any]:
+    return {"user": caller.user, "uid": caller.uid, "roles": sorted(caller.roles)}
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too large")
+    try:
+        req = json.loads(buf.split(b"\n", 1)[0] or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("request is not JSON") from None
+    if not isinstance(req, dict):
+        raise ValueError("request must be a JSON object with a command")
+    return req
+
+
+def _send(conn: socket.socket, obj: Mapping[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall(json.dumps(obj, default=str).encode() + b"\n")
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            with _sun_path(path) as addr:
+                s.connect(addr)
+        except OSError:
+            return False
+    return True
+
+
+# -- client ---------------------------------------------------------------------------
+
+def request(path: Path, command: str, args: Mapping[str, Any] | None = None,
+            timeout: float = 10.0) -> dict[str, Any]:
+    """Send one command to the running daemon; raise EdgeAgentError/AccessDenied on refusal."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            with _sun_path(path) as addr:
+                s.connect(addr)
+            s.sendall(json.dumps({"command": command, "args": dict(args or {})}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise EdgeAgentError(
+                f"the edge-agent daemon is not running (no control socket at {path})",
+                hint="start it with 'systemctl start edge-agent'; see 'journalctl -u edge-agent'",
+            ) from None
+        except PermissionError:
+            raise AccessDenied(
+                f"cannot reach the control socket {path} (its folder is not accessible)",
+                hint="the folder must be searchable by operators (RuntimeDirectoryMode=0755)",
+            ) from None
+        except OSError as exc:
+            raise EdgeAgentError(f"control socket {path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(buf)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgeAgentError("the daemon sent no valid reply", hint="see 'journalctl -u edge-agent'") from None
+    if not isinstance(reply, dict):
+        raise EdgeAgentError("the daemon sent no valid reply")
+    if not reply.get("ok"):
+        msg = str(reply.get("error", "refused"))
+        if reply.get("needed_role"):
+            head, _, fix = msg.partition("\n  fix: ")
+            raise AccessDenied(head, hint=fix or None)
+        raise EdgeAgentError(msg)
+    data = reply.get("data")
+    return dict(data) if isinstance(data, dict) else {}
+
+
+# -- the daemon's commands ------------------------------------------------------------
+
+def daemon_status(d: Daemon) -> dict[str, Any]:
+    """Live state; pseudonymous keys only (quarantine shows keyed study/instance refs)."""
+    cfg = d.cfg
+    r = d.scp.counters
+    ob = d.outbox.stats()
+    st = d.publisher.state
+    q = d.quarantine.list()
+    if d._stop.is_set():
+        intake = "stopping"
+    else:
+        intake = "open" if d._intake.is_set() else "paused"
+    return {
+        "agent_version": __version__,
+        "site": cfg.site, "device": cfg.device, "environment": cfg.environment,
+        "pid": os.getpid(), "uptime_s": round(time.time() - d.started_at),
+        "intake": intake,
+        "dicom": {
+            "listen": f"{cfg.dicom.host}:{cfg.dicom.port}", "ae_title": cfg.dicom.ae_title,
+            "associations_active": r.active,
+            "associations_accepted": r.associations_accepted,
+            "associations_rejected": r.associations_rejected,
+            "instances_received": r.instances_stored,
+            "instances_failed": r.instances_failed,
+        },
+        "studies": {**d.inbox.counts(),
+                    "processed": d.pipeline.counters["studies"],
+                    "failed": d.pipeline.counters["failed_studies"]},
+        "outbox": {"depth": int(ob["depth"]), "bytes": int(ob["bytes"]),
+                   "oldest_age_s": round(ob["oldest_age_s"], 1), "blocked": int(ob["blocked"])},
+        "quarantine": {"count": len(q), "items": q[-50:]},
+        "mqtt": {"connected": st.connected, "since": round(st.since),
+                 "last_error": st.last_error, "connects": st.connects,
+                 "published": st.published, "refused": st.refused,
+                 "tls_failures": st.tls_failures, "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}"},
+        "certificates": {"mqtt_device": {"days_left": telemetry.cert_days_left(cfg.mqtt.cert),
+                                         "path": str(cfg.mqtt.cert)}},
+        "models": d.engine.active_models(),
+        "audit": {**d.audit_log.stats(), "errors": d.audit_log.errors},
+        "secrets": credentials.sources(cfg),
+    }
+
+
+def daemon_commands(d: Daemon) -> dict[str, Command]:
+    def status(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        return daemon_status(d)
+
+    def pause(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        d._intake.clear()
+        return {"intake": "paused"}
+
+    def resume(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        if d._stop.is_set():
+            raise EdgeAgentError("the daemon is stopping; intake stays closed")
+        d._intake.set()
+        return {"intake": "open"}
+
+    def checkpoint(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        d.audit_log.checkpoint()
+        return {"checkpointed": True, **d.audit_log.stats()}
+
+    return {
+        "status": Command(ANY_ROLE, "read the daemon status", status),
+        "intake.pause": Command(frozenset({ADMIN}), "pause DICOM intake", pause, audited=True),
+        "intake.resume": Command(frozenset({ADMIN}), "resume DICOM intake", resume, audited=True),
+        "audit.checkpoint": Command(frozenset({AUDITOR, ADMIN}), "sign an audit checkpoint",
+                                    checkpoint, audited=True),
+    }

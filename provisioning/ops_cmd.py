@@ -1,0 +1,197 @@
+"""`edge-agent provision init|install-cert|rotate-cert`, `doctor`, `status`, `control`,
+`keys rotate`.  Thin: parse, check the caller's role, call agent/, print."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent import control
+from agent.config import Config, ControlSettings
+from agent.errors import AccessDenied, ConfigError, EdgeAgentError
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
+                                        "or $EDGE_AGENT_CONFIG)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+SocketOpt = Annotated[
+    Path | None,
+    typer.Option("--socket", help="control socket (default: [control] socket from the config, "
+                                  f"else {control.DEFAULT_SOCKET})"),
+]
+
+keys_app = typer.Typer(help="Box key management.", no_args_is_help=True)
+control_app = typer.Typer(help="Admin actions on the running daemon.", no_args_is_help=True)
+
+
+def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None) -> Config:
+    from agent import config as cfgmod
+
+    return cfgmod.load(config)
+
+
+def _socket_path(config: Path | None, socket: Path | None) -> Path:
+    """--socket wins; else the config's; an operator who cannot read the config (0640
+    root:edge-agent is typical) still reaches the default socket."""
+    if socket is not None:
+        return socket
+    try:
+        return _load(config).control.socket
+    except ConfigError:
+        if config is not None:
+            raise
+        return control.DEFAULT_SOCKET
+
+
+def _audit(cfg: Config, event: str, *, outcome: str = "success",
+           details: dict[str, object]) -> None:
+    """Record a CLI action with the Unix user (and the sudo user behind root)."""
+    from agent.audit import AuditLog
+    from agent.crypto import KeyEncryptionKey
+
+    log = AuditLog(cfg.state_dir / "audit" / "audit.db", KeyEncryptionKey.from_file(cfg.keys.kek),
+                   cfg.keys.audit_signing, cfg.audit, box=f"{cfg.site}/{cfg.device}")
+    try:
+        sudo = os.environ.get("SUDO_USER")
+        if sudo:
+            details = dict(details, sudo_user=sudo)
+        log.record(event, outcome=outcome, user=control.user_name(os.getuid()), details=details)
+    finally:
+        log.close()
+
+
+def _require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:
+    caller = control.local_caller(cfg_control)
+    control.require(caller, frozenset({control.ADMIN}), action, cfg_control)
+    return caller
+
+
+# -- status / control ---------------------------------------------------------------
+
+def _print_status(s: dict[str, Any]) -> None:
+    d, st, ob, q, m = s["dicom"], s["studies"], s["outbox"], s["quarantine"], s["mqtt"]
+    days = s["certificates"]["mqtt_device"]["days_left"]
+    lines = [
+        f"edge-agent {s['agent_version']}  {s['site']}/{s['device']}  ({s['environment']})  "
+        f"pid {s['pid']}  up {s['uptime_s']} s",
+        f"intake:        {s['intake']}  DICOM {d['ae_title']} on {d['listen']}",
+        f"associations:  {d['associations_active']} active, {d['associations_accepted']} accepted, "
+        f"{d['associations_rejected']} rejected",
+        f"studies:       {st.get('open', 0)} open, {st.get('complete', 0)} in flight, "
+        f"{st['processed']} processed, {st['failed']} failed",
+        f"outbox:        {ob['depth']} queued ({ob['bytes']} bytes, oldest {ob['oldest_age_s']} s), "
+        f"{ob['blocked']} blocked",
+        f"quarantine:    {q['count']} instance(s)",
+    ]
+    lines += [f"  - study {i['study']} instance {i['instance']}: {i['reason']}" for i in q["items"]]
+    mqtt = "connected" if m["connected"] else "DISCONNECTED"
+    lines.append(f"mqtt:          {mqtt} to {m['broker']}, {m['published']} published"
+                 + (f", last error: {m['last_error']}" if m["last_error"] else ""))
+    lines.append("certificate:   " + ("unreadable" if days is None else f"{days} days left"))
+    models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
+    lines.append(f"models:        {models}")
+    typer.echo("\n".join(lines))
+
+
+def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Live state of the running daemon (over the local control socket)."""
+    try:
+        data = control.request(_socket_path(config, socket), "status")
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        _print_status(data)
+
+
+def _control(command: str, config: Path | None, socket: Path | None) -> dict[str, Any]:
+    try:
+        return control.request(_socket_path(config, socket), command)
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+
+
+@control_app.command("pause")
+def pause(config: ConfigOpt = None, socket: SocketOpt = None) -> None:
+    """Stop accepting DICOM associations (admin; audited). Studies in flight finish."""
+    _control("intake.pause", config, socket)
+    typer.echo("intake paused: new associations are refused until 'edge-agent control resume'")
+
+
+@control_app.command("resume")
+def resume(config: ConfigOpt = None, socket: SocketOpt = None) -> None:
+    """Accept DICOM associations again (admin; audited)."""
+    _control("intake.resume", config, socket)
+    typer.echo("intake open")
+
+
+@control_app.command("checkpoint")
+def checkpoint(config: ConfigOpt = None, socket: SocketOpt = None) -> None:
+    """Sign an audit checkpoint now, before an export (auditor or admin; audited)."""
+    data = _control("audit.checkpoint", config, socket)
+    typer.echo(f"audit checkpoint signed ({data.get('records', '?')} records)")
+
+
+@control_app.command("whoami")
+def whoami(config: ConfigOpt = None, socket: SocketOpt = None) -> None:
+    """Which roles the daemon grants you."""
+    data = _control("whoami", config, socket)
+    typer.echo(f"{data['user']}: {', '.join(data['roles']) or 'no role'}")
+
+
+# -- keys -------------------------------------------------------------------------------
+
+@keys_app.command("rotate")
+def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Rotate the box key-encryption key (admin; audited with your Unix user)."""
+    try:
+        cfg = _load(config)
+        _require_admin(cfg.control, "rotate keys")
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    try:
+        mod = importlib.import_module("agent.keyrotate")
+    except ModuleNotFoundError as exc:
+        if exc.name != "agent.keyrotate":
+            raise
+        raise _fail("key rotation is not available in this build (agent.keyrotate is missing)") from None
+    try:
+        result = mod.rotate_keys(cfg)
+    except EdgeAgentError as exc:
+        _audit_quietly(cfg, {"command": "keys.rotate"}, outcome="serious_failure")
+        raise _fail(exc) from None
+    _audit_quietly(cfg, {"command": "keys.rotate"})
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else
+               "\n".join(f"{k}: {v}" for k, v in dict(result).items()))
+
+
+def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
+    try:
+        _audit(cfg, "cli.action", outcome=outcome, details=details)
+    except EdgeAgentError as exc:
+        typer.echo(f"warning: could not audit the action: {exc}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(control_app, name="control")

@@ -1,0 +1,63 @@
+"""`edge-agent status` and the admin actions over the control socket, against the real
+daemon started as a subprocess (with a real mTLS broker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+
+from support import EDGE_AGENT, REPO, Box, Daemon, wait_for
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGE_AGENT, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+
+
+def test_status_reports_live_daemon_state(box: Box, daemon: Daemon) -> None:
+    def connected() -> dict[str, object] | None:
+        p = cli("status", "--config", str(box.config), "--json")
+        if p.returncode != 0:
+            return None
+        s = json.loads(p.stdout)
+        return s if s["mqtt"]["connected"] else None
+
+    s = wait_for(connected, 60, "status showing MQTT connected")
+    assert s["site"] == "dev-site" and s["device"] == "dev-box"
+    assert s["intake"] == "open"
+    assert s["dicom"]["listen"].endswith(f":{box.dicom_port}")
+    assert set(s["studies"]) >= {"open", "complete", "done", "processed", "failed"}
+    assert set(s["outbox"]) == {"depth", "bytes", "oldest_age_s", "blocked"}
+    assert s["quarantine"]["count"] == 0
+    assert s["mqtt"]["last_error"] is None
+    assert 800 < s["certificates"]["mqtt_device"]["days_left"] <= 825
+
+    text = cli("status", "--config", str(box.config))
+    assert text.returncode == 0, text.stderr
+    assert "mqtt:          connected" in text.stdout
+    assert "certificate:" in text.stdout and "days left" in text.stdout
+
+
+def test_pause_and_resume_intake_are_audited(box: Box, daemon: Daemon) -> None:
+    assert cli("control", "pause", "--config", str(box.config)).returncode == 0
+    s = json.loads(cli("status", "--config", str(box.config), "--json").stdout)
+    assert s["intake"] == "paused"
+    assert cli("control", "resume", "--config", str(box.config)).returncode == 0
+    s = json.loads(cli("status", "--config", str(box.config), "--json").stdout)
+    assert s["intake"] == "open"
+    tail = cli("audit", "tail", "--config", str(box.config), "--json", "-n", "50")
+    assert tail.returncode == 0, tail.stderr
+    rows = [json.loads(line) for line in tail.stdout.splitlines()]
+    actions = [r["details"].get("command") for r in rows if r["event"] == "cli.action"]
+    assert "control.intake.pause" in actions and "control.intake.resume" in actions
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert all(r.get("user") == me for r in rows
+               if r["event"] == "cli.action" and str(r["details"].get("command")).startswith("control."))
+
+
+def test_status_without_daemon_says_how_to_start_it(box: Box) -> None:
+    p = cli("status", "--config", str(box.config))
+    assert p.returncode == 2
+    assert "not running" in p.stderr and "systemctl start edge-agent" in p.stderr
