@@ -111,9 +111,16 @@ def fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class KeyEncryptionKey:
-    """The box KEK. Its repr never shows key material."""
+    """The box KEK. Its repr never shows key material.
+
+    ``previous`` holds the KEK being rotated away from (``kek.key.old`` next to
+    the KEK file) while ``edge-agent keys rotate`` is unfinished: unwrap then
+    accepts both, wrap always uses the new one, so a crash mid-rotation loses
+    nothing (see agent/keyrotate.py).
+    """
 
     key: bytes = field(repr=False)
+    previous: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def id(self) -> str:
@@ -121,7 +128,13 @@ class KeyEncryptionKey:
 
     @classmethod
     def from_file(cls, path: Path) -> KeyEncryptionKey:
-        return cls(load_key_file(path, purpose="key-encryption"))
+        key = load_key_file(path, purpose="key-encryption")
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            prev = load_key_file(old, purpose="previous key-encryption")
+            if prev != key:
+                return cls(key, (prev,))
+        return cls(key)
 
     def wrap(self, data_key: bytes) -> bytes:
         """Wrapped form: kek id (16 ascii) + RFC 3394 wrap."""
@@ -129,13 +142,14 @@ class KeyEncryptionKey:
 
     def unwrap(self, wrapped: bytes) -> bytes:
         kid, body = wrapped[:16].decode("ascii", "replace"), wrapped[16:]
-        if kid != self.id:
+        kek = next((k for k in (self.key, *self.previous) if key_id(k) == kid), None)
+        if kek is None:
             raise CryptoError(
                 f"data key is wrapped by key-encryption key {kid}, not by this box's {self.id}",
                 hint="restore the previous KEK or finish 'edge-agent keys rotate'",
             )
         try:
-            return aes_key_unwrap(self.key, body)
+            return aes_key_unwrap(kek, body)
         except InvalidUnwrap:
             raise CryptoError("wrapped data key failed integrity check") from None
 

@@ -10,6 +10,7 @@ still open stay open on disk and resume on the next start.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,6 +31,7 @@ from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine, InferenceSettings
+from agent.keyrotate import hold_state_lock
 from agent.outbox import Outbox
 from agent.pipeline import Pipeline
 from agent.publish import Publisher
@@ -79,6 +81,8 @@ class Daemon:
         self._work = threading.Event()
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Shared while we run: 'keys rotate' needs it exclusively (we hold the KEK in memory).
+        self._state_lock = hold_state_lock(state)
         self.kek = KeyEncryptionKey.from_file(cfg.keys.kek)
         self.pseudonym_key = load_key_file(cfg.keys.pseudonym, purpose="pseudonym")
         self.outbox = Outbox(state / "outbox" / "outbox.db", self.kek, cfg.outbox.max_bytes)
@@ -284,5 +288,6 @@ class Daemon:
         self.inbox.close()
         self.quarantine.close()
         self.outbox.close()
+        os.close(self._state_lock)
         log.info("edge-agent stopped")
         return 0

@@ -4,24 +4,52 @@ Messages are sealed (AES-256-GCM, one data key wrapped by the box KEK) and
 committed with ``synchronous=FULL`` before anyone tries to publish them; they
 are deleted only after the broker's PUBACK.  The CloudEvents ``id`` is unique,
 so re-enqueueing the same result after a crash is a no-op (exactly one result
-per study version), and consumers dedupe redeliveries on it.
+per study version), and consumers dedupe redeliveries on it.  ``seq`` comes
+from AUTOINCREMENT, so it is never reused and the publisher's walk in ``seq``
+order is the delivery order.
 
-Results and audit are never dropped.  When the byte budget is exceeded the
-oldest telemetry is coalesced away first; if results/audit alone exceed the
-budget, enqueue raises OutOfResources and the caller keeps the study pending.
+Budgets, in the order they bite:
+
+* telemetry is coalesced when its backlog grows (more than ``TELEMETRY_MAX``
+  samples or more than ``TELEMETRY_SHARE`` of the byte budget): every other
+  older sample is dropped, so a multi-day outage keeps a sample of the whole
+  outage at a coarser resolution, the newest sample always kept;
+* over the byte budget the oldest telemetry goes first;
+* results and audit are never dropped: if they alone would exceed the budget,
+  or the volume is down to its free-space reserve, ``enqueue`` raises
+  ``OutOfResources`` and the caller keeps its source (the study stays in the
+  inbox, the audit checkpoint stays in the audit log) until space frees.
+
+The reserve exists because SQLite needs a little disk to *delete*: a WAL
+append per acknowledgement.  If enqueues could eat the last byte, a full disk
+would also stop the drain that would free it.
+
+Acknowledgements are committed with ``synchronous=NORMAL``: a power cut may
+forget a few recent deletions, which only means those messages are delivered
+again with the same id (allowed: at least once).  That halves the fsyncs
+per message and is what makes the drain run at network speed.  Every enqueue
+commits with ``FULL``, which also makes earlier deletions durable.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
-from agent.errors import OutOfResources, StorageError
+from agent.errors import EdgeAgentError, OutOfResources, StorageError
 from agent.types import Channel, OutboxMessage, PhiFingerprint
+
+TELEMETRY_MAX = 2000  # samples kept before coalescing (1.4 days at the 60 s default)
+TELEMETRY_SHARE = 0.10  # of max_bytes
+DEFAULT_MIN_FREE = 16 * 2**20
+WAL_PAGES = 128
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -45,28 +73,60 @@ CREATE TABLE IF NOT EXISTS blocked (
 """
 
 
+def _translate(exc: sqlite3.Error, what: str) -> StorageError:
+    """SQLite's errors as ours: a full disk is OutOfResources (DICOM 0xA700)."""
+    text = str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in text or "database or disk is full" in text:
+        return OutOfResources(f"outbox: {what}: the state volume is full",
+                              hint="free space on the state volume; queued messages are kept")
+    return StorageError(f"outbox: {what}: {text}",
+                        hint="check the state volume; 'edge-agent doctor' reports its health")
+
+
 class Outbox:
-    def __init__(self, path: Path, kek: KeyEncryptionKey, max_bytes: int) -> None:
+    def __init__(self, path: Path, kek: KeyEncryptionKey, max_bytes: int,
+                 *, min_free_bytes: int = DEFAULT_MIN_FREE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._kek = kek
+        self.path = path
         self.max_bytes = max_bytes
-        row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
-        if row is None:
-            self._key = random_key()
-            self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (kek.wrap(self._key),))
-        else:
-            self._key = kek.unwrap(bytes(row[0]))
-        self._bytes = int(self._db.execute("SELECT COALESCE(SUM(size),0) FROM messages").fetchone()[0])
+        self.min_free_bytes = min_free_bytes
+        self.coalesced = 0  # telemetry samples dropped to keep the backlog bounded
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._kek = kek
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            # A bounded WAL: checkpoints restart it from its beginning, so a long
+            # drain on a nearly full volume reuses the same bytes instead of growing.
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
+            if row is None:
+                self._key = random_key()
+                self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (kek.wrap(self._key),))
+            else:
+                self._key = kek.unwrap(bytes(row[0]))
+            self._bytes, self._tel_n, self._tel_bytes = self._totals()
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"cannot open {path}") from None
+
+    def _totals(self) -> tuple[int, int, int]:
+        total = int(self._db.execute("SELECT COALESCE(SUM(size),0) FROM messages").fetchone()[0])
+        n, b = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size),0) FROM messages WHERE channel='telemetry'"
+        ).fetchone()
+        return total, int(n), int(b)
+
+    # -- sealing --------------------------------------------------------------
 
     def _pack(self, payload: bytes, guard: PhiFingerprint, event_id: str) -> bytes:
         doc = json.dumps({"g": sorted(guard.values)}).encode()
         body = len(doc).to_bytes(4, "big") + doc + payload
+        # The event id is bound as associated data: a row cannot be moved under another id.
         return seal(self._key, body, event_id.encode())
 
     def _unpack(self, blob: bytes, event_id: str) -> tuple[bytes, PhiFingerprint]:
@@ -75,85 +135,190 @@ class Outbox:
         guard = PhiFingerprint(frozenset(json.loads(body[4:4 + n])["g"]))
         return body[4 + n:], guard
 
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _translate(exc, what) from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the failed COMMIT may already have rolled back
+                # In-memory totals may have moved inside the failed transaction.
+                self._bytes, self._tel_n, self._tel_bytes = self._totals()
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(exc, what) from None
+                raise
+
+    # -- enqueue --------------------------------------------------------------
+
+    def _check_disk(self, channel: Channel, need: int) -> None:
+        free = shutil.disk_usage(self.path.parent).free
+        if free - need < self.min_free_bytes:
+            raise OutOfResources(
+                f"outbox: {free // 2**20} MiB free on the state volume, reserve is "
+                f"{self.min_free_bytes // 2**20} MiB ({channel} not queued)",
+                hint="free space on the state volume; queued messages are kept and drained",
+            )
+
     def enqueue(self, channel: Channel, event_id: str, payload: bytes,
                 guard: PhiFingerprint = PhiFingerprint()) -> bool:
-        """Durably add a message; False when this id was already enqueued."""
-        blob = self._pack(payload, guard, event_id)
-        with self._lock:
-            if self._bytes + len(blob) > self.max_bytes:
-                self._coalesce_telemetry(len(blob))
-                if self._bytes + len(blob) > self.max_bytes and channel != "telemetry":
+        """Durably add a message; False when this id was already enqueued (or
+        a telemetry sample had to be dropped under pressure).
+
+        Raises OutOfResources when a result/audit message does not fit.
+        """
+        return self.enqueue_many(channel, [(event_id, payload, guard)]) == 1
+
+    def enqueue_many(self, channel: Channel,
+                     items: Iterable[tuple[str, bytes, PhiFingerprint]]) -> int:
+        """Add several messages in one durable transaction (all or none); returns
+        how many were new."""
+        blobs = [(eid, self._pack(payload, guard, eid)) for eid, payload, guard in items]
+        need = sum(len(b) for _, b in blobs)
+        if not blobs:
+            return 0
+        try:
+            self._check_disk(channel, need)
+        except OutOfResources:
+            if channel == "telemetry":
+                return 0  # a telemetry sample is not worth the last megabytes
+            raise
+        added = 0
+        with self._tx("enqueue") as db:
+            if self._bytes + need > self.max_bytes:
+                self._drop_telemetry(db, need)
+                if self._bytes + need > self.max_bytes:
+                    if channel == "telemetry":
+                        return 0  # under pressure the newest sample is dropped too
                     raise OutOfResources(
                         f"outbox is full ({self._bytes // 2**20} MiB of "
-                        f"{self.max_bytes // 2**20} MiB)",
+                        f"{self.max_bytes // 2**20} MiB budget)",
                         hint="restore the broker connection or raise [outbox] max_bytes",
                     )
-                if self._bytes + len(blob) > self.max_bytes:
-                    return False  # telemetry under pressure: drop the newest sample
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO messages (event_id, channel, body, size, created_at) "
-                "VALUES (?,?,?,?,?)",
-                (event_id, channel, blob, len(blob), time.time()),
-            )
-            added = cur.rowcount == 1
-            if added:
-                self._bytes += len(blob)
+            now = time.time()
+            for eid, blob in blobs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO messages (event_id, channel, body, size, created_at) "
+                    "VALUES (?,?,?,?,?)", (eid, channel, blob, len(blob), now))
+                if cur.rowcount == 1:
+                    added += 1
+                    self._bytes += len(blob)
+                    if channel == "telemetry":
+                        self._tel_n += 1
+                        self._tel_bytes += len(blob)
+            if channel == "telemetry" and (
+                    self._tel_n > TELEMETRY_MAX
+                    or self._tel_bytes > TELEMETRY_SHARE * self.max_bytes):
+                self._coalesce_telemetry(db)
+        if added:
+            with self._changed:
                 self._changed.notify_all()
-            return added
+        return added
 
-    def _coalesce_telemetry(self, need: int) -> None:
-        # Keep the newest telemetry sample; older ones only describe the past.
-        rows = self._db.execute(
-            "SELECT seq, size FROM messages WHERE channel='telemetry' ORDER BY seq"
-        ).fetchall()
-        for seq, size in rows[:-1]:
-            if self._bytes + need <= self.max_bytes:
+    def _delete_rows(self, db: sqlite3.Connection, rows: list[tuple[int, int]]) -> None:
+        db.executemany("DELETE FROM messages WHERE seq=?", [(s,) for s, _ in rows])
+        freed = sum(size for _, size in rows)
+        self._bytes -= freed
+        self._tel_n -= len(rows)
+        self._tel_bytes -= freed
+        self.coalesced += len(rows)
+
+    def _coalesce_telemetry(self, db: sqlite3.Connection) -> None:
+        # Halve the resolution of the older samples instead of cutting off the
+        # start of the outage: ops still sees the whole period, coarser.
+        rows = [(int(s), int(z)) for s, z in db.execute(
+            "SELECT seq, size FROM messages WHERE channel='telemetry' ORDER BY seq")]
+        self._delete_rows(db, rows[:-1][1::2])
+
+    def _drop_telemetry(self, db: sqlite3.Connection, need: int) -> None:
+        # Over the byte budget: oldest telemetry first, the newest sample kept.
+        rows = [(int(s), int(z)) for s, z in db.execute(
+            "SELECT seq, size FROM messages WHERE channel='telemetry' ORDER BY seq")][:-1]
+        doomed: list[tuple[int, int]] = []
+        over = self._bytes + need - self.max_bytes
+        for seq, size in rows:
+            if over <= 0:
                 break
-            self._db.execute("DELETE FROM messages WHERE seq=?", (seq,))
-            self._bytes -= int(size)
+            doomed.append((seq, size))
+            over -= size
+        self._delete_rows(db, doomed)
+
+    # -- drain ----------------------------------------------------------------
 
     def peek(self, after_seq: int = 0, limit: int = 64) -> list[OutboxMessage]:
-        """The oldest messages with seq > after_seq, decrypted, in order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, event_id, channel, body, created_at FROM messages "
-                "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        """The oldest messages with seq > after_seq, decrypted, in order.
+
+        A row that fails authentication is moved to ``blocked`` (never
+        published) rather than stalling every message behind it.
+        """
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT seq, event_id, channel, body, created_at FROM messages "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise _translate(exc, "read") from None
         out: list[OutboxMessage] = []
         for seq, eid, ch, blob, created in rows:
             try:
                 payload, guard = self._unpack(bytes(blob), eid)
-            except Exception as exc:  # noqa: BLE001 - a damaged row must not stop the queue
-                self.block(int(seq), f"outbox record failed authentication: {exc}")
+            except (EdgeAgentError, ValueError, KeyError) as exc:
+                self.block(int(seq), f"outbox record failed authentication: {type(exc).__name__}")
                 continue
             out.append(OutboxMessage(int(seq), eid, ch, payload, float(created), guard))
         return out
 
     def ack(self, seq: int) -> None:
+        """Delete an acknowledged message (see the module doc on durability)."""
         with self._lock:
-            row = self._db.execute("SELECT size FROM messages WHERE seq=?", (seq,)).fetchone()
-            if row is not None:
-                self._db.execute("DELETE FROM messages WHERE seq=?", (seq,))
-                self._bytes -= int(row[0])
+            try:
+                row = self._db.execute(
+                    "SELECT size, channel FROM messages WHERE seq=?", (seq,)).fetchone()
+                if row is None:
+                    return
+                try:
+                    self._delete_acked(seq)
+                except sqlite3.OperationalError:
+                    # Disk full: a truncating checkpoint gives the WAL's bytes back
+                    # to the volume; then the delete fits.
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._delete_acked(seq)
+            except sqlite3.Error as exc:
+                # Not deleted: it will be delivered again, with the same id.
+                raise _translate(exc, "ack") from None
+            self._bytes -= int(row[0])
+            if row[1] == "telemetry":
+                self._tel_n -= 1
+                self._tel_bytes -= int(row[0])
+
+    def _delete_acked(self, seq: int) -> None:
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute("DELETE FROM messages WHERE seq=?", (seq,))
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def block(self, seq: int, reason: str) -> None:
         """Move a message to the blocked table (kept encrypted, never published)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT event_id, channel, body, size FROM messages WHERE seq=?", (seq,)
-                ).fetchone()
-                if row is not None:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO blocked VALUES (?,?,?,?,?,?)",
-                        (seq, row[0], row[1], row[2], reason, time.time()),
-                    )
-                    self._db.execute("DELETE FROM messages WHERE seq=?", (seq,))
-                    self._bytes -= int(row[3])
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise StorageError(f"outbox: cannot block message: {exc}") from exc
+        with self._tx("block") as db:
+            row = db.execute(
+                "SELECT event_id, channel, body, size FROM messages WHERE seq=?", (seq,)
+            ).fetchone()
+            if row is not None:
+                db.execute("INSERT OR REPLACE INTO blocked VALUES (?,?,?,?,?,?)",
+                           (seq, row[0], row[1], row[2], reason, time.time()))
+                db.execute("DELETE FROM messages WHERE seq=?", (seq,))
+                self._bytes -= int(row[3])
+                if row[1] == "telemetry":
+                    self._tel_n -= 1
+                    self._tel_bytes -= int(row[3])
 
     def wait(self, timeout: float) -> None:
         with self._changed:
@@ -164,17 +329,29 @@ class Outbox:
             n, oldest = self._db.execute(
                 "SELECT COUNT(*), MIN(created_at) FROM messages").fetchone()
             blocked = self._db.execute("SELECT COUNT(*) FROM blocked").fetchone()[0]
-        return {
-            "depth": int(n),
-            "bytes": self._bytes,
-            "oldest_age_s": (time.time() - float(oldest)) if oldest else 0.0,
-            "blocked": int(blocked),
-        }
+            return {
+                "depth": int(n),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "telemetry_depth": self._tel_n,
+                "telemetry_coalesced": self.coalesced,
+                "oldest_age_s": max(0.0, time.time() - float(oldest)) if oldest else 0.0,
+                "blocked": int(blocked),
+            }
+
+    # -- keys -----------------------------------------------------------------
 
     def rewrap(self, new: KeyEncryptionKey) -> None:
+        """Re-wrap the outbox data key under ``new`` (the data is not re-encrypted)."""
+        with self._tx("rewrap") as db:
+            db.execute("UPDATE meta SET v=? WHERE k='data_key'", (new.wrap(self._key),))
+        self._kek = new
+
+    def wrapped_by(self) -> str:
+        """The id of the KEK that currently wraps the outbox data key."""
         with self._lock:
-            self._db.execute("UPDATE meta SET v=? WHERE k='data_key'", (new.wrap(self._key),))
-            self._kek = new
+            row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
+        return bytes(row[0])[:16].decode("ascii", "replace")
 
     def close(self) -> None:
         with self._lock:
