@@ -79,6 +79,7 @@ class Daemon:
         self._intake = threading.Event()
         self._intake.set()
         self._work = threading.Event()
+        self._last_retention = 0.0
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Shared while we run: 'keys rotate' needs it exclusively (we hold the KEK in memory).
@@ -127,11 +128,15 @@ class Daemon:
         return f"edge-agent/{self.cfg.site}/{self.cfg.device}"
 
     def _publish_audit(self, data: dict[str, object]) -> None:
-        ev = cloudevents.envelope(kind="audit", source=self._source(), data=dict(data))
-        try:
-            self.outbox.enqueue("audit", ev["id"], cloudevents.encode(ev))
-        except OutOfResources:
-            log.error("outbox full: audit checkpoint kept locally only until space frees")
+        # A stable id per checkpoint: a checkpoint re-sent after a crash dedupes.
+        # OutOfResources propagates so the audit log keeps it unpublished and retries.
+        cp = data.get("checkpoint")
+        body = cp.get("body") if isinstance(cp, dict) else None
+        number = body.get("checkpoint") if isinstance(body, dict) else None
+        eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "audit", str(number))
+        ev = cloudevents.envelope(kind="audit", source=self._source(), data=dict(data),
+                                  event_id=eid)
+        self.outbox.enqueue("audit", eid, cloudevents.encode(ev))
 
     def _status(self, online: bool) -> dict[str, Any]:
         return cloudevents.envelope(kind="status", source=self._source(), data={
@@ -220,6 +225,9 @@ class Daemon:
                                           data=self.telemetry_data())
                 self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
                 self.audit_log.maybe_checkpoint()
+                if time.time() - self._last_retention > 3600:
+                    self._last_retention = time.time()
+                    self.audit_log.apply_retention()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
 
