@@ -15,6 +15,7 @@ so nothing a peer sends can steer a path.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import sqlite3
@@ -76,6 +77,59 @@ CREATE INDEX IF NOT EXISTS instances_key ON instances(instance_key);
 StoreOutcome = Literal["stored", "duplicate", "conflict"]
 
 
+class PendingWrite:
+    """An instance being streamed into the inbox, sealed as it arrives.
+
+    Nothing is acknowledged until ``Inbox.commit``; ``abort`` (idempotent)
+    drops the partial file.  Partial files left by a crash are removed at the
+    next start because they were never acknowledged.
+    """
+
+    def __init__(self, inbox: Inbox, path: Path, study_key: str, study_id: int, version: int,
+                 new_study: bool, data_key: bytes) -> None:
+        self.path = path
+        self.study_key = study_key
+        self.study_id = study_id
+        self.version = version
+        self.new_study = new_study
+        self.data_key = data_key
+        self._digest = hashlib.sha256()
+        self._fh: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed in finish/abort
+        self._writer = StreamWriter(data_key, self._fh, study_key.encode())
+        self._inbox = inbox
+
+    @property
+    def size(self) -> int:
+        return self._writer.plain_bytes
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._fh is None:
+            raise StorageError("write to a closed inbox file")
+        self._digest.update(data)
+        self._writer.write(data)
+
+    def finish(self) -> tuple[int, str]:
+        """Seal the last chunk and fsync; returns (plaintext size, sha256)."""
+        if self._fh is None:
+            raise StorageError("inbox file was already closed")
+        try:
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot write the inbox: {exc.strerror}") from None
+        finally:
+            self._fh.close()
+            self._fh = None
+        return self._writer.plain_bytes, self._digest.hexdigest()
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class StoreReceipt:
     outcome: StoreOutcome
@@ -105,6 +159,7 @@ class Inbox:
         self.settings = settings
         self.study_settings = study
         self._lock = threading.RLock()
+        self._seq = itertools.count()
         self._db = sqlite3.connect(root / "index.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -189,6 +244,23 @@ class Inbox:
         )
         return int(cur.lastrowid or 0), version, True
 
+    def begin(self, study_uid: str, *, size_hint: int = 0) -> PendingWrite:
+        """Open a streaming write into the study's open version.
+
+        The caller feeds the Part 10 bytes with ``PendingWrite.write`` as they
+        arrive and then calls ``commit``; only ``commit`` makes the instance
+        durable and indexed.  Plaintext never touches the disk: every byte is
+        sealed under the study version's data key before it is written.
+        """
+        self.check_capacity(size_hint)
+        now = time.time()
+        skey = self.study_key(study_uid)
+        with self._tx() as db:
+            study_id, version, new_study = self._open_study(db, skey, now)
+            data_key = self._data_key(db, study_id)
+        tmp = self.tmp / f"w{next(self._seq)}.{os.getpid()}.part"
+        return PendingWrite(self, tmp, skey, study_id, version, new_study, data_key)
+
     def store(
         self,
         src: BinaryIO,
@@ -202,30 +274,35 @@ class Inbox:
         size_hint: int = 0,
     ) -> StoreReceipt:
         """Seal the Part 10 stream ``src`` durably; return once it is safe to ack."""
-        self.check_capacity(size_hint)
-        now = time.time()
-        skey = self.study_key(study_uid)
-        ikey = self.instance_key(sop_uid)
-        with self._tx() as db:
-            study_id, version, new_study = self._open_study(db, skey, now)
-            data_key = self._data_key(db, study_id)
-        tmp = self.tmp / f"{ikey}.{os.getpid()}.{threading.get_ident()}.part"
-        digest = hashlib.sha256()
-        aad = skey.encode()
+        pending = self.begin(study_uid, size_hint=size_hint)
         try:
-            with open(tmp, "wb") as fh:
-                writer = StreamWriter(data_key, fh, aad)
-                while True:
-                    block = src.read(1 << 20)
-                    if not block:
-                        break
-                    digest.update(block)
-                    writer.write(block)
-                writer.close()
-                fh.flush()
-                os.fsync(fh.fileno())
-            size = writer.plain_bytes
-            sha = digest.hexdigest()
+            while True:
+                block = src.read(1 << 20)
+                if not block:
+                    break
+                pending.write(block)
+            return self.commit(pending, sop_uid=sop_uid, sop_class=sop_class,
+                               transfer_syntax=transfer_syntax, calling_ae=calling_ae, peer=peer)
+        finally:
+            pending.abort()
+
+    def commit(
+        self,
+        pending: PendingWrite,
+        *,
+        sop_uid: str,
+        sop_class: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        peer: str,
+    ) -> StoreReceipt:
+        """fsync, dedupe and index a streamed instance; return once it is safe to ack."""
+        size, sha = pending.finish()
+        tmp, skey, aad = pending.path, pending.study_key, pending.study_key.encode()
+        study_id, version, new_study = pending.study_id, pending.version, pending.new_study
+        ikey = self.instance_key(sop_uid)
+        now = time.time()
+        try:
             with self._tx() as db:
                 dup = db.execute(
                     "SELECT i.sha256, s.version FROM instances i JOIN studies s ON s.id=i.study_id "
@@ -233,19 +310,15 @@ class Inbox:
                     (skey, ikey),
                 ).fetchall()
                 if any(r[0] == sha for r in dup):
-                    tmp.unlink(missing_ok=True)
                     inst = ReceivedInstance(skey, ikey, Path(), size, sha, sop_class,
                                             transfer_syntax, calling_ae, peer, now)
                     return StoreReceipt("duplicate", inst, version, new_study)
-                # The study row may have been completed while we were writing:
-                # then this instance belongs to a follow-up version.
+                # The study version may have been completed while we were
+                # writing: the instance then belongs to a follow-up version,
+                # whose data key differs, so re-seal it (rare path).
                 study_id2, version2, new2 = self._open_study(db, skey, now)
                 if study_id2 != study_id:
-                    # Re-seal under the new version's key is not needed: data keys
-                    # are per version, so move the file and re-key lazily by
-                    # re-encrypting here (rare path).
-                    new_key = self._data_key(db, study_id2)
-                    self._rekey(tmp, data_key, new_key, aad)
+                    self._rekey(tmp, pending.data_key, self._data_key(db, study_id2), aad)
                     study_id, version, new_study = study_id2, version2, new2
                 outcome: StoreOutcome = "conflict" if dup else "stored"
                 fname = f"{study_id:08d}-{ikey}-{sha[:12]}.enc"
@@ -256,7 +329,8 @@ class Inbox:
                 fsync_dir(dest_dir)
                 db.execute(
                     "INSERT INTO instances (study_id, instance_key, sha256, file, size, sop_class, "
-                    "transfer_syntax, calling_ae, peer, received_at, flag) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "transfer_syntax, calling_ae, peer, received_at, flag) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (study_id, ikey, sha, str(dest.relative_to(self.root)), size, sop_class,
                      transfer_syntax, calling_ae, peer, now, "conflict" if dup else None),
                 )
@@ -270,7 +344,7 @@ class Inbox:
                                     calling_ae, peer, now)
             return StoreReceipt(outcome, inst, version, new_study)
         finally:
-            tmp.unlink(missing_ok=True)
+            pending.abort()
 
     def _rekey(self, path: Path, old: bytes, new: bytes, aad: bytes) -> None:
         out = path.with_suffix(".rekey")

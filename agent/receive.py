@@ -2,30 +2,53 @@
 
 Every handler maps every failure to a standard DIMSE status and never raises
 into pynetdicom.  Association requests are checked against the called AE title
-and the allowlist (calling AE bound to peer address) before any data flows.
-Nothing identifying is logged: instances are referred to by keyed hashes.
+and the allowlist (calling AE bound to peer address and, over DICOM TLS, to the
+client certificate subject) before any data flows.  Nothing identifying is
+logged: instances are referred to by keyed hashes.
+
+Streaming.  pynetdicom assembles a C-STORE data set in memory, or, with
+``STORE_RECV_CHUNKED_DATASET``, in a plaintext temporary file.  Neither is
+acceptable (memory grows with the instance; PHI on disk in clear), so the
+temporary file pynetdicom asks for is replaced, for our associations only, by
+an ``InstanceSink``: P-DATA fragments are handed to it as they arrive; it reads
+just the header elements it needs from the first bytes, opens a sealed
+(AES-256-GCM) inbox write under the study's data key, and streams the rest
+there.  The handler then only fsyncs and indexes.  Memory per association is
+one PDU plus at most ``HEADER_WINDOW`` bytes, whatever the instance size.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
+import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
-from pynetdicom import AE, _config, evt
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from agent.config import DicomSettings
+from agent.dicomtls import (
+    EdgeAssociationServer,
+    install_pdu_guard,
+    peer_subject,
+    same_subject,
+    server_context,
+)
 from agent.errors import OutOfResources, StorageError
-from agent.inbox import Inbox, StoreReceipt
+from agent.inbox import Inbox, PendingWrite, StoreReceipt
+from agent.ratelimit import PeerLimiter, PeerLimits
 
 log = logging.getLogger("edge_agent.receive")
 
@@ -34,12 +57,13 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 _config.LOG_HANDLER_LEVEL = "none"
 
-# What a modality may propose.  Deflate is accepted because modalities use it,
-# but its inflation is bounded when we parse (see _bounded_parse).
+DEFLATED = "1.2.840.10008.1.2.1.99"
+# What a modality may propose.  Deflate is accepted because modalities use it;
+# its inflation is bounded while it streams in (see InstanceSink).
 TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    DEFLATED,  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline
     "1.2.840.10008.1.2.4.51",  # JPEG Extended
@@ -59,6 +83,15 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_REFUSED_NOT_AUTHORIZED = 0x0124
 
+# The header elements we need (StudyInstanceUID, SOP class, pixel geometry)
+# all precede (0028,0100); a data set that puts more than this many bytes
+# before them is refused rather than buffered.
+HEADER_WINDOW = 8 << 20
+_FIRST_PARSE = 64 << 10
+_CAPACITY_EVERY = 64 << 20
+_STOP_AFTER = 0x00280100
+_INFLATE_STEP = 1 << 20
+
 AuditFn = Callable[..., None]
 
 
@@ -66,6 +99,9 @@ AuditFn = Callable[..., None]
 class ReceiveCounters:
     associations_accepted: int = 0
     associations_rejected: int = 0
+    connections_refused: int = 0
+    rate_limited: int = 0
+    tls_failures: int = 0
     instances_stored: int = 0
     instances_duplicate: int = 0
     instances_failed: int = 0
@@ -85,8 +121,296 @@ def storage_contexts() -> list[PresentationContext]:
     return out
 
 
+# -- header parsing ------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """An instance we answer with a failure status (internal to this module)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Header:
+    study_uid: str
+    sop_class: str | None
+    declared_pixel_bytes: int
+
+
+def parse_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) -> Header | None:
+    """Read the few header elements we need from the first bytes of a data set.
+
+    Returns None when ``prefix`` ends before them and more data may follow.
+    Pixel data is never read; reading stops at (0028,0100).
+    """
+    ts = UID(tsyntax)
+    stopped = False
+
+    def stop(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+        nonlocal stopped
+        if tag > _STOP_AFTER:
+            stopped = True
+            return True
+        return False
+
+    try:
+        ds = read_dataset(io.BytesIO(prefix), ts.is_implicit_VR, ts.is_little_endian,
+                          stop_when=stop)
+        if not stopped and not complete:
+            return None
+        study = ds.get(0x0020000D)
+        study_uid = str(study.value).strip() if study is not None and study.value else ""
+        sop = ds.get(0x00080016)
+        sop_class = str(sop.value).strip() if sop is not None and sop.value else None
+        declared = _declared_pixel_bytes(ds)
+    except Refused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad input
+        if not complete and not stopped:
+            return None
+        raise Refused(STATUS_CANNOT_UNDERSTAND,
+                      f"malformed data set ({type(exc).__name__})") from None
+    if not study_uid or len(study_uid) > 64:
+        if not stopped and not complete:
+            return None
+        raise Refused(STATUS_CANNOT_UNDERSTAND, "data set has no valid StudyInstanceUID")
+    return Header(study_uid, sop_class, declared)
+
+
+def _declared_pixel_bytes(ds: Dataset) -> int:
+    """Decoded size the pixel description promises (what a decoder will allocate)."""
+    rows, cols = ds.get(0x00280010), ds.get(0x00280011)
+    if rows is None or cols is None or rows.value is None or cols.value is None:
+        return 0
+    spp = ds.get(0x00280002)
+    bits = ds.get(0x00280100)
+    frames = ds.get(0x00280008)
+    n_frames = int(frames.value) if frames is not None and frames.value not in (None, "") else 1
+    n = (int(rows.value) * int(cols.value) * int(spp.value if spp is not None and spp.value else 1)
+         * math.ceil(int(bits.value if bits is not None and bits.value else 8) / 8)
+         * max(1, n_frames))
+    if n < 0:
+        raise ValueError("negative pixel geometry")
+    return n
+
+
+# -- streaming sink --------------------------------------------------------------------
+
+
+class InstanceSink:
+    """The file-like pynetdicom writes a C-STORE data set into, fragment by fragment.
+
+    pynetdicom calls ``write`` (first the Part 10 preamble and file meta, then
+    the data set bytes), ``file.flush`` and finally ``close``.  ``write`` runs
+    in the association's DUL thread and never raises: a failure switches the
+    sink to discarding, and the C-STORE handler answers the recorded status.
+    """
+
+    def __init__(self, inbox: Inbox, max_bytes: int, name: str) -> None:
+        self.name = name  # pynetdicom unlinks this after the handler: it never exists
+        self.file = self
+        self._inbox = inbox
+        self._max = max_bytes
+        self._raw = bytearray()  # Part 10 bytes held until the inbox write opens
+        self._meta_end = 0
+        self._ts: str | None = None
+        self._inflater: Any = None
+        self._plain = bytearray()  # inflated head of a deflated data set
+        self._inflated = 0
+        self._received = 0
+        self._next_parse = _FIRST_PARSE
+        self._next_capacity = _CAPACITY_EVERY
+        self.header: Header | None = None
+        self.pending: PendingWrite | None = None
+        self.failure: Refused | None = None
+        self._lock = threading.Lock()
+
+    # pynetdicom's file protocol ------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        with self._lock:
+            if self.failure is None:
+                try:
+                    self._write(data)
+                except Refused as exc:
+                    self._fail(exc)
+                except OutOfResources as exc:
+                    self._fail(Refused(STATUS_OUT_OF_RESOURCES, str(exc).splitlines()[0]))
+                except (StorageError, OSError) as exc:
+                    self._fail(Refused(STATUS_OUT_OF_RESOURCES, f"storage failed ({exc})"))
+                except Exception as exc:  # noqa: BLE001 - runs in pynetdicom's DUL thread
+                    log.exception("streaming an instance failed")
+                    self._fail(Refused(STATUS_PROCESSING_FAILURE,
+                                       f"internal error ({type(exc).__name__})"))
+        return len(data)
+
+    def flush(self) -> None:
+        # Durability is established once, at commit; per-fragment flushes would
+        # only cost syscalls.
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    # internals -------------------------------------------------------------------------
+
+    def _fail(self, exc: Refused) -> None:
+        self.failure = exc
+        self._drop()
+
+    def _drop(self) -> None:
+        if self.pending is not None:
+            self.pending.abort()
+            self.pending = None
+        self._raw = bytearray()
+        self._plain = bytearray()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        self._received += n
+        if self._received > self._max:
+            raise Refused(STATUS_OUT_OF_RESOURCES, "instance larger than max_instance_bytes")
+        if self.pending is not None:
+            self.pending.write(data)
+            if self._inflater is not None:
+                self._inflate(bytes(data), keep=False)
+            if self._received >= self._next_capacity:
+                self._next_capacity += _CAPACITY_EVERY
+                self._inbox.check_capacity(_CAPACITY_EVERY)
+            return
+        before = len(self._raw)
+        self._raw += data
+        if self._ts is None:
+            if not self._read_meta():
+                return
+            before = self._meta_end
+        if self._inflater is not None and len(self._raw) > before:
+            self._inflate(bytes(self._raw[max(before, self._meta_end):]), keep=True)
+        if self._dataset_len() >= self._next_parse:
+            self._try_header(complete=False)
+
+    def _dataset_len(self) -> int:
+        if self._inflater is not None:
+            return len(self._plain)
+        return max(0, len(self._raw) - self._meta_end)
+
+    def _dataset_prefix(self) -> memoryview:
+        if self._inflater is not None:
+            return memoryview(self._plain)
+        return memoryview(self._raw)[self._meta_end:]
+
+    def _read_meta(self) -> bool:
+        """Find the transfer syntax in the file meta pynetdicom wrote first."""
+        if len(self._raw) < 144:
+            return False
+        if bytes(self._raw[128:132]) != b"DICM" or bytes(self._raw[132:138]) != b"\x02\x00\x00\x00UL":
+            raise Refused(STATUS_PROCESSING_FAILURE, "unexpected file meta from the DIMSE layer")
+        group_len = int.from_bytes(self._raw[140:144], "little")
+        end = 144 + group_len
+        if len(self._raw) < end:
+            return False
+        meta = read_dataset(io.BytesIO(bytes(self._raw[132:end])), False, True)
+        self._ts = str(meta.TransferSyntaxUID)
+        self._meta_end = end
+        if self._ts == DEFLATED:
+            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        return True
+
+    def _inflate(self, data: bytes, *, keep: bool) -> None:
+        """Count (and keep the head of) the inflated stream, never unbounded."""
+        d = self._inflater
+        buf = data
+        while True:
+            try:
+                out = d.decompress(buf, _INFLATE_STEP)
+            except zlib.error:
+                raise Refused(STATUS_CANNOT_UNDERSTAND, "corrupt deflated data set") from None
+            self._inflated += len(out)
+            if self._inflated > self._max:
+                raise Refused(STATUS_OUT_OF_RESOURCES,
+                              "deflated data set inflates beyond max_instance_bytes")
+            if keep and len(self._plain) < HEADER_WINDOW:
+                self._plain += out[: HEADER_WINDOW - len(self._plain)]
+            buf = d.unconsumed_tail
+            if not buf and len(out) < _INFLATE_STEP:
+                return
+
+    def _try_header(self, *, complete: bool) -> None:
+        assert self._ts is not None
+        header = parse_header(self._dataset_prefix(), self._ts, complete=complete)
+        if header is None:
+            if self._dataset_len() >= HEADER_WINDOW:
+                raise Refused(STATUS_CANNOT_UNDERSTAND,
+                              "StudyInstanceUID not within the first 8 MiB of the data set")
+            self._next_parse = max(self._next_parse * 4, self._dataset_len() + 1)
+            return
+        self._accept_header(header)
+
+    def _accept_header(self, header: Header) -> None:
+        if header.declared_pixel_bytes > self._max:
+            raise Refused(STATUS_OUT_OF_RESOURCES,
+                          "declared pixel size exceeds max_instance_bytes")
+        self.header = header
+        self.pending = self._inbox.begin(header.study_uid)
+        self.pending.write(self._raw)
+        self._raw = bytearray()
+        self._plain = bytearray()
+
+    def finish(self) -> tuple[PendingWrite, Header, str]:
+        """The complete instance, ready to commit; raises Refused."""
+        with self._lock:
+            if self.failure is not None:
+                raise self.failure
+            try:
+                if self._ts is None:
+                    raise Refused(STATUS_CANNOT_UNDERSTAND, "empty data set")
+                if self.pending is None:
+                    header = parse_header(self._dataset_prefix(), self._ts, complete=True)
+                    assert header is not None
+                    self._accept_header(header)
+                if self._inflater is not None and not self._inflater.eof:
+                    raise Refused(STATUS_CANNOT_UNDERSTAND, "deflated data set is truncated")
+            except Refused as exc:
+                self._fail(exc)
+                raise
+            assert self.pending is not None and self.header is not None
+            pending, self.pending = self.pending, None
+            return pending, self.header, self._ts
+
+
+_real_named_temporary_file = getattr(dimse_messages, "NamedTemporaryFile")  # noqa: B009
+_streaming_lock = threading.Lock()
+
+
+def _sink_factory(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for NamedTemporaryFile inside pynetdicom's C-STORE decoding."""
+    thread = threading.current_thread()
+    if isinstance(thread, DULServiceProvider):
+        assoc = thread.assoc
+        owner = getattr(getattr(assoc, "_server", None), "edge_owner", None)
+        if isinstance(owner, StorageSCP):
+            return owner.new_sink(assoc)
+    return _real_named_temporary_file(*args, **kwargs)
+
+
+def install_streaming() -> None:
+    """Route C-STORE data sets of our associations into InstanceSinks (idempotent)."""
+    with _streaming_lock:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom creates the C-STORE temporary file through this module-level name.
+        setattr(dimse_messages, "NamedTemporaryFile", _sink_factory)  # noqa: B010
+    install_pdu_guard()
+
+
+# -- the SCP -------------------------------------------------------------------------------
+
+
 class StorageSCP:
-    """Owns the pynetdicom AE; hands durable instances to the inbox."""
+    """Owns the pynetdicom AE and its listeners; hands durable instances to the inbox."""
 
     def __init__(
         self,
@@ -104,7 +428,14 @@ class StorageSCP:
         self.accepting = accepting
         self.counters = ReceiveCounters()
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._servers: list[EdgeAssociationServer] = []
+        self._sink_seq = 0
+        self._refusal_audited: dict[tuple[str, str], float] = {}
+        self.limiter = PeerLimiter(PeerLimits(
+            max_connections_per_peer=settings.max_associations_per_peer + 2,
+            max_connections=settings.max_associations * 2,
+            associations_per_minute_per_peer=settings.associations_per_minute_per_peer,
+        ))
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
         ae.maximum_associations = settings.max_associations
@@ -115,6 +446,7 @@ class StorageSCP:
         ae.supported_contexts = storage_contexts()
         ae.add_supported_context(Verification)
         self.ae = ae
+        install_streaming()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -125,18 +457,70 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self.ae.start_server(
-            (self.s.host, self.s.port), block=False, evt_handlers=handlers
-        )
-        log.info("DICOM listening on %s:%d as %s", self.s.host, self.s.port, self.s.ae_title)
+        tls = self.s.tls
+        if not tls.enabled or tls.plain_listener:
+            self._listen(self.s.port, None, handlers)
+            log.info("DICOM listening on %s:%d as %s", self.s.host, self.s.port, self.s.ae_title)
+        if tls.enabled:
+            assert tls.cert is not None and tls.key is not None and tls.ca is not None
+            ctx = server_context(tls.cert, tls.key, tls.ca,
+                                 require_client_cert=tls.require_client_cert)
+            self._listen(tls.port, ctx, handlers)
+            log.info("DICOM TLS listening on %s:%d (client certificate %s)", self.s.host,
+                     tls.port, "required" if tls.require_client_cert else "optional")
+
+    def _listen(self, port: int, ctx: Any, handlers: list[Any]) -> None:
+        server = self.ae.make_server((self.s.host, port), evt_handlers=handlers,
+                                     server_class=EdgeAssociationServer)
+        assert isinstance(server, EdgeAssociationServer)
+        server.configure(limiter=self.limiter, tls=ctx, handshake_timeout=self.s.acse_timeout,
+                         on_refused=self._refused_connection, owner=self)
+        self.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"dicom-accept-{port}",
+                         daemon=True).start()
+        self._servers.append(server)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+        self._servers = []
 
-    # -- handlers (never raise) ---------------------------------------------------
+    def new_sink(self, assoc: Any) -> InstanceSink:
+        with self._lock:
+            self._sink_seq += 1
+            name = str(self.inbox.tmp / f"sink-{self._sink_seq}.none")
+        sink = InstanceSink(self.inbox, self.s.max_instance_bytes, name)
+        sinks = getattr(assoc, "_edge_sinks", None)
+        if sinks is None:
+            sinks = []
+            setattr(assoc, "_edge_sinks", sinks)  # noqa: B010 - pynetdicom object, no slot
+        # Keep only sinks still in flight; finished ones were closed by pynetdicom.
+        sinks[:] = [s for s in sinks if s.pending is not None or s.header is None][-4:]
+        sinks.append(sink)
+        return sink
+
+    # -- admission -------------------------------------------------------------------
+
+    def _refused_connection(self, addr: str, why: str) -> None:
+        """A connection closed before any association (limits, TLS): count and audit."""
+        with self._lock:
+            self.counters.connections_refused += 1
+            if why.startswith("TLS"):
+                self.counters.tls_failures += 1
+            # One audit record per peer and reason per 10 s: a flood must not
+            # turn into an audit-log flood.
+            now = time.monotonic()
+            last = self._refusal_audited.get((addr, why), 0.0)
+            if now - last < 10.0 and last:
+                return
+            self._refusal_audited[(addr, why)] = now
+            if len(self._refusal_audited) > 4096:
+                self._refusal_audited.clear()
+        self.audit("association.rejected", outcome="minor_failure", source=addr,
+                   details={"reason": why})
+        log.warning("refused connection from %s: %s", addr, why)
 
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         req = event.assoc.requestor
@@ -154,43 +538,66 @@ class StorageSCP:
         event.assoc.is_rejected = True
         event.assoc.kill()
         self.audit("association.rejected", outcome="minor_failure", source=addr,
-                   details={"calling_ae": ae_title, "reason": why})
+                   details={"calling_ae": ae_title, "reason": why,
+                            "result": result, "source": source, "diagnostic": diag})
         log.warning("rejected association from %s (%s): %s", addr, ae_title, why)
+
+    def _allowed(self, ae_title: str, addr: str, event: evt.Event) -> bool:
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        subject = peer_subject(sock)
+        subject_text = subject.rfc4514_string() if subject is not None else None
+        for rule in self.s.peers:
+            wanted = rule.certificate_subject
+            if wanted is not None and same_subject(wanted, subject):
+                if rule.allows(ae_title, addr, wanted):
+                    return True
+            elif rule.allows(ae_title, addr, subject_text):
+                return True
+        return False
 
     def _on_requested(self, event: evt.Event) -> None:
         try:
             ae_title, addr = self._peer(event)
-            called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+            prim = event.assoc.requestor.primitive
+            called = str(prim.called_ae_title if prim is not None else "").strip()
             if called != self.s.ae_title:
                 self._reject(event, 0x01, 0x01, 0x07, "called AE title not recognised")
                 return
-            if not any(rule.allows(ae_title, addr, None) for rule in self.s.peers):
-                self._reject(event, 0x01, 0x01, 0x03, "calling AE title/address not allowed")
+            if not self._allowed(ae_title, addr, event):
+                self._reject(event, 0x01, 0x01, 0x03,
+                             "calling AE title/address/certificate not allowed")
                 return
             if not self.accepting():
                 self._reject(event, 0x02, 0x03, 0x01, "not accepting (shutting down)")
+                return
+            if not self.limiter.allow_association(addr):
+                with self._lock:
+                    self.counters.rate_limited += 1
+                self._reject(event, 0x02, 0x03, 0x01, "association rate limit for this peer")
                 return
             try:
                 self.inbox.check_capacity()
             except OutOfResources as exc:
                 with self._lock:
                     self.counters.out_of_resources += 1
-                self._reject(event, 0x02, 0x03, 0x02, f"out of resources: {exc}")
+                self._reject(event, 0x02, 0x03, 0x02,
+                             f"out of resources: {str(exc).splitlines()[0]}")
                 return
             with self._lock:
                 per_peer = self.counters.by_peer.get(addr, 0)
-                if per_peer >= self.s.max_associations_per_peer:
-                    over = True
-                else:
-                    over = False
+                over = per_peer >= self.s.max_associations_per_peer
+                if not over:
                     self.counters.by_peer[addr] = per_peer + 1
                     self.counters.active += 1
                     self.counters.associations_accepted += 1
             if over:
                 self._reject(event, 0x02, 0x03, 0x02, "too many associations from this peer")
                 return
-            event.assoc._edge_counted = True  # type: ignore[attr-defined]
-            self.audit("association.accepted", source=addr, details={"calling_ae": ae_title})
+            setattr(event.assoc, "_edge_counted", True)  # noqa: B010
+            self.audit("association.accepted", source=addr, details={
+                "calling_ae": ae_title, "tls": peer_subject(
+                    getattr(getattr(event.assoc.dul, "socket", None), "socket", None)) is not None,
+            })
         except Exception:  # noqa: BLE001 - never raise into pynetdicom
             log.exception("association check failed; rejecting")
             try:
@@ -201,8 +608,10 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event) -> None:
         try:
+            for sink in getattr(event.assoc, "_edge_sinks", ()):
+                sink.close()
             if getattr(event.assoc, "_edge_counted", False):
-                event.assoc._edge_counted = False  # type: ignore[attr-defined]
+                setattr(event.assoc, "_edge_counted", False)  # noqa: B010
                 _, addr = self._peer(event)
                 with self._lock:
                     self.counters.active -= 1
@@ -214,37 +623,43 @@ class StorageSCP:
         except Exception:  # noqa: BLE001
             log.exception("association close bookkeeping failed")
 
+    # -- DIMSE -----------------------------------------------------------------------
+
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+    def _on_store(self, event: evt.Event) -> int:
         ae_title, addr = self._peer(event)
         try:
-            raw = event.encoded_dataset(include_meta=False)
-            tsyntax = str(event.context.transfer_syntax)
-            sop_class = str(event.request.AffectedSOPClassUID)
-            sop_uid = str(event.request.AffectedSOPInstanceUID)
-            if len(raw) > self.s.max_instance_bytes:
-                return self._fail(STATUS_OUT_OF_RESOURCES, "instance larger than max_instance_bytes",
-                                  addr, ae_title)
-            part10 = _part10(raw, sop_class, sop_uid, tsyntax, self.s.ae_title)
-            study_uid = _study_uid(part10)
-            if study_uid is None:
-                return self._fail(STATUS_CANNOT_UNDERSTAND, "data set has no StudyInstanceUID",
-                                  addr, ae_title)
-            receipt = self.inbox.store(
-                io.BytesIO(part10), study_uid=study_uid, sop_uid=sop_uid, sop_class=sop_class,
-                transfer_syntax=tsyntax, calling_ae=ae_title, peer=addr, size_hint=len(part10),
-            )
+            sink = getattr(event.request, "_dataset_file", None)
+            if not isinstance(sink, InstanceSink):
+                raise Refused(STATUS_PROCESSING_FAILURE, "data set was not streamed")
+            req: Any = event.request
+            sop_class = str(req.AffectedSOPClassUID or "")
+            sop_uid = str(req.AffectedSOPInstanceUID or "").strip()
+            if not sop_uid or len(sop_uid) > 64:
+                raise Refused(STATUS_CANNOT_UNDERSTAND, "no valid Affected SOP Instance UID")
+            pending, header, tsyntax = sink.finish()
+            try:
+                if header.sop_class is not None and header.sop_class != sop_class:
+                    raise Refused(STATUS_DATASET_MISMATCH,
+                                  "data set SOP class differs from the C-STORE request")
+                receipt = self.inbox.commit(pending, sop_uid=sop_uid, sop_class=sop_class,
+                                            transfer_syntax=tsyntax, calling_ae=ae_title,
+                                            peer=addr)
+            finally:
+                pending.abort()
+        except Refused as exc:
+            if exc.status == STATUS_OUT_OF_RESOURCES:
+                with self._lock:
+                    self.counters.out_of_resources += 1
+            return self._fail(exc.status, exc.reason, addr, ae_title)
         except OutOfResources as exc:
             with self._lock:
                 self.counters.out_of_resources += 1
-            return self._fail(STATUS_OUT_OF_RESOURCES, str(exc), addr, ae_title)
+            return self._fail(STATUS_OUT_OF_RESOURCES, str(exc).splitlines()[0], addr, ae_title)
         except StorageError as exc:
             return self._fail(STATUS_OUT_OF_RESOURCES, f"storage failed: {exc}", addr, ae_title)
-        except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError) as exc:
-            return self._fail(STATUS_CANNOT_UNDERSTAND, f"malformed data set ({type(exc).__name__})",
-                              addr, ae_title)
         except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom
             log.exception("C-STORE handler failed")
             return self._fail(STATUS_PROCESSING_FAILURE, f"internal error ({type(exc).__name__})",
@@ -262,7 +677,8 @@ class StorageSCP:
                             "study": receipt.instance.study_key[:12],
                             "version": receipt.study_version, "bytes": receipt.instance.size})
         log.info("stored instance %s of study %s v%d (%s) from %s",
-                 ref, receipt.instance.study_key[:12], receipt.study_version, receipt.outcome, ae_title)
+                 ref, receipt.instance.study_key[:12], receipt.study_version, receipt.outcome,
+                 ae_title)
         try:
             self.on_stored(receipt)
         except Exception:  # noqa: BLE001
@@ -277,32 +693,3 @@ class StorageSCP:
         log.warning("C-STORE from %s (%s) answered 0x%04X: %s", addr, ae_title, status, why)
         return status
 
-
-_STUDY_UID = Tag(0x0020, 0x000D)
-
-
-def _study_uid(part10: bytes) -> str | None:
-    """Read only as far as StudyInstanceUID (pixel data is never parsed here)."""
-    ds = dcmread(io.BytesIO(part10), stop_before_pixels=True, specific_tags=[_STUDY_UID])
-    value = ds.get(_STUDY_UID)
-    if value is None or not str(value.value).strip():
-        return None
-    return str(value.value).strip()
-
-
-def _part10(raw: bytes, sop_class: str, sop_uid: str, tsyntax: str, ae: str) -> bytes:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = tsyntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.SourceApplicationEntityTitle = ae
-    buf = io.BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    buf.write(raw)
-    return buf.getvalue()

@@ -1,0 +1,247 @@
+"""The DICOM transport: listener, DICOM TLS (PS3.15 Annex B, BCP 195) and PDU bounds.
+
+pynetdicom's stock server has three weaknesses for a box facing a hospital
+network, addressed here:
+
+* it performs the TLS handshake inside the accept loop with no timeout, so one
+  peer that connects and never sends a ClientHello stops every later
+  connection.  ``EdgeAssociationServer`` accepts plain sockets and does the
+  handshake in the connection's own thread, bounded by the ACSE timeout;
+* it admits any number of connections per peer before the first PDU is read;
+  here every connection is counted per peer address at ``accept``;
+* it reads a PDU of whatever length the peer announces (up to 4 GiB) into
+  memory.  ``install_pdu_guard`` replaces the PDU reader with one that
+  refuses a P-DATA-TF longer than the maximum length we negotiated, and any
+  other PDU longer than ``MAX_CONTROL_PDU``, before reading its body: the peer
+  gets an A-ABORT and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import ThreadedAssociationServer
+
+from agent.errors import ConfigError
+from agent.ratelimit import PeerLimiter
+
+log = logging.getLogger("edge_agent.receive")
+
+# A-ASSOCIATE-RQ/AC with every storage SOP class and all our transfer syntaxes
+# stays far below this; release/abort PDUs are 4 bytes.
+MAX_CONTROL_PDU = 1 << 20
+_P_DATA_TF = 0x04
+_KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+# A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value)
+_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00]) + struct.pack(">L", 4) + bytes([0, 0, 2, 6])
+
+# BCP 195 (RFC 9325) recommended suites for TLS 1.2; TLS 1.3 suites are all fine.
+_BCP195_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+Rejector = Callable[[str, str], None]
+
+
+def server_context(cert: Path, key: Path, ca: Path, *, require_client_cert: bool) -> ssl.SSLContext:
+    """A server context for the BCP 195 TLS Secure Transport Connection Profile."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_BCP195_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+        ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            [f"[dicom.tls] cannot load cert {cert}, key {key} or ca {ca}: {exc}"]
+        ) from None
+    return ctx
+
+
+def peer_subject(sock: object) -> x509.Name | None:
+    """The verified client certificate's subject, or None (plain TCP, no cert)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return x509.load_der_x509_certificate(der).subject
+
+
+def same_subject(rule_subject: str, peer: x509.Name | None) -> bool:
+    """Compare an RFC 4514 subject from the config with a certificate's subject."""
+    if peer is None:
+        return False
+    try:
+        wanted = x509.Name.from_rfc4514_string(rule_subject)
+    except ValueError:
+        return False
+    return wanted.rfc4514_string() == peer.rfc4514_string()
+
+
+class EdgeAssociationServer(ThreadedAssociationServer):
+    """Threaded server that admits connections per peer and handshakes TLS lazily."""
+
+    daemon_threads = True
+    # Attributes set by ``configure`` (pynetdicom builds the instance itself).
+    edge_limiter: PeerLimiter
+    edge_tls: ssl.SSLContext | None
+    edge_handshake_timeout: float
+    edge_on_refused: Rejector
+    edge_owner: object
+
+    def configure(self, *, limiter: PeerLimiter, tls: ssl.SSLContext | None,
+                  handshake_timeout: float, on_refused: Rejector, owner: object) -> None:
+        self.edge_limiter = limiter
+        self.edge_tls = tls
+        self.edge_handshake_timeout = handshake_timeout
+        self.edge_on_refused = on_refused
+        self.edge_owner = owner
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # Never handshake here: this runs in the single accept thread.
+        sock = cast(socket.socket, self.socket)
+        client, address = sock.accept()
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = str(client_address[0])
+        if self.edge_limiter.open_connection(peer):
+            return True
+        self.edge_on_refused(peer, "too many open connections from this peer")
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        peer = str(client_address[0])
+        try:
+            if self.edge_tls is not None:
+                request = self._handshake(request, peer)
+                if request is None:
+                    return
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            super().process_request_thread(request, client_address)
+        finally:
+            self.edge_limiter.close_connection(peer)
+
+    def _handshake(self, raw: socket.socket, peer: str) -> ssl.SSLSocket | None:
+        assert self.edge_tls is not None
+        raw.settimeout(self.edge_handshake_timeout)
+        try:
+            tls = self.edge_tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self.edge_on_refused(peer, f"TLS handshake failed ({reason})")
+            _close(raw)
+            return None
+        tls.settimeout(None)
+        return tls
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+# -- PDU bound ---------------------------------------------------------------------
+
+_installed = threading.Lock()
+_guard_on = False
+
+
+def install_pdu_guard() -> None:
+    """Replace pynetdicom's PDU reader (process wide, idempotent)."""
+    global _guard_on
+    with _installed:
+        if not _guard_on:
+            DULServiceProvider._read_pdu_data = _read_pdu_bounded  # type: ignore[method-assign]
+            _guard_on = True
+
+
+def _local_max(dul: DULServiceProvider) -> int:
+    assoc = dul.assoc
+    own = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    return int(own.maximum_length or 0)
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from the socket; False when the peer closed first."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def _read_pdu_bounded(self: DULServiceProvider) -> None:
+    """Read one PDU, refusing oversized ones before their body is read.
+
+    Events as in pynetdicom: Evt17 transport closed, Evt19 invalid PDU,
+    otherwise the event of the decoded PDU type.
+    """
+    assoc_sock = self.socket
+    raw = getattr(assoc_sock, "socket", None)
+    if assoc_sock is None or raw is None:
+        self.event_queue.put("Evt17")
+        return
+    head = bytearray(6)
+    try:
+        ok = _recv_into(raw, memoryview(head))
+    except (OSError, TimeoutError):
+        ok = False
+    if not ok:
+        self.event_queue.put("Evt17")
+        return
+    pdu_type, _, length = struct.unpack(">BBL", head)
+    if pdu_type not in _KNOWN_PDU_TYPES:
+        log.warning("peer sent an unknown PDU type 0x%02X; aborting", pdu_type)
+        self.event_queue.put("Evt19")
+        return
+    limit = _local_max(self) if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
+    if pdu_type == _P_DATA_TF and limit == 0:
+        limit = 1 << 26  # "unlimited" was negotiated: still refuse absurd lengths
+    if length > limit:
+        log.warning("peer sent a PDU of %d bytes, over the %d negotiated; aborting", length, limit)
+        try:
+            raw.sendall(_ABORT_INVALID_PARAMETER)
+        except OSError:
+            pass
+        assoc_sock.close()  # emits Evt17
+        return
+    pdu_bytes = bytearray(6 + length)
+    pdu_bytes[:6] = head
+    try:
+        ok = _recv_into(raw, memoryview(pdu_bytes)[6:])
+    except (OSError, TimeoutError):
+        ok = False
+    if not ok:
+        log.warning("connection closed or timed out inside a PDU")
+        self.event_queue.put("Evt17")
+        return
+    try:
+        pdu, event = self._decode_pdu(pdu_bytes)
+    except Exception:  # noqa: BLE001 - any decoding failure is an invalid PDU
+        log.warning("peer sent an undecodable PDU; aborting")
+        self.event_queue.put("Evt19")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)

@@ -1,0 +1,148 @@
+"""In-process DICOM node for receive tests: a real StorageSCP over a real Inbox,
+listening on a free loopback port; peers are real (DCMTK, pynetdicom, raw sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from agent.config import DicomSettings, DicomTls, InboxSettings, PeerRule, StudySettings
+from agent.crypto import KeyEncryptionKey, random_key
+from agent.inbox import Inbox
+from agent.receive import StorageSCP
+
+AE_TITLE = "EDGE_AGENT"
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Node:
+    scp: StorageSCP
+    inbox: Inbox
+    port: int
+    tls_port: int
+    events: list[tuple[str, dict[str, Any]]]
+    lock: threading.Lock
+
+    def audited(self, name: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [d for n, d in self.events if n == name]
+
+    def stored(self) -> int:
+        return sum(s.n for s in self.studies())
+
+    def studies(self) -> list[Any]:
+        rows = self.inbox._db.execute(
+            "SELECT id, n_instances FROM studies ORDER BY id").fetchall()
+        return [dataclasses.make_dataclass("S", ["id", "n"])(int(r[0]), int(r[1])) for r in rows]
+
+
+@contextmanager
+def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
+         inbox: InboxSettings | None = None, **dicom: Any) -> Iterator[Node]:
+    port = free_port()
+    tls_port = free_port()
+    tls = dicom.pop("tls", None)
+    if isinstance(tls, DicomTls):
+        tls = dataclasses.replace(tls, port=tls_port)
+    settings = DicomSettings(
+        host="127.0.0.1", port=port, ae_title=AE_TITLE,
+        peers=peers if peers is not None else (PeerRule("*", LOOPBACK),),
+        tls=tls or DicomTls(), **dicom,
+    )
+    kek = KeyEncryptionKey(random_key())
+    ib = Inbox(tmp / "inbox", kek, random_key(),
+               inbox or InboxSettings(max_bytes=50 * 1024**3, min_free_bytes=0),
+               StudySettings(quiet_seconds=3600))
+    events: list[tuple[str, dict[str, Any]]] = []
+    lock = threading.Lock()
+
+    def audit(name: str, **kw: Any) -> None:
+        with lock:
+            events.append((name, dict(kw)))
+
+    scp = StorageSCP(settings, ib, audit=audit)
+    scp.start()
+    try:
+        yield Node(scp, ib, port, tls_port, events, lock)
+    finally:
+        scp.stop()
+        ib.close()
+
+
+def ct_files(tmp: Path, n: int, *, study_uid: str | None = None, tag: str = "ct") -> list[Path]:
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    study_uid = study_uid or generate_uid()
+    series = generate_uid()
+    out = []
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ds = src.copy()
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        p = tmp / f"{tag}{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def big_instance(path: Path, frames: int, rows: int = 512, cols: int = 512) -> Path:
+    """A native multi-frame instance of frames*rows*cols*2 bytes, written in pieces."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Big^Instance"
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    head = pydicom.filebase.DicomBytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    nbytes = frames * rows * cols * 2
+    frame = np.arange(rows * cols, dtype=np.uint16).tobytes()
+    with open(path, "wb") as fh:
+        fh.write(head.getvalue())
+        fh.write(b"\xe0\x7f\x10\x00OW\x00\x00" + nbytes.to_bytes(4, "little"))
+        for _ in range(frames):
+            fh.write(frame)
+    return path
+
+
+def dcmtk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TCP_NODELAY="1")
+    return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout)
