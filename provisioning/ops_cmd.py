@@ -70,6 +70,10 @@ def _audit(cfg: Config, event: str, *, outcome: str = "success",
         log.record(event, outcome=outcome, user=control.user_name(os.getuid()), details=details)
     finally:
         log.close()
+    from agent import identity
+
+    # root ran this for the service: files it just created must stay writable by the daemon.
+    identity.give_tree(cfg.state_dir / "audit", identity.owner_of(cfg.state_dir))
 
 
 def _require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:
@@ -175,7 +179,7 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             raise
         raise _fail("key rotation is not available in this build (agent.keyrotate is missing)") from None
     try:
-        result = mod.rotate_keys(cfg)
+        result = mod.rotate_keys(cfg, user=control.user_name(os.getuid()))
     except EdgeAgentError as exc:
         _audit_quietly(cfg, {"command": "keys.rotate"}, outcome="serious_failure")
         raise _fail(exc) from None
@@ -191,7 +195,138 @@ def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "succ
         typer.echo(f"warning: could not audit the action: {exc}", err=True)
 
 
+# -- provision --------------------------------------------------------------------------
+
+def provision_init(
+    device_id: Annotated[str, typer.Option("--device-id", help="this box, e.g. ct-edge-01")],
+    site: Annotated[str, typer.Option("--site", help="the hospital site, e.g. st-marys")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="keys, identity, spool")] = Path(
+        "/var/lib/edge-agent"),
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="where to write agent.toml (default <state-dir>/agent.toml)")] = None,
+    mqtt_host: Annotated[str, typer.Option("--mqtt-host", help="broker name in its certificate")] = (
+        "mqtt.example.org"),
+    mqtt_port: Annotated[int, typer.Option("--mqtt-port")] = 8883,
+    dicom_port: Annotated[int, typer.Option("--dicom-port")] = 11112,
+    ae_title: Annotated[str, typer.Option("--ae-title")] = "EDGE_AGENT",
+    control_socket: Annotated[Path, typer.Option("--control-socket")] = control.DEFAULT_SOCKET,
+    overwrite_config: Annotated[bool, typer.Option("--overwrite-config")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the box keys, a device key and CSR for the fleet CA, and a config."""
+    from agent import identity
+
+    try:
+        r = identity.init(device_id, site, state_dir, config_path=config, mqtt_host=mqtt_host,
+                          mqtt_port=mqtt_port, dicom_port=dicom_port, ae_title=ae_title,
+                          control_socket=control_socket, overwrite_config=overwrite_config)
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    except OSError as exc:
+        raise _fail(f"{exc.filename}: {exc.strerror} (run as root to provision for the "
+                    f"{identity.SERVICE_USER} user)") from None
+    if as_json:
+        typer.echo(json.dumps({"state_dir": str(r.state_dir), "config": str(r.config),
+                               "csr": str(r.csr), "created": r.created, "kept": r.kept,
+                               "owner": r.owner}))
+        return
+    for p in r.created:
+        typer.echo(f"created {p}")
+    for p in r.kept:
+        typer.echo(f"kept    {p} (already existed; never overwritten)")
+    typer.echo(f"owner:  {r.owner}\nconfig: {r.config}\n\nNext: send this CSR to your fleet CA "
+               f"(CN {site}.{device_id}, clientAuth):\n  {r.csr}\nthen run: edge-agent provision "
+               f"install-cert --cert CERT.pem --ca FLEET-CA.pem --config {r.config}")
+
+
+def _identity_ctx(config: Path | None) -> tuple[Config, Path]:
+    from agent import identity
+
+    cfg = _load(config)
+    _require_admin(cfg.control, "change the device identity")
+    return cfg, identity.pki_dir(cfg.mqtt.cert)
+
+
+def provision_install_cert(
+    cert: Annotated[Path, typer.Option("--cert", help="certificate PEM from the fleet CA "
+                                                      "(intermediates may follow the leaf)")],
+    ca: Annotated[Path, typer.Option("--ca", help="fleet CA certificate(s) PEM")],
+    config: ConfigOpt = None,
+) -> None:
+    """Check chain, key match, validity and clientAuth usage, then install (admin; audited)."""
+    from agent import identity
+
+    loaded: Config | None = None
+    try:
+        loaded, pki = _identity_ctx(config)
+        res = identity.install_certificate(pki, cert, ca, site=loaded.site, device=loaded.device)
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        if loaded is not None:  # a refused certificate is a security-relevant event too
+            _audit_quietly(loaded, {"command": "provision.install-cert",
+                                    "refused": str(exc).split("\n")[0]}, outcome="minor_failure")
+        raise _fail(exc) from None
+    cfg = loaded
+    info = res.info
+    details: dict[str, object] = {
+        "serial": info.serial, "fingerprint": info.fingerprint[:32],
+        "not_after": info.not_after.isoformat(), "rotated": res.rotated,
+        "previous_serial": res.previous_serial, "identity": res.identity}
+    _audit_event(cfg, "cert.changed", details)
+    _audit_quietly(cfg, {"command": "provision.install-cert", "serial": info.serial})
+    typer.echo(f"installed certificate {info.subject} serial {info.serial}, valid until "
+               f"{info.not_after:%Y-%m-%d} ({info.days_left:.0f} days)")
+    for w in info.warnings:
+        typer.echo(f"warning: {w}")
+    if res.rotated:
+        typer.echo("switched to the new identity; restart the daemon to use it: "
+                   "systemctl restart edge-agent")
+
+
+def provision_rotate_cert(
+    config: ConfigOpt = None,
+    new: Annotated[bool, typer.Option("--new", help="discard a pending CSR and make another")] = False,
+) -> None:
+    """New device key + CSR beside the working identity; install-cert switches (admin; audited)."""
+    from agent import identity
+
+    try:
+        cfg, pki = _identity_ctx(config)
+        res = identity.rotate(pki, site=cfg.site, device=cfg.device, new=new)
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if not res.reused:
+        _audit_quietly(cfg, {"command": "provision.rotate-cert", "identity": res.identity})
+    state = "existing pending" if res.reused else "new"
+    typer.echo(f"{state} key and CSR ({res.identity}); the current identity keeps working.\n"
+               f"Send to the fleet CA: {res.csr}\nthen: edge-agent provision install-cert "
+               f"--cert CERT.pem --ca FLEET-CA.pem --config {cfg.path}")
+
+
+def _audit_event(cfg: Config, event: str, details: dict[str, object]) -> None:
+    try:
+        _audit(cfg, event, details=details)
+    except EdgeAgentError as exc:
+        typer.echo(f"warning: could not audit {event}: {exc}", err=True)
+
+
+def _provision_app(app: typer.Typer) -> typer.Typer:
+    for g in app.registered_groups:
+        if g.name == "provision" and g.typer_instance is not None:
+            return g.typer_instance
+    sub = typer.Typer(help="Set up a box's identity, keys and config.", no_args_is_help=True)
+    app.add_typer(sub, name="provision")
+    return sub
+
+
 def register(app: typer.Typer) -> None:
+    prov = _provision_app(app)
+    prov.command("init")(provision_init)
+    prov.command("install-cert")(provision_install_cert)
+    prov.command("rotate-cert")(provision_rotate_cert)
     app.command("status")(status)
     app.add_typer(keys_app, name="keys")
     app.add_typer(control_app, name="control")
