@@ -322,7 +322,23 @@ def _provision_app(app: typer.Typer) -> typer.Typer:
     return sub
 
 
+def doctor(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    broker_timeout: Annotated[float, typer.Option(help="seconds for the MQTT handshake")] = 10.0,
+    skip: Annotated[list[str] | None, typer.Option(help="skip a check by name (repeatable)")] = None,
+) -> None:
+    """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
+    models, disk, spool and audit. Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
+    from agent import doctor as doc
+
+    report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))
+    typer.echo(json.dumps(doc.as_json(report), indent=2) if as_json else doc.render(report))
+    raise typer.Exit(report.exit_code)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor)
     prov = _provision_app(app)
     prov.command("init")(provision_init)
     prov.command("install-cert")(provision_install_cert)
