@@ -142,11 +142,15 @@ class InferenceEngine:
                  "verification": m.package.verification.status} for m in self._models]
 
     def drift_report(self) -> dict[str, object]:
+        self._drift.flush()
         return self._drift.report()
 
     def close(self) -> None:
         with self._lock:
+            for m in self._models:
+                m.session.close()
             self._models = []
+            self._drift.flush()
 
     def infer(self, study: DeidentifiedStudy) -> tuple[list[ModelOutput], list[str]]:
         outputs: list[ModelOutput] = []

@@ -8,9 +8,9 @@ region around the peak where saliency stays above a fraction of the peak.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -34,44 +34,68 @@ def _positions(size: int, patch: int, stride: int) -> list[int]:
     return pos
 
 
+@lru_cache(maxsize=8)
+def _layout(rows: int, cols: int, patch: int,
+            stride: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64],
+                                  npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Patch masks and coverage, computed once per input geometry.
+
+    fy[i, r] = 1 where patch row-position i covers image row r (fx likewise), so
+    a patch mask is an outer product and the saliency map two matrix products.
+    """
+    ys, xs = _positions(rows, patch, stride), _positions(cols, patch, stride)
+    cover_y = np.zeros((len(ys), rows), dtype=bool)
+    for i, y in enumerate(ys):
+        cover_y[i, y : y + patch] = True
+    cover_x = np.zeros((len(xs), cols), dtype=bool)
+    for j, x in enumerate(xs):
+        cover_x[j, x : x + patch] = True
+    masks = (cover_y[:, None, :, None] & cover_x[None, :, None, :]).reshape(-1, 1, rows, cols)
+    fy, fx = cover_y.astype(np.float64), cover_x.astype(np.float64)
+    cover = np.maximum(fy.T @ np.ones((len(ys), len(xs))) @ fx, 1.0)
+    for arr in (masks, fy, fx, cover):
+        arr.flags.writeable = False  # shared between calls
+    return masks, fy, fx, cover
+
+
 def occlusion(score: Scorer, tensor: npt.NDArray[np.float32], base: float, *, patch: int,
               stride: int, keep_fraction: float, min_drop: float = 0.02) -> Saliency:
     _, rows, cols = tensor.shape
     fill = tensor.mean(axis=(1, 2), keepdims=True)  # neutral grey of this image
-    boxes = [(y, x) for y in _positions(rows, patch, stride) for x in _positions(cols, patch, stride)]
-    drops = np.empty(len(boxes), dtype=np.float64)
-    for start in range(0, len(boxes), _BATCH):
-        chunk = boxes[start : start + _BATCH]
-        batch = np.repeat(tensor[None], len(chunk), axis=0)
-        for k, (y, x) in enumerate(chunk):
-            batch[k, :, y : y + patch, x : x + patch] = fill
-        drops[start : start + len(chunk)] = base - score(batch)
-    total = np.zeros((rows, cols), dtype=np.float64)
-    cover = np.zeros((rows, cols), dtype=np.float64)
-    for (y, x), d in zip(boxes, drops, strict=True):
-        total[y : y + patch, x : x + patch] += max(d, 0.0)
-        cover[y : y + patch, x : x + patch] += 1.0
-    sal = total / np.maximum(cover, 1.0)
+    masks, fy, fx, cover = _layout(rows, cols, patch, stride)
+    drops = np.empty(len(masks), dtype=np.float64)
+    for start in range(0, len(masks), _BATCH):
+        batch = np.where(masks[start : start + _BATCH], fill, tensor[None])
+        drops[start : start + len(batch)] = base - score(batch)
+    grid = np.maximum(drops, 0.0).reshape(fy.shape[0], fx.shape[0])
+    sal = (fy.T @ grid @ fx) / cover
     peak = float(sal.max())
     # Below min_drop no region matters: drawing a box there would mislead.
     if peak <= 1e-6 or float(drops.max()) < min_drop:
         return Saliency(None, float(drops.max(initial=0.0)))
-    mask = sal >= keep_fraction * peak
-    y0, x0 = np.unravel_index(int(sal.argmax()), sal.shape)
-    seen = np.zeros_like(mask)
-    seen[y0, x0] = True
-    queue = deque([(int(y0), int(x0))])
-    ys, xs = [int(y0)], [int(x0)]
-    while queue:
-        y, x = queue.popleft()
-        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-            if 0 <= ny < rows and 0 <= nx < cols and mask[ny, nx] and not seen[ny, nx]:
-                seen[ny, nx] = True
-                queue.append((ny, nx))
-                ys.append(ny)
-                xs.append(nx)
-    bx, by = min(xs), min(ys)
-    return Saliency((bx, by, max(xs) - bx + 1, max(ys) - by + 1), float(drops.max()))
+    region = _component(sal >= keep_fraction * peak, np.unravel_index(int(sal.argmax()), sal.shape))
+    rows_hit = np.flatnonzero(region.any(axis=1))
+    cols_hit = np.flatnonzero(region.any(axis=0))
+    by, bx = int(rows_hit[0]), int(cols_hit[0])
+    return Saliency((bx, by, int(cols_hit[-1]) - bx + 1, int(rows_hit[-1]) - by + 1),
+                    float(drops.max()))
+
+
+def _component(mask: npt.NDArray[np.bool_], seed: tuple[np.intp, ...]) -> npt.NDArray[np.bool_]:
+    """The 4-connected region of ``mask`` around ``seed`` (a second, separate
+    hot spot gets its own box in a later version, not a merged giant one)."""
+    region = np.zeros_like(mask)
+    region[seed] = True
+    while True:
+        grown = region.copy()
+        grown[1:, :] |= region[:-1, :]
+        grown[:-1, :] |= region[1:, :]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
 
 
 def to_image_box(box: tuple[int, int, int, int], input_shape: tuple[int, int],

@@ -1,13 +1,15 @@
 """One onnxruntime session per model, with a wall-clock timeout per run.
 
 onnxruntime has no per-run timeout, but ``RunOptions.terminate`` set from
-another thread makes a running ``run()`` abort at the next kernel boundary;
-a ``threading.Timer`` does that when the deadline passes.
+another thread makes a running ``run()`` abort at the next kernel boundary.
+One long-lived watchdog thread per session does that when the deadline
+passes; starting a ``threading.Timer`` per run cost more than some runs.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,48 @@ from agent.errors import ModelError
 
 class ModelTimeout(ModelError):
     """A model run exceeded its time budget and was terminated."""
+
+
+class _Watchdog:
+    """Sets ``terminate`` on the armed RunOptions once its deadline passes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: tuple[ort.RunOptions, float, threading.Event] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="onnx-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, options: ort.RunOptions, timeout: float) -> threading.Event:
+        fired = threading.Event()
+        with self._cond:
+            self._armed = (options, time.monotonic() + timeout, fired)
+            self._cond.notify()
+        return fired
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._armed = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._armed is None:
+                    self._cond.wait()
+                    continue
+                options, deadline, fired = self._armed
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                fired.set()
+                options.terminate = True
+                self._armed = None
 
 
 class ModelSession:
@@ -48,6 +92,8 @@ class ModelSession:
         self.input_name = input_name
         self.output_name = output_name
         self.input_shape = tuple(inputs[input_name].shape)
+        self._watchdog = _Watchdog()
+        self._run_lock = threading.Lock()  # one armed run per watchdog
 
     def check_input(self, channels: int, rows: int, cols: int) -> None:
         shape = self.input_shape
@@ -68,27 +114,23 @@ class ModelSession:
         if timeout <= 0:
             raise ModelTimeout("inference time budget exhausted before the run started")
         options = ort.RunOptions()
-        fired = threading.Event()
-
-        def stop() -> None:
-            fired.set()
-            options.terminate = True
-
-        timer = threading.Timer(timeout, stop)
-        timer.daemon = True
-        timer.start()
-        try:
-            out = self._session.run([self.output_name], {self.input_name: batch}, options)
-        except Exception as exc:
-            if fired.is_set():
-                raise ModelTimeout(f"inference timed out after {timeout:.1f}s") from exc
-            raise ModelError(f"onnxruntime run failed: {str(exc)[:200]}") from exc
-        finally:
-            timer.cancel()
+        with self._run_lock:
+            fired = self._watchdog.arm(options, timeout)
+            try:
+                out = self._session.run([self.output_name], {self.input_name: batch}, options)
+            except Exception as exc:  # noqa: BLE001 - translated at the boundary
+                if fired.is_set():
+                    raise ModelTimeout(f"inference timed out after {timeout:.1f}s") from exc
+                raise ModelError(f"onnxruntime run failed: {str(exc)[:200]}") from exc
+            finally:
+                self._watchdog.disarm()
         if fired.is_set():
             # Finished in the same instant the timer fired: still over budget.
             raise ModelTimeout(f"inference timed out after {timeout:.1f}s")
         return np.asarray(out[0], dtype=np.float32)
+
+    def close(self) -> None:
+        self._watchdog.close()
 
     def warm_up(self, channels: int, rows: int, cols: int, timeout: float) -> None:
         self.run(np.zeros((1, channels, rows, cols), dtype=np.float32), timeout)
