@@ -110,6 +110,34 @@ class ReceiveCounters:
     by_peer: dict[str, int] = field(default_factory=dict)
 
 
+def prefer_requestor_order(
+    ours: list[PresentationContext], proposed: list[PresentationContext]
+) -> list[PresentationContext]:
+    """Our contexts with each transfer syntax list re-ordered by the requestor's preference.
+
+    pynetdicom picks the first syntax of *our* list that the requestor proposed.
+    A modality proposes the syntax its data is in first (often JPEG, with
+    uncompressed fallbacks); choosing uncompressed instead would force it to
+    transcode, which lossy data cannot do.  So its order wins.
+    """
+    wanted: dict[str, list[str]] = {}
+    for cx in proposed:
+        order = wanted.setdefault(str(cx.abstract_syntax), [])
+        order += [str(t) for t in cx.transfer_syntax if str(t) not in order]
+    out: list[PresentationContext] = []
+    for cx in ours:
+        pref = wanted.get(str(cx.abstract_syntax))
+        if pref is None:
+            out.append(cx)
+            continue
+        rank = {t: i for i, t in enumerate(pref)}
+        pc = PresentationContext()
+        pc.abstract_syntax = cx.abstract_syntax
+        pc.transfer_syntax = sorted(cx.transfer_syntax, key=lambda t: rank.get(str(t), len(rank)))
+        out.append(pc)
+    return out
+
+
 def storage_contexts() -> list[PresentationContext]:
     """Every storage SOP class pynetdicom knows, with every syntax we decode."""
     out: list[PresentationContext] = []
@@ -594,6 +622,10 @@ class StorageSCP:
                 self._reject(event, 0x02, 0x03, 0x02, "too many associations from this peer")
                 return
             setattr(event.assoc, "_edge_counted", True)  # noqa: B010
+            if prim is not None and prim.presentation_context_definition_list:
+                acceptor = event.assoc.acceptor
+                acceptor.supported_contexts = prefer_requestor_order(
+                    acceptor.supported_contexts, prim.presentation_context_definition_list)
             self.audit("association.accepted", source=addr, details={
                 "calling_ae": ae_title, "tls": peer_subject(
                     getattr(getattr(event.assoc.dul, "socket", None), "socket", None)) is not None,
