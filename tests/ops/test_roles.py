@@ -1,0 +1,183 @@
+"""Role-based access over the control socket with real, distinct Unix users.
+
+The CLI runs in a child process that has dropped to each test user (setgroups,
+setgid, setuid), so the daemon sees that user through SO_PEERCRED exactly as it
+would see an operator's shell.  (The child forks instead of exec'ing a fresh
+interpreter because this machine's Python lives under /root, which other users
+cannot enter.)  Needs root to create the users; skipped otherwise."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from ops_helpers import cli
+from support import Box, Broker, Daemon, set_config
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("useradd") is None,
+    reason="needs root and useradd to create the operator/admin/auditor test users")
+
+
+@dataclass(frozen=True)
+class Users:
+    tag: str
+    groups: dict[str, str]  # role -> group name
+    users: dict[str, str]   # role (or "nobody") -> user name
+
+
+@pytest.fixture
+def users() -> Iterator[Users]:
+    tag = secrets.token_hex(3)
+    groups = {r: f"eat-{r[:3]}-{tag}" for r in ("operator", "admin", "auditor")}
+    names = {r: f"eat-u{r[:3]}-{tag}" for r in ("operator", "admin", "auditor", "nobody")}
+    try:
+        for g in groups.values():
+            subprocess.run(["groupadd", g], check=True)
+        for role, u in names.items():
+            extra = ["-G", groups[role]] if role in groups else []
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", *extra, u],
+                           check=True)
+        yield Users(tag, groups, names)
+    finally:
+        for u in names.values():
+            subprocess.run(["userdel", u], capture_output=True)
+        for g in groups.values():
+            subprocess.run(["groupdel", g], capture_output=True)
+
+
+def warm_imports() -> None:
+    """Load lazily-imported modules (typer's parameter handling pulls in pydantic) while
+    still root: the child, once another user, cannot read the interpreter's library."""
+    from provisioning.cli import app
+
+    missing = "/nonexistent/edge-agent.sock"
+    for args in (["status", "--socket", missing], ["control", "whoami", "--socket", missing],
+                 ["keys", "rotate", "--config", "/nonexistent/agent.toml"]):
+        try:
+            app(args, prog_name="edge-agent")
+        except SystemExit:
+            pass
+
+
+def run_as(user: str, *args: str) -> tuple[int, str, str]:
+    """Run the edge-agent CLI in a child process that is ``user`` (and only that user)."""
+    from provisioning.cli import app  # imported before dropping privileges
+
+    pw = pwd.getpwnam(user)
+    gids = os.getgrouplist(user, pw.pw_gid)
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # child: become the user, then run the real CLI entry point
+        code = 70
+        try:
+            os.setgroups(gids)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            # pytest swapped sys.stdout/err for capture objects: write to our files instead
+            sys.stdout = open(out.fileno(), "w", closefd=False)  # noqa: SIM115
+            sys.stderr = open(err.fileno(), "w", closefd=False)  # noqa: SIM115
+            try:
+                app(list(args), prog_name="edge-agent")
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - report anything else to the parent via stderr
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    err.seek(0)
+    return os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()
+
+
+@pytest.fixture
+def running(box: Box, broker: Broker, users: Users) -> Iterator[tuple[Box, Path, Path]]:
+    # The socket's folder must be reachable by operators (like /run/edge-agent, 0755).
+    sockdir = Path(tempfile.mkdtemp(prefix="ea-ctl-"))
+    sockdir.chmod(0o755)
+    sock = sockdir / "control.sock"
+    set_config(box, "control", "socket", json.dumps(str(sock)))
+    for role, g in users.groups.items():
+        set_config(box, "control", f"{role}_group", json.dumps(g))
+    d = Daemon(box)
+    d.start()
+    warm_imports()
+    # A config copy operators can read (production: /etc/edge-agent/agent.toml 0640 root:edge-agent).
+    shared = sockdir / "agent.toml"
+    shared.write_text(box.config.read_text().replace('"state"', json.dumps(str(box.state)))
+                      .replace('"keys/', json.dumps(str(box.root / "keys"))[:-1] + "/")
+                      .replace('"pki/', json.dumps(str(box.pki))[:-1] + "/"))
+    shared.chmod(0o644)
+    try:
+        yield box, sock, shared
+    finally:
+        d.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_roles_are_enforced_by_peer_credentials(running: tuple[Box, Path, Path],
+                                                users: Users) -> None:
+    box, sock, shared = running
+    u, g = users.users, users.groups
+
+    rc, out, err = run_as(u["nobody"], "status", "--socket", str(sock))
+    assert rc == 3 and "may not read the daemon status" in err, err
+    assert "role" in err and g["operator"] in err  # names the role and the group to join
+
+    rc, out, err = run_as(u["operator"], "status", "--socket", str(sock), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["device"] == "dev-box"
+
+    rc, out, err = run_as(u["operator"], "control", "pause", "--socket", str(sock))
+    assert rc == 3 and "needs the admin role" in err and g["admin"] in err
+
+    rc, out, err = run_as(u["auditor"], "control", "pause", "--socket", str(sock))
+    assert rc == 3 and "needs the admin role" in err
+
+    rc, out, err = run_as(u["admin"], "control", "pause", "--socket", str(sock))
+    assert rc == 0, err
+    rc, out, err = run_as(u["admin"], "control", "resume", "--socket", str(sock))
+    assert rc == 0, err
+
+    rc, out, err = run_as(u["operator"], "control", "checkpoint", "--socket", str(sock))
+    assert rc == 3 and "needs the admin or auditor role" in err
+    rc, out, err = run_as(u["auditor"], "control", "checkpoint", "--socket", str(sock))
+    assert rc == 0, err
+
+    rc, out, err = run_as(u["admin"], "control", "whoami", "--socket", str(sock))
+    assert rc == 0 and "admin" in out and "operator" in out
+
+    # Key rotation is checked in the CLI before any key is touched.
+    rc, out, err = run_as(u["operator"], "keys", "rotate", "--config", str(shared))
+    assert rc == 3 and "needs the admin role" in err and g["admin"] in err
+
+    # Every admin action and every refusal is in the audit trail with the Unix user.
+    tail = cli("audit", "tail", "--config", str(box.config), "--json", "-n", "200")
+    rows = [json.loads(line) for line in tail.stdout.splitlines()]
+    # outcomes are ATNA EventOutcomeIndicator codes: 0 success, 8 serious failure
+    acts = [(r["user"], r["details"].get("command"), r["outcome"]) for r in rows
+            if r["event"] == "cli.action"]
+    assert (u["admin"], "control.intake.pause", 0) in acts
+    assert (u["admin"], "control.intake.resume", 0) in acts
+    assert (u["auditor"], "control.audit.checkpoint", 0) in acts
+    denied = {(user, cmd) for user, cmd, outcome in acts if outcome == 8}
+    assert {(u["nobody"], "control.status"), (u["operator"], "control.intake.pause"),
+            (u["auditor"], "control.intake.pause"),
+            (u["operator"], "control.audit.checkpoint")} <= denied
+    assert grp.getgrnam(g["admin"]).gr_mem == [u["admin"]]
