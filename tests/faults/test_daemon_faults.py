@@ -1,0 +1,226 @@
+"""Faults through the real daemon, a real mTLS mosquitto and real DICOM peers:
+kill -9 at random points, broker down and up, a restart with a backlog, full
+budgets, a corrupted inbox file, a key rotation interrupted half-way."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import threading
+
+import pytest
+from fault_support import SentStudy, check_nothing_lost, results, send
+from pydicom.uid import generate_uid
+from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+
+from agent import config as agent_config
+from agent.errors import EdgeAgentError
+from agent.keyrotate import install_new_kek, old_kek_path, rotate_keys
+
+RESULT_LINE = re.compile(r"-> result ([0-9a-f-]{36})")
+
+
+def logged_result_ids(d: Daemon) -> list[str]:
+    return RESULT_LINE.findall(d.log_text())
+
+
+def burst(box: Box, timeout: float = 120) -> None:
+    b = Daemon(box, "--burst")
+    b.start()
+    assert b.proc is not None
+    assert b.proc.wait(timeout) == 0, b.log_text()[-3000:]
+
+
+def audit_events(box: Box, n: int = 500) -> list[dict[str, object]]:
+    out = subprocess.run([*EDGE_AGENT, "audit", "tail", "--config", str(box.config), "-n", str(n),
+                          "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_broker_down_then_restart_with_backlog_then_broker_up_delivers_in_order(
+        box: Box, broker: Broker) -> None:
+    broker.stop()
+    set_config(box, "study", "quiet_seconds", "0.5")
+    d = Daemon(box)
+    d.start()
+    studies = [SentStudy(generate_uid()) for _ in range(3)]
+    for st in studies:
+        assert send(box, st, 2) == 2
+    wait_for(lambda: len(logged_result_ids(d)) >= 3, 90, "3 studies processed offline")
+    order = logged_result_ids(d)
+    assert d.stop() == 0  # a restart with the backlog still in the outbox
+    d.start()
+    broker.start()
+    ops = Subscriber(box).start()
+    try:
+        wait_for(lambda: {e["id"] for e in results(ops)} >= set(order), 90, "backlog drained")
+        first_seen = list(dict.fromkeys(e["id"] for e in results(ops)))
+        assert first_seen == order  # same ids, in processing order
+        check_nothing_lost(box, studies, results(ops))
+        assert d.stop() == 0
+    finally:
+        ops.stop()
+
+
+def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int) -> None:
+    rng = random.Random(seed)
+    set_config(box, "study", "quiet_seconds", "0.4")
+    ops = Subscriber(box).start()
+    studies: list[SentStudy] = []
+    try:
+        for _ in range(rounds):
+            d = Daemon(box)
+            d.start()
+            # Sometimes a follow-up to an earlier study (new version), mostly new ones.
+            st = rng.choice(studies) if studies and rng.random() < 0.3 else SentStudy(generate_uid())
+            if st not in studies:
+                studies.append(st)
+            sender = threading.Thread(target=send, args=(box, st, rng.randint(2, 6)))
+            sender.start()
+            # A random point: mid-ingest, in the quiet period, processing or publishing.
+            threading.Event().wait(rng.uniform(0.05, 2.5))
+            d.kill9()
+            sender.join(30)
+        burst(box)
+        acked = sum(len(s.acked) for s in studies)
+        assert acked > 0
+        wait_for(lambda: _settled(box, studies, ops), 60, "every acknowledged instance in a result")
+        check_nothing_lost(box, studies, results(ops))
+    finally:
+        ops.stop()
+
+
+def _settled(box: Box, studies: list[SentStudy], ops: Subscriber) -> bool:
+    try:
+        check_nothing_lost(box, studies, results(ops))
+    except AssertionError:
+        return False
+    return True
+
+
+def test_kill9_at_random_points_loses_no_acknowledged_instance(box: Box, broker: Broker) -> None:
+    _kill9_rounds(box, broker, rounds=4, seed=random.randrange(1 << 30))
+
+
+@pytest.mark.slow
+def test_kill9_many_rounds(box: Box, broker: Broker) -> None:
+    _kill9_rounds(box, broker, rounds=40, seed=random.randrange(1 << 30))
+
+
+def test_corrupted_inbox_file_is_failed_with_alert_rest_processed(
+        box: Box, broker: Broker, ops: Subscriber) -> None:
+    set_config(box, "study", "quiet_seconds", "600")
+    d = Daemon(box)
+    d.start()
+    st = SentStudy(generate_uid())
+    assert send(box, st, 3) == 3
+    assert d.stop() == 0
+    files = sorted((box.state / "inbox" / "files").rglob("*.enc"))
+    assert len(files) == 3
+    raw = bytearray(files[1].read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    files[1].write_bytes(bytes(raw))
+    burst(box)
+    ev = ops.wait("results", 1, timeout=30)[0].json()
+    s = ev["data"]["study"]
+    assert s["instances_received"] == 3
+    assert s["instances_processed"] == 2
+    assert len(s["quarantined"]) == 1
+    assert "unreadable inbox file" in s["quarantined"][0]["reason"]
+    alerts = [e for e in audit_events(box) if e["event"] == "security.alert"]
+    assert alerts, "no security alert audited for the tampered inbox file"
+
+
+def test_full_outbox_is_reported_survived_and_nothing_lost(box: Box, broker: Broker) -> None:
+    set_config(box, "study", "quiet_seconds", "0.5")
+    set_config(box, "outbox", "max_bytes", "2000")
+    broker.stop()
+    d = Daemon(box)
+    d.start()
+    st = SentStudy(generate_uid())
+    assert send(box, st, 2) == 2
+    wait_for(lambda: "outbox is full" in d.log_text(), 60, "the full outbox reported")
+    assert d.proc is not None and d.proc.poll() is None  # survived
+    assert d.stop() == 0
+    set_config(box, "outbox", "max_bytes", str(64 * 2**20))
+    broker.start()
+    ops = Subscriber(box).start()
+    try:
+        d.start()
+        wait_for(lambda: results(ops), 60, "the held-back result")
+        check_nothing_lost(box, [st], results(ops))
+        assert d.stop() == 0
+    finally:
+        ops.stop()
+
+
+def test_inbox_budget_refuses_with_a700_and_recovers(box: Box, broker: Broker,
+                                                     ops: Subscriber) -> None:
+    set_config(box, "study", "quiet_seconds", "600")
+    set_config(box, "inbox", "max_bytes", "20000")  # CT_small is ~39 kB: the 2nd won't fit
+    d = Daemon(box)
+    d.start()
+    st = SentStudy(generate_uid())
+    assert send(box, st, 3) == 1
+    assert "inbox holds" in d.log_text()  # the operator sees why (0xA700 to the modality)
+    assert d.proc is not None and d.proc.poll() is None
+    assert d.stop() == 0
+    burst(box)
+    ops.wait("results", 1, timeout=30)
+    check_nothing_lost(box, [st], results(ops))
+
+
+def test_key_rotation_refused_while_running_and_resumes_after_a_crash(
+        box: Box, broker: Broker, ops: Subscriber) -> None:
+    set_config(box, "study", "quiet_seconds", "600")
+    cfg = agent_config.load(box.config)
+    d = Daemon(box)
+    d.start()
+    st = SentStudy(generate_uid())
+    assert send(box, st, 2) == 2
+    with pytest.raises(EdgeAgentError, match="daemon is running"):
+        rotate_keys(cfg)
+    assert d.stop() == 0
+
+    first = rotate_keys(cfg, user="test-officer")
+    assert first["inbox"] >= 1 and first["resumed"] == 0
+    assert not old_kek_path(cfg.keys.kek).exists()
+
+    # A crash right after the new KEK was installed: the old one is still on disk,
+    # the daemon starts on the half-rotated box, and a re-run finishes the job.
+    install_new_kek(cfg.keys.kek)
+    assert old_kek_path(cfg.keys.kek).exists()
+    d.start()
+    more = SentStudy(generate_uid())
+    assert send(box, more, 1) == 1
+    assert d.stop() == 0
+    second = rotate_keys(cfg)
+    assert second["resumed"] == 1
+    assert not old_kek_path(cfg.keys.kek).exists()
+
+    burst(box)
+    wait_for(lambda: len({e["id"] for e in results(ops)}) >= 2, 30, "both results")
+    check_nothing_lost(box, [st, more], results(ops))
+    rotated = [e for e in audit_events(box) if e["event"] == "key.rotated"]
+    assert len(rotated) == 2
+    verify = subprocess.run([*EDGE_AGENT, "audit", "verify", "--config", str(box.config)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_sigterm_during_processing_exits_cleanly(box: Box, broker: Broker,
+                                                 ops: Subscriber) -> None:
+    set_config(box, "study", "quiet_seconds", "0.3")
+    d = Daemon(box)
+    d.start()
+    st = SentStudy(generate_uid())
+    assert send(box, st, 4) == 4
+    wait_for(lambda: "processing study" in d.log_text(), 30, "processing to start")
+    assert d.stop(signal.SIGTERM) == 0
+    burst(box)
+    wait_for(lambda: results(ops), 30, "the result")
+    check_nothing_lost(box, [st], results(ops))
+
