@@ -29,7 +29,8 @@ from typing import Any, cast
 
 from cryptography import x509
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from agent.errors import ConfigError
 from agent.ratelimit import PeerLimiter
@@ -94,6 +95,20 @@ def same_subject(rule_subject: str, peer: x509.Name | None) -> bool:
     return wanted.rfc4514_string() == peer.rfc4514_string()
 
 
+class EdgeRequestHandler(RequestHandler):
+    """Runs the association to its end in the connection's thread.
+
+    pynetdicom's handler starts the association thread and returns at once;
+    waiting for it lets the server count a connection until it really closes.
+    """
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+
 class EdgeAssociationServer(ThreadedAssociationServer):
     """Threaded server that admits connections per peer and handshakes TLS lazily."""
 
@@ -112,6 +127,7 @@ class EdgeAssociationServer(ThreadedAssociationServer):
         self.edge_handshake_timeout = handshake_timeout
         self.edge_on_refused = on_refused
         self.edge_owner = owner
+        self.RequestHandlerClass = EdgeRequestHandler
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Never handshake here: this runs in the single accept thread.
@@ -212,15 +228,17 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     pdu_type, _, length = struct.unpack(">BBL", head)
-    if pdu_type not in _KNOWN_PDU_TYPES:
-        log.warning("peer sent an unknown PDU type 0x%02X; aborting", pdu_type)
-        self.event_queue.put("Evt19")
-        return
     limit = _local_max(self) if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
     if pdu_type == _P_DATA_TF and limit == 0:
         limit = 1 << 26  # "unlimited" was negotiated: still refuse absurd lengths
-    if length > limit:
-        log.warning("peer sent a PDU of %d bytes, over the %d negotiated; aborting", length, limit)
+    if pdu_type not in _KNOWN_PDU_TYPES or length > limit:
+        # Not DICOM, or a length we will not buffer: abort and close at once
+        # rather than let the state machine read the rest of the stream.
+        if pdu_type not in _KNOWN_PDU_TYPES:
+            log.warning("peer sent an unknown PDU type 0x%02X; aborting", pdu_type)
+        else:
+            log.warning("peer sent a PDU of %d bytes, over the %d allowed; aborting",
+                        length, limit)
         try:
             raw.sendall(_ABORT_INVALID_PARAMETER)
         except OSError:
