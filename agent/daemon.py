@@ -23,7 +23,7 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, control, sdnotify, telemetry
+from agent import __version__, cloudevents, control, metrics, sdnotify, telemetry
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
@@ -111,6 +111,10 @@ class Daemon:
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d))
+        self.certs = telemetry.CertWatch.for_config(cfg)
+        self.certs.check()  # an expiring certificate is logged at start, not after an interval
+        port = cfg.telemetry.prometheus_port
+        self.metrics = metrics.MetricsServer(port) if port else None
         self.control = control.ControlServer(cfg.control, control.daemon_commands(self),
                                              audit=self.audit)
         self.audit("config.loaded", details={"environment": cfg.environment,
@@ -206,13 +210,9 @@ class Daemon:
                 "outbox_oldest_age_s": round(ob["oldest_age_s"], 1),
                 "outbox_blocked": int(ob["blocked"]),
             },
-            "security": {
-                "rejected_associations": r.associations_rejected,
-                "mqtt_tls_failures": self.publisher.state.tls_failures,
-                "egress_blocked": self.publisher.state.blocked_phi,
-                "broker_refusals": self.publisher.state.refused,
-                "cert_days_left": {"mqtt_device": telemetry.cert_days_left(self.cfg.mqtt.cert)},
-            },
+            "security": telemetry.security(self.publisher.state, r.associations_rejected,
+                                           self.certs.check()),
+            "interval_s": self.cfg.telemetry.interval_seconds,
             "models": self.engine.active_models(),
             "drift": self.engine.drift_report(),
         }
@@ -221,9 +221,11 @@ class Daemon:
         interval = self.cfg.telemetry.interval_seconds
         while not self._stop.wait(interval):
             try:
-                ev = cloudevents.envelope(kind="telemetry", source=self._source(),
-                                          data=self.telemetry_data())
+                data = self.telemetry_data()
+                ev = cloudevents.envelope(kind="telemetry", source=self._source(), data=data)
                 self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
+                if self.metrics is not None:
+                    self.metrics.update(data)
                 self.audit_log.maybe_checkpoint()
                 if time.time() - self._last_retention > 3600:
                     self._last_retention = time.time()
@@ -252,6 +254,8 @@ class Daemon:
             signal.signal(sig, self.request_stop)
         self.audit("daemon.started", details={"version": __version__})
         self.publisher.start()
+        if self.metrics is not None:
+            self.metrics.start()
         self.control.start()
         if not self.opts.burst:
             self.scp.start()
@@ -291,6 +295,8 @@ class Daemon:
         except Exception:  # noqa: BLE001
             log.exception("final audit checkpoint failed")
         self.publisher.stop(drain_timeout=5.0)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.engine.close()
         self.audit_log.close()
         self.inbox.close()

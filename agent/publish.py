@@ -11,42 +11,74 @@ retrying a refused message forever would stall everything behind it.
 On disconnect the in-flight window is forgotten and the walk restarts from the
 oldest un-acknowledged message, so a message may be delivered twice, always
 with the same CloudEvents id, never zero times.
+
+Why a separate TLS diagnosis: under TLS 1.3 the broker judges our client
+certificate *after* the handshake, so paho only sees a lost connection.  When a
+connection dies before CONNACK we open one plain TLS socket and read the
+broker's alert, so the operator gets "certificate expired", not "conn lost".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import egress
-from agent.config import Config, MqttSettings
-from agent.errors import TransportError
+from agent.config import SAFE_ID, Config, MqttSettings
+from agent.errors import ConfigError, TransportError
 from agent.outbox import Outbox
 
 log = logging.getLogger("edge_agent.publish")
 
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 60.0
+CONNACK_TIMEOUT = 15.0
+
+
+class _NamedContext(ssl.SSLContext):
+    """An SSLContext that verifies a fixed broker name whatever address we dial.
+
+    paho passes the connect host as ``server_hostname``; ``[mqtt]
+    tls_server_name`` lets a box dial an IP while the broker certificate names
+    a host (split DNS in hospitals is common).
+    """
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        if self.server_name:
+            kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
 
 def tls_context(s: MqttSettings) -> ssl.SSLContext:
-    """TLS 1.2+, the fleet CA pinned, hostname verified, our client certificate."""
+    """TLS 1.2+, the fleet CA pinned (system CAs not trusted), hostname verified,
+    our client certificate, optional CRL."""
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca))
+        ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.server_name = s.tls_server_name
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(s.ca))
         ctx.load_cert_chain(str(s.cert), str(s.key))
         if s.crl is not None:
             ctx.load_verify_locations(cafile=str(s.crl))
@@ -64,32 +96,217 @@ def tls_context(s: MqttSettings) -> ssl.SSLContext:
     return ctx
 
 
-def describe_tls_failure(exc: BaseException) -> str:
-    """Turn an ssl error into an operator sentence (no secrets in it)."""
+# -- identity -----------------------------------------------------------------------
+
+
+def certificate_cn(path: os.PathLike[str] | str) -> str:
+    try:
+        cert = x509.load_pem_x509_certificate(open(path, "rb").read())  # noqa: SIM115
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"device certificate {path} is not readable PEM ({exc})",
+                             hint="re-run 'edge-agent provision install-cert'") from None
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+def client_id(cfg: Config) -> str:
+    return cfg.mqtt.client_id or f"{cfg.site}.{cfg.device}"
+
+
+def check_identity(cfg: Config) -> str:
+    """Refuse identities outside the safe alphabet; returns the certificate CN.
+
+    The broker maps the certificate CN to the user its ACL grants a topic
+    prefix to, and the client id names the session: a "+", "#" or "/" in either
+    could reach into another box's topics or sessions.
+    """
+    cn = certificate_cn(cfg.mqtt.cert)
+    problems = []
+    if not SAFE_ID.match(cn):
+        problems.append(
+            f"[mqtt] cert: the device certificate's CN {cn!r} is not a safe identity "
+            "(1-64 characters of A-Z a-z 0-9 _ . -); ask the fleet CA for a certificate "
+            f"with CN '{cfg.site}.{cfg.device}'")
+    cid = client_id(cfg)
+    if not SAFE_ID.match(cid):
+        problems.append(f"[mqtt] client_id {cid!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    if problems:
+        raise ConfigError(problems, path=str(cfg.path))
+    if cn != f"{cfg.site}.{cfg.device}":
+        log.warning("device certificate CN %r differs from site.device %r: the broker ACL "
+                    "must grant this CN the prefix %s", cn, f"{cfg.site}.{cfg.device}",
+                    cfg.topic_base)
+    return cn
+
+
+# -- failure reasons ------------------------------------------------------------------
+
+_ALERTS = {
+    "CERTIFICATE_EXPIRED": "broker refused our client certificate: it has expired",
+    "UNKNOWN_CA": "broker refused our client certificate: not issued by a CA it trusts",
+    "CERTIFICATE_REQUIRED": "broker requires a client certificate and got none",
+    "BAD_CERTIFICATE": "broker refused our client certificate (bad certificate)",
+    "CERTIFICATE_REVOKED": "broker refused our client certificate: it is revoked",
+    "UNSUPPORTED_CERTIFICATE": "broker refused our client certificate (unsupported)",
+    "HANDSHAKE_FAILURE": "TLS handshake failed (no common protocol or cipher)",
+    "PROTOCOL_VERSION": "TLS handshake failed (broker does not speak TLS 1.2 or newer)",
+    "WRONG_VERSION_NUMBER": "the port does not speak TLS (plain MQTT listener?)",
+}
+
+_VERIFY = {
+    10: "broker certificate has expired",
+    9: "broker certificate is not valid yet (check the box's clock)",
+    18: "broker certificate is self-signed, not issued by the pinned fleet CA",
+    19: "broker certificate is not issued by the pinned fleet CA",
+    20: "broker certificate is not issued by the pinned fleet CA",
+    21: "broker certificate is not issued by the pinned fleet CA",
+    23: "broker certificate is revoked (CRL)",
+    62: "broker certificate does not name the host we connected to",
+    64: "broker certificate does not name the address we connected to",
+}
+
+
+def describe_tls_failure(exc: BaseException, host: str = "") -> str:
+    """Turn a connect error into an operator sentence (no secrets in it)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"broker certificate rejected: {exc.verify_message}"
+        base = _VERIFY.get(int(exc.verify_code or 0))
+        if exc.verify_code in (62, 64) and host:
+            base = f"broker certificate does not name {host!r} (hostname mismatch)"
+        return base or f"broker certificate rejected: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or str(exc)
-        if "CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper():
-            return f"broker refused our client certificate ({reason})"
-        return f"TLS handshake failed ({reason})"
+        reason = str(exc.reason or exc).upper()
+        for key, text in _ALERTS.items():
+            if key in reason:
+                return text
+        return f"TLS handshake failed ({exc.reason or exc})"
     if isinstance(exc, ConnectionRefusedError):
         return "broker refused the TCP connection (not listening?)"
     if isinstance(exc, socket.timeout | TimeoutError):
         return "broker did not answer in time"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the broker host name ({exc.strerror})"
     return f"{type(exc).__name__}: {exc}"
+
+
+def is_tls_reason(reason: str) -> bool:
+    return reason.startswith(("broker certificate", "broker refused our client",
+                              "broker requires a client", "TLS handshake", "the port does not"))
+
+
+def diagnose(ctx: ssl.SSLContext, host: str, port: int, timeout: float = 5.0) -> str | None:
+    """Why a TLS connection to the broker fails, or None when TLS itself is fine."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            # TLS 1.3: the broker's verdict on our certificate is an alert that
+            # arrives on the first read; a healthy broker just waits for CONNECT.
+            tls.settimeout(1.0)
+            try:
+                if tls.recv(1) == b"":
+                    return "broker closed the connection right after the TLS handshake"
+            except TimeoutError:
+                return None
+    except (OSError, ssl.SSLError) as exc:
+        return describe_tls_failure(exc, host)
+    return None
+
+
+def _local_cert_problem(s: MqttSettings) -> str | None:
+    """Our own certificate's validity, judged locally (the broker's alert is terse)."""
+    try:
+        cert = x509.load_pem_x509_certificate(s.cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        return f"our device certificate expired on {cert.not_valid_after_utc:%Y-%m-%d}"
+    if cert.not_valid_before_utc > now:
+        return f"our device certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d}"
+    return None
+
+
+def _explain(s: MqttSettings, ctx: ssl.SSLContext, fallback: str) -> tuple[str, bool]:
+    reason = diagnose(ctx, s.host, s.port)
+    if reason is None:
+        return fallback, False
+    local = _local_cert_problem(s)
+    if local and reason.startswith("broker refused our client"):
+        reason = f"{reason} ({local})"
+    return reason, True
+
+
+def probe(settings: Config | MqttSettings, timeout: float = 10.0) -> tuple[bool, str]:
+    """One real mutual-TLS MQTT 5 connect (for ``edge-agent doctor``): (ok, reason).
+
+    Uses its own client id and a clean, non-persistent session with no will, so
+    it neither kicks a running daemon off nor leaves state on the broker.
+    """
+    if isinstance(settings, Config):
+        s, cid = settings.mqtt, f"{client_id(settings)}.probe"
+    else:
+        s, cid = settings, f"edge-agent-probe-{os.getpid()}"
+    try:
+        ctx = tls_context(s)
+    except TransportError as exc:
+        return False, str(exc)
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_connect(_c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any = None) -> None:
+        result["rc"] = rc
+        done.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.tls_set_context(ctx)
+    c.on_connect = on_connect
+    try:
+        c.connect(s.host, s.port, keepalive=max(5, int(timeout)), clean_start=True)
+    except (OSError, ssl.SSLError) as exc:
+        return False, describe_tls_failure(exc, s.host)
+    deadline = time.monotonic() + timeout
+    rc_loop = mqtt.MQTT_ERR_SUCCESS
+    while not done.is_set() and time.monotonic() < deadline:
+        rc_loop = c.loop(timeout=0.1)
+        if rc_loop != mqtt.MQTT_ERR_SUCCESS:
+            break
+    rc = result.get("rc")
+    if rc is not None and not rc.is_failure:
+        c.disconnect()
+        c.loop(timeout=0.1)
+        return True, f"connected to {s.host}:{s.port} with mutual TLS (MQTT 5)"
+    try:
+        c.disconnect()
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+    if rc is not None:
+        return False, f"broker refused the MQTT connection: {rc}"
+    fallback = ("no CONNACK from the broker" if rc_loop == mqtt.MQTT_ERR_SUCCESS
+                else f"connection lost before CONNACK ({mqtt.error_string(rc_loop)})")
+    return False, _explain(s, ctx, fallback)[0]
+
+
+# -- live state ------------------------------------------------------------------------
 
 
 @dataclass
 class LinkState:
+    """What ``edge-agent status`` and telemetry show about the broker link."""
+
     connected: bool = False
-    since: float = field(default_factory=time.time)
+    since: float = field(default_factory=time.time)  # of the current up/down state
     last_error: str | None = None
+    last_error_at: float | None = None
     connects: int = 0
+    connect_failures: int = 0
     tls_failures: int = 0
     published: int = 0
     refused: int = 0
     blocked_phi: int = 0
+    inflight: int = 0
+    next_retry_s: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Publisher:
@@ -108,6 +325,7 @@ class Publisher:
         self.s = config.mqtt
         self.outbox = outbox
         self.state = LinkState()
+        self.identity = check_identity(config)
         self._birth = birth
         self._offline = offline
         self._alert = on_alert or (lambda _e, _d: None)
@@ -115,11 +333,13 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # mid -> outbox seq
+        self._status_mids: set[int] = set()
         self._last_seq = 0
         self._client: mqtt.Client | None = None
         self._ctx = tls_context(self.s)
         self._connected_evt = threading.Event()
-        self._drained = threading.Event()
+        self._got_connack = False
+        self._attempt_error = ""
 
     # -- topics -------------------------------------------------------------
 
@@ -144,26 +364,47 @@ class Publisher:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_evt.wait(timeout)
 
+    def _fail(self, reason: str, *, tls: bool = False) -> None:
+        changed = reason != self.state.last_error
+        self.state.last_error = reason
+        self.state.last_error_at = time.time()
+        self.state.connect_failures += 1
+        if tls:
+            self.state.tls_failures += 1
+        # Every attempt is logged while the reason changes; a steady outage is
+        # logged with its count so the log does not grow by a line per retry.
+        if changed or self.state.connect_failures % 20 == 1:
+            log.warning("mqtt %s:%d unavailable: %s (attempt %d)", self.s.host, self.s.port,
+                        reason, self.state.connect_failures)
+
     # -- paho callbacks (never raise into paho) ------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                     _p: Any = None) -> None:
         try:
+            self._got_connack = True
             if rc.is_failure:
-                self.state.last_error = f"broker refused connection: {rc}"
-                log.warning("mqtt connect refused: %s", rc)
+                self._fail(f"broker refused the MQTT connection: {rc}")
                 return
             with self._lock:
                 self._inflight.clear()
+                self._status_mids.clear()
                 self._last_seq = 0
             self.state.connected = True
             self.state.since = time.time()
             self.state.last_error = None
             self.state.connects += 1
+            self.state.next_retry_s = None
             birth = json.dumps(self._birth(), separators=(",", ":")).encode()
-            client.publish(self.topic("status"), birth, qos=1, retain=True)
+            hit = egress.check(birth)
+            if hit is None:
+                info = client.publish(self.topic("status"), birth, qos=1, retain=True)
+                with self._lock:
+                    self._status_mids.add(info.mid)
+            else:
+                log.error("birth status withheld: %s", hit)
             self._connected_evt.set()
-            log.info("mqtt connected to %s:%d", self.s.host, self.s.port)
+            log.info("mqtt connected to %s:%d as %s", self.s.host, self.s.port, self.identity)
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_connect handler failed")
 
@@ -172,16 +413,14 @@ class Publisher:
         try:
             if self.state.connected:
                 self.state.since = time.time()
+                log.warning("mqtt disconnected: %s", rc)
             self.state.connected = False
             self._connected_evt.clear()
-            if rc.is_failure or rc.value != 0:
-                self.state.last_error = f"disconnected: {rc}"
-                # Under TLS 1.3 a refused client certificate shows up here.
-                if self.state.connects == 0:
-                    self.state.tls_failures += 1
             with self._lock:
                 self._inflight.clear()
+                self._status_mids.clear()
                 self._last_seq = 0
+                self.state.inflight = 0
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_disconnect handler failed")
 
@@ -190,6 +429,16 @@ class Publisher:
         try:
             with self._lock:
                 seq = self._inflight.pop(mid, None)
+                status = mid in self._status_mids
+                self._status_mids.discard(mid)
+                self.state.inflight = len(self._inflight)
+            if status and rc.is_failure:
+                self.state.refused += 1
+                self.state.last_error = f"broker refused our status publish: {rc}"
+                self._alert("security.alert", {"reason": "broker refused status publish",
+                                                "reason_code": int(rc.value)})
+                log.error("broker refused the status message on %s: %s", self.topic("status"),
+                          rc)
             if seq is None:
                 return
             if rc.is_failure:
@@ -197,7 +446,8 @@ class Publisher:
                 self.outbox.block(seq, f"broker refused publish: {rc}")
                 self._alert("security.alert", {"reason": "broker refused publish",
                                                 "reason_code": int(rc.value)})
-                log.error("broker refused message seq=%d: %s", seq, rc)
+                log.error("broker refused message seq=%d on %s: %s (kept in the blocked table)",
+                          seq, self.cfg.topic_base, rc)
             else:
                 self.outbox.ack(seq)
                 self.state.published += 1
@@ -207,15 +457,13 @@ class Publisher:
     # -- the loop -------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        cid = self.s.client_id or f"{self.cfg.site}.{self.cfg.device}"
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id(self.cfg),
+                        protocol=mqtt.MQTTv5)
         c.tls_set_context(self._ctx)
-        if self.s.tls_server_name:
-            c.tls_insecure_set(False)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
-        c.max_inflight_messages_set(self.s.inflight)
+        c.max_inflight_messages_set(self.s.inflight + 2)  # + birth/offline status
         c.max_queued_messages_set(0)
         will = json.dumps(self._offline(), separators=(",", ":")).encode()
         c.will_set(self.topic("status"), will, qos=1, retain=True)
@@ -228,48 +476,53 @@ class Publisher:
                   clean_start=False, properties=props)
 
     def _run(self) -> None:
-        backoff = 0.5
+        backoff = BACKOFF_MIN
         while not self._stop.is_set():
             client = self._new_client()
             self._client = client
+            self._got_connack = False
+            self._attempt_error = "connection lost before CONNACK"
             try:
                 self._connect(client)
             except (OSError, ssl.SSLError) as exc:
-                self.state.last_error = describe_tls_failure(exc)
-                if isinstance(exc, ssl.SSLError):
-                    self.state.tls_failures += 1
-                log.warning("mqtt connect to %s:%d failed: %s", self.s.host, self.s.port,
-                            self.state.last_error)
-                self._sleep_backoff(backoff)
-                backoff = min(backoff * 2, 60.0)
-                continue
-            try:
-                self._session(client)
-            except Exception as exc:  # noqa: BLE001 - never let the link thread die
-                log.exception("mqtt session failed: %s", exc)
-            was_up = self.state.connects > 0
+                reason = describe_tls_failure(exc, self.s.host)
+                self._fail(reason, tls=isinstance(exc, ssl.SSLError))
+            else:
+                connects = self.state.connects
+                try:
+                    self._session(client)
+                except Exception as exc:  # noqa: BLE001 - never let the link thread die
+                    log.exception("mqtt session failed: %s", exc)
+                if self.state.connects > connects:
+                    backoff = BACKOFF_MIN  # we were up: a fresh outage starts fast
+                elif not self._stop.is_set() and not self._got_connack:
+                    reason, tls = _explain(self.s, self._ctx, self._attempt_error)
+                    self._fail(reason, tls=tls)
             if self._stop.is_set():
                 break
-            backoff = 0.5 if was_up and self.state.connected is False and backoff > 8 else backoff
             self._sleep_backoff(backoff)
-            backoff = min(backoff * 2, 60.0)
+            backoff = min(backoff * 2, BACKOFF_MAX)
         self._client = None
 
     def _sleep_backoff(self, base: float) -> None:
         # Full jitter: a fleet reconnecting after a broker restart spreads out.
-        self._stop.wait(random.uniform(base / 2, base))
+        delay = random.uniform(base / 2, base)
+        self.state.next_retry_s = round(delay, 2)
+        self._stop.wait(delay)
 
     def _session(self, client: mqtt.Client) -> None:
-        deadline = time.time() + 15
+        deadline = time.monotonic() + CONNACK_TIMEOUT
         while not self._stop.is_set():
             rc = client.loop(timeout=0.05)
             if rc != mqtt.MQTT_ERR_SUCCESS:
-                if self.state.last_error is None:
-                    self.state.last_error = f"network loop: {mqtt.error_string(rc)}"
+                if not self._got_connack:
+                    self._attempt_error = (
+                        f"connection lost before CONNACK ({mqtt.error_string(rc)})")
                 return
             if not self.state.connected:
-                if time.time() > deadline:
-                    self.state.last_error = self.state.last_error or "no CONNACK from broker"
+                if self._got_connack or time.monotonic() > deadline:
+                    if not self._got_connack:
+                        self._attempt_error = "no CONNACK from the broker"
                     client.disconnect()
                     return
                 continue
@@ -279,8 +532,8 @@ class Publisher:
         if self.state.connected:
             offline = json.dumps(self._offline(), separators=(",", ":")).encode()
             info = client.publish(self.topic("status"), offline, qos=1, retain=True)
-            end = time.time() + 3
-            while not info.is_published() and time.time() < end:
+            end = time.monotonic() + 3
+            while not info.is_published() and time.monotonic() < end:
                 client.loop(timeout=0.05)
             client.disconnect()
             client.loop(timeout=0.1)
@@ -300,8 +553,8 @@ class Publisher:
                 self.outbox.block(msg.seq, str(hit))
                 self._alert("egress.blocked", {"channel": msg.channel, "event_id": msg.event_id,
                                                "check": hit.kind})
-                log.error("egress guard blocked %s message %s (%s)", msg.channel, msg.event_id,
-                          hit.kind)
+                log.error("egress guard blocked %s message %s (%s); kept encrypted in the "
+                          "outbox's blocked table", msg.channel, msg.event_id, hit.kind)
                 continue
             info = client.publish(self.topic(msg.channel), msg.payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -310,3 +563,4 @@ class Publisher:
                 return
             with self._lock:
                 self._inflight[info.mid] = msg.seq
+                self.state.inflight = len(self._inflight)
