@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from cryptography import x509
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from agent.errors import ConfigError
