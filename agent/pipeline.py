@@ -41,6 +41,20 @@ log = logging.getLogger("edge_agent.pipeline")
 AuditFn = Callable[..., None]
 
 
+def parse_instance(raw: bytes) -> pydicom.Dataset:
+    """Inbox plaintext -> Dataset; every parse failure becomes DeidError.
+
+    The bytes came from a peer: pydicom raises many exception kinds on them
+    (BytesLengthException, struct.error, OverflowError...).  One that escaped
+    ``process`` would leave the study 'complete' and retried forever, ahead of
+    every study behind it (found by tests/fuzz).
+    """
+    try:
+        return pydicom.dcmread(io.BytesIO(raw))
+    except Exception as exc:  # noqa: BLE001 - hostile input, see above
+        raise DeidError(f"not a readable DICOM instance ({type(exc).__name__})") from None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -82,7 +96,7 @@ class Pipeline:
                                     "reason": "inbox file failed authentication"})
                 continue
             try:
-                ds = pydicom.dcmread(io.BytesIO(raw))
+                ds = parse_instance(raw)
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
                     AttributeError, EOFError) as exc:
