@@ -57,6 +57,11 @@ _PATIENT_NAME = 0x00100010
 _PIXEL_DATA = 0x7FE00010
 _ENCRYPTED_ATTRS = 0x04000500
 _PHI_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT"})
+# X/Z sequences: an empty Type 3 sequence is invalid (1-n items), so they are removed,
+# except those that are Type 2 in the IODs that carry them.
+_TYPE2_SEQUENCES = frozenset({0x00400555})  # Acquisition Context Sequence
+# Type 1C attributes whose condition is another attribute the profile removes.
+_CONDITIONAL_ON = {0x00120081: 0x00120082}  # Ethics Committee Name <- Approval Number
 # A synthetic row for dates the table does not list (our safety net).
 _UNLISTED_DATE = ProfileRow(
     tag="unlisted-date",
@@ -159,6 +164,14 @@ class Deidentifier:
         self._overlay_data = masks["60xx,3000"]
         self._overlay_comments = masks["60xx,4000"]
         self._unlisted_date = resolve(_UNLISTED_DATE, opts)
+        self._remove_not_empty: frozenset[int] = frozenset(
+            tag
+            for row in TABLE.rows
+            if row.basic == "X/Z"
+            and (tag := tag_int(row.tag)) is not None
+            and _vr_of(tag) == "SQ"
+            and tag not in _TYPE2_SEQUENCES
+        )
         self._unlisted_pn = Resolved("D", None, "person name not listed in Table E.1-1")
         self._safe_private: frozenset[tuple[int, int, str]] = frozenset()
         if self._private.action == "C":
@@ -231,6 +244,10 @@ class Deidentifier:
                 return DeidOutcome(None, risk, frozenset(state.phi), patient_ref, study_ref)
 
         out, _ = self._walk(ds, state, top=True, text_mode="keep")
+        for dependent, condition in _CONDITIONAL_ON.items():
+            if dependent in out and condition not in out:
+                del out[dependent]
+                state.modified_tags.append(dependent)
         codes = list(self._codes)
         self._file_meta(ds, out)
         if rule is not None:
@@ -463,6 +480,8 @@ class Deidentifier:
         if action == "Z":
             for item in seq:
                 self._walk(item, state, top=False, text_mode="keep")
+            if tag in self._remove_not_empty:
+                return None, True
             return DataElement(tag, "SQ", Sequence([])), len(seq) > 0
         mode: TextMode = text_mode
         if action == "D":

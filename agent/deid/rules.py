@@ -36,7 +36,9 @@ ACTION_TEXT: dict[str, str] = {
     "C": "clean: keep the value with identifying content taken out (see the option that "
     "asked for it)",
     "Z/D": "compound: we apply D (a dummy keeps Type 1 attributes valid)",
-    "X/Z": "compound: we apply Z (an empty value keeps Type 2 attributes valid)",
+    "X/Z": "compound: we apply Z (an empty value keeps Type 2 attributes valid); for a "
+    "sequence we apply X, since an empty Type 3 sequence is invalid (except Acquisition "
+    "Context Sequence, which is Type 2)",
     "X/D": "compound: we apply D (a dummy keeps Type 1 attributes valid)",
     "X/Z/D": "compound: we apply D (a dummy keeps Type 1 attributes valid)",
     "X/Z/U*": "compound: we keep the sequence and apply U to every UID inside it",
@@ -115,6 +117,8 @@ SAFETY_NETS: tuple[str, ...] = (
     "The file meta group is rebuilt: SOP Instance UID follows the dataset, source/sending "
     "AE titles and private information are dropped, and the preamble is zeroed.",
     "Encapsulated documents are always quarantined (their content cannot be checked).",
+    "Clinical Trial Protocol Ethics Committee Name (Type 1C) is removed when its condition, "
+    "the Approval Number, has been removed, so the output stays valid.",
 )
 
 
