@@ -189,9 +189,11 @@ def main() -> None:
         f"| median per-study overhead | {summary['median_study_overhead_pct']:.1f} % |",
         f"| overhead vs a minimal script (same preprocessing + raw run) | "
         f"{overhead_vs_script:.1f} % |",
-        f"| cost of flips + occlusion vs a bare pass | x{summary['extras_factor_vs_single_pass']:.1f} |",
+        f"| cost of flips + occlusion vs a bare pass | "
+        f"x{summary['extras_factor_vs_single_pass']:.1f} |",
         "",
-        "| study | images | engine ms | decode ms | raw same-work ms | raw single ms | overhead % |",
+        "| study | images | engine ms | decode ms | raw same-work ms | raw single ms "
+        "| overhead % |",
         "|---|---|---|---|---|---|---|",
         *[f"| {r['study']} | {r['images']} | {r['engine_ms']:.2f} | {r['decode_ms']:.2f} | "
           f"{r['raw_same_work_ms']:.2f} | {r['raw_single_pass_ms']:.2f} | "

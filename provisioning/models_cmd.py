@@ -30,7 +30,9 @@ KeyOpt = Annotated[
     typer.Option("--publisher-key", help="pinned Ed25519 publisher public key (PEM); repeatable"),
 ]
 EnvOpt = Annotated[str | None, typer.Option("--environment", help="production | development")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="agent.toml to take defaults from")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="agent.toml to take defaults from")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 

@@ -1,7 +1,9 @@
 """Dev publisher key and manifest signing for model packages.
 
-    .venv/bin/python -m training.sign keygen [--keys-dir training/.keys] [--pub models/dev-publisher.pub]
-    .venv/bin/python -m training.sign sign models/lesion-demo/1.0.0 --key training/.keys/dev-publisher.pem
+    .venv/bin/python -m training.sign keygen [--keys-dir training/.keys]
+                                             [--pub models/dev-publisher.pub]
+    .venv/bin/python -m training.sign sign models/lesion-demo/1.0.0 \
+                                           --key training/.keys/dev-publisher.pem
 
 The private key stays out of git (training/.keys/ is ignored).  Signing first
 checks that the manifest's sha256 matches model.onnx, so a publisher cannot

@@ -63,7 +63,8 @@ def _blur(img: npt.NDArray[np.float64], sigma: float) -> npt.NDArray[np.float64]
     return np.fft.irfft2(np.fft.rfft2(img) * transfer, s=img.shape)
 
 
-def _noise(rng: np.random.Generator, shape: tuple[int, int], corr: float) -> npt.NDArray[np.float64]:
+def _noise(rng: np.random.Generator, shape: tuple[int, int],
+           corr: float) -> npt.NDArray[np.float64]:
     n = rng.standard_normal(shape)
     if corr > 0:
         # Correlated ("textured") noise as on scanners with smoother kernels;
@@ -73,7 +74,8 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], corr: float) -> npt
     return n
 
 
-def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> npt.NDArray[np.bool_]:
+def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float,
+             rx: float) -> npt.NDArray[np.bool_]:
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     return bool_arr(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
 
@@ -89,7 +91,8 @@ def _disk(shape: tuple[int, int], cy: float, cx: float, r: float) -> npt.NDArray
     return np.asarray(np.clip(r + 0.5 - d, 0.0, 1.0), dtype=np.float64)
 
 
-def _point_in(rng: np.random.Generator, mask: npt.NDArray[np.bool_], margin: int) -> tuple[int, int]:
+def _point_in(rng: np.random.Generator, mask: npt.NDArray[np.bool_],
+              margin: int) -> tuple[int, int]:
     inner = mask.copy()
     # Erode by shifting, so the whole lesion sits inside the lung field.
     for dy, dx in ((margin, 0), (-margin, 0), (0, margin), (0, -margin)):

@@ -127,7 +127,8 @@ class DriftMonitor:
                         groups[key] = {
                             "studies": g["studies"],
                             "psi_output": round(psi(g["output"], ref.output_reference), 4),
-                            "output_distribution": [round(c / g["studies"], 4) for c in g["output"]],
+                            "output_distribution": [round(c / g["studies"], 4)
+                                                    for c in g["output"]],
                         }
                 out[name] = {
                     "version": st["version"],

@@ -164,8 +164,9 @@ class InferenceEngine:
                 try:
                     outputs.append(self._run(model, selected, study.study_ref))
                 except Exception as exc:  # noqa: BLE001 - a failing model fails this model only
+                    what = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                     reason = (f"model {model.package.name} {model.package.version} failed: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+                              f"{what}")
                     failures.append(reason)
                     log.warning("study %s: %s", study.study_ref[:12], reason)
                     safe_audit(self._audit, "model.failed", {
@@ -209,7 +210,8 @@ class InferenceEngine:
             means.append(float(unit.mean()))
             where.append((img.instance, img.frame, (img.pixels.shape[0], img.pixels.shape[1])))
             if not subgroup:
-                subgroup = {a: str(img.attrs.get(a, "unknown")) for a in m.drift.subgroup_attributes}
+                subgroup = {a: str(img.attrs.get(a, "unknown"))
+                            for a in m.drift.subgroup_attributes}
             pre_s += time.perf_counter() - t1
         if not tensors:
             raise ModelError("no decodable image among the applicable instances")

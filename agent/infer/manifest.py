@@ -109,7 +109,8 @@ class _Reader:
             return {}
         return value
 
-    def get(self, tbl: dict[str, Any], where: str, key: str, kind: type, default: Any = None) -> Any:
+    def get(self, tbl: dict[str, Any], where: str, key: str, kind: type,
+            default: Any = None) -> Any:
         if key not in tbl:
             if default is None:
                 self.problems.append(f"{where}.{key} is missing")
@@ -129,7 +130,8 @@ class _Reader:
             return ()
         return tuple(value)
 
-    def floats(self, tbl: dict[str, Any], where: str, key: str, n: int | None = None) -> tuple[float, ...]:
+    def floats(self, tbl: dict[str, Any], where: str, key: str,
+               n: int | None = None) -> tuple[float, ...]:
         value = tbl.get(key)
         ok = isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
@@ -245,10 +247,11 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
             review_band=(band[0], band[1]),
             max_uncertainty=r.get(dec, "decision", "max_uncertainty", float, 1.0),
             review_if_positive=r.get(dec, "decision", "review_if_positive", bool, False),
-            aggregation=r.choice(dec, "decision", "aggregation", ("max", "mean", "noisy_or"), "max"),  # type: ignore[arg-type]
+            aggregation=r.choice(dec, "decision", "aggregation",  # type: ignore[arg-type]
+                                 ("max", "mean", "noisy_or"), "max"),
         ),
-        uncertainty=r.choice(data.get("uncertainty", {}) if isinstance(data.get("uncertainty"), dict) else {},
-                             "uncertainty", "method", ("tta_flip", "entropy"), "tta_flip"),  # type: ignore[arg-type]
+        uncertainty=r.choice(r.table("uncertainty"), "uncertainty", "method",  # type: ignore[arg-type]
+                             ("tta_flip", "entropy"), "tta_flip"),
         explanation=Explanation(
             method=r.choice(expl, "explanation", "method", ("occlusion", "none"), "occlusion"),  # type: ignore[arg-type]
             patch=r.get(expl, "explanation", "patch", int, 16),

@@ -98,7 +98,8 @@ class ModelSession:
     def check_input(self, channels: int, rows: int, cols: int) -> None:
         shape = self.input_shape
         expected = (channels, rows, cols)
-        if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=False)):
+        fixed = [(d, e) for d, e in zip(shape[1:], expected, strict=False) if isinstance(d, int)]
+        if len(shape) != 4 or any(d != e for d, e in fixed):
             raise ModelError(
                 f"model input shape {list(shape)} does not match the manifest's "
                 f"preprocessing (N, {channels}, {rows}, {cols})",
