@@ -45,9 +45,7 @@ def _load_cert(path: Path) -> x509.Certificate:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except ValueError:
-        raise ConfigError(
-            [f"recipient certificate {path} is not a PEM or DER certificate"]
-        ) from None
+        raise ConfigError([f"recipient certificate {path} is not a PEM or DER certificate"]) from None
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -56,10 +56,7 @@ def burned_in_risk(ds: Dataset) -> str | None:
         return f"burned-in annotation possible (secondary capture, BurnedInAnnotation {shown})"
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "DERIVED" in image_type[:1] or "SECONDARY" in image_type[1:2]:
-        return (
-            f"burned-in annotation possible ({'/'.join(image_type[:2])} image, "
-            f"BurnedInAnnotation {shown})"
-        )
+        return f"burned-in annotation possible ({'/'.join(image_type[:2])} image, BurnedInAnnotation {shown})"
     return None
 
 

@@ -175,9 +175,7 @@ class Deidentifier:
         self._unlisted_pn = Resolved("D", None, "person name not listed in Table E.1-1")
         self._safe_private: frozenset[tuple[int, int, str]] = frozenset()
         if self._private.action == "C":
-            self._safe_private = frozenset(
-                (s.group, s.element_low, s.creator) for s in TABLE.safe_private
-            )
+            self._safe_private = frozenset((s.group, s.element_low, s.creator) for s in TABLE.safe_private)
         self._retain_uids = "retain_uids" in opts
         self._needs_scrubber = bool(opts & _CLEAN_OPTIONS)
         if "retain_longitudinal_full_dates" in opts:
@@ -196,9 +194,7 @@ class Deidentifier:
     # ------------------------------------------------------------------ public
     def describe(self) -> str:
         opts = ", ".join(sorted(self._opts)) or "none"
-        return (
-            f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
-        )
+        return f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
 
     def method_text(self) -> str:
         """DeidentificationMethod value: short enough for one LO value (64 chars)."""
@@ -255,10 +251,7 @@ class Deidentifier:
                 burnedin.black_out(out, rule)
             except Exception as exc:  # noqa: BLE001 -- any decoder failure: pixels unverifiable
                 self._collect_phi_only(ds, state)
-                reason = (
-                    f"{risk}; pixel-clean rule matched but pixels not decodable "
-                    f"({type(exc).__name__})"
-                )
+                reason = f"{risk}; pixel-clean rule matched but pixels not decodable ({type(exc).__name__})"
                 return DeidOutcome(None, reason, frozenset(state.phi), patient_ref, study_ref)
             codes.append("113101")
         self._stamp(out, sorted(codes))
@@ -318,9 +311,7 @@ class Deidentifier:
         elif isinstance(value, str) and len(value.strip()) >= 3:
             state.phi.add(value.strip())
 
-    def _walk(
-        self, ds: Dataset, state: _Instance, *, top: bool, text_mode: TextMode
-    ) -> tuple[Dataset, bool]:
+    def _walk(self, ds: Dataset, state: _Instance, *, top: bool, text_mode: TextMode) -> tuple[Dataset, bool]:
         out = Dataset()
         if None not in ds.original_encoding:
             # Same encoding as the source lets pydicom write kept raw elements verbatim.
@@ -403,9 +394,7 @@ class Deidentifier:
             return True
         return False
 
-    def _fallback(
-        self, elem: DataElement | RawDataElement, vr: str, text_mode: TextMode
-    ) -> Resolved | None:
+    def _fallback(self, elem: DataElement | RawDataElement, vr: str, text_mode: TextMode) -> Resolved | None:
         """Safety nets for attributes the table does not list (None: keep as is)."""
         if vr == "SQ":
             return Resolved("K", None, "unlisted sequence")

@@ -33,8 +33,7 @@ ACTION_TEXT: dict[str, str] = {
     "replacing unlisted free text (ST, LT, UT, UC) inside with a dummy",
     "U": "replace each UID with a keyed 2.25 UID: the same original gives the same new UID "
     "in every instance, study and restart (sequences: process every item)",
-    "C": "clean: keep the value with identifying content taken out (see the option that "
-    "asked for it)",
+    "C": "clean: keep the value with identifying content taken out (see the option that asked for it)",
     "Z/D": "compound: we apply D (a dummy keeps Type 1 attributes valid)",
     "X/Z": "compound: we apply Z (an empty value keeps Type 2 attributes valid); for a "
     "sequence we apply X, since an empty Type 3 sequence is invalid (except Acquisition "
@@ -60,8 +59,7 @@ OPTION_TEXT: dict[str, tuple[str, str]] = {
     "retain_institution_identity": ("113112", "keep institution names, addresses, departments"),
     "retain_patient_characteristics": (
         "113108",
-        "keep sex, age, size, weight...; free-text characteristics (C) are scrubbed like "
-        "descriptors",
+        "keep sex, age, size, weight...; free-text characteristics (C) are scrubbed like descriptors",
     ),
     "retain_longitudinal_full_dates": ("113106", "keep dates and times unchanged"),
     "retain_longitudinal_modified_dates": (
