@@ -593,7 +593,7 @@ class StorageSCP:
                 return
             if not self._allowed(ae_title, addr, event):
                 self._reject(event, 0x01, 0x01, 0x03,
-                             "calling AE title/address/certificate not allowed")
+                             "calling AE title/address not allowed")
                 return
             if not self.accepting():
                 self._reject(event, 0x02, 0x03, 0x01, "not accepting (shutting down)")
