@@ -55,6 +55,7 @@ _CLEAN_OPTIONS = frozenset(
 _PATIENT_ID = 0x00100020
 _PATIENT_NAME = 0x00100010
 _PIXEL_DATA = 0x7FE00010
+_REGISTERED_ROOT = "1.2.840.10008."
 _ENCRYPTED_ATTRS = 0x04000500
 _PHI_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT"})
 # X/Z sequences: an empty Type 3 sequence is invalid (1-n items), so they are removed,
@@ -173,6 +174,7 @@ class Deidentifier:
             and tag not in _TYPE2_SEQUENCES
         )
         self._unlisted_pn = Resolved("D", None, "person name not listed in Table E.1-1")
+        self._unlisted_uid = Resolved("U", None, "UID not listed in Table E.1-1")
         self._safe_private: frozenset[tuple[int, int, str]] = frozenset()
         if self._private.action == "C":
             self._safe_private = frozenset((s.group, s.element_low, s.creator) for s in TABLE.safe_private)
@@ -405,7 +407,7 @@ class Deidentifier:
         if vr == "UI":
             if self._retain_uids or _uid_attribute_is_class(int(elem.tag)):
                 return None
-            return Resolved("U", None, "unlisted UID")
+            return self._unlisted_uid
         if vr in FREE_TEXT_VRS and text_mode != "keep":
             if text_mode == "dummy":
                 return Resolved("D", None, "free text in a replaced sequence")
@@ -447,7 +449,14 @@ class Deidentifier:
         if action == "U" or (action == "D" and vr == "UI"):
             if self._retain_uids:
                 return self._copy(elem), False
-            new_uids = [self._pseudo.uid(str(v)) for v in _values(value) if str(v).strip()]
+            registered_kept = rule is self._unlisted_uid
+            new_uids = [
+                str(v)
+                if registered_kept and str(v).startswith(_REGISTERED_ROOT)
+                else self._pseudo.uid(str(v))
+                for v in _values(value)
+                if str(v).strip()
+            ]
             return DataElement(tag, vr, _pack(new_uids)), True
         if action == "D":
             if tag in (_PATIENT_ID, _PATIENT_NAME):
