@@ -2,7 +2,7 @@
 # Set up everything the quickstart needs on a fresh Debian/Ubuntu machine:
 # system packages (only when missing), the venv, and the project in it.
 #   tools/setup.sh run    -> mosquitto (+ clients)
-#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl
+#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -17,6 +17,7 @@ if [ "$mode" = test ]; then
   have gdcmanon || need+=(libgdcm-tools)
   have openssl || need+=(openssl)
   have systemd-analyze || need+=(systemd)
+  [ -x /usr/sbin/Orthanc ] || need+=(orthanc)  # receive interop test and ingest bench
 fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
@@ -28,6 +29,10 @@ fi
 # The broker is started by our own scripts/tests, never as a system service.
 if have systemctl && systemctl is-active --quiet mosquitto 2>/dev/null; then
   systemctl stop mosquitto || true
+fi
+# Orthanc likewise: tests and the bench run throwaway instances on free ports.
+if have systemctl && systemctl is-active --quiet orthanc 2>/dev/null; then
+  systemctl stop orthanc || true
 fi
 
 PY=${PYTHON:-python3}
