@@ -1,0 +1,130 @@
+"""The egress guard and the log scrubber, from unit checks to a planted PHI
+value travelling through a running daemon: blocked, kept encrypted, audited as
+``egress.blocked``, counted in telemetry, and never in the log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from mqtt_helpers import Collector
+from support import Box, Broker, Daemon, set_config, wait_for
+
+from agent import cloudevents, egress
+from agent import config as cfgmod
+from agent.audit import tail
+from agent.crypto import KeyEncryptionKey
+from agent.outbox import Outbox
+from agent.types import PhiFingerprint
+
+NAME = "Müller^Zebulon"
+PID = "PID-55-CANARY"
+BIRTH = "19310417"
+STUDY_UID = "1.2.840.113619.2.55.3.604688119.971.1234567890.123"
+GUARD = PhiFingerprint(frozenset({NAME, PID, BIRTH, STUDY_UID}))
+
+
+def result(data: dict[str, object]) -> bytes:
+    ev = cloudevents.envelope(kind="result", source="edge-agent/dev-site/dev-box", data=data,
+                              event_id=cloudevents.stable_id("egress", json.dumps(data)))
+    return cloudevents.encode(ev)
+
+
+def test_a_clean_result_passes() -> None:
+    payload = result({"study": {"ref": "2.25.1234567890123456789", "patient_ref": "p-4f1c"},
+                      "status": "ok", "models": [{"name": "lesion", "version": "1.2.0"}]})
+    assert egress.check(payload, GUARD) is None
+
+
+def test_original_values_are_caught_in_any_spelling() -> None:
+    cases = {
+        "id": {"note": f"see {PID}"},
+        "id, other case": {"note": PID.lower()},
+        "escaped unicode name": {"who": "Müller"},  # on the wire as M\u00fcller
+        "name component": {"who": "zebulon"},
+        "iso date": {"born": "1931-04-17"},
+        "uid": {"study": STUDY_UID},
+        "as a key": {PID: 1},
+    }
+    for what, data in cases.items():
+        payload = result(data)
+        hit = egress.check(payload, GUARD)
+        assert hit is not None and hit.kind == "study-value", what
+        assert PID not in str(hit) and "Müller" not in str(hit)  # the hit never carries the value
+
+
+def test_phi_patterns_are_caught_without_a_fingerprint() -> None:
+    assert egress.check(result({"x": "Doe^Jane"})) == egress.GuardHit("person-name")
+    assert egress.check(result({"x": "078-05-1120"})) == egress.GuardHit("ssn")
+    assert egress.check(result({"x": "1.2.840.10008.5.1.4.1.1.2.77"})) == \
+        egress.GuardHit("dicom-uid")
+
+
+def test_log_lines_are_scrubbed_of_planted_values_and_patterns() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(egress.ScrubFilter())
+    logger = logging.getLogger("edge_agent.test_scrub")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with egress.watch(GUARD):
+            logger.warning("study of %s (%s) born %s", "MÜLLER Zebulon", PID, "1931-04-17")
+            try:
+                raise ValueError(f"bad value {PID} in uid {STUDY_UID}")
+            except ValueError:
+                logger.exception("decode failed for %s", "Roe^Richard")
+        logger.warning("after the study: ssn 078-05-1120")
+    finally:
+        logger.removeHandler(handler)
+    out = stream.getvalue()
+    for planted in ("MÜLLER", "Zebulon", PID, "1931-04-17", STUDY_UID, "Roe^Richard",
+                    "078-05-1120"):
+        assert planted.lower() not in out.lower(), planted
+    assert "[redacted]" in out and "[person-name]" in out and "[ssn]" in out
+    assert "ValueError" in out  # the traceback survives, minus the values
+
+
+def test_planted_phi_in_a_result_is_blocked_by_the_daemon(box: Box, broker: Broker) -> None:
+    set_config(box, "telemetry", "interval_seconds", "1")
+    cfg = cfgmod.load(box.config)
+    kek = KeyEncryptionKey.from_file(cfg.keys.kek)
+    (cfg.state_dir / "outbox").mkdir(parents=True, exist_ok=True)
+    ob = Outbox(cfg.state_dir / "outbox" / "outbox.db", kek, cfg.outbox.max_bytes)
+    leaky = result({"study": {"ref": "2.25.99"}, "status": "ok",
+                    "explanation": "prior exam of zebulon muller"})
+    clean = result({"study": {"ref": "2.25.100"}, "status": "ok"})
+    leaky_id = json.loads(leaky)["id"]
+    ob.enqueue("results", leaky_id, leaky, PhiFingerprint(frozenset({"Muller^Zebulon"})))
+    ob.enqueue("results", json.loads(clean)["id"], clean, GUARD)
+    ob.close()
+
+    ops = Collector(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        wait_for(lambda: any(e["data"]["security"]["egress_blocked"] >= 1
+                             for e in ops.on("/telemetry")), 30, "egress_blocked in telemetry")
+        ids = [e["id"] for e in ops.on("/results")]
+        assert json.loads(clean)["id"] in ids and leaky_id not in ids
+    finally:
+        assert d.stop() == 0
+        ops.stop()
+    everything = b"".join(p for _t, p, _r in ops.messages).lower()
+    assert b"zebulon" not in everything
+    log_text = d.log_text()
+    assert f"egress guard blocked results message {leaky_id}" in log_text
+    assert "zebulon" not in log_text.lower()
+
+    ob = Outbox(cfg.state_dir / "outbox" / "outbox.db", kek, cfg.outbox.max_bytes)
+    try:
+        assert ob.stats()["blocked"] == 1  # kept (encrypted), not deleted, not published
+        raw = (cfg.state_dir / "outbox" / "outbox.db").read_bytes()
+        assert b"zebulon" not in raw.lower()
+    finally:
+        ob.close()
+    events = tail(cfg.state_dir / "audit" / "audit.db", kek, 200)
+    blocked = [e for e in events if e.get("event") == "egress.blocked"]
+    assert len(blocked) == 1, [e.get("event") for e in events]
+    assert "zebulon" not in json.dumps(blocked).lower()
