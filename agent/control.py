@@ -350,7 +350,8 @@ def request(path: Path, command: str, args: Mapping[str, Any] | None = None,
     try:
         reply = json.loads(buf)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EdgeAgentError("the daemon sent no valid reply", hint="see 'journalctl -u edge-agent'") from None
+        raise EdgeAgentError("the daemon sent no valid reply",
+                             hint="see 'journalctl -u edge-agent'") from None
     if not isinstance(reply, dict):
         raise EdgeAgentError("the daemon sent no valid reply")
     if not reply.get("ok"):

@@ -104,7 +104,8 @@ def make_csr(key: PrivateKey, site: str, device: str) -> x509.CertificateSigning
     """CN = "<site>.<device>" (the broker's ACL user), asking for clientAuth only."""
     return (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name(site, device))]))
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name(site, device))]))
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(
             x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
@@ -122,7 +123,8 @@ def _new_identity(pki: Path, site: str, device: str, owner: tuple[int, int]) -> 
     d.mkdir(mode=0o700)
     key = new_key()
     write_secret_file(d / "device.key", key_pem(key))
-    _write_public(d / "device.csr", make_csr(key, site, device).public_bytes(serialization.Encoding.PEM))
+    csr = make_csr(key, site, device).public_bytes(serialization.Encoding.PEM)
+    _write_public(d / "device.csr", csr)
     give_tree(d, owner)
     return d
 
@@ -268,7 +270,8 @@ def _load_pems(data: bytes, what: str) -> list[x509.Certificate]:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         raise CryptoError(f"{what} is not a PEM certificate file",
-                          hint="pass the PEM ('-----BEGIN CERTIFICATE-----') the fleet CA returned") from None
+                          hint="pass the PEM ('-----BEGIN CERTIFICATE-----') the fleet CA "
+                               "returned") from None
     return certs
 
 
@@ -309,7 +312,8 @@ def _chain_ok(leaf: x509.Certificate, intermediates: list[x509.Certificate],
             raise CryptoError(f"issuer {issuer.subject.rfc4514_string()} is not a CA certificate")
         if not (issuer.not_valid_before_utc - CLOCK_SKEW <= now <= issuer.not_valid_after_utc):
             raise CryptoError(f"CA certificate {issuer.subject.rfc4514_string()} is outside its "
-                              "validity period", hint="get a current CA certificate; check the clock")
+                              "validity period",
+                              hint="get a current CA certificate; check the clock")
         if issuer in anchors:
             return
         cur = issuer
@@ -328,7 +332,8 @@ def check_certificate(cert_pem: bytes, ca_pem: bytes, key: PrivateKey, *, site: 
                           hint="submit the CSR printed by 'provision init' / 'rotate-cert' and "
                                "install the certificate issued for it")
     if now < leaf.not_valid_before_utc - CLOCK_SKEW:
-        raise CryptoError(f"the certificate is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+        start = leaf.not_valid_before_utc
+        raise CryptoError(f"the certificate is not valid before {start:%Y-%m-%d %H:%M} UTC",
                           hint="check the box clock (timedatectl) or wait until then")
     if now >= leaf.not_valid_after_utc:
         raise CryptoError(f"the certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}",
@@ -338,7 +343,8 @@ def check_certificate(cert_pem: bytes, ca_pem: bytes, key: PrivateKey, *, site: 
     except x509.ExtensionNotFound:
         raise CryptoError("the certificate has no extended key usage; TLS client use "
                           "(clientAuth) is required",
-                          hint="ask the fleet CA for a client certificate (EKU clientAuth)") from None
+                          hint="ask the fleet CA for a client certificate "
+                               "(EKU clientAuth)") from None
     if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise CryptoError("the certificate is not allowed for TLS client authentication "
                           "(no clientAuth extended key usage)",
@@ -456,9 +462,11 @@ def rotate(pki: Path, *, site: str, device: str, new: bool = False) -> RotateRes
     ident = _new_identity(pki, site, device, owner_of(pki))
     old = pending.resolve().name if pending.exists() else None
     _symlink(pki, "pending", ident.name)
-    if old:
-        _prune(pki, keep={ident.name, (pki / "current").resolve().name,
-                          *([(pki / "previous").resolve().name] if (pki / "previous").exists() else [])})
+    if old:  # a discarded pending identity: its key was never used, remove it
+        keep = {ident.name, (pki / "current").resolve().name}
+        if (pki / "previous").exists():
+            keep.add((pki / "previous").resolve().name)
+        _prune(pki, keep=keep)
     return RotateResult(ident / "device.csr", ident.name, False)
 
 

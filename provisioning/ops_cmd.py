@@ -95,7 +95,8 @@ def _print_status(s: dict[str, Any]) -> None:
         f"{d['associations_rejected']} rejected",
         f"studies:       {st.get('open', 0)} open, {st.get('complete', 0)} in flight, "
         f"{st['processed']} processed, {st['failed']} failed",
-        f"outbox:        {ob['depth']} queued ({ob['bytes']} bytes, oldest {ob['oldest_age_s']} s), "
+        f"outbox:        {ob['depth']} queued ({ob['bytes']} bytes, "
+        f"oldest {ob['oldest_age_s']} s), "
         f"{ob['blocked']} blocked",
         f"quarantine:    {q['count']} instance(s)",
     ]
@@ -177,7 +178,8 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "agent.keyrotate":
             raise
-        raise _fail("key rotation is not available in this build (agent.keyrotate is missing)") from None
+        raise _fail("key rotation is not available in this build "
+                    "(agent.keyrotate is missing)") from None
     try:
         result = mod.rotate_keys(cfg, user=control.user_name(os.getuid()))
     except EdgeAgentError as exc:
@@ -203,9 +205,10 @@ def provision_init(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="keys, identity, spool")] = Path(
         "/var/lib/edge-agent"),
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="where to write agent.toml (default <state-dir>/agent.toml)")] = None,
-    mqtt_host: Annotated[str, typer.Option("--mqtt-host", help="broker name in its certificate")] = (
-        "mqtt.example.org"),
+        "--config", "-c",
+        help="where to write agent.toml (default <state-dir>/agent.toml)")] = None,
+    mqtt_host: Annotated[str, typer.Option(
+        "--mqtt-host", help="broker name in its certificate")] = "mqtt.example.org",
     mqtt_port: Annotated[int, typer.Option("--mqtt-port")] = 8883,
     dicom_port: Annotated[int, typer.Option("--dicom-port")] = 11112,
     ae_title: Annotated[str, typer.Option("--ae-title")] = "EDGE_AGENT",
@@ -286,7 +289,8 @@ def provision_install_cert(
 
 def provision_rotate_cert(
     config: ConfigOpt = None,
-    new: Annotated[bool, typer.Option("--new", help="discard a pending CSR and make another")] = False,
+    new: Annotated[bool, typer.Option(
+        "--new", help="discard a pending CSR and make another")] = False,
 ) -> None:
     """New device key + CSR beside the working identity; install-cert switches (admin; audited)."""
     from agent import identity
@@ -326,7 +330,8 @@ def doctor(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     broker_timeout: Annotated[float, typer.Option(help="seconds for the MQTT handshake")] = 10.0,
-    skip: Annotated[list[str] | None, typer.Option(help="skip a check by name (repeatable)")] = None,
+    skip: Annotated[list[str] | None, typer.Option(
+        help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
     models, disk, spool and audit. Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""

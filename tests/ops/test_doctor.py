@@ -81,7 +81,8 @@ def test_invalid_config_lists_every_problem(box: Box) -> None:
     assert "[dicom.port]" in msgs and "[mqtt.keepalive]" in msgs
 
 
-def test_production_identity_connects_then_rotates(tmp_path: Path, box: Box, broker: Broker) -> None:
+def test_production_identity_connects_then_rotates(tmp_path: Path, box: Box,
+                                                   broker: Broker) -> None:
     """provision init with the broker's fleet CA, then rotate: both identities do a real
     mutual-TLS MQTT handshake (the broker's ACL user is the certificate CN)."""
     ca_key, ca = load_key(box.pki / "ca.key"), load_cert(box.pki / "ca.pem")

@@ -118,7 +118,8 @@ def running(box: Box, broker: Broker, users: Users) -> Iterator[tuple[Box, Path,
     d = Daemon(box)
     d.start()
     warm_imports()
-    # A config copy operators can read (production: /etc/edge-agent/agent.toml 0640 root:edge-agent).
+    # A config copy operators can read (production: /etc/edge-agent/agent.toml 0640
+    # root:edge-agent).
     shared = sockdir / "agent.toml"
     shared.write_text(box.config.read_text().replace('"state"', json.dumps(str(box.state)))
                       .replace('"keys/', json.dumps(str(box.root / "keys"))[:-1] + "/")
