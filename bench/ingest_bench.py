@@ -1,0 +1,279 @@
+"""DICOM ingest: the edge-agent daemon next to DCMTK storescp and Orthanc, same run.
+
+Workloads (generated, uncompressed Explicit VR Little Endian, random pixels):
+  CT-like  300 instances of 512 x 512 x 16 bit (~0.5 MB each)
+  DX-like   24 instances of 2560 x 2048 x 16 bit (~10 MB each)
+each sent over 1 and over 4 concurrent associations by DCMTK storescu
+(``TCP_NODELAY=1`` in its environment; the files are split evenly across the
+associations).  Receivers:
+  edge-agent  the daemon (``edge-agent run``) of a dev box: every instance sealed
+              (AES-256-GCM), fsynced and indexed before Success; study completion
+              is pushed out of the measured window (quiet_seconds = 3600)
+  storescp    DCMTK storescp writing files to disk (``--fork`` for 4 associations,
+              ``TCP_NODELAY=1``); no fsync
+  orthanc     Orthanc (Debian package), default storage to disk, ``TCP_NODELAY=1``
+Maximum PDU received: edge-agent 1 MiB (its default), storescp and Orthanc
+131072 (the largest DCMTK accepts).  The daemon's peak RSS (VmHWM, reset
+before each cell) is reported for every edge-agent cell.
+
+    .venv/bin/python bench/ingest_bench.py [--runs 1] [--ct 300] [--dx 24]
+
+Writes bench/out/ingest_bench.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "receive"))
+
+from agent.devbox import provision_dev  # noqa: E402
+from orthanc import Orthanc  # noqa: E402
+
+OUT = REPO / "bench" / "out"
+CALLED = "EDGE_AGENT"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            s.settimeout(0.3)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def make_series(root: Path, n: int, rows: int, cols: int, modality: str) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 4096, size=rows * cols, dtype=np.uint16).tobytes()
+    study, series = generate_uid(), generate_uid()
+    sop_class = "1.2.840.10008.5.1.4.1.1.2" if modality == "CT" else "1.2.840.10008.5.1.4.1.1.1.1"
+    out = []
+    for i in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID = "Bench^Patient", "BENCH-1"
+        ds.Modality, ds.InstanceNumber = modality, i + 1
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.PixelData = pixels
+        p = root / f"{modality.lower()}{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def send(port: int, files: list[Path], assocs: int, aec: str) -> float:
+    """Wall time for storescu to deliver all files over ``assocs`` associations."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    groups = [files[i::assocs] for i in range(assocs)]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port),
+                               *map(str, g)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for g in groups]
+    errors = [p.communicate()[1] for p in procs]
+    took = time.perf_counter() - start
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return took
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak(pid: int) -> None:
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+class EdgeAgent:
+    name = "edge-agent"
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.box = provision_dev(root / "box", dicom_port=self.port, mqtt_port=free_port(),
+                                 extra_ae=("BENCH",))
+        cfg = root / "box" / "agent.toml"
+        text = cfg.read_text().replace("quiet_seconds = 3\n", "quiet_seconds = 3600\n")
+        text = text.replace("[logging]\nlevel = \"INFO\"", "[logging]\nlevel = \"WARNING\"")
+        cfg.write_text(text)
+        self.cfg = cfg
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "provisioning.cli", "run", "--config", str(self.cfg)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class StoreSCP:
+    name = "storescp"
+
+    def __init__(self, root: Path, assocs: int) -> None:
+        self.port = free_port()
+        self.dir = root / "storescp"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.assocs = assocs
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["storescp", "-aet", CALLED, "--max-pdu", "131072", "-od", str(self.dir)]
+        if self.assocs > 1:
+            args.append("--fork")
+        env = dict(os.environ, TCP_NODELAY="1")
+        self.proc = subprocess.Popen([*args, str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc = None
+
+
+class OrthancTarget:
+    name = "orthanc"
+
+    def __init__(self, root: Path) -> None:
+        self.o = Orthanc(root / "orthanc", aet=CALLED)
+        cfg = json.loads(self.o.config.read_text())
+        cfg["MaximumPduLength"] = 131072
+        self.o.config.write_text(json.dumps(cfg))
+        self.port = self.o.dicom
+
+    def start(self) -> None:
+        self.o.start()
+
+    def stop(self) -> None:
+        self.o.stop()
+
+
+def run_cell(target: str, files: list[Path], assocs: int, work: Path) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=work))
+    t: Any = {"edge-agent": lambda: EdgeAgent(root), "storescp": lambda: StoreSCP(root, assocs),
+              "orthanc": lambda: OrthancTarget(root)}[target]()
+    t.start()
+    try:
+        pid = t.proc.pid if target == "edge-agent" else None
+        if pid:
+            reset_peak(pid)
+        took = send(t.port, files, assocs, CALLED)
+        rss = peak_rss(pid) if pid else None
+    finally:
+        t.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    size = sum(f.stat().st_size for f in files)
+    return {"seconds": took, "instances_per_s": len(files) / took,
+            "mb_per_s": size / took / 1e6, "peak_rss_mb": rss / 2**20 if rss else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--ct", type=int, default=300)
+    ap.add_argument("--dx", type=int, default=24)
+    ap.add_argument("--targets", default="edge-agent,storescp,orthanc")
+    a = ap.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"{tool} (DCMTK) is required: tools/setup.sh test", file=sys.stderr)
+            return 2
+    targets = [t for t in a.targets.split(",") if t != "orthanc" or Orthanc.available()]
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        sets = {"CT 512x512x16 bit": make_series(work / "ct", a.ct, 512, 512, "CT"),
+                "DX 2560x2048x16 bit": make_series(work / "dx", a.dx, 2560, 2048, "DX")}
+        results: list[dict[str, Any]] = []
+        for label, files in sets.items():
+            for assocs in (1, 4):
+                for target in targets:
+                    runs = [run_cell(target, files, assocs, work) for _ in range(a.runs)]
+                    med = {k: statistics.median(r[k] for r in runs)
+                           for k in ("seconds", "instances_per_s", "mb_per_s")}
+                    rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None]
+                    row = {"set": label, "instances": len(files), "associations": assocs,
+                           "target": target, **med, "peak_rss_mb": max(rss) if rss else None,
+                           "runs": a.runs}
+                    results.append(row)
+                    print(f"{label:22} x{assocs} {target:10} {med['instances_per_s']:8.1f} inst/s "
+                          f"{med['mb_per_s']:8.1f} MB/s"
+                          + (f"  peak RSS {row['peak_rss_mb']:.0f} MiB" if rss else ""),
+                          flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    env = {"python": platform.python_version(), "cpus": os.cpu_count(),
+           "machine": platform.machine(), "kernel": platform.release(),
+           "storescp": subprocess.run(["storescp", "--version"], capture_output=True,
+                                      text=True).stdout.splitlines()[0:1]}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "ingest_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
+    lines = ["| set | assocs | receiver | inst/s | MB/s | daemon peak RSS |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in results:
+        rss = f"{r['peak_rss_mb']:.0f} MiB" if r["peak_rss_mb"] else ""
+        lines.append(f"| {r['set']} | {r['associations']} | {r['target']} | "
+                     f"{r['instances_per_s']:.1f} | {r['mb_per_s']:.1f} | {rss} |")
+    (OUT / "ingest_bench.md").write_text(
+        f"# DICOM ingest ({a.runs} run(s), median; {env['cpus']} CPUs)\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
