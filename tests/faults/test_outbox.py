@@ -239,3 +239,35 @@ def test_real_full_filesystem_without_reserve_is_out_of_resources(
 
 def _room(vol: Path) -> bool:
     return os.statvfs(vol).f_bavail > 0
+
+
+_ACK_THEN_DIE = """
+import os, sys
+from pathlib import Path
+from agent.crypto import KeyEncryptionKey
+from agent.outbox import Outbox
+ob = Outbox(Path(sys.argv[1]), KeyEncryptionKey(bytes.fromhex(sys.argv[2])), 2**30)
+msgs = ob.peek(0, 100)
+ob.ack(msgs[0].seq)
+ob.flush_acks()
+ob.ack(msgs[1].seq)
+assert [m.event_id for m in ob.peek(0, 100)][:1] == ["result-2"]
+assert ob.stats()["depth"] == 3
+os._exit(0)  # no close: the batched delete of result-1 never happens
+"""
+
+
+def test_batched_acks_hide_at_once_and_a_crash_only_redelivers(
+        tmp_path: Path, kek: KeyEncryptionKey) -> None:
+    db = tmp_path / "o.db"
+    ob = Outbox(db, kek, 2**20)
+    for i in range(5):
+        ob.enqueue("results", *result(i))
+    ob.close()
+    proc = subprocess.run([sys.executable, "-c", _ACK_THEN_DIE, str(db), kek.key.hex()],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ob = Outbox(db, kek, 2**20)
+    # result-0's delete was flushed; result-1's was not: delivered again, same id.
+    assert [m.event_id for m in ob.peek(0, 100)] == [f"result-{i}" for i in range(1, 5)]
+    ob.close()
