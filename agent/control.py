@@ -45,6 +45,7 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 8
 IO_TIMEOUT = 5.0
 DEFAULT_SOCKET = Path("/run/edge-agent/control.sock")
+CERT_WARN_DAYS = 30  # same horizon as doctor and install-cert
 
 AuditFn = Callable[..., None]
 
@@ -373,6 +374,16 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
     ob = d.outbox.stats()
     st = d.publisher.state
     q = d.quarantine.list()
+    days = telemetry.cert_days_left(cfg.mqtt.cert)
+    warnings = []
+    if days is None or days < CERT_WARN_DAYS:
+        warnings.append("device certificate unreadable" if days is None else
+                        f"device certificate expires in {days:.0f} days: "
+                        "run 'edge-agent provision rotate-cert'")
+    if not st.connected:
+        warnings.append(f"MQTT disconnected: {st.last_error or 'connecting'}")
+    if ob["blocked"]:
+        warnings.append(f"{int(ob['blocked'])} outgoing message(s) blocked (see audit log)")
     if d._stop.is_set():
         intake = "stopping"
     else:
@@ -400,11 +411,11 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
                  "last_error": st.last_error, "connects": st.connects,
                  "published": st.published, "refused": st.refused,
                  "tls_failures": st.tls_failures, "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}"},
-        "certificates": {"mqtt_device": {"days_left": telemetry.cert_days_left(cfg.mqtt.cert),
-                                         "path": str(cfg.mqtt.cert)}},
+        "certificates": {"mqtt_device": {"days_left": days, "path": str(cfg.mqtt.cert)}},
         "models": d.engine.active_models(),
         "audit": {**d.audit_log.stats(), "errors": d.audit_log.errors},
         "secrets": credentials.sources(cfg),
+        "warnings": warnings,
     }
 
 

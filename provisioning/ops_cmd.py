@@ -107,6 +107,7 @@ def _print_status(s: dict[str, Any]) -> None:
     lines.append("certificate:   " + ("unreadable" if days is None else f"{days} days left"))
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
+    lines += [f"warning:       {w}" for w in s.get("warnings", [])]
     typer.echo("\n".join(lines))
 
 

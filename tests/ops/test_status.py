@@ -8,7 +8,9 @@ import os
 import pwd
 import subprocess
 
-from support import EDGE_AGENT, REPO, Box, Daemon, wait_for
+from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
+
+from agent.pki import issue, load_cert, load_key, write_pair
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +35,7 @@ def test_status_reports_live_daemon_state(box: Box, daemon: Daemon) -> None:
     assert s["quarantine"]["count"] == 0
     assert s["mqtt"]["last_error"] is None
     assert 800 < s["certificates"]["mqtt_device"]["days_left"] <= 825
+    assert s["warnings"] == []
 
     text = cli("status", "--config", str(box.config))
     assert text.returncode == 0, text.stderr
@@ -62,3 +65,18 @@ def test_status_without_daemon_says_how_to_start_it(box: Box) -> None:
     p = cli("status", "--config", str(box.config))
     assert p.returncode == 2
     assert "not running" in p.stderr and "systemctl start edge-agent" in p.stderr
+
+
+def test_status_warns_thirty_days_before_certificate_expiry(box: Box, broker: Broker) -> None:
+    ca_key, ca = load_key(box.pki / "ca.key"), load_cert(box.pki / "ca.pem")
+    k, c = issue(ca_key, ca, "dev-site.dev-box", client=True, days=12)
+    write_pair(box.pki, "device", k, c)
+    d = Daemon(box)
+    d.start()
+    try:
+        s = json.loads(cli("status", "--config", str(box.config), "--json").stdout)
+        text = cli("status", "--config", str(box.config)).stdout
+    finally:
+        d.stop()
+    assert any("expires in 12 days" in w and "rotate-cert" in w for w in s["warnings"])
+    assert "warning:       device certificate expires in 12 days" in text
