@@ -47,8 +47,18 @@ def _outage(box: Box, broker: Broker, outage_s: float, total: int) -> None:
                     sent.extend(h.enqueue(1, start=i))
                     time.sleep(0.01)
 
+            peak = [0]
+            done = threading.Event()
+
+            def sample_window() -> None:
+                while not done.is_set():
+                    peak[0] = max(peak[0], h.publisher.state.inflight)
+                    time.sleep(0.002)
+
             t = threading.Thread(target=produce)
+            sampler = threading.Thread(target=sample_window)
             t.start()
+            sampler.start()
             wait_for(lambda: h.publisher.state.published >= stop_at, 30, "first third delivered")
             broker.stop()
             down_at = time.time()
@@ -57,7 +67,11 @@ def _outage(box: Box, broker: Broker, outage_s: float, total: int) -> None:
             broker.start()
             t.join()
             wait_for(lambda: h.outbox.stats()["depth"] == 0, 60, "the outbox to drain")
+            done.set()
+            sampler.join()
             assert h.publisher.state.connects >= 2
+            # The backlog drained through a bounded window, never all at once.
+            assert 1 <= peak[0] <= h.cfg.mqtt.inflight
         wait_for(lambda: len({e["id"] for e in ops.on("/results")}) >= total, 30,
                  "every result at central ops")
         got = ops.on("/results")
