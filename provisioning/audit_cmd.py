@@ -23,6 +23,7 @@ from agent.audit import AuditLog, records_between, tail, verify, write_atna_xml,
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AccessDenied, AuditError, EdgeAgentError
+from agent.identity import give, give_tree
 
 audit_app = typer.Typer(help="Verify, export and read the audit trail.", no_args_is_help=True)
 
@@ -91,6 +92,12 @@ def _record(ctx: _Ctx, event: str, *, outcome: str = "success",
                                   "'edge-agent audit verify'")
     finally:
         log.close()
+        # Run as root, sqlite may have created files (db, -wal, -shm, signing
+        # key) the service user could then not write: hand them back to the
+        # owner of the state dir.
+        st = ctx.cfg.state_dir.stat()
+        give_tree(ctx.db.parent, (st.st_uid, st.st_gid))
+        give(ctx.cfg.keys.audit_signing, (st.st_uid, st.st_gid))
 
 
 def _when(text: str, *, end: bool) -> datetime:
