@@ -14,6 +14,7 @@ so nothing a peer sends can steer a path.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import os
@@ -94,9 +95,10 @@ class PendingWrite:
         self.new_study = new_study
         self.data_key = data_key
         self._digest = hashlib.sha256()
-        self._fh: BinaryIO | None = open(path, "xb")  # noqa: SIM115 - closed in finish/abort
+        self._fh: BinaryIO | None = open(path, "r+b")  # noqa: SIM115 - closed in finish/abort
         self._writer = StreamWriter(data_key, self._fh, study_key.encode())
         self._inbox = inbox
+        self.committed = False
 
     @property
     def size(self) -> int:
@@ -124,10 +126,13 @@ class PendingWrite:
         return self._writer.plain_bytes, self._digest.hexdigest()
 
     def abort(self) -> None:
+        """Drop an uncommitted write (idempotent; no-op after commit)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        self.path.unlink(missing_ok=True)
+        if not self.committed:
+            self.committed = True  # release once
+            self._inbox._release_slot(self.path)
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,9 @@ class Inbox:
     ) -> None:
         self.root = root
         self.files = root / "files"
+        self.slots = self.files / "slots"
         self.tmp = root / "tmp"
-        for d in (self.root, self.files, self.tmp):
+        for d in (self.root, self.files, self.slots, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._kek = kek
         self._pkey = pseudonym_key
@@ -166,6 +172,11 @@ class Inbox:
         self._db.executescript(_SCHEMA)
         self._clean_tmp()
         self._pending_bytes = self._sum_pending()
+        # Open study versions: id, version and unwrapped data key, so that the
+        # hot path opens no transaction before it streams.
+        self._open: dict[str, tuple[int, int, bytes]] = {}
+        self._free: collections.deque[Path] = collections.deque()
+        self._recover_slots()
 
     # -- keys and names ---------------------------------------------------
 
@@ -174,6 +185,48 @@ class Inbox:
 
     def instance_key(self, sop_uid: str) -> str:
         return hmac_sha256(self._pkey, b"instance", sop_uid.encode()).hex()[:32]
+
+    # -- slots ----------------------------------------------------------------
+    #
+    # Instance files are pre-created empty in batches ("slots") and written in
+    # place, so acknowledging an instance costs one file fsync and one index
+    # commit; the directory fsync that a create or rename needs is paid once
+    # per batch.  A slot not referenced by the index holds nothing that was
+    # acknowledged: it is emptied and reused.
+
+    _SLOT_BATCH = 32
+
+    def _recover_slots(self) -> None:
+        used = {str(r[0]) for r in self._db.execute(
+            "SELECT file FROM instances WHERE file LIKE 'files/slots/%'")}
+        for p in sorted(self.slots.iterdir()):
+            if str(p.relative_to(self.root)) in used:
+                continue
+            if p.suffix != ".enc":
+                p.unlink(missing_ok=True)
+                continue
+            if p.stat().st_size:
+                os.truncate(p, 0)
+            self._free.append(p)
+
+    def _take_slot(self) -> Path:
+        with self._lock:
+            if not self._free:
+                for _ in range(self._SLOT_BATCH):
+                    p = self.slots / f"{os.urandom(8).hex()}.enc"
+                    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    self._free.append(p)
+                fsync_dir(self.slots)
+            return self._free.popleft()
+
+    def _release_slot(self, path: Path) -> None:
+        """Empty a slot and make it available again (it never held an ack)."""
+        try:
+            os.truncate(path, 0)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self._free.append(path)
 
     def _clean_tmp(self) -> None:
         # Partial writes from a crash were never acknowledged: drop them.
@@ -253,13 +306,18 @@ class Inbox:
         sealed under the study version's data key before it is written.
         """
         self.check_capacity(size_hint)
-        now = time.time()
         skey = self.study_key(study_uid)
-        with self._tx() as db:
-            study_id, version, new_study = self._open_study(db, skey, now)
-            data_key = self._data_key(db, study_id)
-        tmp = self.tmp / f"w{next(self._seq)}.{os.getpid()}.part"
-        return PendingWrite(self, tmp, skey, study_id, version, new_study, data_key)
+        with self._lock:
+            cached = self._open.get(skey)
+        new_study = False
+        if cached is None:
+            with self._tx() as db:
+                study_id, version, new_study = self._open_study(db, skey, time.time())
+                cached = (study_id, version, self._data_key(db, study_id))
+            with self._lock:
+                self._open[skey] = cached
+        study_id, version, data_key = cached
+        return PendingWrite(self, self._take_slot(), skey, study_id, version, new_study, data_key)
 
     def store(
         self,
@@ -318,15 +376,13 @@ class Inbox:
                 # whose data key differs, so re-seal it (rare path).
                 study_id2, version2, new2 = self._open_study(db, skey, now)
                 if study_id2 != study_id:
-                    self._rekey(tmp, pending.data_key, self._data_key(db, study_id2), aad)
+                    new_key = self._data_key(db, study_id2)
+                    self._rekey(tmp, pending.data_key, new_key, aad)
                     study_id, version, new_study = study_id2, version2, new2
+                    with self._lock:
+                        self._open[skey] = (study_id, version, new_key)
                 outcome: StoreOutcome = "conflict" if dup else "stored"
-                fname = f"{study_id:08d}-{ikey}-{sha[:12]}.enc"
-                dest_dir = self.files / skey[:2]
-                dest_dir.mkdir(exist_ok=True, mode=0o700)
-                dest = dest_dir / fname
-                os.replace(tmp, dest)
-                fsync_dir(dest_dir)
+                dest = tmp
                 db.execute(
                     "INSERT INTO instances (study_id, instance_key, sha256, file, size, sop_class, "
                     "transfer_syntax, calling_ae, peer, received_at, flag) "
@@ -340,6 +396,7 @@ class Inbox:
                     (now, size, study_id),
                 )
                 self._pending_bytes += size
+            pending.committed = True
             inst = ReceivedInstance(skey, ikey, dest, size, sha, sop_class, transfer_syntax,
                                     calling_ae, peer, now)
             return StoreReceipt(outcome, inst, version, new_study)
@@ -356,6 +413,7 @@ class Inbox:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(out, path)
+        fsync_dir(path.parent)
 
     # -- assembly ---------------------------------------------------------------
 
@@ -384,7 +442,14 @@ class Inbox:
                         (reason, now, sid),
                     )
                     closed.append(int(sid))
+            self._forget_open(closed)
         return closed
+
+    def _forget_open(self, study_ids: list[int]) -> None:
+        gone = set(study_ids)
+        with self._lock:
+            for skey in [k for k, v in self._open.items() if v[0] in gone]:
+                del self._open[skey]
 
     def complete_all(self) -> list[int]:
         """Close every open study now (run-to-empty mode)."""
@@ -396,6 +461,7 @@ class Inbox:
                 db.execute(
                     "UPDATE studies SET state='complete', completion='shutdown', completed_at=? "
                     "WHERE id=?", (now, sid))
+            self._forget_open(ids)
         return ids
 
     def ready(self) -> list[Study]:
@@ -448,7 +514,10 @@ class Inbox:
             db.execute("DELETE FROM instances WHERE study_id=?", (study.study_id,))
             self._pending_bytes = max(0, self._pending_bytes - sum(i.size for i in study.instances))
         for inst in study.instances:
-            inst.path.unlink(missing_ok=True)
+            if inst.path.parent == self.slots:
+                self._release_slot(inst.path)  # reused, already unreadable (key shredded)
+            else:
+                inst.path.unlink(missing_ok=True)
 
     def note_attempt(self, study: Study) -> int:
         with self._tx() as db:
