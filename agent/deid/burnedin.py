@@ -92,5 +92,6 @@ def black_out(ds: Dataset, rule: PixelCleanRule) -> None:
             arr[y : y + h, x : x + w, ...] = black
     if photometric.startswith("YBR") and int(ds.get("SamplesPerPixel", 1)) == 3:
         photometric = "RGB"  # pydicom converted the decoded pixels to RGB
-    ds.set_pixel_data(arr, photometric, int(ds.BitsStored))
+    # generate_instance_uid=False: the keyed SOP Instance UID must stay consistent.
+    ds.set_pixel_data(arr, photometric, int(ds.BitsStored), generate_instance_uid=False)
     ds.BurnedInAnnotation = "NO"

@@ -116,6 +116,26 @@ def _elem_vr(elem: DataElement | RawDataElement) -> str:
     return str(vr)
 
 
+def _fast_values(elem: DataElement | RawDataElement, vr: str) -> list[str] | None:
+    """Text values of a raw ASCII element without pydicom's full conversion.
+
+    Only for values we drop, replace or map (never for values we keep): it saves
+    most of the per-instance cost; anything not plain ASCII takes the full path.
+    """
+    if not isinstance(elem, RawDataElement) or vr not in _PHI_VRS:
+        return None
+    raw = elem.value
+    if not isinstance(raw, bytes) or not raw.isascii():
+        return None
+    text = raw.decode("ascii").strip("\x00 ")
+    return [v.strip("\x00 ") for v in text.split("\\")] if text else []
+
+
+def _new(tag: int, vr: str, value: Any) -> DataElement:
+    """A replacement element; our values are valid by construction, so skip re-validation."""
+    return DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
+
+
 def _values(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -437,15 +457,20 @@ class Deidentifier:
             return self._apply_sequence(ds, tag, rule, state, text_mode)
         if action == "K":
             return self._copy(elem), False
-        value = ds[tag].value
+        if action == "C":
+            value = ds[tag].value
+        else:
+            value = _fast_values(elem, vr)
+            if value is None:
+                value = ds[tag].value
         self._note(state, vr, value)
         if action == "X":
             return None, True
         if action == "Z":
             if tag == _PATIENT_NAME:
-                return DataElement(tag, vr, state.patient_token), True
+                return _new(tag, vr, state.patient_token), True
             empty = "" if isinstance(DUMMY_BY_VR.get(vr), str) else None
-            return DataElement(tag, vr, empty), True
+            return _new(tag, vr, empty), True
         if action == "U" or (action == "D" and vr == "UI"):
             if self._retain_uids:
                 return self._copy(elem), False
@@ -457,13 +482,13 @@ class Deidentifier:
                 for v in _values(value)
                 if str(v).strip()
             ]
-            return DataElement(tag, vr, _pack(new_uids)), True
+            return _new(tag, vr, _pack(new_uids)), True
         if action == "D":
             if tag in (_PATIENT_ID, _PATIENT_NAME):
-                return DataElement(tag, vr, state.patient_token), True
+                return _new(tag, vr, state.patient_token), True
             if not _values(value):
-                return DataElement(tag, vr, value), False
-            return DataElement(tag, vr, DUMMY_BY_VR.get(vr, None)), True
+                return _new(tag, vr, value), False
+            return _new(tag, vr, DUMMY_BY_VR.get(vr, None)), True
         return self._clean(tag, vr, value, rule, state)
 
     def _apply_sequence(
@@ -501,16 +526,16 @@ class Deidentifier:
         if option in _DATE_OPTIONS:
             if vr in ("DA", "DT"):
                 shifted = [shift_date(str(v), state.date_offset) for v in _values(value)]
-                return DataElement(tag, vr, _pack(shifted)), True
+                return _new(tag, vr, _pack(shifted)), True
             if vr in ("TM", "SH", "LO", "CS"):
-                return DataElement(tag, vr, value), False  # times/zones: whole-day shift keeps them
+                return _new(tag, vr, value), False  # times/zones: whole-day shift keeps them
             return None, True
         if vr == "AE":
             tokens = [self._pseudo.token("ae", str(v)) for v in _values(value)]
-            return DataElement(tag, vr, _pack(tokens)), True
+            return _new(tag, vr, _pack(tokens)), True
         if tag >> 16 in range(0x6000, 0x601F, 2) and tag & 0xFFFF == 0x3000:
             blank = bytes(len(value)) if isinstance(value, bytes) else b""
-            return DataElement(tag, vr, blank), True  # clean graphics: geometry stays, bits go
+            return _new(tag, vr, blank), True  # clean graphics: geometry stays, bits go
         if vr in ("LO", "LT", "SH", "ST", "UC", "UT", "PN", "CS"):
             scrubber = state.scrubber or Scrubber(())
             cleaned = []
@@ -521,10 +546,10 @@ class Deidentifier:
                     new = ""
                 limit = MAX_LEN.get(vr)
                 cleaned.append(new[:limit] if limit else new)
-            return DataElement(tag, vr, _pack(cleaned)), cleaned != [str(v) for v in _values(value)]
+            return _new(tag, vr, _pack(cleaned)), cleaned != [str(v) for v in _values(value)]
         if vr in ("OB", "OW", "UN"):
             return None, True  # binary content cannot be cleaned, so it goes
-        return DataElement(tag, vr, value), False
+        return _new(tag, vr, value), False
 
     def _file_meta(self, ds: Dataset, out: Dataset) -> None:
         meta = FileMetaDataset()
