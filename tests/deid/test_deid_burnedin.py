@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.deid.pseudonym import Pseudonymizer
 
 US_RULE = PixelCleanRule(
     manufacturer="G.E. Medical Systems",
@@ -87,8 +88,13 @@ def test_quarantined_outcome_still_reports_phi() -> None:
 def test_pixel_clean_rule_blacks_out_regions_and_claims_clean_pixels(name: str) -> None:
     ds = _sample(name)
     before = ds.pixel_array.copy()
+    original_bytes = ds.PixelData
     out, reason = _deid(ds, (US_RULE,))
     assert reason is None and out is not None
+    assert ds.PixelData == original_bytes  # the input is not touched
+    # the keyed UID survives pixel cleaning (no random new UID)
+    assert out.SOPInstanceUID == Pseudonymizer(KEY).uid(ds.SOPInstanceUID)
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
     after = pydicom.dcmread(io.BytesIO(_bytes(out))).pixel_array
     assert after.shape == before.shape
     assert not after[0:40, :, :].any()
