@@ -84,7 +84,7 @@ def _set(conf: Path, section: str, key: str, value: str) -> None:
 
 
 def _study(tmp: Path, n: int) -> list[Path]:
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    src = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
     st, se = generate_uid(), generate_uid()
     files = []
     for i in range(n):

@@ -154,7 +154,7 @@ def report(status: dict[str, tuple[int, float, str]], args_for: dict[str, list[s
         cmd = " ".join([".venv/bin/python", f"bench/{name}.py",
                         *map(shlex.quote, args_for.get(name, []))])
         lines += [f"## {what}", "", f"Reproduce: `{cmd}`", ""]
-        rc, secs, tail = status.get(name, (None, 0.0, ""))  # type: ignore[assignment]
+        rc, secs, tail = status.get(name, (0, 0.0, ""))
         out = OUT / f"{name}.md"
         if rc == -1:
             lines += [f"_Not run: bench/{name}.py is not in this tree yet._", ""]
