@@ -271,7 +271,10 @@ class Daemon:
         if self.opts.burst:
             self._burst()
         else:
-            self._stop.wait()
+            # Bounded waits: a SIGTERM that the kernel hands to another thread runs its
+            # Python handler only when the main thread wakes (an unbounded wait hung).
+            while not self._stop.wait(0.5):
+                pass
         return self.shutdown(threads)
 
     def _burst(self) -> None:
