@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
-    corpus = make_corpus(args.out / "corpus", args.instances)
+    corpus = make_corpus(args.out / "deid" / "corpus", args.instances)
     results = []
     for name, (module, fn) in TOOLS.items():
         out = args.out / "deid" / name.replace("/", "_")
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         warm.mkdir(parents=True, exist_ok=True)
         try:  # untimed: imports and first-call setup are not throughput
             fn(corpus[:3], warm)
-        except Exception:  # noqa: BLE001 -- reported by the timed run below
+        except (Exception, SystemExit):  # noqa: BLE001 -- reported by the timed run below
             pass
         shutil.rmtree(warm)
         start = time.perf_counter()
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             fn(corpus, out)
         except ImportError as exc:
             error = f"not installed ({exc.name})"
-        except Exception as exc:  # noqa: BLE001 -- a competitor failing is a result, not a crash
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 -- a competitor failing is a result
             error = f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - start
         leaked, written = leaked_fields(out, args.instances)
