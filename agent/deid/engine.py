@@ -57,6 +57,7 @@ _PATIENT_NAME = 0x00100010
 _PIXEL_DATA = 0x7FE00010
 _REGISTERED_ROOT = "1.2.840.10008."
 _ENCRYPTED_ATTRS = 0x04000500
+_SCRUBBED_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
 _PHI_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT"})
 # X/Z sequences: an empty Type 3 sequence is invalid (1-n items), so they are removed,
 # except those that are Type 2 in the IODs that carry them.
@@ -195,6 +196,7 @@ class Deidentifier:
         )
         self._unlisted_pn = Resolved("D", None, "person name not listed in Table E.1-1")
         self._unlisted_uid = Resolved("U", None, "UID not listed in Table E.1-1")
+        self._overlay_text = Resolved("C", "clean_graphics", "overlay text")
         self._safe_private: frozenset[tuple[int, int, str]] = frozenset()
         if self._private.action == "C":
             self._safe_private = frozenset((s.group, s.element_low, s.creator) for s in TABLE.safe_private)
@@ -341,6 +343,10 @@ class Deidentifier:
             out.set_original_encoding(implicit, little, ds.original_character_set)
         changed = False
         kept_creators: set[int] = set()
+        # Plain public elements go straight into the element dict: Dataset.__setitem__
+        # only adds private-creator and sequence bookkeeping, which these do not need,
+        # and it is the largest per-element cost of a walk.
+        store = out._dict
         for elem in ds.elements():
             tag = int(elem.tag)
             group = tag >> 16
@@ -365,27 +371,28 @@ class Deidentifier:
                     state.modified_tags.append(tag)
                 continue
             rule = self._rules.get(tag)
-            if rule is None:
-                if 0x6000 <= group <= 0x601E:
-                    rule = self._overlay_rule(number)
-                    if rule is None:
-                        if self._overlay_data.action == "X":
-                            changed = True
-                            if top:
-                                state.modified_tags.append(tag)
-                            continue
-                        rule = Resolved("K", None, "overlay") if text_mode == "keep" else None
-                        if rule is None and self._overlay_data.action == "C":
-                            rule = Resolved("C", "clean_graphics", "overlay")
             vr = _elem_vr(elem)
+            if rule is None and 0x6000 <= group <= 0x601E:
+                rule = self._overlay_rule(number)
+                if rule is None:
+                    if self._overlay_data.action == "X":
+                        changed = True  # the whole overlay goes with its data
+                        if top:
+                            state.modified_tags.append(tag)
+                        continue
+                    if vr in _SCRUBBED_TEXT_VRS:
+                        rule = self._overlay_text
             if rule is None:
                 rule = self._fallback(elem, vr, text_mode)
                 if rule is None:
-                    out[tag] = self._copy(elem)
+                    store[elem.tag] = self._copy(elem)
                     continue
             new, did_change = self._apply(ds, elem, tag, vr, rule, state, text_mode)
             if new is not None:
-                out[tag] = new
+                if vr == "SQ":
+                    out[tag] = new  # Dataset bookkeeping for nested encodings
+                else:
+                    store[new.tag] = new
             if did_change:
                 changed = True
                 if top:

@@ -158,7 +158,7 @@ def build(i: int, *, base: str = "CT_small.dcm") -> Canary:
     ds.add_new(0x60000102, "US", 0)
     bits = f"OVLBITS{i:02d}Q".encode()
     ds.add_new(0x60003000, "OW", bits + bytes(rows * cols // 8 - len(bits)))
-    ds.add_new(0x60000022, "LO", f"OVLDESC{i:02d}Q")
+    ds.add_new(0x60000022, "LO", f"OVLDESC{i:02d}Q CANARYFAMILY")
     ds.add_new(0x60001500, "LO", f"OVLLABEL{i:02d}Q")
     ds.add_new(0x60004000, "LT", f"OVLCMT{i:02d}Q")
     ds.add_new(0x50000022, "LO", f"CURVEDESC{i:02d}Q")

@@ -162,6 +162,7 @@ def test_options_keep_what_they_promise_and_clean_the_rest(corpus: list[dc.Canar
     # clean graphics: overlay geometry kept, bitmap blanked; curves gone
     assert out[0x60000010].value == c.dataset[0x60000010].value
     assert set(out[0x60003000].value) == {0}
+    assert out[0x60000022].value == "OVLDESC00Q [removed]"  # overlay text scrubbed
     assert not any(e.tag >> 16 == 0x5000 for e in out)
     # whatever survives is only what these options keep on purpose
     engine = Deidentifier(DeidSettings(options=opts), KEY)
