@@ -494,6 +494,18 @@ class Inbox:
             last_received_at=float(row[4]), completed_at=float(row[5] or 0.0),
         )
 
+    def iter_read(self, study: Study, inst: ReceivedInstance) -> Iterator[bytes]:
+        """Decrypt one stored instance chunk by chunk (bounded memory, authenticated)."""
+        with self._lock:
+            key = self._data_key(self._db, study.study_id)
+        try:
+            with open(inst.path, "rb") as fh:
+                yield from iter_open_stream(key, fh, study.study_key.encode())
+        except FileNotFoundError:
+            raise StorageError(f"inbox file for instance {inst.instance_key[:12]} is missing") from None
+        except CryptoError as exc:
+            raise StorageError(f"inbox file for instance {inst.instance_key[:12]}: {exc}") from None
+
     def read(self, study: Study, inst: ReceivedInstance) -> bytes:
         """Decrypt one stored instance (authenticated)."""
         with self._lock:

@@ -45,8 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "receive"))
 
-from agent.devbox import provision_dev  # noqa: E402
 from orthanc import Orthanc  # noqa: E402
+
+from agent.devbox import provision_dev  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CALLED = "EDGE_AGENT"

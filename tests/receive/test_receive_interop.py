@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from rx_support import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
 from agent.config import PeerRule
+from agent.errors import StorageError
 from agent.receive import STATUS_OUT_OF_RESOURCES
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
@@ -210,3 +211,22 @@ def test_resend_is_idempotent_and_changed_content_is_flagged(tmp_path: Path) -> 
     assert [f[0] for f in flags] == [None, "conflict"]
     assert names == ["instance.received", "instance.duplicate", "instance.conflict"]
     assert n.scp.counters.instances_duplicate == 1
+
+
+def test_inbox_streams_back_what_it_stored(tmp_path: Path) -> None:
+    files = ct_files(tmp_path / "in", 2)
+    with node(tmp_path) as n:
+        _, assoc = _scu(n.port)
+        for f in files:
+            assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+        study = n.inbox.study(n.studies()[0].id)
+        for inst in study.instances:
+            assert b"".join(n.inbox.iter_read(study, inst)) == n.inbox.read(study, inst)
+        # Tampering with a sealed file is detected, never returned as data.
+        victim = study.instances[0].path
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        victim.write_bytes(bytes(raw))
+        with pytest.raises(StorageError):
+            n.inbox.read(study, study.instances[0])
