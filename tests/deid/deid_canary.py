@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
+from deid_support import sample_path
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from agent.deid.rules import tag_int
 from agent.deid.table import TABLE
@@ -67,7 +68,7 @@ def _date(i: int, n: int) -> str:
 
 
 def build(i: int, *, base: str = "CT_small.dcm") -> Canary:
-    ds = pydicom.dcmread(pydicom.data.get_testdata_file(base))
+    ds = pydicom.dcmread(sample_path(base))
     assert isinstance(ds, FileDataset)
     c = Canary(ds)
     for n, row in enumerate(TABLE.rows):
@@ -190,7 +191,7 @@ def build(i: int, *, base: str = "CT_small.dcm") -> Canary:
     c.text[f"PRIVUNSAFE{i:02d}Q"] = "unsafe private in a safe block"
     # file meta and preamble
     ds.file_meta.SourceApplicationEntityTitle = f"FMSRC{i:02d}Q"
-    ds.file_meta.PrivateInformationCreatorUID = f"1.2.826.0.1.3680043.10.1077.5.{i}"
+    ds.file_meta.PrivateInformationCreatorUID = UID(f"1.2.826.0.1.3680043.10.1077.5.{i}")
     ds.file_meta.PrivateInformation = f"FMPRIV{i:02d}Q".encode()
     ds.preamble = f"PREAMBLE{i:02d}Q".encode().ljust(128, b"\0")
     c.text[f"FMSRC{i:02d}Q"] = "file meta SourceApplicationEntityTitle"

@@ -49,3 +49,12 @@ def make_recipient(directory: Path, cn: str) -> Recipient:
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return Recipient(key, cert, key_path, cert_path)
+
+
+def sample_path(name: str) -> str:
+    """Path of a pydicom bundled test file (never one that would need a download)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    assert isinstance(path, str), name
+    return path

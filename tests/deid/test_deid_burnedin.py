@@ -7,8 +7,7 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from deid_support import KEY
-from pydicom.data import get_testdata_file
+from deid_support import KEY, sample_path
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -25,7 +24,7 @@ US_RULE = PixelCleanRule(
 
 
 def _sample(name: str) -> Dataset:
-    return pydicom.dcmread(get_testdata_file(name))
+    return pydicom.dcmread(sample_path(name))
 
 
 def _deid(ds: Dataset, rules: tuple[PixelCleanRule, ...] = ()) -> tuple[Dataset | None, str | None]:

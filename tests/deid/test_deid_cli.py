@@ -9,8 +9,7 @@ import deid_canary as dc
 import pydicom
 import pytest
 import typer
-from deid_support import KEY, Recipient
-from pydicom.data import get_testdata_file
+from deid_support import KEY, Recipient, sample_path
 from typer.testing import CliRunner
 
 from agent.crypto import write_secret_file
@@ -30,7 +29,7 @@ def inbox(tmp_path: Path) -> Path:
     src.mkdir(parents=True)
     for i in range(2):
         (src / f"canary{i}.dcm").write_bytes(dc.to_bytes(dc.build(i).dataset))
-    shutil.copy(get_testdata_file("US1_UNCR.dcm"), src / "us.dcm")
+    shutil.copy(sample_path("US1_UNCR.dcm"), src / "us.dcm")
     (src / "notes.txt").write_text("not dicom")
     return tmp_path / "in"
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import deid_canary as dc
 import pydicom
 import pytest
-from deid_support import KEY, Recipient
-from pydicom.data import get_testdata_file
+from deid_support import KEY, Recipient, sample_path
 from pydicom.dataset import Dataset
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule
@@ -40,9 +39,9 @@ def _errors(ds: Dataset, path: Path) -> set[str]:
 
 
 def _inputs() -> list[tuple[str, Dataset]]:
-    out = [("canary", dc.build(0).dataset)]
+    out: list[tuple[str, Dataset]] = [("canary", dc.build(0).dataset)]
     for name in SAMPLES:
-        ds = pydicom.dcmread(get_testdata_file(name), force=True)
+        ds = pydicom.dcmread(sample_path(name), force=True)
         if name.startswith(("MR", "US")):
             ds.BurnedInAnnotation = "NO"  # let risky images through to be checked
         out.append((name, ds))
@@ -66,7 +65,7 @@ def test_no_new_errors(mode: str, tmp_path: Path, recipient: Recipient) -> None:
 
 
 def test_no_new_errors_after_pixel_clean(tmp_path: Path) -> None:
-    ds = pydicom.dcmread(get_testdata_file("US1_J2KR.dcm"))
+    ds = pydicom.dcmread(sample_path("US1_J2KR.dcm"))
     rule = PixelCleanRule("G.E. Medical Systems", "LOGIQ 700", 480, 640, ((0, 0, 640, 40),))
     before = _errors(ds, tmp_path / "in.dcm")
     out = Deidentifier(DeidSettings(pixel_clean=(rule,)), KEY).deidentify(ds).dataset

@@ -10,8 +10,7 @@ from pathlib import Path
 import deid_canary as dc
 import pydicom
 import pytest
-from deid_support import KEY, Recipient, make_recipient
-from pydicom.data import get_testdata_file
+from deid_support import KEY, Recipient, make_recipient, sample_path
 
 from agent.deid import Deidentifier, DeidSettings
 from agent.deid.envelope import open_envelope
@@ -124,7 +123,7 @@ def test_we_open_openssl_envelopes(recipient: Recipient, cipher: str, transport:
 @pytest.mark.parametrize("cipher", ["--aes128", "--aes192", "--aes256", "--des3"])
 def test_we_reidentify_gdcmanon_output(recipient: Recipient, tmp_path: Path, cipher: str) -> None:
     src = tmp_path / "in.dcm"
-    shutil.copy(get_testdata_file("CT_small.dcm"), src)
+    shutil.copy(sample_path("CT_small.dcm"), src)
     out = tmp_path / "anon.dcm"
     subprocess.run(
         [

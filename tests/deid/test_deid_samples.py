@@ -23,7 +23,7 @@ def _sample_files() -> list[Path]:
             mod = __import__(module)
         except ImportError:
             continue
-        roots.append(Path(mod.__file__).parent / "data")
+        roots.append(Path(str(mod.__file__)).parent / "data")
     files = []
     for root in roots:
         files += [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() in (".dcm", "")]
