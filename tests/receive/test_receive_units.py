@@ -1,0 +1,129 @@
+"""Inbox streaming writes, the rate limiter's window, and an instance cut off
+mid-transfer by its peer."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from rx_support import AE_TITLE, ct_files, node, wait_for
+
+from agent.config import InboxSettings, StudySettings
+from agent.crypto import KeyEncryptionKey, random_key
+from agent.inbox import Inbox
+from agent.ratelimit import PeerLimiter, PeerLimits
+
+
+def make_inbox(root: Path) -> Inbox:
+    return Inbox(root, KeyEncryptionKey(random_key()), random_key(),
+                 InboxSettings(max_bytes=10**12, min_free_bytes=0), StudySettings())
+
+
+def test_instance_of_a_study_completed_while_streaming_goes_to_a_follow_up(tmp_path: Path) -> None:
+    ib = make_inbox(tmp_path / "inbox")
+    first = ib.begin("1.2.3.4")
+    first.write(b"A" * 1000)
+    r1 = ib.commit(first, sop_uid="1.2.3.4.1", sop_class="x", transfer_syntax="ts",
+                   calling_ae="MOD", peer="127.0.0.1")
+    late = ib.begin("1.2.3.4")  # streaming starts while version 1 is open...
+    late.write(b"B" * (3 << 20))
+    assert ib.complete_all() == [1]  # ...and version 1 completes
+    r2 = ib.commit(late, sop_uid="1.2.3.4.2", sop_class="x", transfer_syntax="ts",
+                   calling_ae="MOD", peer="127.0.0.1")
+    assert (r1.study_version, r2.study_version) == (1, 2)
+    v1, v2 = ib.study(1), ib.study(2)
+    assert [ib.read(v1, i) for i in v1.instances] == [b"A" * 1000]
+    assert [ib.read(v2, i) for i in v2.instances] == [b"B" * (3 << 20)]
+    ib.close()
+
+
+def test_unacknowledged_slots_are_emptied_and_reused_after_a_crash(tmp_path: Path) -> None:
+    ib = make_inbox(tmp_path / "inbox")
+    kept = ib.begin("1.2.3")
+    kept.write(b"kept")
+    receipt = ib.commit(kept, sop_uid="1.2.3.1", sop_class="x", transfer_syntax="ts",
+                        calling_ae="MOD", peer="p")
+    crashed = ib.begin("1.2.3")
+    crashed.write(b"never acknowledged" * 1000)
+    crashed._fh.flush()  # type: ignore[union-attr]  # as if the process died here
+    partial = crashed.path
+    ib._db.close()  # no abort: simulate kill -9
+    again = Inbox(tmp_path / "inbox", ib._kek, ib._pkey, ib.settings, ib.study_settings)
+    assert partial.stat().st_size == 0 and partial in again._free
+    assert receipt.instance.path not in again._free
+    study = again.study(1)
+    assert [again.read(study, i) for i in study.instances] == [b"kept"]
+    again.close()
+
+
+def test_rate_limit_window_slides() -> None:
+    now = [1000.0]
+    lim = PeerLimiter(PeerLimits(max_connections_per_peer=2, max_connections=3,
+                                 associations_per_minute_per_peer=2), clock=lambda: now[0])
+    assert [lim.allow_association("a") for _ in range(3)] == [True, True, False]
+    assert lim.allow_association("b")  # per peer
+    now[0] += 59.0
+    assert not lim.allow_association("a")
+    now[0] += 1.0
+    assert lim.allow_association("a")
+    assert [lim.open_connection("a") for _ in range(3)] == [True, True, False]
+    assert lim.open_connection("b") and not lim.open_connection("c")  # total cap
+    lim.close_connection("a")
+    assert lim.open_connection("c")
+
+
+def _associate_rq_ct() -> bytes:
+    def item(kind: int, body: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(body)) + body
+    pc = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.5.1.4.1.1.2")
+              + item(0x40, ExplicitVRLittleEndian.encode()))
+    body = (struct.pack(">HH", 1, 0) + AE_TITLE.ljust(16).encode() + b"MOD".ljust(16)
+            + b"\0" * 32 + item(0x10, b"1.2.840.10008.3.1.1.1") + pc
+            + item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4")))
+    return struct.pack(">BBL", 1, 0, len(body)) + body
+
+
+def test_peer_vanishing_mid_instance_leaves_nothing_behind(tmp_path: Path) -> None:
+    (src,) = ct_files(tmp_path / "in", 1)
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 1024  # 2 MiB of pixels: the sink opens a sealed write early
+    ds.PixelData = b"\x01\x02" * (1024 * 1024)
+    buf = pydicom.filebase.DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(buf, ds)
+    req = C_STORE()
+    req.MessageID, req.Priority = 1, 2
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.DataSet = io.BytesIO(buf.getvalue())
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    pdus = []
+    for prim in msg.encode_msg(1, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(prim)
+        pdus.append(pdu.encode())
+    assert len(pdus) > 2
+    with node(tmp_path, network_timeout=5) as n:
+        with socket.create_connection(("127.0.0.1", n.port)) as s:
+            s.sendall(_associate_rq_ct())
+            assert s.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+            for pdu in pdus[:-1]:  # everything but the last fragment
+                s.sendall(pdu)
+            wait_for(lambda: len(n.scp.counters.by_peer) == 1, 10, "association")
+            wait_for(lambda: any(p.stat().st_size > (1 << 20) for p in n.inbox.slots.iterdir()),
+                     20, "the partial instance to stream in")
+        # Peer gone: the partial instance is dropped and its slot freed.
+        wait_for(lambda: n.scp.counters.active == 0, 30, "association to end")
+        assert n.stored() == 0
+        wait_for(lambda: all(p.stat().st_size == 0 for p in n.inbox.slots.iterdir()), 10,
+                 "slots to be emptied")
+        assert n.scp.counters.instances_stored == 0
