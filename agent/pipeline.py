@@ -19,7 +19,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from agent import cloudevents
+from agent import cloudevents, egress
 from agent.config import Config
 from agent.deid import Deidentifier
 from agent.errors import DeidError, EdgeAgentError
@@ -190,7 +190,8 @@ class Pipeline:
         log.info("processing study %s (%d instances, attempt %d)", study.ref,
                  len(study.instances), attempts)
         dstudy, phi = self.deidentify(study)
-        result = self.infer(dstudy)
+        with egress.watch(phi):  # an exception text quoting an original gets scrubbed too
+            result = self.infer(dstudy)
         for m in result.models:
             self.audit("inference.done", details={"study": dstudy.study_ref, "model": m.name,
                                                   "version": m.version, "sha256": m.sha256,
