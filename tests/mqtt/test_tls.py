@@ -152,3 +152,44 @@ def test_unsafe_client_id_is_refused_at_start(box: Box) -> None:
     with pytest.raises(ConfigError) as exc:
         publish.check_identity(cfgmod.load(box.config))
     assert "client_id" in str(exc.value)
+
+
+def _crl(box: Box, out: Path, revoke: bool) -> Path:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    ca_key, ca = load_key(box.pki / "ca.key"), load_cert(box.pki / "ca.pem")
+    now = datetime.now(UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+         .last_update(now - timedelta(minutes=1)).next_update(now + timedelta(days=7)))
+    if revoke:
+        broker_cert = load_cert(box.pki / "broker.pem")
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(broker_cert.serial_number)
+            .revocation_date(now - timedelta(minutes=1)).build())
+    crl = b.sign(ca_key, hashes.SHA256())
+    path = out / f"crl-{revoke}.pem"
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_crl_refuses_a_revoked_broker(tmp_path: Path, box: Box, broker: Broker) -> None:
+    s = settings(box)
+    ok, reason = publish.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=False)))
+    assert ok, reason
+    ok, reason = publish.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=True)))
+    assert not ok
+    assert reason == "broker certificate is revoked (CRL)"
+
+
+def test_probe_does_not_disturb_the_running_session(box: Box, broker: Broker) -> None:
+    with harness(box) as h:
+        assert h.publisher.wait_connected(15)
+        ok, reason = publish.probe(cfgmod.load(box.config))
+        assert ok, reason
+        h.enqueue(1)
+        wait_for(lambda: h.publisher.state.published >= 1, 15, "a PUBACK after the probe")
+        # Same client id would have taken the session over; the probe uses its own.
+        assert h.publisher.state.connects == 1 and h.publisher.state.connected
