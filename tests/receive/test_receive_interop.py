@@ -230,3 +230,19 @@ def test_inbox_streams_back_what_it_stored(tmp_path: Path) -> None:
         victim.write_bytes(bytes(raw))
         with pytest.raises(StorageError):
             n.inbox.read(study, study.instances[0])
+
+
+@pytest.mark.parametrize("proposed", [
+    ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
+    ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"],
+    ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
+])
+def test_the_requestors_transfer_syntax_order_wins(tmp_path: Path, proposed: list[str]) -> None:
+    with node(tmp_path) as n:
+        ae = AE(ae_title="MOD")
+        ae.add_requested_context(CTImageStorage, proposed)
+        assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        (cx,) = assoc.accepted_contexts
+        assoc.release()
+    assert cx.transfer_syntax[0] == proposed[0]
