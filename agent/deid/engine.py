@@ -22,6 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from agent.deid import burnedin
@@ -208,6 +209,7 @@ class Deidentifier:
             self._temporal = "MODIFIED"
         else:
             self._temporal = "REMOVED"
+        self._method_text = self.method_text()
         self._codes = ("113100",) + tuple(
             OPTION_TEXT[o][0] for o in sorted(opts, key=lambda o: OPTION_TEXT[o][0])
         )
@@ -570,26 +572,31 @@ class Deidentifier:
                 ts = ImplicitVRLittleEndian
             else:
                 ts = ExplicitVRLittleEndian
-        meta.MediaStorageSOPClassUID = out.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-        meta.TransferSyntaxUID = ts
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta[0x00020002] = _new(0x00020002, "UI", out[0x00080016].value)
+        meta[0x00020003] = _new(0x00020003, "UI", out[0x00080018].value)
+        meta[0x00020010] = _new(0x00020010, "UI", ts)
+        meta[0x00020012] = _new(0x00020012, "UI", IMPLEMENTATION_UID)
+        meta[0x00020013] = _new(0x00020013, "SH", IMPLEMENTATION_VERSION)
         out.file_meta = meta
         out.preamble = b"\x00" * 128
 
     def _stamp(self, out: Dataset, codes: Iterable[str]) -> None:
-        out.PatientIdentityRemoved = "YES"
-        out.DeidentificationMethod = self.method_text()
+        store = out._dict  # plain public elements: see _walk
+        for tag, vr, value in (
+            (0x00120062, "CS", "YES"),
+            (0x00120063, "LO", self._method_text),
+            (0x00280303, "CS", self._temporal),
+        ):
+            store[BaseTag(tag)] = _new(tag, vr, value)
         items = []
         for code in codes:
             item = Dataset()
-            item.CodeValue = code
-            item.CodingSchemeDesignator = "DCM"
-            item.CodeMeaning = CODE_MEANING[code]
+            item_store = item._dict
+            item_store[BaseTag(0x00080100)] = _new(0x00080100, "SH", code)
+            item_store[BaseTag(0x00080102)] = _new(0x00080102, "SH", "DCM")
+            item_store[BaseTag(0x00080104)] = _new(0x00080104, "LO", CODE_MEANING[code])
             items.append(item)
-        out.DeidentificationMethodCodeSequence = Sequence(items)
-        out.LongitudinalTemporalInformationModified = self._temporal
+        out[0x00120064] = _new(0x00120064, "SQ", Sequence(items))
 
     def _encrypt_originals(self, ds: Dataset, out: Dataset, state: _Instance) -> None:
         """E.1.1: original values of every changed top-level attribute, enveloped."""
