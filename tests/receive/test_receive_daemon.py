@@ -28,7 +28,10 @@ def send(port: int, ae_title: str, files: list[Path], acked: list[Path],
     for f in files:
         if not assoc.is_established:
             break
-        status = assoc.send_c_store(pydicom.dcmread(f))
+        try:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+        except RuntimeError:  # the association went away under us (the kill)
+            break
         if status and status.Status == 0:
             acked.append(f)
             if after is not None and len(acked) == after and callable(on_after):
