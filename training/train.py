@@ -1,6 +1,7 @@
 """Train, export, evaluate and package the demo lesion model — deterministically.
 
-    .venv/bin/python -m training.train --out models/lesion-demo/1.0.0 [--key training/.keys/dev-publisher.pem]
+    .venv/bin/python -m training.train [--out models/lesion-demo/1.0.0]
+                                       [--key training/.keys/dev-publisher.pem]
 
 PyTorch is a dev-only dependency used here; the runtime only needs onnxruntime.
 The ONNX graph is written by hand from the trained weights (a dozen standard
@@ -230,8 +231,12 @@ def main() -> None:
     sva, ste = scores(xva), scores(xte)
     # Threshold from a separate validation set (Youden's J), never the test set.
     grid = np.linspace(0.05, 0.95, 91)
-    j = [metrics(sva, yva, t)["sensitivity"] + metrics(sva, yva, t)["specificity"] for t in grid]
-    threshold = float(round(grid[int(np.argmax(j))], 2))
+    j = np.array([metrics(sva, yva, t)["sensitivity"] + metrics(sva, yva, t)["specificity"]
+                  for t in grid])
+    # A confident model has a plateau of near-equal J; of those thresholds take
+    # the one closest to 0.5, so the review band stays in the uncertain middle.
+    near = np.flatnonzero(j >= j.max() - 0.01)
+    threshold = float(round(grid[near[np.argmin(np.abs(grid[near] - 0.5))]], 2))
     overall = metrics(ste, yte, threshold)
     groups: dict[str, dict[str, float]] = {}
     for field, values in (("kind", ("ct", "radiograph")), ("scanner", SCANNERS),
