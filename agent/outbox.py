@@ -272,10 +272,11 @@ class Outbox:
         try:
             with self._lock:
                 self._maybe_flush_acks()
+                hidden = sum(1 for s in self._acked if s > after_seq)
                 rows = self._db.execute(
                     "SELECT seq, event_id, channel, body, created_at FROM messages "
                     "WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (after_seq, limit + len(self._acked))).fetchall()
+                    (after_seq, limit + hidden)).fetchall()
                 rows = [r for r in rows if int(r[0]) not in self._acked][:limit]
         except sqlite3.Error as exc:
             raise _translate(exc, "read") from None
