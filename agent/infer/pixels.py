@@ -93,9 +93,9 @@ def _to_gray(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[Any]:
     return arr
 
 
-def decode_frame(ds: Dataset, frame: int) -> npt.NDArray[Any]:
+def decode_frame(ds: Dataset, frame: int, frames: int | None = None) -> npt.NDArray[Any]:
     try:
-        if frame_count(ds) > 1:
+        if (frames if frames is not None else frame_count(ds)) > 1:
             arr = pixel_array(ds, index=frame)
         else:
             arr = ds.pixel_array
@@ -124,11 +124,11 @@ def plan_images(counts: Sequence[int], limit: int) -> list[tuple[int, int]]:
 def iter_images(instances: Sequence[tuple[int, Dataset]], attributes: Sequence[str],
                 limit: int) -> Iterator[ImageInput]:
     """Yield ImageInputs for up to ``limit`` frames of the given (study index, dataset)."""
-    plan = plan_images([frame_count(ds) for _, ds in instances], limit)
-    for position, frame in plan:
+    counts = [frame_count(ds) for _, ds in instances]
+    for position, frame in plan_images(counts, limit):
         index, ds = instances[position]
         yield ImageInput(
-            pixels=decode_frame(ds, frame),
+            pixels=decode_frame(ds, frame, counts[position]),
             attrs=extract_attributes(ds, attributes, frame),
             instance=index,
             frame=frame,

@@ -24,20 +24,27 @@ class ModelTimeout(ModelError):
 
 
 class _Watchdog:
-    """Sets ``terminate`` on the armed RunOptions once its deadline passes."""
+    """Sets ``terminate`` on the armed RunOptions once its deadline passes.
+
+    Arming only wakes the thread when the new deadline is earlier than the one
+    it sleeps towards, so back-to-back runs cost no context switch each.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._armed: tuple[ort.RunOptions, float, threading.Event] | None = None
         self._closed = False
+        self._wakes_at = float("inf")
         self._thread = threading.Thread(target=self._loop, name="onnx-watchdog", daemon=True)
         self._thread.start()
 
     def arm(self, options: ort.RunOptions, timeout: float) -> threading.Event:
         fired = threading.Event()
+        deadline = time.monotonic() + timeout
         with self._cond:
-            self._armed = (options, time.monotonic() + timeout, fired)
-            self._cond.notify()
+            self._armed = (options, deadline, fired)
+            if deadline < self._wakes_at:
+                self._cond.notify()
         return fired
 
     def disarm(self) -> None:
@@ -53,11 +60,13 @@ class _Watchdog:
         with self._cond:
             while not self._closed:
                 if self._armed is None:
+                    self._wakes_at = float("inf")
                     self._cond.wait()
                     continue
                 options, deadline, fired = self._armed
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
+                    self._wakes_at = deadline
                     self._cond.wait(remaining)
                     continue
                 fired.set()
