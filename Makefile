@@ -14,6 +14,7 @@ test-long:
 
 bench:
 	tools/setup.sh test
+	.venv/bin/pip install -q -e '.[dev,bench]' > .venv/bench-install.log 2>&1
 	.venv/bin/python -m bench.run_all
 
 setup:
