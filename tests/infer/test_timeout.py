@@ -57,7 +57,7 @@ def slow_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def test_session_run_is_terminated_at_the_deadline(tmp_path: Path) -> None:
