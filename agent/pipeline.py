@@ -192,13 +192,8 @@ class Pipeline:
         dstudy, phi = self.deidentify(study)
         with egress.watch(phi):  # an exception text quoting an original gets scrubbed too
             result = self.infer(dstudy)
-        for m in result.models:
-            self.audit("inference.done", details={"study": dstudy.study_ref, "model": m.name,
-                                                  "version": m.version, "sha256": m.sha256,
-                                                  "finding": m.finding})
-        for f in result.failures:
-            self.audit("inference.failed", outcome="serious_failure",
-                       details={"study": dstudy.study_ref, "reason": f})
+        # The engine audits each model run (name, version, sha256, input/output
+        # hashes) and each failure itself; the pipeline audits the study outcome.
         eid, payload = self.result_payload(study, result)
         self.outbox.enqueue("results", eid, payload, phi)
         self.inbox.mark_done(study)
