@@ -144,24 +144,30 @@ def _outbox_drain(cfg: agent_config.Config, state: Path, kek: KeyEncryptionKey, 
 def _paho_raw(cfg: agent_config.Config, n: int, size: int, sub: Counter) -> float:
     """The ceiling: the same messages from memory, same TLS, QoS 1 and window."""
     s = cfg.mqtt
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{cfg.site}.{cfg.device}",
+    # Its own client id: the Publisher's persistent session stays out of the way.
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{cfg.site}.{cfg.device}.raw",
                     protocol=mqtt.MQTTv5)
     ctx = ssl.create_default_context(cafile=str(s.ca))
     ctx.load_cert_chain(str(s.cert), str(s.key))
     c.tls_set_context(ctx)
     c.max_inflight_messages_set(s.inflight)
     acked = threading.Semaphore(0)
+    up = threading.Event()
     c.on_publish = lambda *_a: acked.release()
+    c.on_connect = lambda *_a: up.set()
     c.connect(s.host, s.port)
     c.loop_start()
+    if not up.wait(15):
+        raise RuntimeError("bare paho client could not connect")
     msgs = [_payload(i, size) for i in range(n)]
     sub.expect(n)
     topic = f"{cfg.topic_base}/results"
     t0 = time.perf_counter()
     for m in msgs:
         c.publish(topic, m, qos=1)
-    for _ in range(n):
-        acked.acquire()
+    for i in range(n):
+        if not acked.acquire(timeout=60):
+            raise RuntimeError(f"bare paho: only {i} of {n} PUBACKs")
     dt = time.perf_counter() - t0
     sub.done.wait(60)
     c.disconnect()
