@@ -427,6 +427,13 @@ class Inbox:
                 "SELECT id, first_at, last_at, n_instances, n_bytes FROM studies WHERE state='open'"
             ).fetchall()
             for sid, first_at, last_at, n, nbytes in rows:
+                if last_at > now or first_at > now:
+                    # The wall clock stepped backwards (NTP, RTC reset): times in
+                    # the future would hold the study for the size of the step.
+                    # Restart its quiet period and age from the step instead.
+                    last_at, first_at = min(last_at, now), min(first_at, now)
+                    db.execute("UPDATE studies SET last_at=?, first_at=? WHERE id=?",
+                               (last_at, first_at, sid))
                 reason: StudyCompletion | None = None
                 if n >= s.max_instances:
                     reason = "max_instances"

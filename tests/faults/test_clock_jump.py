@@ -5,12 +5,10 @@ because it must survive a restart and a monotonic clock does not.  So:
 
 * a step forward closes open studies early; an instance arriving after that
   becomes a follow-up version (its own result), nothing is lost;
-* a step backward makes ``now - last_at`` negative; the study then waits until
-  the wall clock catches up again.  The fix belongs in ``Inbox.complete_due``
-  (clamp ``last_at``/``first_at`` to ``now`` when they lie in the future, so
-  the quiet period restarts from the step).  The test below is a strict xfail
-  that will start failing, and must then be turned into a normal test, once
-  that fix lands.
+* a step backward would make ``now - last_at`` negative and hold the study
+  for the size of the step; ``Inbox.complete_due`` clamps ``last_at`` and
+  ``first_at`` to ``now`` when they lie in the future, so the quiet period
+  restarts from the step.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 from fault_support import ct_instance
 from pydicom.uid import generate_uid
 
@@ -59,8 +56,6 @@ def test_forward_step_closes_early_and_late_instance_is_a_follow_up(tmp_path: Pa
     ib.close()
 
 
-@pytest.mark.xfail(strict=True, reason="Inbox.complete_due has no protection against a "
-                   "backward wall-clock step (see module docstring)")
 def test_backward_step_does_not_hold_a_study_for_the_size_of_the_step(tmp_path: Path) -> None:
     ib = inbox(tmp_path)
     store(ib, generate_uid())
