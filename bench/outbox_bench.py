@@ -151,9 +151,11 @@ def _paho_raw(cfg: agent_config.Config, n: int, size: int, sub: Counter) -> floa
     ctx.load_cert_chain(str(s.cert), str(s.key))
     c.tls_set_context(ctx)
     c.max_inflight_messages_set(s.inflight)
-    acked = threading.Semaphore(0)
+    # A sliding window of ``inflight`` un-acknowledged messages, like the Publisher
+    # (handing paho 100,000 messages at once loses PUBACKs in its own queue).
+    window = threading.Semaphore(s.inflight)
     up = threading.Event()
-    c.on_publish = lambda *_a: acked.release()
+    c.on_publish = lambda *_a: window.release()
     c.on_connect = lambda *_a: up.set()
     c.connect(s.host, s.port)
     c.loop_start()
@@ -163,11 +165,13 @@ def _paho_raw(cfg: agent_config.Config, n: int, size: int, sub: Counter) -> floa
     sub.expect(n)
     topic = f"{cfg.topic_base}/results"
     t0 = time.perf_counter()
-    for m in msgs:
+    for i, m in enumerate(msgs):
+        if not window.acquire(timeout=60):
+            raise RuntimeError(f"bare paho: no PUBACK for 60 s after {i} of {n} messages")
         c.publish(topic, m, qos=1)
-    for i in range(n):
-        if not acked.acquire(timeout=60):
-            raise RuntimeError(f"bare paho: only {i} of {n} PUBACKs")
+    for _ in range(s.inflight):
+        if not window.acquire(timeout=60):
+            raise RuntimeError("bare paho: the last PUBACKs never came")
     dt = time.perf_counter() - t0
     sub.done.wait(60)
     c.disconnect()
