@@ -8,10 +8,9 @@ paths (folder names such as SMITH_JOHN/ are PHI too).
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import pydicom
 import typer
@@ -19,8 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydicom.errors import InvalidDicomError
 
+from agent.config import load as load_config
 from agent.crypto import load_key_file, random_key
-from agent.deid import OPTIONS, Deidentifier, DeidSettings
+from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule
 from agent.deid.reidentify import reidentify
 from agent.errors import ConfigError, EdgeAgentError
 
@@ -48,36 +48,26 @@ def _load_cert(path: Path) -> x509.Certificate:
         raise ConfigError([f"recipient certificate {path} is not a PEM or DER certificate"]) from None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError([f"cannot read config: {exc.strerror}"], path=str(path)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"invalid TOML: {exc}"], path=str(path)) from None
-    return doc
-
-
 def _settings(
     config: Path | None, mode: str | None, recipients: list[Path], options: list[str]
 ) -> tuple[DeidSettings, bytes | None]:
+    """CLI flags win over the box config; the box config is the daemon's own."""
     problems: list[str] = []
     key: bytes | None = None
     cfg_mode = "strip"
     cfg_options: list[str] = []
     cfg_recipients: list[Path] = []
+    pixel_clean: tuple[PixelCleanRule, ...] = ()
     if config is not None:
-        doc = _read_config(config)
-        base = config.resolve().parent
-        key_path = doc.get("keys", {}).get("pseudonym")
-        if isinstance(key_path, str):
-            key = load_key_file(base / key_path, purpose="pseudonym")
-        else:
-            problems.append("[keys] pseudonym (path to the pseudonym key file) is missing")
-        deid = doc.get("deid", {})
-        cfg_mode = str(deid.get("mode", "strip"))
-        cfg_options = [str(o) for o in deid.get("options", [])]
-        cfg_recipients = [base / str(p) for p in deid.get("recipients", [])]
+        cfg = load_config(config)
+        key = load_key_file(cfg.keys.pseudonym, purpose="pseudonym")
+        cfg_mode = cfg.deid.mode
+        cfg_options = sorted(cfg.deid.options)
+        cfg_recipients = list(cfg.deid.recipients)
+        pixel_clean = tuple(
+            PixelCleanRule(r.manufacturer, r.model, r.rows, r.columns, r.rectangles)
+            for r in cfg.deid.pixel_clean
+        )
     chosen_mode = mode or cfg_mode
     opts = frozenset(options or cfg_options)
     certs: list[x509.Certificate] = []
@@ -93,6 +83,7 @@ def _settings(
         mode="encrypt" if chosen_mode == "encrypt" else "strip",
         options=opts,
         recipients=tuple(certs),
+        pixel_clean=pixel_clean,
     )
     problems.extend(settings.problems())
     if problems:

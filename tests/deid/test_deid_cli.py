@@ -13,6 +13,7 @@ from deid_support import KEY, Recipient, sample_path
 from typer.testing import CliRunner
 
 from agent.crypto import write_secret_file
+from agent.devbox import provision_dev
 from provisioning import deid_cmd
 
 
@@ -57,15 +58,18 @@ def test_deid_without_config_warns_and_summarises(app: typer.Typer, inbox: Path,
 def test_deid_with_config_uses_box_key_and_encrypts(
     app: typer.Typer, inbox: Path, tmp_path: Path, recipient: Recipient
 ) -> None:
-    cfg_dir = tmp_path / "etc"
+    # A real box config (the daemon's own loader reads it), switched to encrypt.
+    box = provision_dev(tmp_path / "etc")
+    cfg_dir = box.root
     write_secret_file(cfg_dir / "keys" / "pseudonym.key", KEY.hex().encode())
     shutil.copy(recipient.cert_path, cfg_dir / "reid.pem")
-    cfg = cfg_dir / "agent.toml"
-    cfg.write_text(
-        '[keys]\npseudonym = "keys/pseudonym.key"\n'
+    cfg = box.config
+    text = cfg.read_text()
+    assert '[deid]\nmode = "strip"\noptions = []\n' in text
+    cfg.write_text(text.replace(
+        '[deid]\nmode = "strip"\noptions = []\n',
         '[deid]\nmode = "encrypt"\noptions = ["retain_longitudinal_modified_dates"]\n'
-        'recipients = ["reid.pem"]\n'
-    )
+        'recipients = ["reid.pem"]\n'))
     runs = []
     for name in ("out1", "out2"):
         result = CliRunner().invoke(app, ["deid", str(inbox), str(tmp_path / name), "--config", str(cfg)])
