@@ -25,7 +25,7 @@ DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no control chars
 
-DEID_OPTIONS = (
+DEID_OPTIONS: tuple[str, ...] = (
     "retain_safe_private",
     "retain_uids",
     "retain_device_identity",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import sqlite3
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,18 +88,35 @@ def load_key_file(path: Path, *, purpose: str) -> bytes:
     return key
 
 
-def write_secret_file(path: Path, data: bytes) -> None:
-    """Create a 0600 file atomically (never briefly world-readable)."""
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` atomically and durably, created with ``mode`` from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.chmod(tmp, mode)  # O_CREAT's mode is filtered by the umask
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create a 0600 file atomically (never briefly world-readable)."""
+    write_file_atomic(path, data, 0o600)
+
+
+def load_or_create_data_key(db: sqlite3.Connection, kek: KeyEncryptionKey,
+                            name: str = "data_key") -> bytes:
+    """The store's data key from its ``meta`` table, created (wrapped) on first use."""
+    row = db.execute("SELECT v FROM meta WHERE k=?", (name,)).fetchone()
+    if row is not None:
+        return kek.unwrap(bytes(row[0]))
+    key = random_key()
+    db.execute("INSERT INTO meta VALUES (?, ?)", (name, kek.wrap(key)))
+    return key
 
 
 def fsync_dir(path: Path) -> None:

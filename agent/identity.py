@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.crypto import fsync_dir, write_secret_file
+from agent.crypto import fsync_dir, write_file_atomic, write_secret_file
 from agent.errors import CryptoError, EdgeAgentError
 from agent.pki import PrivateKey, key_pem, load_key, new_key
 
@@ -73,16 +73,7 @@ def give_tree(root: Path, owner: tuple[int, int]) -> None:
 
 def _write_public(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomic replace of a non-secret file (certificates, CSRs, config)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomic(path, data, mode)
 
 
 def _symlink(pki: Path, name: str, target: str) -> None:

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
+from agent.crypto import KeyEncryptionKey, load_or_create_data_key, seal, unseal
 from agent.errors import EdgeAgentError, OutOfResources, StorageError
 from agent.types import Channel, OutboxMessage, PhiFingerprint
 
@@ -110,12 +110,7 @@ class Outbox:
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
-            if row is None:
-                self._key = random_key()
-                self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (kek.wrap(self._key),))
-            else:
-                self._key = kek.unwrap(bytes(row[0]))
+            self._key = load_or_create_data_key(self._db, kek)
             self._bytes, self._tel_n, self._tel_bytes = self._totals()
         except sqlite3.Error as exc:
             raise _translate(exc, f"cannot open {path}") from None

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.crypto import KeyEncryptionKey, fsync_dir, random_key, seal
+from agent.crypto import KeyEncryptionKey, fsync_dir, load_or_create_data_key, seal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -37,12 +37,7 @@ class Quarantine:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
-        if row is None:
-            self._key = random_key()
-            self._db.execute("INSERT INTO meta VALUES ('data_key', ?)", (kek.wrap(self._key),))
-        else:
-            self._key = kek.unwrap(bytes(row[0]))
+        self._key = load_or_create_data_key(self._db, kek)
         self._kek = kek
 
     def put(self, study_key: str, instance_key: str, data: bytes, reason: str) -> None:

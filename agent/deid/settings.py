@@ -7,20 +7,11 @@ from typing import Literal
 
 from cryptography import x509
 
+from agent.config import DEID_OPTIONS
 from agent.errors import DeidError
 
-OPTIONS: tuple[str, ...] = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
+# The option names are part of the config contract, so agent.config owns them.
+OPTIONS: tuple[str, ...] = DEID_OPTIONS
 
 Mode = Literal["strip", "encrypt"]
 
