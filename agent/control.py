@@ -437,8 +437,14 @@ def daemon_commands(d: Daemon) -> dict[str, Command]:
         d.audit_log.checkpoint()
         return {"checkpointed": True, **d.audit_log.stats()}
 
+    def models_reload(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        # Raises ModelError (old set kept) when the new set does not load.
+        return {"reloaded": True, "models": d.engine.reload()}
+
     return {
         "status": Command(ANY_ROLE, "read the daemon status", status),
+        "models.reload": Command(frozenset({ADMIN}), "reload models", models_reload,
+                                 audited=True),
         "intake.pause": Command(frozenset({ADMIN}), "pause DICOM intake", pause, audited=True),
         "intake.resume": Command(frozenset({ADMIN}), "resume DICOM intake", resume, audited=True),
         "audit.checkpoint": Command(frozenset({AUDITOR, ADMIN}), "sign an audit checkpoint",

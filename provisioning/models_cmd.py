@@ -2,20 +2,27 @@
 
 Thin: resolve where models and their state live (explicit options win over
 the config file), then call agent.infer.registry.  Every change is written to
-the registry's change log (and the audit callback once the audit log is wired
-in); the running daemon picks up a new active version when restarted.
+the registry's change log.  With a config (explicit or the default one),
+install/activate/rollback need the admin role (root passes), are recorded in
+the box's audit log with the Unix user (``model.changed`` + ``cli.action``),
+and activate/rollback ask a running daemon to reload its models over the
+control socket (best effort: a stopped daemon loads them when it starts).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, cast
 
 import typer
 
-from agent.errors import ConfigError, EdgeAgentError
+from agent import control
+from agent.config import Config
+from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 from agent.infer.registry import Environment, ModelPackage, Registry, enforce
 from agent.infer.signing import load_public_keys
 
@@ -42,6 +49,7 @@ class _Where:
     state_dir: Path
     keys: tuple[Path, ...]
     environment: Environment
+    cfg: Config | None = None  # set when a config was read: changes are then admin + audited
 
 
 def _resolve(config: Path | None, models_dir: Path | None, state_dir: Path | None,
@@ -67,6 +75,7 @@ def _resolve(config: Path | None, models_dir: Path | None, state_dir: Path | Non
         state_dir=state_dir or (cfg.state_dir / "models-state" if cfg else Path()),
         keys=tuple(keys) if keys else (cfg.models.publisher_keys if cfg else ()),
         environment=cast(Literal["production", "development"], env),
+        cfg=cfg,
     )
 
 
@@ -157,48 +166,157 @@ def verify(name: Annotated[str | None, typer.Argument()] = None,
         raise typer.Exit(1)
 
 
+def _require_admin(where: _Where) -> None:
+    """Model changes decide what runs on patient images: admin only when a box config is in
+    play (root passes).  Without one (a publisher's scratch dir) there is no box to guard."""
+    if where.cfg is not None:
+        ctl = where.cfg.control
+        control.require(control.local_caller(ctl), frozenset({control.ADMIN}), "change models",
+                        ctl)
+
+
+def _audit(cfg: Config, action: str, *, outcome: str = "success",
+           change: dict[str, object] | None = None, error: str | None = None) -> None:
+    """Record the change in the box's audit log with the Unix user (and the sudo user)."""
+    from agent.audit import AuditLog
+    from agent.crypto import KeyEncryptionKey
+    from agent.errors import AuditError
+    from agent.identity import give, give_tree, owner_of
+
+    db = cfg.state_dir / "audit" / "audit.db"
+    log = AuditLog(db, KeyEncryptionKey.from_file(cfg.keys.kek), cfg.keys.audit_signing,
+                   cfg.audit, box=f"{cfg.site}/{cfg.device}")
+    try:
+        user = control.user_name(os.getuid())
+        extra: dict[str, object] = {}
+        if os.environ.get("SUDO_USER"):
+            extra["sudo_user"] = os.environ["SUDO_USER"]
+        if change is not None:
+            log.record("model.changed", outcome=outcome, user=user,
+                       details={"action": action, **change, **extra})
+        cli: dict[str, object] = {"command": f"models.{action}", **extra}
+        if error is not None:
+            cli["error"] = error
+        log.record("cli.action", outcome=outcome, user=user, details=cli)
+        if log.errors:
+            raise AuditError(f"could not record the audit event: {log.last_error}",
+                             hint="check free space under the state dir and run "
+                                  "'edge-agent audit verify'")
+    finally:
+        log.close()
+        # Run as root for the service: files sqlite just created must stay the daemon's.
+        owner = owner_of(cfg.state_dir)
+        give_tree(db.parent, owner)
+        give(cfg.keys.audit_signing, owner)
+        models_state = cfg.state_dir / "models-state"
+        if models_state.exists():
+            give_tree(models_state, owner)
+
+
+def _audit_quietly(where: _Where, action: str, *, outcome: str = "success",
+                   change: dict[str, object] | None = None, error: str | None = None) -> None:
+    if where.cfg is None:
+        return
+    try:
+        _audit(where.cfg, action, outcome=outcome, change=change, error=error)
+    except EdgeAgentError as exc:
+        typer.echo(f"warning: could not audit the model change: {exc}", err=True)
+
+
+def _reload(where: _Where) -> str:
+    """Ask a running daemon to load the new active set; never fails the command (the change
+    itself is durable: a daemon that is down loads it when it starts)."""
+    if where.cfg is None:
+        return "restart the daemon to load it"
+    try:
+        data = control.request(where.cfg.control.socket, "models.reload", timeout=120.0)
+    except AccessDenied as exc:
+        return f"the running daemon refused to reload ({exc}); restart it to load the change"
+    except EdgeAgentError as exc:
+        first = str(exc).splitlines()[0]
+        if "not running" in first:
+            return "the daemon is not running; it loads the change when it starts"
+        return (f"the running daemon did not switch ({first}); fix the package and activate "
+                "again, or restart the daemon")
+    loaded = ", ".join(f"{m.get('name')} {m.get('version')}"
+                       for m in data.get("models", []) if isinstance(m, dict)) or "none"
+    return f"the running daemon reloaded its models (now: {loaded})"
+
+
+def _change(action: str, where: _Where,
+            do: Callable[[Registry], tuple[str, str, str | None]]) -> tuple[Registry, str, str,
+                                                                             str | None]:
+    """Role check, change, audit: the shape every model change shares."""
+    try:
+        _require_admin(where)
+    except AccessDenied as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(3) from None
+    try:
+        reg = _registry(where)
+        name, version, previous = do(reg)
+    except EdgeAgentError as exc:
+        _audit_quietly(where, action, outcome="minor_failure",
+                       error=str(exc).splitlines()[0][:200])
+        raise _fail(exc) from None
+    _audit_quietly(where, action, change={"name": name, "version": version,
+                                          "previous": previous})
+    return reg, name, version, previous
+
+
 @models_app.command()
 def install(path: Annotated[Path, typer.Argument(help="package directory (holds manifest.toml)")],
             config: ConfigOpt = None, models_dir: ModelsDirOpt = None,
             state_dir: StateDirOpt = None, publisher_key: KeyOpt = None,
             environment: EnvOpt = None) -> None:
-    """Verify a package and copy it into the models directory (atomically)."""
+    """Verify a package and copy it into the models directory (admin; audited)."""
     try:
-        reg = _registry(_resolve(config, models_dir, state_dir, publisher_key, environment))
-        pkg = reg.install(path)
+        where = _resolve(config, models_dir, state_dir, publisher_key, environment)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
-    typer.echo(f"installed {pkg.name} {pkg.version} ({pkg.verification.status}); "
-               f"active version is now {reg.active_version(pkg.name)}. "
-               f"Use 'edge-agent models activate {pkg.name} {pkg.version}' to pin it, then "
-               "restart the daemon.")
+
+    def do(reg: Registry) -> tuple[str, str, str | None]:
+        pkg = reg.install(path)
+        return pkg.name, pkg.version, None
+
+    reg, name, version, _ = _change("install", where, do)
+    active = reg.active_version(name)
+    typer.echo(f"installed {name} {version}; active version is now {active}. "
+               f"Use 'edge-agent models activate {name} {version}' to pin it.")
+    if active == version:
+        typer.echo(_reload(where))
 
 
 @models_app.command()
 def activate(name: str, version: str, config: ConfigOpt = None, models_dir: ModelsDirOpt = None,
              state_dir: StateDirOpt = None, publisher_key: KeyOpt = None,
              environment: EnvOpt = None) -> None:
-    """Make VERSION the active version of NAME (the previous one is kept for rollback)."""
+    """Make VERSION the active version of NAME (admin; audited; a running daemon reloads)."""
     try:
-        reg = _registry(_resolve(config, models_dir, state_dir, publisher_key, environment))
-        previous = reg.activate(name, version)
+        where = _resolve(config, models_dir, state_dir, publisher_key, environment)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
-    typer.echo(f"{name}: {previous or 'none'} -> {version}; restart the daemon to load it")
+    _, _, _, previous = _change("activate", where,
+                                lambda reg: (name, version, reg.activate(name, version)))
+    typer.echo(f"{name}: {previous or 'none'} -> {version}; {_reload(where)}")
 
 
 @models_app.command()
 def rollback(name: str, config: ConfigOpt = None, models_dir: ModelsDirOpt = None,
              state_dir: StateDirOpt = None, publisher_key: KeyOpt = None,
              environment: EnvOpt = None) -> None:
-    """Go back to the version that was active before the last switch."""
+    """Go back to the version active before the last switch (admin; audited; reloads)."""
     try:
-        reg = _registry(_resolve(config, models_dir, state_dir, publisher_key, environment))
-        before = reg.active_version(name)
-        target = reg.rollback(name)
+        where = _resolve(config, models_dir, state_dir, publisher_key, environment)
     except EdgeAgentError as exc:
         raise _fail(exc) from None
-    typer.echo(f"{name}: {before} -> {target} (rolled back); restart the daemon to load it")
+
+    def do(reg: Registry) -> tuple[str, str, str | None]:
+        before = reg.active_version(name)
+        return name, reg.rollback(name), before
+
+    _, _, target, before = _change("rollback", where, do)
+    typer.echo(f"{name}: {before} -> {target} (rolled back); {_reload(where)}")
 
 
 def register(app: typer.Typer) -> None:

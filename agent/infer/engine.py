@@ -30,7 +30,7 @@ from agent.infer.explain import occlusion, to_image_box
 from agent.infer.manifest import AppliesTo, Decision, Manifest
 from agent.infer.pixels import frame_count, iter_images
 from agent.infer.preprocess import preprocess
-from agent.infer.registry import ModelPackage, Registry, safe_audit
+from agent.infer.registry import ModelPackage, Registry, enforce, safe_audit
 from agent.infer.session import ModelSession
 from agent.infer.signing import load_public_keys
 from agent.types import DeidentifiedStudy, ModelOutput
@@ -110,36 +110,99 @@ class InferenceEngine:
     def __init__(self, settings: InferenceSettings, audit: AuditFn | None = None) -> None:
         self._settings = settings
         self._audit = audit
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held by a study's inference and by the swap
+        self._reload_lock = threading.Lock()  # one reload at a time
         self._registry = Registry(settings.models_dir, settings.state_dir,
                                   publisher_keys=load_public_keys(settings.publisher_keys),
                                   environment=settings.environment, audit=audit)
         self._drift = DriftMonitor(settings.state_dir, settings.drift_min_studies)
         self._models: list[_Loaded] = []
         for pkg in self._registry.active_packages():
-            pre = pkg.manifest.preprocessing
             try:
-                session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
-                                       output_name=pkg.manifest.output_name,
-                                       threads=settings.threads)
-                session.check_input(pre.channels, *pre.resize)
-                session.warm_up(pre.channels, *pre.resize, timeout=settings.timeout_seconds)
+                loaded = self._load(pkg)
             except ModelError as exc:
                 log.error("model %s %s not loaded: %s", pkg.name, pkg.version, exc)
                 safe_audit(audit, "model.not_loaded", {"model": pkg.name, "version": pkg.version,
                                                        "reason": str(exc)})
                 continue
-            self._models.append(_Loaded(pkg, session))
-            self._drift.track(pkg.name, pkg.version, pkg.manifest.drift)
-            safe_audit(audit, "model.loaded", {"model": pkg.name, "version": pkg.version,
-                                               "sha256": pkg.verification.sha256,
-                                               "verification": pkg.verification.status})
+            self._adopt(loaded)
+
+    def _load(self, pkg: ModelPackage) -> _Loaded:
+        """Open, check and warm one package's session (raises ModelError)."""
+        pre = pkg.manifest.preprocessing
+        session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
+                               output_name=pkg.manifest.output_name,
+                               threads=self._settings.threads)
+        try:
+            session.check_input(pre.channels, *pre.resize)
+            session.warm_up(pre.channels, *pre.resize, timeout=self._settings.timeout_seconds)
+        except ModelError:
+            session.close()
+            raise
+        return _Loaded(pkg, session)
+
+    def _adopt(self, loaded: _Loaded) -> None:
+        pkg = loaded.package
+        self._models = [*self._models, loaded]  # a new list: active_models() reads unlocked
+        self._drift.track(pkg.name, pkg.version, pkg.manifest.drift)
+        safe_audit(self._audit, "model.loaded", {"model": pkg.name, "version": pkg.version,
+                                                 "sha256": pkg.verification.sha256,
+                                                 "verification": pkg.verification.status})
+
+    def reload(self) -> list[dict[str, str]]:
+        """Switch to the registry's current active set, atomically between studies.
+
+        The new set is verified, policy-checked and warmed up first, outside the lock
+        (a study in flight keeps running on the old set); only then are the lists
+        swapped under the lock and the sessions no longer used closed.  Any package of
+        the new set that fails keeps the old set running and raises ModelError saying
+        why.  Unchanged packages (same name, version and hash) keep their session.
+        """
+        with self._reload_lock:
+            current = {(m.package.name, m.package.version, m.package.verification.sha256): m
+                       for m in self._models}
+            fresh: list[_Loaded] = []
+            keep: list[_Loaded] = []
+            try:
+                for name in self._registry.names():
+                    version = self._registry.active_version(name)
+                    if version is None:
+                        continue
+                    pkg = self._registry.package(name, version)
+                    enforce(pkg, self._settings.environment, self._audit)
+                    same = current.get((pkg.name, pkg.version, pkg.verification.sha256))
+                    if same is not None:
+                        keep.append(same)
+                    else:
+                        fresh.append(self._load(pkg))
+            except ModelError as exc:
+                for m in fresh:
+                    m.session.close()
+                first = str(exc).splitlines()[0]
+                log.error("model reload failed, keeping the loaded models: %s", first)
+                safe_audit(self._audit, "model.reload_failed", {"reason": first[:300]})
+                raise ModelError(f"reload failed, the previous models stay loaded: {first}",
+                                 hint=exc.hint) from None
+            with self._lock:  # waits for the study in flight, if any
+                old, self._models = self._models, keep  # readers see old or new, never half
+                for m in fresh:
+                    self._adopt(m)
+            for m in old:
+                if m not in keep:
+                    m.session.close()
+            models = self.active_models()
+            safe_audit(self._audit, "model.reloaded", {
+                "models": [f"{m['name']} {m['version']}" for m in models]})
+            log.info("models reloaded: %s",
+                     ", ".join(f"{m['name']} {m['version']}" for m in models) or "none")
+            return models
 
     # -- public API ------------------------------------------------------------
     def active_models(self) -> list[dict[str, str]]:
+        models = self._models  # one read: a concurrent reload swaps the whole list
         return [{"name": m.package.name, "version": m.package.version,
                  "sha256": m.package.verification.sha256,
-                 "verification": m.package.verification.status} for m in self._models]
+                 "verification": m.package.verification.status} for m in models]
 
     def drift_report(self) -> dict[str, object]:
         self._drift.flush()

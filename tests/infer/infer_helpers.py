@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from support import Box, set_config
 
 from agent.types import DeidentifiedStudy
 from training.synth import SynthCase, to_dataset
@@ -53,3 +56,24 @@ def study_of(datasets: tuple[Dataset, ...], ref: str = "study-ref") -> Deidentif
         quarantined=(), failed=(), method="test", options=(),
         received_instances=len(datasets), first_received_at=0.0, last_received_at=0.0,
     )
+
+
+def box_with_models(box: Box, tmp_path: Path, publisher: tuple[Path, Path]) -> Path:
+    """Point the box at a models dir of its own (never the repo's) that pins both the dev
+    publisher and this test's publisher key."""
+    models = tmp_path / "box-models"
+    shutil.copytree(DEMO, models / "lesion-demo" / "1.0.0")
+    set_config(box, "models", "dir", json.dumps(str(models)))
+    set_config(box, "models", "publisher_keys", json.dumps([str(DEV_PUB), str(publisher[1])]))
+    return models
+
+
+def readable_config(box: Box, folder: Path) -> Path:
+    """A copy of agent.toml with absolute paths that other users can read (production:
+    /etc/edge-agent/agent.toml 0640 root:edge-agent)."""
+    shared = folder / "agent.toml"
+    shared.write_text(box.config.read_text().replace('"state"', json.dumps(str(box.state)))
+                      .replace('"keys/', json.dumps(str(box.root / "keys"))[:-1] + "/")
+                      .replace('"pki/', json.dumps(str(box.pki))[:-1] + "/"))
+    shared.chmod(0o644)
+    return shared
