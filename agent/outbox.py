@@ -51,7 +51,7 @@ from agent.types import Channel, OutboxMessage, PhiFingerprint
 TELEMETRY_MAX = 2000  # samples kept before coalescing (1.4 days at the 60 s default)
 TELEMETRY_SHARE = 0.10  # of max_bytes
 DEFAULT_MIN_FREE = 16 * 2**20
-WAL_PAGES = 128
+WAL_PAGES = 1024  # 4 MiB with the default reserve
 ACK_BATCH = 256
 ACK_FLUSH_S = 0.2
 
@@ -107,8 +107,14 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=FULL")
             # A bounded WAL: checkpoints restart it from its beginning, so a long
             # drain on a nearly full volume reuses the same bytes instead of growing.
-            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
-            self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
+            # At most a quarter of the free-space reserve, so the WAL alone can
+            # never eat the room that deletions need.
+            wal_pages = max(16, min(WAL_PAGES, min_free_bytes // 4096 // 4))
+            self._db.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
+            self._db.execute(f"PRAGMA journal_size_limit={wal_pages * 4096}")
+            # Rows are AES-GCM ciphertext: zero-filling freed pages (the build's
+            # default) buys nothing and doubles the writes of a drain.
+            self._db.execute("PRAGMA secure_delete=FAST")
             self._db.executescript(_SCHEMA)
             self._key = load_or_create_data_key(self._db, kek)
             self._bytes, self._tel_n, self._tel_bytes = self._totals()
