@@ -80,6 +80,7 @@ class Daemon:
         self._intake.set()
         self._work = threading.Event()
         self._last_retention = 0.0
+        self._holding = False
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Shared while we run: 'keys rotate' needs it exclusively (we hold the KEK in memory).
@@ -107,7 +108,7 @@ class Daemon:
                                  self.quarantine, self.audit)
         self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
                               on_stored=lambda _r: self._work.set(),
-                              accepting=self._intake.is_set)
+                              accepting=self._intake.is_set, receipts=self.audit_log)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d))
@@ -171,11 +172,23 @@ class Daemon:
                 log.exception("assembler cycle failed")
                 self._stop.wait(1.0)
 
+    def _outbox_has_room(self) -> bool:
+        # A result that cannot be enqueued would be de-identified and inferred
+        # again every cycle; wait until the outbox drains below its budget.
+        st = self.outbox.stats()
+        return bool(st["bytes"] < 0.95 * st.get("max_bytes", self.cfg.outbox.max_bytes))
+
     def _process_ready(self) -> int:
         n = 0
         for study in self.inbox.ready():
             if self._stop.is_set():
                 break
+            if not self._outbox_has_room():
+                if not self._holding:
+                    log.warning("outbox is nearly full: holding completed studies until it drains")
+                self._holding = True
+                break
+            self._holding = False
             try:
                 self.pipeline.process(study)
                 n += 1

@@ -29,7 +29,9 @@ from agent.types import PhiFingerprint
 # (Family^Given), US SSNs, and the UID roots real equipment uses (our own
 # pseudonymous UIDs are 2.25.<int>, which is allowed).
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("person-name", re.compile(r"[A-Za-z][A-Za-z'-]+\^[A-Za-z]")),
+    # The lookbehind anchors a match at a word start: without it every letter of
+    # a long run (base64, say) starts a new scan to the run's end, O(n^2).
+    ("person-name", re.compile(r"(?<![A-Za-z'-])[A-Za-z][A-Za-z'-]+\^[A-Za-z]")),
     ("ssn", re.compile(r"\b\d{3}-\d{2}-\d{4}\b")),
     ("dicom-uid", re.compile(r"\b1\.[23]\.\d+(?:\.\d+){3,}\b")),
 )
