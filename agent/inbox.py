@@ -17,12 +17,13 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,19 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id);
 CREATE INDEX IF NOT EXISTS instances_key ON instances(instance_key);
+-- Audit records of acknowledged instances, committed in the instance's own index
+-- transaction (one fsync makes both durable) and moved to the audit log in batches.
+CREATE TABLE IF NOT EXISTS receipts (
+    id INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    entry TEXT NOT NULL             -- JSON: event, outcome, source, details (no PHI values)
+);
 """
 
 StoreOutcome = Literal["stored", "duplicate", "conflict"]
+# Builds the audit record of a receipt (event, outcome, source, details) inside
+# the index transaction, once the outcome is known.
+ReceiptAudit = Callable[["StoreReceipt"], Mapping[str, object]]
 
 
 class PendingWrite:
@@ -117,7 +128,9 @@ class PendingWrite:
         try:
             self._writer.close()
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            # fdatasync still flushes the file size; the inode times it skips are
+            # not needed to read the instance back.
+            os.fdatasync(self._fh.fileno())
         except OSError as exc:
             raise StorageError(f"cannot write the inbox: {exc.strerror}") from None
         finally:
@@ -172,6 +185,8 @@ class Inbox:
         self._db.executescript(_SCHEMA)
         self._clean_tmp()
         self._pending_bytes = self._sum_pending()
+        self._receipts_drained = 0  # ids <= this are in the audit log
+        self._receipts_deleted = 0
         # Open study versions: id, version and unwrapped data key, so that the
         # hot path opens no transaction before it streams.
         self._open: dict[str, tuple[int, int, bytes]] = {}
@@ -353,8 +368,14 @@ class Inbox:
         transfer_syntax: str,
         calling_ae: str,
         peer: str,
+        audit: ReceiptAudit | None = None,
     ) -> StoreReceipt:
-        """fsync, dedupe and index a streamed instance; return once it is safe to ack."""
+        """fsync, dedupe and index a streamed instance; return once it is safe to ack.
+
+        With ``audit``, the receipt's audit record is journaled in the same
+        transaction as the index row (see ``pending_receipts``): an acknowledged
+        instance never lacks its audit record, and no second fsync is paid for it.
+        """
         size, sha = pending.finish()
         tmp, skey, aad = pending.path, pending.study_key, pending.study_key.encode()
         study_id, version, new_study = pending.study_id, pending.version, pending.new_study
@@ -370,7 +391,9 @@ class Inbox:
                 if any(r[0] == sha for r in dup):
                     inst = ReceivedInstance(skey, ikey, Path(), size, sha, sop_class,
                                             transfer_syntax, calling_ae, peer, now)
-                    return StoreReceipt("duplicate", inst, version, new_study)
+                    receipt = StoreReceipt("duplicate", inst, version, new_study)
+                    self._journal(db, audit, receipt)
+                    return receipt
                 # The study version may have been completed while we were
                 # writing: the instance then belongs to a follow-up version,
                 # whose data key differs, so re-seal it (rare path).
@@ -395,13 +418,53 @@ class Inbox:
                     "WHERE id=?",
                     (now, size, study_id),
                 )
+                inst = ReceivedInstance(skey, ikey, dest, size, sha, sop_class, transfer_syntax,
+                                        calling_ae, peer, now)
+                receipt = StoreReceipt(outcome, inst, version, new_study)
+                self._journal(db, audit, receipt)
                 self._pending_bytes += size
             pending.committed = True
-            inst = ReceivedInstance(skey, ikey, dest, size, sha, sop_class, transfer_syntax,
-                                    calling_ae, peer, now)
-            return StoreReceipt(outcome, inst, version, new_study)
+            return receipt
         finally:
             pending.abort()
+
+    def _journal(self, db: sqlite3.Connection, audit: ReceiptAudit | None,
+                 receipt: StoreReceipt) -> None:
+        if audit is None:
+            return
+        db.execute("INSERT INTO receipts (ts_us, entry) VALUES (?, ?)",
+                   (time.time_ns() // 1000, json.dumps(dict(audit(receipt)), default=str)))
+        self._delete_drained(db)
+
+    def _delete_drained(self, db: sqlite3.Connection) -> None:
+        # Rides on a transaction that commits anyway: deleting what the audit log
+        # already holds needs no fsync of its own (re-delivery is deduplicated).
+        if self._receipts_drained > self._receipts_deleted:
+            db.execute("DELETE FROM receipts WHERE id <= ?", (self._receipts_drained,))
+            self._receipts_deleted = self._receipts_drained
+
+    # -- journaled receipt audit records ----------------------------------------
+
+    def pending_receipts(self, limit: int = 1000) -> list[tuple[int, int, dict[str, object]]]:
+        """Journaled receipt audit records not yet drained, oldest first: (id, ts_us, entry)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, ts_us, entry FROM receipts WHERE id > ? ORDER BY id LIMIT ?",
+                (self._receipts_drained, limit)).fetchall()
+        return [(int(r[0]), int(r[1]), json.loads(r[2])) for r in rows]
+
+    def drop_receipts(self, upto: int, *, now: bool = False) -> None:
+        """Records up to ``upto`` are durable in the audit log: delete them.
+
+        The delete is folded into the next index transaction unless ``now``
+        (the drainer passes it when intake is idle or stopping).
+        """
+        with self._lock:
+            self._receipts_drained = max(self._receipts_drained, upto)
+            if not now or self._receipts_drained <= self._receipts_deleted:
+                return
+        with self._tx() as db:
+            self._delete_drained(db)
 
     def _rekey(self, path: Path, old: bytes, new: bytes, aad: bytes) -> None:
         out = path.with_suffix(".rekey")

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +57,14 @@ Publisher = Callable[[dict[str, object]], None]
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _opt_str(v: object) -> str | None:
+    return None if v is None else str(v)
+
+
+def _mapping(v: object) -> Mapping[str, object] | None:
+    return {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else None
 
 
 class AuditLog:
@@ -119,6 +127,36 @@ class AuditLog:
             return
         if self._since_checkpoint >= self.settings.checkpoint_every:
             self.maybe_checkpoint()  # re-checks under the lock: one checkpoint per batch
+
+    def ingest(self, journal: str,
+               records: Sequence[tuple[int, int, Mapping[str, object]]]) -> int:
+        """Append records another durable journal holds, exactly once; returns the last id in.
+
+        ``records`` are (id, ts_us, entry) with increasing ids, entry holding
+        ``event`` and optionally ``outcome``, ``user``, ``source``, ``details``
+        (the inbox journals receipt records in the instance's own transaction).
+        The highest id appended is stored in the same transaction as the records,
+        so a journal re-delivered after a crash is not appended twice.  Raises
+        (the caller keeps the journal and retries).
+        """
+        key = f"ingested:{journal}"
+        with self._lock:
+            self._flush()
+            with self._transaction():
+                done = int(self._store.meta(key) or 0)
+                fresh = [(rid, ts, e) for rid, ts, e in records if rid > done]
+                if not fresh:
+                    return done
+                self._append([(ts, self._entry(
+                    str(e["event"]), str(e.get("outcome", "success")),
+                    _opt_str(e.get("user")), _opt_str(e.get("source")),
+                    _mapping(e.get("details")), None)) for _, ts, e in fresh])
+                last = fresh[-1][0]
+                self._store.set_meta(key, str(last))
+            self._since_checkpoint += len(fresh)
+        if self._since_checkpoint >= self.settings.checkpoint_every:
+            self.maybe_checkpoint()
+        return last
 
     def checkpoint(self) -> None:
         """Sign a checkpoint now (the daemon calls this at stop); never raises."""

@@ -72,7 +72,8 @@ class Node:
 
 @contextmanager
 def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
-         inbox: InboxSettings | None = None, **dicom: Any) -> Iterator[Node]:
+         inbox: InboxSettings | None = None, receipts: Any = None,
+         **dicom: Any) -> Iterator[Node]:
     port = free_port()
     tls_port = free_port()
     tls = dicom.pop("tls", None)
@@ -94,7 +95,7 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
         with lock:
             events.append((name, dict(kw)))
 
-    scp = StorageSCP(settings, ib, audit=audit)
+    scp = StorageSCP(settings, ib, audit=audit, receipts=receipts)
     scp.start()
     try:
         yield Node(scp, ib, port, tls_port, events, lock)
