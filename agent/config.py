@@ -95,6 +95,8 @@ class StudySettings:
     max_instances: int = 5000
     max_bytes: int = 8 * 1024**3
     max_age_seconds: float = 3600.0
+    # Processing holds one decrypted copy of an instance in memory: larger ones are refused.
+    max_process_instance_bytes: int = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         max_instances=r.get("study.max_instances", int, 5000, check=_positive),
         max_bytes=r.get("study.max_bytes", int, 8 * 1024**3, check=_positive),
         max_age_seconds=r.get("study.max_age_seconds", float, 3600.0, check=_positive),
+        max_process_instance_bytes=r.get("study.max_process_instance_bytes", int, 2 * 1024**3,
+                                         check=_positive),
     )
     inbox = InboxSettings(
         max_bytes=r.get("inbox.max_bytes", int, 50 * 1024**3, check=_positive),

@@ -17,12 +17,16 @@ from dataclasses import asdict
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import data_element_offset_to_value
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from agent import cloudevents, egress
 from agent.config import Config
-from agent.deid import Deidentifier
-from agent.errors import DeidError, EdgeAgentError
+from agent.deid import Deidentifier, burnedin
+from agent.errors import DeidError, EdgeAgentError, StorageError
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine
 from agent.outbox import Outbox
@@ -33,6 +37,7 @@ from agent.types import (
     ModelOutput,
     PhiFingerprint,
     QuarantineNote,
+    ReceivedInstance,
     Study,
 )
 
@@ -53,6 +58,98 @@ def parse_instance(raw: bytes) -> pydicom.Dataset:
         return pydicom.dcmread(io.BytesIO(raw))
     except Exception as exc:  # noqa: BLE001 - hostile input, see above
         raise DeidError(f"not a readable DICOM instance ({type(exc).__name__})") from None
+
+
+PIXEL_DATA = BaseTag(0x7FE00010)
+DEFER_BYTES = 64 * 1024  # elements larger than this stay in the buffer until asked for
+
+
+class PlainView(io.RawIOBase):
+    """A read-only, seekable file over decrypted bytes held in memory (no copy, no disk).
+
+    With ``window`` only that byte range may be read: the de-identified dataset's
+    deferred Pixel Data reads through such a view, so nothing past the PHI boundary
+    can read the original header out of the shared buffer (which is zeroed anyway).
+    """
+
+    def __init__(self, buf: bytearray, window: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self._mv = memoryview(buf)
+        self._pos = 0
+        self._window = window
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._mv)}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._mv) if size is None or size < 0 else min(len(self._mv),
+                                                                  self._pos + size)
+        if self._window is not None and end > self._pos and not (
+                self._window[0] <= self._pos and end <= self._window[1]):
+            raise OSError("read outside the pixel data of a de-identified instance")
+        data = self._mv[self._pos:end].tobytes()
+        self._pos = max(self._pos, end)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def parse_view(buf: bytearray) -> pydicom.Dataset:
+    """Decrypted instance -> Dataset whose large values (Pixel Data) stay in ``buf``."""
+    try:
+        ds = pydicom.dcmread(PlainView(buf), defer_size=DEFER_BYTES)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            # pydicom inflates into its own buffer: deferred offsets would not match ours.
+            ds = pydicom.dcmread(PlainView(buf))
+        return ds
+    except Exception as exc:  # noqa: BLE001 - hostile input, see parse_instance
+        raise DeidError(f"not a readable DICOM instance ({type(exc).__name__})") from None
+
+
+def _detach_pixels(ds: pydicom.Dataset) -> RawDataElement | None:
+    """Take the still-deferred Pixel Data out of ``ds`` before de-identification (whose
+    element walk would read it in) and leave an empty stand-in, so the de-identifier
+    still sees an image.  Only when the pixels cannot matter to it: no burned-in-text
+    risk, hence no quarantine or pixel-clean decision that needs them."""
+    elem = ds._dict.get(PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    if not isinstance(elem, RawDataElement) or elem.value is not None or elem.length == 0:
+        return None
+    if burnedin.burned_in_risk(ds) is not None:
+        return None
+    ds._dict[PIXEL_DATA] = elem._replace(value=b"", length=0)  # noqa: SLF001
+    return elem
+
+
+def _reattach_pixels(out: pydicom.Dataset, placeholder: object, elem: RawDataElement,
+                     buf: bytearray) -> bool:
+    """Put the deferred Pixel Data back into the de-identified dataset, readable through a
+    window of ``buf``; zero the rest of ``buf`` (the original header) first."""
+    if out._dict.get(PIXEL_DATA) is not placeholder:  # noqa: SLF001
+        return False  # the de-identifier did something with the element: not ours to undo
+    start = elem.value_tell - data_element_offset_to_value(elem.is_implicit_VR, str(elem.VR))
+    end = elem.value_tell + elem.length
+    buf[:start] = bytes(start)
+    buf[end:] = bytes(len(buf) - end)
+    out._dict[PIXEL_DATA] = elem  # noqa: SLF001
+    out.buffer = PlainView(buf, window=(start, end))
+    out.filename = None
+    out.fileobj_type = PlainView
+    out.timestamp = None
+    return True
 
 
 class Pipeline:
@@ -85,33 +182,52 @@ class Pipeline:
         failed: list[QuarantineNote] = []
         phi: set[str] = set()
         patient_ref = study_ref = ""
+        limit = self.cfg.study.max_process_instance_bytes
         for inst in study.instances:
             ref = inst.instance_key[:12]
+            if inst.size > limit:
+                reason = (f"instance of {inst.size / 2**20:.0f} MiB is larger than "
+                          f"[study] max_process_instance_bytes ({limit / 2**20:.0f} MiB): "
+                          "not processed")
+                failed.append(QuarantineNote(ref, reason))
+                self.audit("instance.refused", outcome="minor_failure",
+                           details={"study": study.ref, "instance": ref, "reason": reason,
+                                    "bytes": inst.size})
+                continue
             try:
-                raw = self.inbox.read(study, inst)
+                buf = self._decrypt(study, inst)
             except EdgeAgentError as exc:
                 failed.append(QuarantineNote(ref, f"unreadable inbox file: {exc}"))
                 self.audit("security.alert", outcome="serious_failure",
                            details={"study": study.ref, "instance": ref,
                                     "reason": "inbox file failed authentication"})
                 continue
+            pixels: RawDataElement | None = None
             try:
-                ds = parse_instance(raw)
+                ds = parse_view(buf)
+                pixels = _detach_pixels(ds)
+                placeholder = ds._dict.get(PIXEL_DATA)  # noqa: SLF001
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
-                    AttributeError, EOFError) as exc:
+                    AttributeError, EOFError, OSError) as exc:
                 reason = f"cannot de-identify ({type(exc).__name__})"
-                self.quarantine.put(study.study_key, inst.instance_key, raw, reason)
+                self.quarantine.put(study.study_key, inst.instance_key, bytes(buf), reason)
                 failed.append(QuarantineNote(ref, reason))
                 self.audit("instance.quarantined", outcome="minor_failure",
                            details={"study": study.ref, "instance": ref, "reason": reason})
                 continue
+            if (pixels is not None and outcome.dataset is not None
+                    and outcome.quarantine_reason is None
+                    and not _reattach_pixels(outcome.dataset, placeholder, pixels, buf)):
+                # Unexpected: de-identify once more with the pixels read in (the old way).
+                outcome = self.deid.deidentify(parse_view(buf))
+            raw = buf  # for the quarantine below; dropped with this iteration
             phi |= outcome.phi
             patient_ref = patient_ref or outcome.patient_ref
             study_ref = study_ref or outcome.study_ref
             if outcome.quarantine_reason is not None or outcome.dataset is None:
                 reason = outcome.quarantine_reason or "quarantined"
-                self.quarantine.put(study.study_key, inst.instance_key, raw, reason)
+                self.quarantine.put(study.study_key, inst.instance_key, bytes(raw), reason)
                 quarantined.append(QuarantineNote(ref, reason))
                 self.audit("instance.quarantined", details={"study": study.ref, "instance": ref,
                                                             "reason": reason})
@@ -133,6 +249,21 @@ class Pipeline:
             first_received_at=study.first_received_at, last_received_at=study.last_received_at,
         )
         return dstudy, PhiFingerprint(frozenset(phi))
+
+    def _decrypt(self, study: Study, inst: ReceivedInstance) -> bytearray:
+        """The instance's plaintext in one buffer, filled chunk by chunk (no joined copy)."""
+        buf = bytearray(inst.size)
+        pos = 0
+        for chunk in self.inbox.iter_read(study, inst):
+            if pos + len(chunk) > len(buf):
+                raise StorageError(f"inbox file for instance {inst.instance_key[:12]} is "
+                                   "larger than its index entry")
+            buf[pos:pos + len(chunk)] = chunk
+            pos += len(chunk)
+        if pos != len(buf):
+            raise StorageError(f"inbox file for instance {inst.instance_key[:12]} is "
+                               "shorter than its index entry")
+        return buf
 
     def infer(self, d: DeidentifiedStudy) -> InferenceResult:
         outputs: list[ModelOutput] = []

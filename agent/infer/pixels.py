@@ -4,7 +4,10 @@ This is the last place a pydicom Dataset is touched on the way to a model: it
 produces ``ImageInput`` objects holding pixels plus only the attributes the
 manifest lists.  Multi-frame objects are decoded frame by frame
 (``pydicom.pixels.pixel_array(ds, index=i)``), so memory stays bounded by one
-frame per image in flight, whatever the number of frames.
+frame per image in flight, whatever the number of frames.  When the pipeline
+left native (uncompressed) Pixel Data deferred in its in-memory buffer, only the
+bytes of the sampled frames are read from it (``_deferred_frame``): the element
+is never loaded whole.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.utils import pixel_array
+from pydicom.tag import BaseTag
 from pydicom.valuerep import IS, DSfloat
 
 from agent.errors import ModelError
@@ -93,9 +98,48 @@ def _to_gray(arr: npt.NDArray[Any], ds: Dataset) -> npt.NDArray[Any]:
     return arr
 
 
+_PIXEL_DATA = BaseTag(0x7FE00010)
+_PIXEL_MODULE = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                 "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration")
+
+
+def _deferred_frame(ds: Dataset, frame: int, frames: int) -> npt.NDArray[Any] | None:
+    """One frame of still-deferred native Pixel Data, read from the dataset's buffer;
+    None when the element is loaded, compressed, bit-packed or has no buffer."""
+    elem = ds._dict.get(_PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    source = ds.__dict__.get("buffer")
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if (not isinstance(elem, RawDataElement) or elem.value is not None or source is None
+            or ts is None or ts.is_compressed or ts.is_deflated):
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits == 0 or bits % 8:
+        return None
+    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+    if size <= 0 or (frame + 1) * size > elem.length or frames * size > elem.length:
+        raise ValueError(f"Pixel Data holds {elem.length} bytes, too few for {frames} frames")
+    source.seek(elem.value_tell + frame * size)
+    data = source.read(size)
+    one = Dataset()
+    one.file_meta = FileMetaDataset()
+    one.file_meta.TransferSyntaxUID = ts
+    for keyword in _PIXEL_MODULE:
+        if keyword in ds:
+            setattr(one, keyword, ds[keyword].value)
+    one.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
+    one.PixelData = data
+    one["PixelData"].VR = "OB" if bits == 8 else "OW"
+    return one.pixel_array
+
+
 def decode_frame(ds: Dataset, frame: int, frames: int | None = None) -> npt.NDArray[Any]:
     try:
-        if (frames if frames is not None else frame_count(ds)) > 1:
+        n = frames if frames is not None else frame_count(ds)
+        deferred = _deferred_frame(ds, frame, n)
+        if deferred is not None:
+            arr = deferred
+        elif n > 1:
             arr = pixel_array(ds, index=frame)
         else:
             arr = ds.pixel_array
