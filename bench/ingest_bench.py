@@ -14,7 +14,10 @@ associations).  Receivers:
   orthanc     Orthanc (Debian package), default storage to disk, ``TCP_NODELAY=1``
 Maximum PDU received: edge-agent 1 MiB (its default), storescp and Orthanc
 131072 (the largest DCMTK accepts).  The daemon's peak RSS (VmHWM, reset
-before each cell) is reported for every edge-agent cell.
+before each cell) is reported for every edge-agent cell, and the receiver's
+CPU time per instance (user + system, of its main process) for edge-agent and
+Orthanc: on a machine with few cores it tells a rate limited by CPU from one
+limited by waiting (fsync, locks).
 
     .venv/bin/python bench/ingest_bench.py [--runs 1] [--ct 300] [--dx 24]
 
@@ -39,7 +42,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -79,7 +82,7 @@ def make_series(root: Path, n: int, rows: int, cols: int, modality: str) -> list
     out = []
     for i in range(n):
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPClassUID = UID(sop_class)
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
@@ -121,6 +124,12 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak(pid: int) -> None:
@@ -207,21 +216,31 @@ class OrthancTarget:
 
 def run_cell(target: str, files: list[Path], assocs: int, work: Path) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=work))
-    t: Any = {"edge-agent": lambda: EdgeAgent(root), "storescp": lambda: StoreSCP(root, assocs),
-              "orthanc": lambda: OrthancTarget(root)}[target]()
+    t: Any
+    if target == "edge-agent":
+        t = EdgeAgent(root)
+    elif target == "storescp":
+        t = StoreSCP(root, assocs)
+    else:
+        t = OrthancTarget(root)
     t.start()
     try:
         pid = t.proc.pid if target == "edge-agent" else None
+        cpu_pid = pid if target == "edge-agent" else (
+            t.o.proc.pid if target == "orthanc" and t.o.proc is not None else None)
         if pid:
             reset_peak(pid)
+        cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
         took = send(t.port, files, assocs, CALLED)
+        cpu = (cpu_seconds(cpu_pid) - cpu0) / len(files) * 1000 if cpu_pid else None
         rss = peak_rss(pid) if pid else None
     finally:
         t.stop()
         shutil.rmtree(root, ignore_errors=True)
     size = sum(f.stat().st_size for f in files)
     return {"seconds": took, "instances_per_s": len(files) / took,
-            "mb_per_s": size / took / 1e6, "peak_rss_mb": rss / 2**20 if rss else None}
+            "mb_per_s": size / took / 1e6, "peak_rss_mb": rss / 2**20 if rss else None,
+            "cpu_ms_per_instance": cpu}
 
 
 def main() -> int:
@@ -247,6 +266,9 @@ def main() -> int:
                     runs = [run_cell(target, files, assocs, work) for _ in range(a.runs)]
                     med = {k: statistics.median(r[k] for r in runs)
                            for k in ("seconds", "instances_per_s", "mb_per_s")}
+                    cpus = [r["cpu_ms_per_instance"] for r in runs
+                            if r["cpu_ms_per_instance"] is not None]
+                    med["cpu_ms_per_instance"] = statistics.median(cpus) if cpus else None
                     rss = [r["peak_rss_mb"] for r in runs if r["peak_rss_mb"] is not None]
                     row = {"set": label, "instances": len(files), "associations": assocs,
                            "target": target, **med, "peak_rss_mb": max(rss) if rss else None,
@@ -254,6 +276,8 @@ def main() -> int:
                     results.append(row)
                     print(f"{label:22} x{assocs} {target:10} {med['instances_per_s']:8.1f} inst/s "
                           f"{med['mb_per_s']:8.1f} MB/s"
+                          + (f"  CPU {med['cpu_ms_per_instance']:.1f} ms/inst"
+                             if cpus else "")
                           + (f"  peak RSS {row['peak_rss_mb']:.0f} MiB" if rss else ""),
                           flush=True)
     finally:
@@ -264,12 +288,14 @@ def main() -> int:
                                       text=True).stdout.splitlines()[0:1]}
     OUT.mkdir(exist_ok=True)
     (OUT / "ingest_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=2))
-    lines = ["| set | assocs | receiver | inst/s | MB/s | daemon peak RSS |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = ["| set | assocs | receiver | inst/s | MB/s | CPU ms/inst | daemon peak RSS |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for r in results:
-        rss = f"{r['peak_rss_mb']:.0f} MiB" if r["peak_rss_mb"] else ""
+        rss_text = f"{r['peak_rss_mb']:.0f} MiB" if r["peak_rss_mb"] else ""
+        cpu_ms = r["cpu_ms_per_instance"]
+        cpu_text = f"{cpu_ms:.1f}" if cpu_ms is not None else ""
         lines.append(f"| {r['set']} | {r['associations']} | {r['target']} | "
-                     f"{r['instances_per_s']:.1f} | {r['mb_per_s']:.1f} | {rss} |")
+                     f"{r['instances_per_s']:.1f} | {r['mb_per_s']:.1f} | {cpu_text} | {rss_text} |")
     (OUT / "ingest_bench.md").write_text(
         f"# DICOM ingest ({a.runs} run(s), median; {env['cpus']} CPUs)\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
