@@ -163,3 +163,38 @@ def test_many_instances_over_concurrent_associations_all_indexed(tmp_path: Path,
         assert results == [0] * assocs
         assert n.stored() == 12
         assert len(n.audited("instance.received")) == 12
+
+
+def test_kill9_after_acks_every_acked_instance_has_one_receipt_record(
+        tmp_path: Path, box: Any, broker: Any) -> None:
+    # Real daemon, real kill -9 right after the last Success: the receipts were
+    # only journaled in the inbox then; the next start moves them, exactly once.
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+    from support import Daemon, set_config
+
+    from agent.config import load
+
+    set_config(box, "study", "quiet_seconds", "600")
+    files = ct_files(tmp_path / "ct", 8)
+    d = Daemon(box)
+    d.start()
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title)
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in files]
+    d.kill9()
+    assert statuses == [0] * 8
+    assoc.abort()
+    d = Daemon(box)
+    d.start()
+    assert d.stop() == 0
+    cfg = load(box.config)
+    kek = KeyEncryptionKey.from_file(cfg.keys.kek)
+    db = cfg.state_dir / "audit" / "audit.db"
+    got = [r for r in records_between(db, kek, *ALL_TIME) if r["event"] == "instance.received"]
+    assert len(got) == 8
+    assert len({r["details"]["instance"] for r in got}) == 8
+    assert verify(db, kek, db.parent / "genesis.pub").ok
