@@ -214,6 +214,10 @@ class InferenceEngine:
                  "sha256": m.package.verification.sha256,
                  "verification": m.package.verification.status} for m in models]
 
+    def run_seconds(self) -> float:
+        """Wall time spent inside onnxruntime by the loaded sessions (benchmarks)."""
+        return sum(m.session.run_seconds for m in self._models)
+
     def drift_report(self) -> dict[str, object]:
         self._drift.flush()
         return self._drift.report()

@@ -103,6 +103,9 @@ class ModelSession:
         self.input_shape = tuple(inputs[input_name].shape)
         self._watchdog = _Watchdog()
         self._run_lock = threading.Lock()  # one armed run per watchdog
+        # Wall time spent inside onnxruntime: lets the benchmark separate the engine's own
+        # work from the model's in the same call (robust on a shared, noisy machine).
+        self.run_seconds = 0.0
 
     def check_input(self, channels: int, rows: int, cols: int) -> None:
         shape = self.input_shape
@@ -126,6 +129,7 @@ class ModelSession:
         options = ort.RunOptions()
         with self._run_lock:
             fired = self._watchdog.arm(options, timeout)
+            started = time.perf_counter()
             try:
                 out = self._session.run([self.output_name], {self.input_name: batch}, options)
             except Exception as exc:  # noqa: BLE001 - translated at the boundary
@@ -133,6 +137,7 @@ class ModelSession:
                     raise ModelTimeout(f"inference timed out after {timeout:.1f}s") from exc
                 raise ModelError(f"onnxruntime run failed: {str(exc)[:200]}") from exc
             finally:
+                self.run_seconds += time.perf_counter() - started
                 self._watchdog.disarm()
         if fired.is_set():
             # Finished in the same instant the timer fired: still over budget.
