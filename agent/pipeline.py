@@ -190,9 +190,10 @@ class Pipeline:
                           f"[study] max_process_instance_bytes ({limit / 2**20:.0f} MiB): "
                           "not processed")
                 failed.append(QuarantineNote(ref, reason))
-                self.audit("instance.refused", outcome="minor_failure",
+                # The catalogued "held back" event (ATNA vocabulary), marked as a refusal.
+                self.audit("instance.quarantined", outcome="minor_failure",
                            details={"study": study.ref, "instance": ref, "reason": reason,
-                                    "bytes": inst.size})
+                                    "refused": "size", "bytes": inst.size})
                 continue
             try:
                 buf = self._decrypt(study, inst)
