@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -43,44 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.devbox import provision_dev  # noqa: E402
+from bench.common import free_port, set_config, wait_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 60) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def _set(conf: Path, section: str, key: str, value: str) -> None:
-    lines = conf.read_text().splitlines()
-    out, cur, done = [], None, False
-    for line in lines:
-        s = line.strip()
-        if s.startswith("["):
-            if cur == section and not done:
-                out.append(f"{key} = {value}")
-                done = True
-            cur = s.strip("[]")
-        if cur == section and s.split("=")[0].strip() == key:
-            out.append(f"{key} = {value}")
-            done = True
-            continue
-        out.append(line)
-    if not done:
-        out += [f"[{section}]", f"{key} = {value}"]
-    conf.write_text("\n".join(out) + "\n")
 
 
 def _study(tmp: Path, n: int) -> list[Path]:
@@ -143,19 +107,19 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="e2e-bench-", dir="/var/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        box = provision_dev(base / "box", dicom_port=_free_port(), mqtt_port=_free_port())
-        _set(box.config, "study", "quiet_seconds", str(args.quiet))
+        box = provision_dev(base / "box", dicom_port=free_port(), mqtt_port=free_port())
+        set_config(box.config, "study", "quiet_seconds", str(args.quiet))
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         broker = subprocess.Popen([exe, "-c", str(box.mosquitto_conf)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(broker)
-        _wait_port(box.mqtt_port)
+        wait_port(box.mqtt_port)
         log = open(base / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
         daemon = subprocess.Popen([sys.executable, "-m", "provisioning.cli", "run", "--config",
                                    str(box.config)], cwd=REPO, stdout=subprocess.DEVNULL,
                                   stderr=log)
         procs.append(daemon)
-        _wait_port(box.dicom_port)
+        wait_port(box.dicom_port)
         sub = Results(base / "box", box.mqtt_port)
         env = dict(os.environ, TCP_NODELAY="1")
         lat, pipe = [], []

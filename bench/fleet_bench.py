@@ -41,17 +41,11 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent import cloudevents  # noqa: E402
 from agent.pki import issue, make_ca, write_pair  # noqa: E402
+from bench.common import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 SITE = "bench-site"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_pki(root: Path, n: int) -> None:

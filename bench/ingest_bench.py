@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,26 +50,10 @@ sys.path.insert(0, str(REPO / "tests" / "receive"))
 from orthanc import Orthanc  # noqa: E402
 
 from agent.devbox import provision_dev  # noqa: E402
+from bench.common import free_port, wait_port  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CALLED = "EDGE_AGENT"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            s.settimeout(0.3)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def make_series(root: Path, n: int, rows: int, cols: int, modality: str) -> list[Path]:

@@ -42,26 +42,9 @@ from agent.devbox import provision_dev  # noqa: E402
 from agent.outbox import Outbox  # noqa: E402
 from agent.publish import Publisher  # noqa: E402
 from agent.types import PhiFingerprint  # noqa: E402
+from bench.common import free_port, wait_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 15) -> None:
-    import socket
-    end = time.time() + timeout
-    while time.time() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not listen on {port}")
 
 
 class Counter:
@@ -199,12 +182,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="outbox-bench-", dir=args.dir or "/var/tmp"))
     broker: subprocess.Popen[bytes] | None = None
     try:
-        box = provision_dev(base / "box", dicom_port=_free_port(), mqtt_port=_free_port())
+        box = provision_dev(base / "box", dicom_port=free_port(), mqtt_port=free_port())
         cfg = agent_config.load(box.config)
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         broker = subprocess.Popen([exe, "-c", str(box.mosquitto_conf)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(box.mqtt_port)
+        wait_port(box.mqtt_port)
         kek = KeyEncryptionKey.from_file(cfg.keys.kek)
         state = base / "state"
         state.mkdir()
