@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
@@ -72,15 +73,27 @@ class _Loaded:
         return self.package.manifest
 
 
+_PIXEL_DATA = BaseTag(0x7FE00010)
+_MODALITY = BaseTag(0x00080060)
+_SOP_CLASS = BaseTag(0x00080016)
+_BODY_PART = BaseTag(0x00180015)
+
+
+def _value(ds: Dataset, tag: BaseTag) -> Any:
+    """``ds.get(keyword, "")`` by tag: no keyword-to-tag lookup per access."""
+    elem = ds.get(tag)
+    return "" if elem is None else elem.value
+
+
 def applies(rule: AppliesTo, ds: Dataset) -> bool:
     """Routing check on the de-identified dataset (engine-side, never seen by models)."""
-    if "PixelData" not in ds:
+    if _PIXEL_DATA not in ds:
         return False
-    if rule.modalities and str(ds.get("Modality", "")).upper() not in rule.modalities:
+    if rule.modalities and str(_value(ds, _MODALITY)).upper() not in rule.modalities:
         return False
-    if rule.sop_classes and str(ds.get("SOPClassUID", "")) not in rule.sop_classes:
+    if rule.sop_classes and str(_value(ds, _SOP_CLASS)) not in rule.sop_classes:
         return False
-    body = str(ds.get("BodyPartExamined", "") or "").upper()
+    body = str(_value(ds, _BODY_PART) or "").upper()
     # A missing body part does not exclude: many modalities leave it empty.
     return not (rule.body_parts and body and body not in rule.body_parts)
 
@@ -381,7 +394,7 @@ class InferenceEngine:
             return self._scores(model, batch, deadline)[0][:, pos]
 
         sal = occlusion(score, tensor, base, patch=spec.patch, stride=spec.stride,
-                        keep_fraction=spec.keep_fraction)
+                        keep_fraction=spec.keep_fraction, batch_size=run_batch(tensor.shape))
         label = model.manifest.decision.positive_label.replace("_", " ")
         where_txt = f"image {instance + 1}" + (f", frame {frame + 1}" if frame else "")
         if sal.bbox is None:

@@ -74,31 +74,57 @@ def _geometry(rows: int, cols: int, patch: int, stride: int) -> tuple[
     return masks, fy, fx, cover, which, flat
 
 
-def _batch(n: int, tensor: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """An (n, C, H, W) float32 array holding ``tensor`` n times (reused per thread)."""
-    shape = (n, *tensor.shape)
+@lru_cache(maxsize=8)
+def _hidden(rows: int, cols: int, patch: int, stride: int, channels: int,
+            batch: int) -> tuple[tuple[npt.NDArray[np.intp], ...], ...]:
+    """Per batch of ``batch`` patches and per channel, the flat index into that batch's
+    (n, C, H, W) array of every hidden pixel: one flat index per pixel is ~3x faster
+    to scatter into than an index pair, and nothing is selected per call."""
+    masks, _, _, _, which, flat = _geometry(rows, cols, patch, stride)
+    out = []
+    for start in range(0, len(masks), batch):
+        # which is ascending (np.nonzero order): this batch's pixels are one slice.
+        lo, hi = np.searchsorted(which, [start, start + batch])
+        per_channel = []
+        for c in range(channels):
+            index = ((which[lo:hi] - start) * channels + c) * (rows * cols) + flat[lo:hi]
+            index.flags.writeable = False  # shared between calls
+            per_channel.append(index)
+        out.append(tuple(per_channel))
+    return tuple(out)
+
+
+def _batch(n: int, tensor: npt.NDArray[np.float32], capacity: int) -> npt.NDArray[np.float32]:
+    """An (n, C, H, W) float32 array holding ``tensor`` n times: the first n images of a
+    buffer of ``capacity`` images reused per thread, so a study's last, shorter batch
+    (and the next study) write into memory the previous batch just warmed."""
     kept: npt.NDArray[np.float32] | None = getattr(_workspace, "batch", None)
-    if kept is None or kept.shape != shape:
-        kept = np.empty(shape, dtype=np.float32)
+    if kept is None or kept.shape[1:] != tensor.shape or len(kept) < n:
+        kept = np.empty((max(n, capacity), *tensor.shape), dtype=np.float32)
         if kept.nbytes <= _KEEP_BYTES:
             _workspace.batch = kept
-    kept[:] = tensor
-    return kept
+    view = kept[:n]  # leading-axis slice: still C-contiguous
+    view[:] = tensor
+    return view
 
 
 def occlusion(score: Scorer, tensor: npt.NDArray[np.float32], base: float, *, patch: int,
-              stride: int, keep_fraction: float, min_drop: float = 0.02) -> Saliency:
+              stride: int, keep_fraction: float, min_drop: float = 0.02,
+              batch_size: int = _BATCH) -> Saliency:
+    """``batch_size`` patches go to ``score`` per call: the engine passes its onnxruntime
+    run batch, so each call is exactly one run on one reused buffer."""
     channels, rows, cols = tensor.shape
     fill = tensor.mean(axis=(1, 2))  # neutral grey of this image, per channel
-    masks, fy, fx, cover, which, flat = _geometry(rows, cols, patch, stride)
+    step = max(1, batch_size)
+    masks, fy, fx, cover, _, _ = _geometry(rows, cols, patch, stride)
     drops = np.empty(len(masks), dtype=np.float64)
-    for start in range(0, len(masks), _BATCH):
-        n = min(_BATCH, len(masks) - start)
-        batch = _batch(n, tensor)
-        pick = (which >= start) & (which < start + n) if len(masks) > _BATCH else slice(None)
-        plane = batch.reshape(n, channels, rows * cols)
+    hidden = _hidden(rows, cols, patch, stride, channels, step)
+    for k, start in enumerate(range(0, len(masks), step)):
+        n = min(step, len(masks) - start)
+        batch = _batch(n, tensor, min(step, len(masks)))
+        values = batch.reshape(-1)  # a view: the batch is C-contiguous
         for c in range(channels):
-            plane[which[pick] - start, c, flat[pick]] = fill[c]
+            values[hidden[k][c]] = fill[c]
         drops[start : start + n] = base - score(batch)
     grid = np.maximum(drops, 0.0).reshape(fy.shape[0], fx.shape[0])
     sal = (fy.T @ grid @ fx) / cover

@@ -9,6 +9,7 @@ functions, so the model is trained on exactly what the runtime feeds it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,27 @@ def to_unit(img: ImageInput, pre: Preprocessing) -> FloatArray:
     return unit
 
 
+@lru_cache(maxsize=16)
+def _bilinear(h: int, w: int, rows: int, cols: int) -> tuple[npt.NDArray[Any], ...]:
+    """Sample positions and weights of the bilinear step: geometry only, the same for
+    every image of this size, so worked out once (identical arrays to computing them
+    per image)."""
+    ys = (np.arange(rows, dtype=np.float32) + 0.5) * (h / rows) - 0.5
+    xs = (np.arange(cols, dtype=np.float32) + 0.5) * (w / cols) - 0.5
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.floor(ys).astype(np.intp)
+    x0 = np.floor(xs).astype(np.intp)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0)[:, None]
+    wx = (xs - x0)[None, :]
+    parts = (y0, x0, y1, x1, wy, 1 - wy, wx, 1 - wx)
+    for arr in parts:
+        arr.flags.writeable = False  # shared between calls
+    return parts
+
+
 def resize(arr: FloatArray, shape: tuple[int, int]) -> FloatArray:
     """Area-style downscale (box average to an integer factor, then bilinear)."""
     rows, cols = shape
@@ -113,35 +135,34 @@ def resize(arr: FloatArray, shape: tuple[int, int]) -> FloatArray:
         block = cols_sum[0::fy].copy()
         for k in range(1, fy):
             block += cols_sum[k::fy]
-        arr = block * np.float32(1.0 / (fy * fx))
+        block *= np.float32(1.0 / (fy * fx))  # in place: same float32 product
+        arr = block
         h, w = arr.shape
     if (h, w) == (rows, cols):
         return arr.astype(np.float32, copy=False)
-    ys = (np.arange(rows, dtype=np.float32) + 0.5) * (h / rows) - 0.5
-    xs = (np.arange(cols, dtype=np.float32) + 0.5) * (w / cols) - 0.5
-    ys = np.clip(ys, 0, h - 1)
-    xs = np.clip(xs, 0, w - 1)
-    y0 = np.floor(ys).astype(np.intp)
-    x0 = np.floor(xs).astype(np.intp)
-    y1 = np.minimum(y0 + 1, h - 1)
-    x1 = np.minimum(x0 + 1, w - 1)
-    wy = (ys - y0)[:, None]
-    wx = (xs - x0)[None, :]
-    top = arr[y0][:, x0] * (1 - wx) + arr[y0][:, x1] * wx
-    bottom = arr[y1][:, x0] * (1 - wx) + arr[y1][:, x1] * wx
-    return np.asarray(top * (1 - wy) + bottom * wy, dtype=np.float32)
+    y0, x0, y1, x1, wy, wy_c, wx, wx_c = _bilinear(h, w, rows, cols)
+    upper, lower = arr[y0], arr[y1]
+    top = upper[:, x0] * wx_c + upper[:, x1] * wx
+    bottom = lower[:, x0] * wx_c + lower[:, x1] * wx
+    return np.asarray(top * wy_c + bottom * wy, dtype=np.float32)
 
 
 def to_tensor(unit: FloatArray, pre: Preprocessing) -> FloatArray:
     """Resized unit image -> (C, H, W) normalised tensor."""
     small = resize(unit, pre.resize)
-    norm = (small - np.float32(pre.mean)) / np.float32(pre.std)
-    return np.repeat(norm[None, :, :], pre.channels, axis=0).astype(np.float32)
+    # A new C-ordered array (small may be the caller's unit, or Fortran-ordered after
+    # the bilinear gathers).
+    norm = np.subtract(small, np.float32(pre.mean), order="C")
+    norm /= np.float32(pre.std)  # in place: same float32 quotient
+    if pre.channels == 1:
+        return norm[None, :, :]  # C-contiguous view, no copy
+    return np.repeat(norm[None, :, :], pre.channels, axis=0)
 
 
 def preprocess(img: ImageInput, pre: Preprocessing) -> tuple[FloatArray, FloatArray]:
     """Returns the model tensor (C, H, W) and the resized unit image (for drift)."""
     unit = to_unit(img, pre)
     tensor = to_tensor(unit, pre)
-    small_unit = tensor[0] * np.float32(pre.std) + np.float32(pre.mean)
+    small_unit = tensor[0] * np.float32(pre.std)
+    small_unit += np.float32(pre.mean)  # in place: same float32 sum
     return tensor, small_unit
