@@ -133,9 +133,67 @@ def _fast_values(elem: DataElement | RawDataElement, vr: str) -> list[str] | Non
     return [v.strip("\x00 ") for v in text.split("\\")] if text else []
 
 
-def _new(tag: int, vr: str, value: Any) -> DataElement:
-    """A replacement element; our values are valid by construction, so skip re-validation."""
+# Text VRs whose ASCII values can be stored pre-encoded (no charset, no byte order).
+_RAW_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+def _encoded_text(vr: str, value: Any) -> bytes | None:
+    """The encoded value of a text element, or None when it is not plain ASCII text."""
+    if value is None:
+        return b""
+    if type(value) is str:
+        text = value
+    elif type(value) is list and all(type(v) is str for v in value):
+        text = "\\".join(value)
+    else:
+        return None
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if len(data) & 1:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
+
+
+def _new(tag: int, vr: str, value: Any) -> DataElement | RawDataElement:
+    """A replacement element; our values are valid by construction, so skip re-validation.
+
+    Plain ASCII text is stored already encoded, exactly as pydicom would encode it:
+    the writer copies the bytes verbatim, and reading the element decodes it as usual
+    (ASCII is the same in every DICOM character set and byte order).
+    """
+    if vr in _RAW_TEXT_VRS:
+        data = _encoded_text(vr, value)
+        if data is not None:
+            return RawDataElement(BaseTag(tag), vr, len(data), data, 0, False, True)
     return DataElement(tag, vr, value, validation_mode=pydicom_config.IGNORE)
+
+
+def _uid_value(ds: Dataset, tag: int) -> Any:
+    """A UID element's value, read without converting the stored raw element in place."""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes) and elem.value.isascii():
+        return elem.value.decode("ascii").strip("\x00 ")
+    value = ds[tag].value
+    return str(value) if isinstance(value, str) else value
+
+
+def _top_text(ds: Dataset, tag: int, keyword: str) -> str:
+    """str(ds.<keyword>).strip() for a single-valued text attribute (empty when absent).
+
+    A raw single ASCII value is decoded as pydicom would (trailing NUL/space padding
+    removed) without converting the element in place; anything else takes pydicom's path.
+    """
+    elem = ds._dict.get(BaseTag(tag))
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement):
+        raw = elem.value
+        if isinstance(raw, bytes) and raw.isascii() and b"\\" not in raw:
+            return raw.decode("ascii").rstrip("\x00 ").strip()
+    return str(ds.get(keyword, "") or "").strip()
 
 
 def _values(value: Any) -> list[Any]:
@@ -239,8 +297,8 @@ class Deidentifier:
 
     # ----------------------------------------------------------------- internal
     def _deidentify(self, ds: Dataset) -> DeidOutcome:
-        study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        study_uid = _top_text(ds, 0x0020000D, "StudyInstanceUID")
+        sop_uid = _top_text(ds, 0x00080018, "SOPInstanceUID")
         if not study_uid or not sop_uid or "SOPClassUID" not in ds:
             raise DeidError(
                 "instance lacks StudyInstanceUID, SOPInstanceUID or SOPClassUID",
@@ -286,8 +344,8 @@ class Deidentifier:
         return DeidOutcome(out, None, frozenset(state.phi), patient_ref, study_ref)
 
     def _patient_identity(self, ds: Dataset, study_uid: str) -> str:
-        pid = str(ds.get("PatientID", "") or "").strip()
-        issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+        pid = _top_text(ds, _PATIENT_ID, "PatientID")
+        issuer = _top_text(ds, 0x00100021, "IssuerOfPatientID")
         if pid:
             return f"id:{issuer}:{pid}"
         name = str(ds.get("PatientName", "") or "").strip()
@@ -530,7 +588,7 @@ class Deidentifier:
 
     def _clean(
         self, tag: int, vr: str, value: Any, rule: Resolved, state: _Instance
-    ) -> tuple[DataElement | None, bool]:
+    ) -> tuple[DataElement | RawDataElement | None, bool]:
         option = rule.option
         if option in _DATE_OPTIONS:
             if vr in ("DA", "DT"):
@@ -572,9 +630,9 @@ class Deidentifier:
                 ts = ImplicitVRLittleEndian
             else:
                 ts = ExplicitVRLittleEndian
-        meta[0x00020002] = _new(0x00020002, "UI", out[0x00080016].value)
-        meta[0x00020003] = _new(0x00020003, "UI", out[0x00080018].value)
-        meta[0x00020010] = _new(0x00020010, "UI", ts)
+        meta[0x00020002] = _new(0x00020002, "UI", _uid_value(out, 0x00080016))
+        meta[0x00020003] = _new(0x00020003, "UI", _uid_value(out, 0x00080018))
+        meta[0x00020010] = _new(0x00020010, "UI", str(ts))
         meta[0x00020012] = _new(0x00020012, "UI", IMPLEMENTATION_UID)
         meta[0x00020013] = _new(0x00020013, "SH", IMPLEMENTATION_VERSION)
         out.file_meta = meta
@@ -589,8 +647,11 @@ class Deidentifier:
         ):
             store[BaseTag(tag)] = _new(tag, vr, value)
         items = []
+        encoding = out.original_encoding
         for code in codes:
             item = Dataset()
+            if None not in encoding:
+                item.set_original_encoding(encoding[0], encoding[1], out.original_character_set)
             item_store = item._dict
             item_store[BaseTag(0x00080100)] = _new(0x00080100, "SH", code)
             item_store[BaseTag(0x00080102)] = _new(0x00080102, "SH", "DCM")
