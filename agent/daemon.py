@@ -172,20 +172,19 @@ class Daemon:
                 log.exception("assembler cycle failed")
                 self._stop.wait(1.0)
 
-    def _outbox_has_room(self) -> bool:
-        # A result that cannot be enqueued would be de-identified and inferred
-        # again every cycle; wait until the outbox drains below its budget.
-        st = self.outbox.stats()
-        return bool(st["bytes"] < 0.95 * st.get("max_bytes", self.cfg.outbox.max_bytes))
+    # Room for one result message: a result is a few kB even with many models.
+    _RESULT_ROOM = 64 * 1024
 
     def _process_ready(self) -> int:
         n = 0
         for study in self.inbox.ready():
             if self._stop.is_set():
                 break
-            if not self._outbox_has_room():
+            # A result that cannot be enqueued would be de-identified and inferred
+            # again every cycle: hold completed studies until the outbox drains.
+            if not self.outbox.has_room("results", self._RESULT_ROOM):
                 if not self._holding:
-                    log.warning("outbox is nearly full: holding completed studies until it drains")
+                    log.warning("outbox is full: holding completed studies until it drains")
                 self._holding = True
                 break
             self._holding = False

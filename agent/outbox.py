@@ -177,6 +177,24 @@ class Outbox:
                 hint="free space on the state volume; queued messages are kept and drained",
             )
 
+    def has_room(self, channel: Channel, need: int) -> bool:
+        """Whether ``enqueue`` of ``need`` bytes on ``channel`` would succeed now.
+
+        The same rules as enqueue: the disk reserve, and the byte budget after
+        the telemetry that enqueue would drop to make room for results/audit.
+        """
+        try:
+            self._check_disk(channel, need)
+        except OutOfResources:
+            return False
+        with self._lock:
+            if self._bytes + need <= self.max_bytes:
+                return True
+            if channel == "telemetry":
+                return False
+            return self._bytes - sum(z for _, z in self._droppable_telemetry(self._db)) \
+                + need <= self.max_bytes
+
     def enqueue(self, channel: Channel, event_id: str, payload: bytes,
                 guard: PhiFingerprint = PhiFingerprint()) -> bool:
         """Durably add a message; False when this id was already enqueued (or
@@ -248,11 +266,15 @@ class Outbox:
             if int(s) not in self._acked]
         self._delete_rows(db, rows[:-1][1::2])
 
-    def _drop_telemetry(self, db: sqlite3.Connection, need: int) -> None:
-        # Over the byte budget: oldest telemetry first, the newest sample kept.
-        rows = [(int(s), int(z)) for s, z in db.execute(
+    def _droppable_telemetry(self, db: sqlite3.Connection) -> list[tuple[int, int]]:
+        """(seq, size) of telemetry that may go to make room: all but the newest."""
+        return [(int(s), int(z)) for s, z in db.execute(
             "SELECT seq, size FROM messages WHERE channel='telemetry' ORDER BY seq")
             if int(s) not in self._acked][:-1]
+
+    def _drop_telemetry(self, db: sqlite3.Connection, need: int) -> None:
+        # Over the byte budget: oldest telemetry first, the newest sample kept.
+        rows = self._droppable_telemetry(db)
         doomed: list[tuple[int, int]] = []
         over = self._bytes + need - self.max_bytes
         for seq, size in rows:

@@ -91,6 +91,30 @@ def test_results_and_audit_are_never_dropped_telemetry_goes_first(
     ob.close()
 
 
+def test_has_room_answers_as_enqueue_would(tmp_path: Path, kek: KeyEncryptionKey) -> None:
+    ob = Outbox(tmp_path / "o.db", kek, 40_000, min_free_bytes=0)
+    for i in range(60):
+        ob.enqueue("telemetry", f"t{i}", b"t" * 600)
+    # A budget mostly full of telemetry still has room for a result: enqueue
+    # would drop old samples for it.
+    assert ob.has_room("results", 2_000)
+    eid, body = result(0, 900)
+    assert ob.enqueue("results", eid, body)
+    accepted = 1
+    while ob.has_room("results", 2_000):
+        eid, body = result(accepted, 900)
+        ob.enqueue("results", eid, body)  # never raises while has_room says yes
+        accepted += 1
+    assert not ob.has_room("results", 40_000)
+    with pytest.raises(OutOfResources):
+        for i in range(accepted, accepted + 5):
+            ob.enqueue("results", *result(i, 900))
+    for m in ob.peek(0, 10)[:5]:
+        ob.ack(m.seq)
+    assert ob.has_room("results", 2_000)
+    ob.close()
+
+
 def test_telemetry_backlog_is_coalesced_keeping_first_and_newest(
         tmp_path: Path, kek: KeyEncryptionKey) -> None:
     ob = Outbox(tmp_path / "o.db", kek, 2**30)
