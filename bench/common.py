@@ -1,46 +1,20 @@
-"""Small helpers every benchmark needs: loopback ports and config edits."""
+"""Benchmarks reuse the test harness's loopback helpers (tests/support.py):
+one copy of free_port, wait_port and set_config for both."""
 
 from __future__ import annotations
 
-import socket
-import time
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from support import free_port, set_config  # noqa: E402
+from support import wait_port as _wait_port  # noqa: E402
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            s.settimeout(0.3)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+    # A daemon starting on a loaded bench machine may need longer than tests allow.
+    _wait_port(port, timeout)
 
 
-def set_config(conf: Path, section: str, key: str, value: str) -> None:
-    """Set one key of an agent.toml (value is TOML source text)."""
-    out: list[str] = []
-    cur: str | None = None
-    done = False
-    for line in conf.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("["):
-            if cur == section and not done:
-                out.append(f"{key} = {value}")
-                done = True
-            cur = s.strip("[]")
-        if cur == section and s.split("=")[0].strip() == key:
-            out.append(f"{key} = {value}")
-            done = True
-            continue
-        out.append(line)
-    if not done:
-        out += [f"[{section}]", f"{key} = {value}"]
-    conf.write_text("\n".join(out) + "\n")
+__all__ = ["free_port", "set_config", "wait_port"]

@@ -92,9 +92,10 @@ def provision(root: Path, *extra: str) -> Box:
     return Box(root, json.loads(out.stdout))
 
 
-def set_config(box: Box, section: str, key: str, value: str) -> None:
-    """Change one key of the box's agent.toml (value is TOML source text)."""
-    lines = box.config.read_text().splitlines()
+def set_config(box: Box | Path, section: str, key: str, value: str) -> None:
+    """Change one key of a box's agent.toml (value is TOML source text)."""
+    conf = box.config if isinstance(box, Box) else box
+    lines = conf.read_text().splitlines()
     out, cur, done = [], None, False
     for line in lines:
         s = line.strip()
@@ -117,7 +118,7 @@ def set_config(box: Box, section: str, key: str, value: str) -> None:
         if cur != section:
             out.append(f"[{section}]")
         out.append(f"{key} = {value}")
-    box.config.write_text("\n".join(out) + "\n")
+    conf.write_text("\n".join(out) + "\n")
 
 
 class Broker:
