@@ -4,11 +4,14 @@ mid-transfer by its peer."""
 from __future__ import annotations
 
 import io
+import os
+import random
 import socket
 import struct
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -16,7 +19,8 @@ from pynetdicom.pdu import P_DATA_TF
 from rx_support import AE_TITLE, ct_files, node, wait_for
 
 from agent.config import InboxSettings, StudySettings
-from agent.crypto import KeyEncryptionKey, random_key
+from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
+from agent.errors import CryptoError
 from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
 
@@ -127,3 +131,27 @@ def test_peer_vanishing_mid_instance_leaves_nothing_behind(tmp_path: Path) -> No
         wait_for(lambda: all(p.stat().st_size == 0 for p in n.inbox.slots.iterdir()), 10,
                  "slots to be emptied")
         assert n.scp.counters.instances_stored == 0
+
+
+@pytest.mark.parametrize("total", [0, 1, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1,
+                                   3 * CHUNK_BYTES, 3 * CHUNK_BYTES + 12345])
+def test_stream_writer_round_trips_any_write_pattern(total: int) -> None:
+    """The sealed stream decrypts to the input whatever the write sizes (zero-copy path)."""
+    key = os.urandom(32)
+    data = os.urandom(total)
+    rng = random.Random(total)
+    for _ in range(4):
+        out = io.BytesIO()
+        w = StreamWriter(key, out, b"ctx")
+        i = 0
+        while i < total:
+            k = rng.choice([1, 100, CHUNK_BYTES // 3, CHUNK_BYTES, 2 * CHUNK_BYTES + 5])
+            w.write(memoryview(data)[i:i + k] if rng.random() < 0.5 else data[i:i + k])
+            i += k
+        w.close()
+        blob = out.getvalue()
+        assert open_stream(key, io.BytesIO(blob), b"ctx") == data
+        # Every chunk but the last is exactly CHUNK_BYTES of plaintext.
+        assert len(blob) == 11 + max(1, -(-total // CHUNK_BYTES)) * (4 + 16) + total
+        with pytest.raises(CryptoError):
+            open_stream(key, io.BytesIO(blob[:-1]), b"ctx")
