@@ -9,7 +9,13 @@ black the text regions out.
 
 from __future__ import annotations
 
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from agent.deid.settings import PixelCleanRule
 
@@ -26,15 +32,44 @@ RULE_TEXT = (
 )
 
 
+# The attributes read here, with their VRs: all plain ASCII code strings or UIDs.
+_PEEKED = {"BurnedInAnnotation": "CS", "ImageType": "CS", "Modality": "CS", "SOPClassUID": "UI"}
+_PEEK_TAGS = {keyword: BaseTag(tag_for_keyword(keyword) or 0) for keyword in _PEEKED}
+
+
+def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)`` without converting a raw element in place.
+
+    For a raw, non-empty ASCII CS or UI value this gives what pydicom's conversion
+    gives (trailing spaces/NULs removed, one str or a MultiValue split at backslashes); the
+    element stays raw, so the de-identified copy can be written verbatim.  Anything
+    else is left to pydicom.
+    """
+    vr = _PEEKED.get(keyword)
+    if vr is not None:
+        elem = ds._dict.get(_PEEK_TAGS[keyword])
+        if elem is None:
+            return default
+        if isinstance(elem, RawDataElement) and elem.VR in (None, vr):
+            raw = elem.value
+            if type(raw) is bytes and raw and raw.isascii():
+                items = raw.decode("ascii").rstrip(" \x00").split("\\")
+                if len(items) == 1:
+                    return items[0]
+                if vr == "CS":  # the same type pydicom gives a multi-valued CS
+                    return MultiValue(str, items)
+    return ds.get(keyword, default)
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
+    value = _get(ds, keyword, "")
     if isinstance(value, list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value or "").strip()
 
 
 def is_encapsulated_document(ds: Dataset) -> bool:
-    return str(ds.get("SOPClassUID", "")).startswith(_ENCAPSULATED_DOC_ROOT)
+    return str(_get(ds, "SOPClassUID", "")).startswith(_ENCAPSULATED_DOC_ROOT)
 
 
 def burned_in_risk(ds: Dataset) -> str | None:
@@ -52,9 +87,9 @@ def burned_in_risk(ds: Dataset) -> str | None:
     modality = _text(ds, "Modality").upper()
     if modality in RISKY_MODALITIES:
         return f"burned-in annotation possible ({modality}, BurnedInAnnotation {shown})"
-    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT):
+    if str(_get(ds, "SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT):
         return f"burned-in annotation possible (secondary capture, BurnedInAnnotation {shown})"
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in (_get(ds, "ImageType") or [])]
     if "DERIVED" in image_type[:1] or "SECONDARY" in image_type[1:2]:
         return f"burned-in annotation possible ({'/'.join(image_type[:2])} image, BurnedInAnnotation {shown})"
     return None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydicom import config as pydicom_config
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -396,7 +397,9 @@ class Deidentifier:
             state.phi.add(value.strip())
 
     def _walk(self, ds: Dataset, state: _Instance, *, top: bool, text_mode: TextMode) -> tuple[Dataset, bool]:
-        out = Dataset()
+        # An item keeps its parent's character set (what pydicom's reader gave the source
+        # item), so its original and current character sets agree and the writer can copy it.
+        out = Dataset(parent_encoding=ds._parent_encoding)
         if None not in ds.original_encoding:
             # Same encoding as the source lets pydicom write kept raw elements verbatim.
             implicit, little = ds.original_encoding
@@ -630,11 +633,16 @@ class Deidentifier:
                 ts = ImplicitVRLittleEndian
             else:
                 ts = ExplicitVRLittleEndian
+        # File Meta Information Version 00 01, as every writer adds it (PS3.10 7.1).
+        meta[0x00020001] = RawDataElement(BaseTag(0x00020001), "OB", 2, b"\x00\x01", 0, False, True)
         meta[0x00020002] = _new(0x00020002, "UI", _uid_value(out, 0x00080016))
         meta[0x00020003] = _new(0x00020003, "UI", _uid_value(out, 0x00080018))
         meta[0x00020010] = _new(0x00020010, "UI", str(ts))
         meta[0x00020012] = _new(0x00020012, "UI", IMPLEMENTATION_UID)
         meta[0x00020013] = _new(0x00020013, "SH", IMPLEMENTATION_VERSION)
+        # Every element above is pre-encoded ASCII, valid in explicit VR little endian (the
+        # file meta encoding): marked as such, writers copy them instead of re-encoding.
+        meta.set_original_encoding(False, True, default_encoding)
         out.file_meta = meta
         out.preamble = b"\x00" * 128
 
@@ -649,7 +657,7 @@ class Deidentifier:
         items = []
         encoding = out.original_encoding
         for code in codes:
-            item = Dataset()
+            item = Dataset(parent_encoding=out.original_character_set)
             if None not in encoding:
                 item.set_original_encoding(encoding[0], encoding[1], out.original_character_set)
             item_store = item._dict
