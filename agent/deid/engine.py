@@ -529,6 +529,8 @@ class Deidentifier:
             return self._copy(elem), False
         if action == "C":
             value = ds[tag].value
+        elif action in ("X", "Z") and vr not in _PHI_VRS and tag != _PATIENT_NAME:
+            value = None  # not noted (not a PHI VR), not used: no need to decode it
         else:
             value = _fast_values(elem, vr)
             if value is None:
