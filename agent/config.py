@@ -86,6 +86,7 @@ class DicomSettings:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_instance_bytes: int = 2 * 1024**3
+    workers: int = 1
     tls: DicomTls = DicomTls()
 
 
@@ -425,6 +426,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
         network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
         max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
+        workers=r.get("dicom.workers", int, 1,
+                      check=lambda v: None if 1 <= v <= 32 else "must be between 1 and 32"),
         tls=tls,
     )
     study = StudySettings(

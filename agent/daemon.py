@@ -37,6 +37,7 @@ from agent.pipeline import Pipeline
 from agent.publish import Publisher
 from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
+from agent.recvpool import ReceivePool, WorkerInit
 
 log = logging.getLogger("edge_agent.daemon")
 
@@ -106,9 +107,15 @@ class Daemon:
         )
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit)
-        self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
-                              on_stored=lambda _r: self._work.set(),
-                              accepting=self._intake.is_set, receipts=self.audit_log)
+        self.scp: StorageSCP | ReceivePool
+        if cfg.dicom.workers > 1:
+            self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
+                                   on_stored=lambda _r: self._work.set(),
+                                   accepting=self._intake.is_set, receipts=self.audit_log)
+        else:
+            self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
+                                  on_stored=lambda _r: self._work.set(),
+                                  accepting=self._intake.is_set, receipts=self.audit_log)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d))
@@ -128,6 +135,12 @@ class Daemon:
               phi: Mapping[str, str] | None = None) -> None:
         self.audit_log.record(event, outcome=outcome, user=user, source=source, details=details,
                               phi=phi)
+
+    def _worker_init(self, index: int) -> WorkerInit:
+        cfg = self.cfg
+        return WorkerInit(index=index, dicom=cfg.dicom, inbox_root=cfg.state_dir / "inbox",
+                          inbox=cfg.inbox, study=cfg.study, kek=self.kek,
+                          pseudonym_key=self.pseudonym_key, log_level=cfg.log_level)
 
     def _source(self) -> str:
         return f"edge-agent/{self.cfg.site}/{self.cfg.device}"

@@ -15,6 +15,7 @@ so nothing a peer sends can steer a path.
 from __future__ import annotations
 
 import collections
+import fcntl
 import hashlib
 import itertools
 import json
@@ -198,13 +199,26 @@ class Inbox:
         pseudonym_key: bytes,
         settings: InboxSettings,
         study: StudySettings,
+        *,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this Inbox belongs to receive worker process N (see
+        agent/recvpool.py).  It then takes slots from its own directory, does
+        no start-up recovery (the main process did it before any worker ran)
+        and reads the pending byte count from the index, which every process
+        updates."""
         self.root = root
         self.files = root / "files"
-        self.slots = self.files / "slots"
+        self._slot_root = self.files / "slots"
+        self.slots = self._slot_root if worker is None else self._slot_root / f"w{worker}"
         self.tmp = root / "tmp"
-        for d in (self.root, self.files, self.slots, self.tmp):
+        self._shared = worker is not None
+        self._xlock: int | None = None
+        for d in (self.root, self.files, self._slot_root, self.slots, self.tmp):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if worker is not None:
+            fsync_dir(self._slot_root)  # the worker's slot directory itself must survive a crash
+            self._open_xlock()
         self._kek = kek
         self._pkey = pseudonym_key
         self.settings = settings
@@ -214,8 +228,10 @@ class Inbox:
         self._db = sqlite3.connect(root / "index.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=60000")  # worker processes share the index
         self._db.executescript(_SCHEMA)
-        self._clean_tmp()
+        if worker is None:
+            self._clean_tmp()
         self._pending_bytes = self._sum_pending()
         self._receipts_drained = 0  # ids <= this are in the audit log
         self._receipts_deleted = 0
@@ -223,7 +239,8 @@ class Inbox:
         # hot path opens no transaction before it streams.
         self._open: dict[str, tuple[int, int, bytes]] = {}
         self._free: collections.deque[Path] = collections.deque()
-        self._recover_slots()
+        if worker is None:
+            self._recover_slots()
 
     # -- keys and names ---------------------------------------------------
 
@@ -246,7 +263,15 @@ class Inbox:
     def _recover_slots(self) -> None:
         used = {str(r[0]) for r in self._db.execute(
             "SELECT file FROM instances WHERE file LIKE 'files/slots/%'")}
-        for p in sorted(self.slots.iterdir()):
+        for p in sorted(self._slot_root.iterdir()):
+            if p.is_dir():
+                # A receive worker's slots: whatever is not indexed was never
+                # acknowledged.  Removed rather than recycled, because only this
+                # process's own directory is recycled (no worker runs yet).
+                for q in sorted(p.iterdir()):
+                    if str(q.relative_to(self.root)) not in used:
+                        q.unlink(missing_ok=True)
+                continue
             if str(p.relative_to(self.root)) in used:
                 continue
             if p.suffix != ".enc":
@@ -281,26 +306,36 @@ class Inbox:
             p.unlink(missing_ok=True)
 
     def _sum_pending(self) -> int:
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(n_bytes),0) FROM studies WHERE state != 'done'"
+        row = self._db.execute(  # by the state index: done studies pile up over the years
+            "SELECT COALESCE(SUM(n_bytes),0) FROM studies WHERE state IN ('open', 'complete')"
         ).fetchone()
         return int(row[0])
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            # Between processes, SQLite's own busy wait sleeps 1 ms or more per
+            # retry; a blocking flock hands the index over as soon as it is free.
+            if self._xlock is not None:
+                fcntl.flock(self._xlock, fcntl.LOCK_EX)
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if self._xlock is not None:
+                    fcntl.flock(self._xlock, fcntl.LOCK_UN)
 
     # -- capacity -----------------------------------------------------------
 
     def check_capacity(self, incoming: int = 0) -> None:
         """Raise OutOfResources when the disk reserve or byte budget is hit."""
+        if self._shared:
+            self._refresh_pending()
         free = shutil.disk_usage(self.root).free
         if free - incoming < self.settings.min_free_bytes:
             raise OutOfResources(
@@ -314,6 +349,22 @@ class Inbox:
                 f"{self.settings.max_bytes // 2**20} MiB",
                 hint="wait for processing to catch up or raise [inbox] max_bytes",
             )
+
+    def _refresh_pending(self) -> None:
+        """Other processes commit and finish studies too: re-read the sum (indexed)."""
+        with self._lock:
+            self._pending_bytes = self._sum_pending()
+
+    def share_with_workers(self) -> None:
+        """Receive worker processes commit into this index too: read the byte count
+        from it and take the index lock for every transaction."""
+        self._shared = True
+        self._open_xlock()
+
+    def _open_xlock(self) -> None:
+        if self._xlock is None:
+            self._xlock = os.open(self.root / "index.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                  0o600)
 
     @property
     def pending_bytes(self) -> int:
@@ -472,10 +523,25 @@ class Inbox:
         # Rides on a transaction that commits anyway: deleting what the audit log
         # already holds needs no fsync of its own (re-delivery is deduplicated).
         if self._receipts_drained > self._receipts_deleted:
-            db.execute("DELETE FROM receipts WHERE id <= ?", (self._receipts_drained,))
+            # The newest row always stays: SQLite numbers a row max(id) + 1, so an
+            # emptied table would restart at 1, below the drained mark here and the
+            # audit log's ingested mark, and those records would never be moved.
+            db.execute("DELETE FROM receipts WHERE id <= ? AND id < (SELECT MAX(id) FROM receipts)",
+                       (self._receipts_drained,))
             self._receipts_deleted = self._receipts_drained
 
     # -- journaled receipt audit records ----------------------------------------
+
+    def journal(self, entry: Mapping[str, object]) -> None:
+        """Journal one audit record (event, outcome, source, details) durably.
+
+        Receive worker processes cannot append to the hash-chained audit log
+        (one writer keeps the chain); their records go here and the main
+        process moves them over with the receipts.
+        """
+        with self._tx() as db:
+            db.execute("INSERT INTO receipts (ts_us, entry) VALUES (?, ?)",
+                       (time.time_ns() // 1000, json.dumps(dict(entry), default=str)))
 
     def pending_receipts(self, limit: int = 1000) -> list[tuple[int, int, dict[str, object]]]:
         """Journaled receipt audit records not yet drained, oldest first: (id, ts_us, entry)."""
@@ -642,6 +708,8 @@ class Inbox:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        if self._shared:
+            self._refresh_pending()
         out = {"open": 0, "complete": 0, "done": 0}
         out.update({str(r[0]): int(r[1]) for r in rows})
         out["pending_bytes"] = self._pending_bytes
@@ -658,3 +726,6 @@ class Inbox:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._xlock is not None:
+                os.close(self._xlock)
+                self._xlock = None

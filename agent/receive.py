@@ -541,6 +541,81 @@ def _install_wakeups() -> None:
         setattr(DULServiceProvider, "send_pdu", _send_pdu_waking)  # noqa: B010
 
 
+# -- journaled receipt records -------------------------------------------------------
+
+
+class ReceiptDrainer:
+    """Moves audit records journaled in the inbox to the audit log, in batches.
+
+    ``eager``: delete drained rows at once instead of folding the delete into
+    the next instance's transaction (when other processes do the journaling).
+    """
+
+    def __init__(self, inbox: Inbox, receipts: ReceiptLog, *, eager: bool = False) -> None:
+        self.inbox = inbox
+        self.receipts = receipts
+        self.eager = eager
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dicom-receipts", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self.wake.set()
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def drain(self, *, idle: bool = False) -> int:
+        """Move journaled records to the audit log; returns how many."""
+        moved = 0
+        while True:
+            batch = self.inbox.pending_receipts(1000)
+            if not batch:
+                break
+            upto = self.receipts.ingest("inbox", batch)
+            self.inbox.drop_receipts(upto, now=self.eager)
+            moved += len(batch)
+            if len(batch) < 1000:
+                break
+        if idle or moved == 0:
+            self.inbox.drop_receipts(0, now=True)
+        return moved
+
+    def _loop(self) -> None:
+        # Leftovers of a crash are drained first (the audit log dedupes by id).
+        failures = 0
+        while True:
+            stopping = self._stop.is_set()
+            try:
+                self.drain(idle=stopping)
+                failures = 0
+            except Exception:  # noqa: BLE001 - the journal keeps them; retried next round
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.exception("moving receipt records to the audit log failed (%d)", failures)
+            if stopping:
+                return
+            self.wake.wait(RECEIPT_DRAIN_SECONDS)
+            self.wake.clear()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the main process decided about a connection when it accepted it."""
+
+    rate_ok: bool  # within the peer's associations-per-minute
+    peer_ok: bool  # within the peer's concurrent-association bound
+    total_ok: bool  # within max_associations across all workers
+
+
+Admission = Callable[[str, int], Verdict]
+
+
 # -- the SCP -------------------------------------------------------------------------------
 
 
@@ -556,11 +631,17 @@ class StorageSCP:
         on_stored: Callable[[StoreReceipt], None] | None = None,
         accepting: Callable[[], bool] = lambda: True,
         receipts: ReceiptLog | None = None,
+        journal_receipts: bool = False,
+        admission: Admission | None = None,
+        on_ended: Callable[[str, int], None] | None = None,
     ) -> None:
         """``receipts``: when given, the audit record of each stored instance is
         journaled in the inbox's index transaction and moved to it in batches by
         a drainer thread, instead of a synchronous ``audit`` call (a third fsync)
-        before Success."""
+        before Success.  ``journal_receipts`` journals them without draining
+        (a receive worker: the main process drains).  ``admission`` replaces the
+        per-peer rate and association-count checks, for a worker whose
+        connections were counted by the main process at accept."""
         self.s = settings
         self.inbox = inbox
         self.audit = audit
@@ -571,10 +652,10 @@ class StorageSCP:
         self._servers: list[EdgeAssociationServer] = []
         self._sink_seq = 0
         self._refusal_audited: dict[tuple[str, str], float] = {}
-        self.receipts = receipts
-        self._drain_wake = threading.Event()
-        self._drain_stop = threading.Event()
-        self._drainer: threading.Thread | None = None
+        self.journal_receipts = journal_receipts or receipts is not None
+        self.drainer = ReceiptDrainer(inbox, receipts) if receipts is not None else None
+        self.admission = admission
+        self.on_ended = on_ended
         self.limiter = PeerLimiter(PeerLimits(
             max_connections_per_peer=settings.max_associations_per_peer + 2,
             max_connections=settings.max_associations * 2,
@@ -594,12 +675,8 @@ class StorageSCP:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
-        if self.receipts is not None:
-            self._drainer = threading.Thread(target=self._drain_loop, name="dicom-receipts",
-                                             daemon=True)
-            self._drainer.start()
-        handlers = [
+    def handlers(self) -> list[Any]:
+        return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -607,6 +684,11 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
+
+    def start(self) -> None:
+        if self.drainer is not None:
+            self.drainer.start()
+        handlers = self.handlers()
         tls = self.s.tls
         if not tls.enabled or tls.plain_listener:
             self._listen(self.s.port, None, handlers)
@@ -634,47 +716,12 @@ class StorageSCP:
         for server in self._servers:
             server.shutdown()
         self._servers = []
-        if self._drainer is not None:
-            self._drain_stop.set()
-            self._drain_wake.set()
-            self._drainer.join(timeout=30)
-            self._drainer = None
-
-    # -- journaled receipt records ---------------------------------------------
+        if self.drainer is not None:
+            self.drainer.stop()
 
     def drain_receipts(self, *, idle: bool = False) -> int:
-        """Move journaled receipt records to the audit log; returns how many."""
-        assert self.receipts is not None
-        moved = 0
-        while True:
-            batch = self.inbox.pending_receipts(1000)
-            if not batch:
-                break
-            upto = self.receipts.ingest("inbox", batch)
-            self.inbox.drop_receipts(upto)
-            moved += len(batch)
-            if len(batch) < 1000:
-                break
-        if idle or moved == 0:
-            self.inbox.drop_receipts(0, now=True)
-        return moved
-
-    def _drain_loop(self) -> None:
-        # Leftovers of a crash are drained first (the audit log dedupes by id).
-        failures = 0
-        while True:
-            stopping = self._drain_stop.is_set()
-            try:
-                self.drain_receipts(idle=stopping)
-                failures = 0
-            except Exception:  # noqa: BLE001 - the journal keeps them; retried next round
-                failures += 1
-                if failures in (1, 10) or failures % 100 == 0:
-                    log.exception("moving receipt records to the audit log failed (%d)", failures)
-            if stopping:
-                return
-            self._drain_wake.wait(RECEIPT_DRAIN_SECONDS)
-            self._drain_wake.clear()
+        assert self.drainer is not None
+        return self.drainer.drain(idle=idle)
 
     def new_sink(self, assoc: Any) -> InstanceSink:
         with self._lock:
@@ -759,7 +806,10 @@ class StorageSCP:
             if not self.accepting():
                 self._reject(event, 0x02, 0x03, 0x01, "not accepting (shutting down)")
                 return
-            if not self.limiter.allow_association(addr):
+            verdict = (self.admission(addr, int(event.assoc.requestor.port or 0))
+                       if self.admission is not None else None)
+            if not (verdict.rate_ok if verdict is not None
+                    else self.limiter.allow_association(addr)):
                 with self._lock:
                     self.counters.rate_limited += 1
                 self._reject(event, 0x02, 0x03, 0x01, "association rate limit for this peer")
@@ -774,13 +824,18 @@ class StorageSCP:
                 return
             with self._lock:
                 per_peer = self.counters.by_peer.get(addr, 0)
-                over = per_peer >= self.s.max_associations_per_peer
-                if not over:
+                why: str | None = None
+                if not (verdict.peer_ok if verdict is not None
+                        else per_peer < self.s.max_associations_per_peer):
+                    why = "too many associations from this peer"
+                elif verdict is not None and not verdict.total_ok:
+                    why = "too many associations in total"
+                else:
                     self.counters.by_peer[addr] = per_peer + 1
                     self.counters.active += 1
                     self.counters.associations_accepted += 1
-            if over:
-                self._reject(event, 0x02, 0x03, 0x02, "too many associations from this peer")
+            if why is not None:
+                self._reject(event, 0x02, 0x03, 0x02, why)
                 return
             setattr(event.assoc, "_edge_counted", True)  # noqa: B010
             if prim is not None and prim.presentation_context_definition_list:
@@ -803,6 +858,9 @@ class StorageSCP:
         try:
             for sink in getattr(event.assoc, "_edge_sinks", ()):
                 sink.close()
+            if self.on_ended is not None:
+                req = event.assoc.requestor
+                self.on_ended(str(req.address), int(req.port or 0))
             if getattr(event.assoc, "_edge_counted", False):
                 setattr(event.assoc, "_edge_counted", False)  # noqa: B010
                 _, addr = self._peer(event)
@@ -840,7 +898,7 @@ class StorageSCP:
                 receipt = self.inbox.commit(
                     pending, sop_uid=sop_uid, sop_class=sop_class, transfer_syntax=tsyntax,
                     calling_ae=ae_title, peer=addr,
-                    audit=None if self.receipts is None else _receipt_record(addr, ae_title))
+                    audit=_receipt_record(addr, ae_title) if self.journal_receipts else None)
             finally:
                 pending.abort()
         except Refused as exc:
@@ -864,7 +922,7 @@ class StorageSCP:
                 self.counters.instances_duplicate += 1
             else:
                 self.counters.instances_stored += 1
-        if self.receipts is None:
+        if not self.journal_receipts:
             rec = _receipt_record(addr, ae_title)(receipt)
             self.audit(rec["event"], source=addr, details=rec["details"])
         log.info("stored instance %s of study %s v%d (%s) from %s",

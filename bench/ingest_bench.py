@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO / "tests" / "receive"))
 from orthanc import Orthanc  # noqa: E402
 
 from agent.devbox import provision_dev  # noqa: E402
-from bench.common import free_port, wait_port  # noqa: E402
+from bench.common import free_port, set_config, wait_port  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CALLED = "EDGE_AGENT"
@@ -125,7 +125,7 @@ def reset_peak(pid: int) -> None:
 class EdgeAgent:
     name = "edge-agent"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workers: int = 1) -> None:
         self.port = free_port()
         self.box = provision_dev(root / "box", dicom_port=self.port, mqtt_port=free_port(),
                                  extra_ae=("BENCH",))
@@ -133,6 +133,7 @@ class EdgeAgent:
         text = cfg.read_text().replace("quiet_seconds = 3\n", "quiet_seconds = 3600\n")
         text = text.replace("[logging]\nlevel = \"INFO\"", "[logging]\nlevel = \"WARNING\"")
         cfg.write_text(text)
+        set_config(cfg, "dicom", "workers", str(workers))
         self.cfg = cfg
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -250,3 +250,10 @@ def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", aec: str = 
     env = dict(os.environ, TCP_NODELAY="1")
     return subprocess.run(["storescu", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
                            *map(str, files)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def audit_events(box: Box, n: int = 500) -> list[dict[str, Any]]:
+    """The newest audit records of a box, through the CLI a privacy officer uses."""
+    out = subprocess.run([*EDGE_AGENT, "audit", "tail", "--config", str(box.config), "-n", str(n),
+                          "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]

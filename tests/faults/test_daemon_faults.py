@@ -4,17 +4,27 @@ budgets, a corrupted inbox file, a key rotation interrupted half-way."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import signal
 import subprocess
 import threading
 
+import psutil
 import pytest
 from fault_support import SentStudy, check_nothing_lost, results, send
 from pydicom.uid import generate_uid
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+from support import (
+    EDGE_AGENT,
+    REPO,
+    Box,
+    Broker,
+    Daemon,
+    Subscriber,
+    audit_events,
+    set_config,
+    wait_for,
+)
 
 from agent import config as agent_config
 from agent.errors import EdgeAgentError
@@ -32,12 +42,6 @@ def burst(box: Box, timeout: float = 120) -> None:
     b.start()
     assert b.proc is not None
     assert b.proc.wait(timeout) == 0, b.log_text()[-3000:]
-
-
-def audit_events(box: Box, n: int = 500) -> list[dict[str, object]]:
-    out = subprocess.run([*EDGE_AGENT, "audit", "tail", "--config", str(box.config), "-n", str(n),
-                          "--json"], cwd=REPO, capture_output=True, text=True, check=True)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 def test_broker_down_then_restart_with_backlog_then_broker_up_delivers_in_order(
@@ -65,25 +69,36 @@ def test_broker_down_then_restart_with_backlog_then_broker_up_delivers_in_order(
         ops.stop()
 
 
-def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int) -> None:
+def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int, workers: int = 1) -> None:
     rng = random.Random(seed)
     set_config(box, "study", "quiet_seconds", "0.4")
+    set_config(box, "dicom", "workers", str(workers))
     ops = Subscriber(box).start()
     studies: list[SentStudy] = []
     try:
         for _ in range(rounds):
             d = Daemon(box)
             d.start()
-            # Sometimes a follow-up to an earlier study (new version), mostly new ones.
-            st = rng.choice(studies) if studies and rng.random() < 0.3 else SentStudy(generate_uid())
-            if st not in studies:
-                studies.append(st)
-            sender = threading.Thread(target=send, args=(box, st, rng.randint(2, 6)))
-            sender.start()
+            senders = []
+            # With receive workers, several associations at once (they land on
+            # different workers); sometimes a follow-up to an earlier study.
+            for _ in range(1 if workers == 1 else 3):
+                st = (rng.choice(studies) if studies and rng.random() < 0.3
+                      else SentStudy(generate_uid()))
+                if st not in studies:
+                    studies.append(st)
+                senders.append(threading.Thread(target=send, args=(box, st, rng.randint(2, 6))))
+            for t in senders:
+                t.start()
+            children = receive_workers(d)
+            assert len(children) == (0 if workers == 1 else workers)
             # A random point: mid-ingest, in the quiet period, processing or publishing.
             threading.Event().wait(rng.uniform(0.05, 2.5))
             d.kill9()
-            sender.join(30)
+            # Workers die with the daemon: nothing may keep writing to the inbox.
+            wait_for(lambda: not any(alive(c) for c in children), 10, "workers to die")  # noqa: B023
+            for t in senders:
+                t.join(30)
         burst(box)
         acked = sum(len(s.acked) for s in studies)
         assert acked > 0
@@ -91,6 +106,19 @@ def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int) -> None:
         check_nothing_lost(box, studies, results(ops))
     finally:
         ops.stop()
+
+
+def receive_workers(d: Daemon) -> list[psutil.Process]:
+    assert d.proc is not None
+    return [c for c in psutil.Process(d.proc.pid).children()
+            if "agent.recvworker" in " ".join(c.cmdline())]
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _settled(box: Box, studies: list[SentStudy], ops: Subscriber) -> bool:
@@ -108,6 +136,16 @@ def test_kill9_at_random_points_loses_no_acknowledged_instance(box: Box, broker:
 @pytest.mark.slow
 def test_kill9_many_rounds(box: Box, broker: Broker) -> None:
     _kill9_rounds(box, broker, rounds=40, seed=random.randrange(1 << 30))
+
+
+def test_kill9_with_receive_workers_loses_no_acknowledged_instance(box: Box,
+                                                                   broker: Broker) -> None:
+    _kill9_rounds(box, broker, rounds=4, seed=random.randrange(1 << 30), workers=2)
+
+
+@pytest.mark.slow
+def test_kill9_with_receive_workers_many_rounds(box: Box, broker: Broker) -> None:
+    _kill9_rounds(box, broker, rounds=25, seed=random.randrange(1 << 30), workers=3)
 
 
 def test_corrupted_inbox_file_is_failed_with_alert_rest_processed(

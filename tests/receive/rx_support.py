@@ -1,5 +1,6 @@
-"""In-process DICOM node for receive tests: a real StorageSCP over a real Inbox,
-listening on a free loopback port; peers are real (DCMTK, pynetdicom, raw sockets)."""
+"""DICOM node for receive tests: a real StorageSCP over a real Inbox, listening on a
+free loopback port, in this process (``workers=1``) or in receive worker processes
+behind a ReceivePool (``workers=N``); peers are real (DCMTK, pynetdicom, raw sockets)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from agent.config import DicomSettings, DicomTls, InboxSettings, PeerRule, Study
 from agent.crypto import KeyEncryptionKey, random_key
 from agent.inbox import Inbox
 from agent.receive import StorageSCP
+from agent.recvpool import ReceivePool, WorkerInit
 
 AE_TITLE = "EDGE_AGENT"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -50,7 +52,7 @@ def free_port() -> int:
 
 @dataclasses.dataclass
 class Node:
-    scp: StorageSCP
+    scp: StorageSCP | ReceivePool
     inbox: Inbox
     port: int
     tls_port: int
@@ -70,9 +72,29 @@ class Node:
         return [dataclasses.make_dataclass("S", ["id", "n"])(int(r[0]), int(r[1])) for r in rows]
 
 
+class EventJournal:
+    """Where a pool's journaled records land in tests without an audit log: the
+    node's event list, in the shape of a synchronous audit call."""
+
+    def __init__(self, events: list[tuple[str, dict[str, Any]]], lock: threading.Lock) -> None:
+        self.events = events
+        self.lock = lock
+        self.last = 0
+
+    def ingest(self, journal: str, records: Any) -> int:
+        with self.lock:
+            for rid, _ts, e in records:
+                if rid > self.last:
+                    self.events.append((str(e["event"]), {
+                        "outcome": e.get("outcome", "success"), "source": e.get("source"),
+                        "details": dict(e.get("details") or {})}))
+                    self.last = rid
+            return self.last
+
+
 @contextmanager
 def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
-         inbox: InboxSettings | None = None, receipts: Any = None,
+         inbox: InboxSettings | None = None, receipts: Any = None, workers: int = 1,
          **dicom: Any) -> Iterator[Node]:
     port = free_port()
     tls_port = free_port()
@@ -82,12 +104,13 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
     settings = DicomSettings(
         host="127.0.0.1", port=port, ae_title=AE_TITLE,
         peers=peers if peers is not None else (PeerRule("*", LOOPBACK),),
-        tls=tls or DicomTls(), **dicom,
+        tls=tls or DicomTls(), workers=workers, **dicom,
     )
     kek = KeyEncryptionKey(random_key())
-    ib = Inbox(tmp / "inbox", kek, random_key(),
-               inbox or InboxSettings(max_bytes=50 * 1024**3, min_free_bytes=0),
-               StudySettings(quiet_seconds=3600))
+    pkey = random_key()
+    inbox_settings = inbox or InboxSettings(max_bytes=50 * 1024**3, min_free_bytes=0)
+    study = StudySettings(quiet_seconds=3600)
+    ib = Inbox(tmp / "inbox", kek, pkey, inbox_settings, study)
     events: list[tuple[str, dict[str, Any]]] = []
     lock = threading.Lock()
 
@@ -95,7 +118,16 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
         with lock:
             events.append((name, dict(kw)))
 
-    scp = StorageSCP(settings, ib, audit=audit, receipts=receipts)
+    scp: StorageSCP | ReceivePool
+    if workers > 1:
+        def init(index: int) -> WorkerInit:
+            return WorkerInit(index, settings, tmp / "inbox", inbox_settings, study, kek, pkey,
+                              "WARNING")
+
+        scp = ReceivePool(settings, ib, init, audit=audit,
+                          receipts=receipts if receipts is not None else EventJournal(events, lock))
+    else:
+        scp = StorageSCP(settings, ib, audit=audit, receipts=receipts)
     scp.start()
     try:
         yield Node(scp, ib, port, tls_port, events, lock)

@@ -79,8 +79,9 @@ def _read_pdu(s: socket.socket) -> tuple[int, bytes]:
     return kind, body
 
 
-def test_oversized_pdu_is_aborted_before_it_is_read(tmp_path: Path) -> None:
-    with node(tmp_path, max_pdu=16384) as n, socket.create_connection(("127.0.0.1", n.port)) as s:
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_oversized_pdu_is_aborted_before_it_is_read(tmp_path: Path, workers: int) -> None:
+    with node(tmp_path, workers=workers, max_pdu=16384) as n, socket.create_connection(("127.0.0.1", n.port)) as s:
         s.settimeout(20)
         s.sendall(associate_rq())
         kind, _ = read_pdu(s)
@@ -95,8 +96,9 @@ def test_oversized_pdu_is_aborted_before_it_is_read(tmp_path: Path) -> None:
         assert echo(n.port).is_released  # type: ignore[attr-defined]
 
 
-def test_garbage_half_pdus_and_silent_peers_do_not_block_others(tmp_path: Path) -> None:
-    with node(tmp_path, acse_timeout=5, network_timeout=5) as n:
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_garbage_half_pdus_and_silent_peers_do_not_block_others(tmp_path: Path, workers: int) -> None:
+    with node(tmp_path, workers=workers, acse_timeout=5, network_timeout=5) as n:
         # One peer floods: silent sockets (more than its cap), garbage, a half PDU.
         silent = [hostile(n.port) for _ in range(8)]
         garbage = hostile(n.port)
@@ -117,8 +119,9 @@ def test_garbage_half_pdus_and_silent_peers_do_not_block_others(tmp_path: Path) 
         wait_for(lambda: n.scp.limiter.connections() == 0, 30, "connections to be released")
 
 
-def test_per_peer_connection_cap_and_rate_limit(tmp_path: Path) -> None:
-    with node(tmp_path, max_associations_per_peer=2, associations_per_minute_per_peer=5,
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_per_peer_connection_cap_and_rate_limit(tmp_path: Path, workers: int) -> None:
+    with node(tmp_path, workers=workers, max_associations_per_peer=2, associations_per_minute_per_peer=5,
               acse_timeout=10) as n:
         # Connections that never speak: the peer gets its cap (2 + 2), no more.
         held = [hostile(n.port) for _ in range(6)]
@@ -141,7 +144,7 @@ def test_per_peer_connection_cap_and_rate_limit(tmp_path: Path) -> None:
                     for e in n.audited("association.rejected") if "result" in e["details"]]
         wait_for(lambda: len(rate_rejections()) == 2, 20, "rejections to be audited")
         assert rate_rejections() == [(2, 3, 1)] * 2
-        assert n.scp.counters.rate_limited == 2
+        wait_for(lambda: n.scp.counters.rate_limited == 2, 10, "the rate-limit counter")
         # another peer is not affected by this one's rate
         ae = AE(ae_title="MOD")
         ae.add_requested_context(Verification)
@@ -150,8 +153,9 @@ def test_per_peer_connection_cap_and_rate_limit(tmp_path: Path) -> None:
         other.release()
 
 
-def test_concurrent_associations_per_peer_are_bounded(tmp_path: Path) -> None:
-    with node(tmp_path, max_associations_per_peer=1) as n:
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_concurrent_associations_per_peer_are_bounded(tmp_path: Path, workers: int) -> None:
+    with node(tmp_path, workers=workers, max_associations_per_peer=1) as n:
         ae = AE(ae_title="MOD")
         ae.add_requested_context(Verification)
         first = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
@@ -164,9 +168,10 @@ def test_concurrent_associations_per_peer_are_bounded(tmp_path: Path) -> None:
         third.release()
 
 
-def test_backpressure_answers_a700_then_rejects_transiently(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_backpressure_answers_a700_then_rejects_transiently(tmp_path: Path, workers: int) -> None:
     files = ct_files(tmp_path / "in", 3)
-    with node(tmp_path, inbox=InboxSettings(max_bytes=30_000, min_free_bytes=0)) as n:
+    with node(tmp_path, workers=workers, inbox=InboxSettings(max_bytes=30_000, min_free_bytes=0)) as n:
         ae = AE(ae_title="MOD")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
@@ -221,12 +226,13 @@ def client_ctx(certs: dict[str, Path], who: str | None) -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
 def test_tls_with_dcmtk_and_pynetdicom_and_subject_binding(
-        tmp_path: Path, certs: dict[str, Path]) -> None:
+        tmp_path: Path, workers: int, certs: dict[str, Path]) -> None:
     rules = (PeerRule("CT1", LOOPBACK, "CN=modality,O=edge-agent dev"),
              PeerRule("ANY", LOOPBACK))
     files = ct_files(tmp_path / "in", 2)
-    with node(tmp_path, peers=rules, tls=tls_settings(certs)) as n:
+    with node(tmp_path, workers=workers, peers=rules, tls=tls_settings(certs)) as n:
         # No plain listener when plain_listener = false.
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", n.port), timeout=2).close()
@@ -250,13 +256,16 @@ def test_tls_with_dcmtk_and_pynetdicom_and_subject_binding(
             assoc = echo(n.tls_port, aet="CT1", ssl_ctx=client_ctx(certs, who))
             assert not assoc.is_established and not assoc.is_released  # type: ignore[attr-defined]
         wait_for(lambda: n.scp.counters.tls_failures >= 2, 20, "TLS failures to be counted")
-        assert any("TLS handshake failed" in e["details"]["reason"]
-                   for e in n.audited("association.rejected"))
+        # (with workers the record is journaled and moved to the audit log a moment later)
+        wait_for(lambda: any("TLS handshake failed" in e["details"]["reason"]
+                             for e in n.audited("association.rejected")), 10,
+                 "the handshake failure to be audited")
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
 def test_tls_peer_that_never_says_hello_does_not_block_the_listener(
-        tmp_path: Path, certs: dict[str, Path]) -> None:
-    with node(tmp_path, tls=tls_settings(certs, require=False, plain=True), acse_timeout=5) as n:
+        tmp_path: Path, workers: int, certs: dict[str, Path]) -> None:
+    with node(tmp_path, workers=workers, tls=tls_settings(certs, require=False, plain=True), acse_timeout=5) as n:
         mute = [socket.create_connection(("127.0.0.1", n.tls_port), source_address=(HOSTILE, 0))
                 for _ in range(2)]
         try:

@@ -5,6 +5,7 @@ reactor wake-ups that replace pynetdicom's polling sleeps."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from agent.audit import AuditLog, records_between, verify
 from agent.config import AuditSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key, write_secret_file
 from agent.inbox import Inbox, StoreReceipt
-from agent.receive import _install_wakeups, _WakingTime
+from agent.receive import ReceiptDrainer, _install_wakeups, _WakingTime
 
 ALL_TIME = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 
@@ -115,12 +116,37 @@ def test_scp_with_receipts_audits_every_stored_instance(tmp_path: Path) -> None:
         # Synchronous audit calls are kept for the association, not for the receipts.
         assert n.audited("instance.received") == []
         wait_for(lambda: len(box.records("instance.received")) == 6, 20, "receipts drained")
-    # stop() drained and deleted everything.
+    # stop() drained and deleted everything but the newest row (it keeps the numbering).
     assert len(box.records("instance.duplicate")) == 1
     log.close()
+    db = sqlite3.connect(tmp_path / "n" / "inbox" / "index.db")  # the node's own index
+    try:
+        assert db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 1
+    finally:
+        db.close()
+
+
+def test_receipts_after_an_idle_drain_are_still_moved(tmp_path: Path) -> None:
+    """An idle drain deletes what the audit log holds; the numbering must not restart
+    below the drained mark, or every later receipt would be skipped."""
+    box = Box(tmp_path)
+    log = box.audit()
     ib = box.inbox()
-    assert ib._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 0
+    drainer = ReceiptDrainer(ib, log)
+    _store(ib, "1.2.3.1", b"x")
+    _store(ib, "1.2.3.2", b"y")
+    assert drainer.drain(idle=True) == 2
+    assert drainer.drain(idle=True) == 0
+    _store(ib, "1.2.3.3", b"z")
+    assert drainer.drain(idle=True) == 1
     ib.close()
+    ib = box.inbox()  # a restart re-offers the kept row; the audit log dedupes it
+    ReceiptDrainer(ib, log).drain(idle=True)
+    _store(ib, "1.2.3.4", b"w")
+    ReceiptDrainer(ib, log).drain(idle=True)
+    ib.close()
+    log.close()
+    assert [r["details"]["bytes"] for r in box.records("instance.received")] == [1, 1, 1, 1]
 
 
 def test_reactor_wakeups_are_installed_and_other_sleeps_stay_plain() -> None:

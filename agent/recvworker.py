@@ -1,0 +1,248 @@
+"""A receive worker process (see agent/recvpool.py): runs the associations of the
+connections the daemon hands it, with the same StorageSCP as the in-process node.
+
+    python -m agent.recvworker CHANNEL_FD PARENT_PID
+
+Started by the daemon only.  Everything it needs arrives over the channel; it
+exits when the channel closes (the daemon stopped or died) and is killed with
+the daemon by ``PR_SET_PDEATHSIG``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from agent import logs
+from agent.dicomtls import EdgeAssociationServer, server_context
+from agent.inbox import Inbox
+from agent.ratelimit import PeerLimiter, PeerLimits
+from agent.receive import StorageSCP, Verdict
+from agent.recvpool import Handoff, WorkerInit, recv_msg, send_msg
+
+log = logging.getLogger("edge_agent.receive")
+
+_PR_SET_PDEATHSIG = 1
+COUNTERS_EVERY = 0.2
+ADMISSION_TIMEOUT = 10.0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL when the daemon dies, however it dies (kill -9 included)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the closed channel still stops us, a little later
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the daemon died before prctl took effect
+
+
+class HandedServer(EdgeAssociationServer):
+    """An association server without a socket of its own: connections arrive
+    from the daemon, already counted against the peer limits there."""
+
+    edge_done: Any
+
+    def server_bind(self) -> None:
+        return None
+
+    def server_activate(self) -> None:
+        return None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.edge_done(client_address)
+
+
+class Worker:
+    def __init__(self, chan: socket.socket, init: WorkerInit) -> None:
+        self.chan = chan
+        self.init = init
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._asked: dict[int, tuple[threading.Event, Verdict | None]] = {}
+        self._conn_ids: dict[tuple[str, int], int] = {}
+        self._ended_ids: set[int] = set()
+        self._accepting = True
+        self.inbox = Inbox(init.inbox_root, init.kek, init.pseudonym_key, init.inbox, init.study,
+                           worker=init.index)
+        self.scp = StorageSCP(init.dicom, self.inbox, audit=self._audit,
+                              accepting=lambda: self._accepting, journal_receipts=True,
+                              admission=self._admission, on_ended=self._ended)
+        self.servers: dict[bool, HandedServer] = {}
+        unlimited = PeerLimiter(PeerLimits(1 << 30, 1 << 30, 1 << 30))
+        s = init.dicom
+        for tls in ([False] if not s.tls.enabled or s.tls.plain_listener else []) + (
+                [True] if s.tls.enabled else []):
+            ctx = None
+            if tls:
+                assert s.tls.cert is not None and s.tls.key is not None and s.tls.ca is not None
+                ctx = server_context(s.tls.cert, s.tls.key, s.tls.ca,
+                                     require_client_cert=s.tls.require_client_cert)
+            server = self.scp.ae.make_server(
+                (s.host, s.tls.port if tls else s.port), evt_handlers=self.scp.handlers(),
+                server_class=HandedServer)
+            assert isinstance(server, HandedServer)
+            server.configure(limiter=unlimited, tls=ctx, handshake_timeout=s.acse_timeout,
+                             on_refused=self.scp._refused_connection, owner=self.scp)
+            server.edge_done = self._done
+            self.servers[tls] = server
+
+    # -- StorageSCP hooks ----------------------------------------------------------
+
+    def _audit(self, event: str, *, outcome: str = "success", user: str | None = None,
+               source: str | None = None, details: Mapping[str, object] | None = None,
+               phi: Mapping[str, str] | None = None) -> None:
+        # Receive events carry no PHI (pseudonymous references only), and the
+        # journal has no sealed-PHI column: refuse rather than drop it silently.
+        if phi:
+            raise ValueError("receive workers do not journal PHI-bearing audit records")
+        entry: dict[str, object] = {"event": event, "outcome": outcome, "source": source,
+                                    "details": dict(details or {})}
+        if user is not None:
+            entry["user"] = user
+        self.inbox.journal(entry)
+
+    def _admission(self, addr: str, port: int) -> Verdict:
+        """Ask the daemon, which sees every worker's associations (runs in the
+        association's thread; the answer comes back through ``run``)."""
+        with self._lock:
+            cid = self._conn_ids.get((addr, port))
+            if cid is None:
+                return Verdict(False, False, False)
+            done = threading.Event()
+            self._asked[cid] = (done, None)
+        self._send(("admit", cid))
+        answered = done.wait(ADMISSION_TIMEOUT)
+        with self._lock:
+            _, verdict = self._asked.pop(cid, (done, None))
+        if not answered or verdict is None:
+            log.error("no admission answer from the daemon in %.0f s", ADMISSION_TIMEOUT)
+            return Verdict(False, False, False)
+        return verdict
+
+    def _ended(self, addr: str, port: int) -> None:
+        """The association ended (released, aborted, rejected): its slot is free
+        although the connection may linger a moment."""
+        with self._lock:
+            cid = self._conn_ids.get((addr, port))
+            if cid is None or cid in self._ended_ids:
+                return
+            self._ended_ids.add(cid)
+        self._send(("ended", cid))
+
+    def _done(self, client_address: Any) -> None:
+        key = (str(client_address[0]), int(client_address[1]))
+        with self._lock:
+            cid = self._conn_ids.pop(key, None)
+            self._ended_ids.discard(cid or 0)
+        if cid is not None:
+            self._send(("closed", cid))
+
+    def _send(self, msg: object) -> None:
+        with self._send_lock:
+            try:
+                send_msg(self.chan, msg)
+            except OSError:
+                os._exit(0)  # the daemon is gone: nothing here may outlive it
+
+    # -- loop ------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        while True:
+            time.sleep(COUNTERS_EVERY)
+            with self.scp._lock:
+                c = dataclasses.asdict(self.scp.counters)
+            self._send(("counters", c))
+
+    def run(self) -> int:
+        threading.Thread(target=self._report, name="counters", daemon=True).start()
+        self._send(("ready",))
+        while True:
+            got = recv_msg(self.chan)
+            if got is None:
+                os._exit(0)  # the daemon closed the channel or died
+            msg, fds = got
+            if not isinstance(msg, tuple) or not msg:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if msg[0] == "conn" and fds:
+                self._take(msg[1], fds[0])
+                for fd in fds[1:]:
+                    os.close(fd)
+            elif msg[0] == "verdict":
+                with self._lock:
+                    asked = self._asked.get(int(msg[1]))
+                    if asked is not None and isinstance(msg[2], Verdict):
+                        self._asked[int(msg[1])] = (asked[0], msg[2])
+                        asked[0].set()
+            elif msg[0] == "stop":
+                for fd in fds:
+                    os.close(fd)
+                return self._stop(float(msg[1]))
+
+    def _take(self, h: Handoff, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        server = self.servers.get(h.tls)
+        if server is None or not self._accepting:
+            sock.close()
+            self._send(("closed", h.conn_id))
+            return
+        with self._lock:
+            self._conn_ids[h.address] = h.conn_id
+        server.process_request(sock, h.address)
+
+    def _stop(self, timeout: float) -> int:
+        """No new associations; let open ones finish for up to ``timeout`` seconds."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.scp._lock:
+                if self.scp.counters.active == 0:
+                    break
+            time.sleep(0.05)
+        with self.scp._lock:
+            c = dataclasses.asdict(self.scp.counters)
+        self._send(("counters", c))
+        self.inbox.close()
+        return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print("usage: python -m agent.recvworker CHANNEL_FD PARENT_PID (started by the daemon)",
+              file=sys.stderr)
+        return 2
+    die_with_parent(int(argv[2]))
+    # SIGTERM/SIGINT go to the daemon, which stops us over the channel.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    chan = socket.socket(fileno=int(argv[1]))
+    got = recv_msg(chan)
+    if got is None or not isinstance(got[0], tuple) or got[0][0] != "init":
+        return 2
+    init = got[0][1]
+    assert isinstance(init, WorkerInit)
+    logs.setup(init.log_level)
+    worker = Worker(chan, init)
+    code = worker.run()
+    # Association threads are daemon threads: the ones still open after the
+    # grace period end with the process, unacknowledged (never half-committed).
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))

@@ -1,0 +1,93 @@
+"""The daemon with receive worker processes (``[dicom] workers``): concurrent
+associations from DCMTK into one inbox and one result, the audit trail of every
+instance, a worker that dies is replaced while the others keep serving, and a
+stop leaves no process behind.  Kill -9 with workers is in tests/faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+from rx_support import ct_files
+from support import Box, Broker, Daemon, Subscriber, audit_events, set_config, storescu, wait_for
+
+
+def workers_of(d: Daemon) -> list[psutil.Process]:
+    assert d.proc is not None
+    return [c for c in psutil.Process(d.proc.pid).children()
+            if "agent.recvworker" in " ".join(c.cmdline())]
+
+
+def send_parallel(box: Box, groups: list[list[Path]]) -> list[subprocess.CompletedProcess[str]]:
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", box.ae_title, "127.0.0.1",
+                               str(box.dicom_port), *map(str, g)],
+                              env=dict(os.environ, TCP_NODELAY="1"), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for g in groups]
+    out = []
+    for p in procs:
+        o, e = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    return out
+
+
+def test_concurrent_associations_over_workers_make_one_study_and_one_result(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "dicom", "workers", "2")
+    set_config(box, "study", "quiet_seconds", "2")
+    files = ct_files(tmp_path / "ct", 16, study_uid="1.2.826.0.1.3680043.8.498.4242")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        wait_for(lambda: len(workers_of(d)) == 2, 20, "two receive workers")
+        runs = send_parallel(box, [files[i::4] for i in range(4)])
+        assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+        got = ops.wait("results", 1, timeout=90)
+        study = got[0].json()["data"]["study"]
+        assert study["instances_received"] == 16
+        assert study["version"] == 1
+        pids = {p.pid for p in workers_of(d)}
+        assert d.stop() == 0
+        # The workers stopped with the daemon.
+        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status()
+                                 != psutil.STATUS_ZOMBIE for p in pids), 10, "workers to exit")
+    finally:
+        if d.proc is not None:
+            d.stop()
+        ops.stop()
+    events = audit_events(box, 2000)
+    received = [e for e in events if e["event"] == "instance.received"]
+    assert len(received) == 16  # every acknowledged instance, journaled by its worker
+    assert {e["source"] for e in received} == {"127.0.0.1"}
+    assert sum(1 for e in events if e["event"] == "association.accepted") == 4
+    assert "1.2.826.0.1.3680043.8.498.4242" not in d.log_text()
+
+
+def test_a_worker_that_dies_is_replaced_and_the_others_keep_serving(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "dicom", "workers", "2")
+    d = Daemon(box)
+    d.start()
+    try:
+        wait_for(lambda: len(workers_of(d)) == 2, 20, "two receive workers")
+        victim = workers_of(d)[0]
+        victim.send_signal(signal.SIGKILL)
+        # Meanwhile the other worker serves (connections go to live workers only).
+        r = storescu(box.dicom_port, ct_files(tmp_path / "a", 3), aec=box.ae_title)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: "receive worker" in d.log_text() and "exited" in d.log_text(), 20,
+                 "the exit to be logged")
+        wait_for(lambda: len(workers_of(d)) == 2 and victim.pid not in
+                 {p.pid for p in workers_of(d)}, 30, "a replacement worker")
+        # Both workers take connections again.
+        runs = send_parallel(box, [ct_files(tmp_path / f"b{i}", 2, tag=f"b{i}") for i in range(4)])
+        assert all(x.returncode == 0 for x in runs), [x.stderr for x in runs]
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.stop()
+    exits = [e for e in audit_events(box) if e["event"] == "dicom.worker_exited"]
+    assert len(exits) == 1 and exits[0]["outcome"] == 8  # DICOM audit: serious failure
