@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from rx_support import AE_TITLE, ct_files, node, wait_for
 
@@ -23,6 +26,7 @@ from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_strea
 from agent.errors import CryptoError
 from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
+from agent.receive import MetaFields
 
 
 def make_inbox(root: Path) -> Inbox:
@@ -155,3 +159,18 @@ def test_stream_writer_round_trips_any_write_pattern(total: int) -> None:
         assert len(blob) == 11 + max(1, -(-total // CHUNK_BYTES)) * (4 + 16) + total
         with pytest.raises(CryptoError):
             open_stream(key, io.BytesIO(blob[:-1]), b"ctx")
+
+
+@pytest.mark.parametrize(("sop", "version"), [("1.2.3.4", "PYNETDICOM_304"),
+                                              ("1.2.3.45", "ODD_VERSION"),
+                                              ("1.2.840.10008.5.1.4.1.1.2.1", "V")])
+def test_our_file_meta_bytes_are_pydicoms(sop: str, version: str) -> None:
+    """The file meta the sink writes directly is byte for byte what pynetdicom writes."""
+    fields = MetaFields("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.4.50",
+                        "1.2.826.0.1.3680043.9.3811.3.0.4", version)
+    fp = DicomBytesIO()
+    write_file_meta_info(fp, create_file_meta(
+        sop_class_uid=UID(fields.sop_class_uid), sop_instance_uid=UID(sop),
+        transfer_syntax=UID(fields.transfer_syntax),
+        implementation_uid=UID(fields.implementation_uid), implementation_version=version))
+    assert fields.encode() == fp.getvalue()
