@@ -34,6 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
@@ -199,6 +201,15 @@ def parse_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) ->
     Returns None when ``prefix`` ends before them and more data may follow.
     Pixel data is never read; reading stops at (0028,0100).
     """
+    if tsyntax != _BIG_ENDIAN:
+        fast = _fast_header(memoryview(prefix), implicit=tsyntax == _IMPLICIT)
+        if fast is not None:
+            return fast
+    return pydicom_header(prefix, tsyntax, complete=complete)
+
+
+def pydicom_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) -> Header | None:
+    """``parse_header`` by pydicom alone: every case, the reference for the fast path."""
     ts = UID(tsyntax)
     stopped = False
 
@@ -231,6 +242,120 @@ def parse_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) ->
             return None
         raise Refused(STATUS_CANNOT_UNDERSTAND, "data set has no valid StudyInstanceUID")
     return Header(study_uid, sop_class, declared)
+
+
+# -- the common case without pydicom ----------------------------------------------------
+#
+# Almost every instance is little endian with the header elements at defined
+# lengths; walking them by hand costs a fraction of building a pydicom Dataset.
+# Anything unusual (undefined lengths before (0028,0100), a VR other than the one
+# expected, several values, non-ASCII, a short buffer, a missing or bad study UID)
+# returns None and pydicom decides, so both paths give the same answer (a
+# hypothesis test compares them).
+
+_IMPLICIT = "1.2.840.10008.1.2"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"))
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
+                        b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
+                        b"US"))
+_WANTED = {0x00080016: b"UI", 0x0020000D: b"UI", 0x00280002: b"US", 0x00280008: b"IS",
+           0x00280010: b"US", 0x00280011: b"US", 0x00280100: b"US"}
+_UNPACK_TAG = struct.Struct("<HH").unpack_from
+_UNPACK_U16 = struct.Struct("<H").unpack_from
+_UNPACK_U32 = struct.Struct("<I").unpack_from
+
+
+def _fast_header(buf: memoryview, *, implicit: bool) -> Header | None:
+    found: dict[int, bytes] = {}
+    pos, n = 0, len(buf)
+    # pydicom switches to explicit VR when an "implicit" data set's first element
+    # looks explicit (two capital letters after the tag): leave that case to it.
+    if implicit and n >= 6 and 0x40 < buf[4] < 0x5B and 0x40 < buf[5] < 0x5B:
+        return None
+    while True:
+        if pos + 8 > n:
+            return None  # ran out before (0028,0100): let pydicom say what it is
+        group, elem = _UNPACK_TAG(buf, pos)
+        tag = group << 16 | elem
+        if tag > _STOP_AFTER:
+            break
+        if implicit:
+            (length,) = _UNPACK_U32(buf, pos + 4)
+            start = pos + 8
+            vr = _WANTED.get(tag)
+        else:
+            vr = bytes(buf[pos + 4:pos + 6])
+            if vr in _LONG_VRS:
+                if pos + 12 > n:
+                    return None
+                (length,) = _UNPACK_U32(buf, pos + 8)
+                start = pos + 12
+            elif vr in _SHORT_VRS:
+                (length,) = _UNPACK_U16(buf, pos + 6)
+                start = pos + 8
+            else:
+                return None
+        if length == 0xFFFFFFFF:
+            return None
+        if tag in _WANTED:
+            if vr != _WANTED[tag] or start + length > n:
+                return None
+            found[tag] = bytes(buf[start:start + length])
+        elif tag == 0x00080005:
+            if start + length > n or not _charset_ok(bytes(buf[start:start + length]), vr,
+                                                     implicit):
+                return None
+        pos = start + length
+    study = _text(found.get(0x0020000D))
+    sop = _text(found.get(0x00080016))
+    if not study or len(study) > 64 or (0x00080016 in found and sop is None):
+        return None
+    try:
+        rows, cols = _us(found, 0x00280010), _us(found, 0x00280011)
+        spp, bits = _us(found, 0x00280002), _us(found, 0x00280100)
+        frames_text = _text(found.get(0x00280008)) if 0x00280008 in found else ""
+    except ValueError:
+        return None
+    if frames_text is None or (frames_text and not frames_text.lstrip("+-").isdigit()):
+        return None
+    if rows is None or cols is None:
+        declared = 0
+    else:
+        frames = int(frames_text) if frames_text else 1
+        declared = rows * cols * (spp or 1) * math.ceil((bits or 8) / 8) * max(1, frames)
+    return Header(study, sop or None, declared)
+
+
+def _charset_ok(raw: bytes, vr: bytes | None, implicit: bool) -> bool:
+    """pydicom converts (0008,0005) while reading the header and may fail on it:
+    run the same conversion, and let pydicom decide if it fails."""
+    try:
+        elem = RawDataElement(BaseTag(0x00080005), None if implicit or vr is None else vr.decode(),
+                              len(raw), raw, 0, implicit, True)
+        convert_encodings(convert_raw_data_element(elem).value)
+    except Exception:  # noqa: BLE001 - whatever pydicom raises, it decides
+        return False
+    return True
+
+
+def _text(raw: bytes | None) -> str | None:
+    """A single ASCII value as pydicom would read it; None when pydicom must decide."""
+    if raw is None:
+        return ""
+    if b"\\" in raw or not raw.isascii():
+        return None
+    return raw.decode("ascii").rstrip("\0 ").strip()
+
+
+def _us(found: dict[int, bytes], tag: int) -> int | None:
+    raw = found.get(tag)
+    if raw is None or raw == b"":
+        return None
+    if len(raw) != 2:
+        raise ValueError("not a single US value")
+    return int(_UNPACK_U16(raw, 0)[0])
 
 
 def _declared_pixel_bytes(ds: Dataset) -> int:

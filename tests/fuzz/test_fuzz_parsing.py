@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from agent.deid import Deidentifier, DeidSettings
 from agent.errors import DeidError
 from agent.pipeline import parse_instance
-from agent.receive import Header, Refused, parse_header
+from agent.receive import Header, Refused, _fast_header, parse_header, pydicom_header
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -43,6 +43,10 @@ def _part10(ds: Dataset) -> bytes:
 
 SEED_PART10 = _part10(_CT)
 SEED_BODY = SEED_PART10[SEED_PART10.index(b"\x08\x00\x05\x00"):]  # data set after file meta
+_implicit = _CT.copy()
+_implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+_IMPLICIT_PART10 = _part10(_implicit)
+SEED_BODY_IMPLICIT = _IMPLICIT_PART10[_IMPLICIT_PART10.index(b"\x08\x00\x05\x00"):]
 
 
 @st.composite
@@ -68,6 +72,8 @@ TS = st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian, "1.2.840.1
 
 
 def _check_header(data: bytes, ts: str, complete: bool) -> None:
+    if ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        _same_as_pydicom(data, ts)
     try:
         h = parse_header(data, ts, complete=complete)
     except Refused as r:
@@ -89,6 +95,36 @@ def test_header_parser_on_random_bytes(data: bytes, ts: str, complete: bool) -> 
 @given(data=mutated(SEED_BODY), complete=st.booleans())
 def test_header_parser_on_mutated_ct(data: bytes, complete: bool) -> None:
     _check_header(data, ExplicitVRLittleEndian, complete)
+
+
+def _same_as_pydicom(data: bytes, ts: str) -> None:
+    """Where the hand-written header walk answers, pydicom answers the same."""
+    fast = _fast_header(memoryview(data), implicit=ts == ImplicitVRLittleEndian)
+    if fast is None:
+        return
+    for complete in (False, True):
+        assert pydicom_header(data, ts, complete=complete) == fast
+
+
+@QUICK
+@given(data=mutated(SEED_BODY))
+def test_fast_header_walk_agrees_with_pydicom_on_mutated_ct(data: bytes) -> None:
+    _same_as_pydicom(data, ExplicitVRLittleEndian)
+
+
+@QUICK
+@given(data=mutated(SEED_BODY_IMPLICIT))
+def test_fast_header_walk_agrees_with_pydicom_on_mutated_implicit_ct(data: bytes) -> None:
+    _same_as_pydicom(data, ImplicitVRLittleEndian)
+
+
+def test_fast_header_walk_answers_the_common_case() -> None:
+    """The seeds themselves take the fast path (else the agreement tests prove nothing)."""
+    for body, ts in ((SEED_BODY, ExplicitVRLittleEndian),
+                     (SEED_BODY_IMPLICIT, ImplicitVRLittleEndian)):
+        h = _fast_header(memoryview(body), implicit=ts == ImplicitVRLittleEndian)
+        assert h is not None and h == pydicom_header(body, ts, complete=True)
+        assert h.study_uid == _CT.StudyInstanceUID and h.declared_pixel_bytes == 128 * 128 * 2
 
 
 def _pipeline_parse(raw: bytes) -> None:
