@@ -109,6 +109,17 @@ class EdgeRequestHandler(RequestHandler):
         assoc.join()
 
 
+class SharedContexts(list[Any]):
+    """The server's supported presentation contexts, handed to every association
+    without pynetdicom's per-association ``deepcopy`` (11 ms for our 170 storage
+    contexts x 13 transfer syntaxes, per association).  Negotiation only reads
+    the acceptor's contexts (it builds new ones for its results), and the node
+    replaces the list on the acceptor before negotiation anyway."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class EdgeAssociationServer(ThreadedAssociationServer):
     """Threaded server that admits connections per peer and handshakes TLS lazily."""
 
@@ -128,6 +139,8 @@ class EdgeAssociationServer(ThreadedAssociationServer):
         self.edge_on_refused = on_refused
         self.edge_owner = owner
         self.RequestHandlerClass = EdgeRequestHandler
+        self.contexts = SharedContexts(self.contexts)
+
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Never handshake here: this runs in the single accept thread.

@@ -55,6 +55,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from agent import dimsefast
 from agent.config import DicomSettings
 from agent.dicomtls import (
     EdgeAssociationServer,
@@ -671,6 +672,7 @@ def install_streaming() -> None:
         setattr(dimse_messages, "NamedTemporaryFile", _sink_factory)  # noqa: B010
         setattr(dimse_messages, "create_file_meta", _create_file_meta)  # noqa: B010
         setattr(dimse_messages, "write_file_meta_info", _write_file_meta_info)  # noqa: B010
+        dimsefast.install()
         _install_wakeups()
     install_pdu_guard()
 
@@ -994,13 +996,14 @@ class StorageSCP:
         ae_title, addr = self._peer(event)
         with self._lock:
             self.counters.associations_rejected += 1
-        event.assoc.acse.send_reject(result, source, diag)
-        event.assoc.is_rejected = True
-        event.assoc.kill()
+        # Audited before the peer hears of it: the record never trails the rejection.
         self.audit("association.rejected", outcome="minor_failure", source=addr,
                    details={"calling_ae": ae_title, "reason": why,
                             "result": result, "source": source, "diagnostic": diag})
         log.warning("rejected association from %s (%s): %s", addr, ae_title, why)
+        event.assoc.acse.send_reject(result, source, diag)
+        event.assoc.is_rejected = True
+        event.assoc.kill()
 
     def _allowed(self, ae_title: str, addr: str, event: evt.Event) -> bool:
         sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)

@@ -22,17 +22,20 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from pydicom import config as pydicom_config
+
 from agent import logs
 from agent.dicomtls import EdgeAssociationServer, server_context
 from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
-from agent.receive import StorageSCP, Verdict
+from agent.receive import ReceiveCounters, StorageSCP, Verdict
 from agent.recvpool import Handoff, WorkerInit, recv_msg, send_msg
 
 log = logging.getLogger("edge_agent.receive")
 
 _PR_SET_PDEATHSIG = 1
 COUNTERS_EVERY = 0.2
+_FIELDS = tuple(f for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
 ADMISSION_TIMEOUT = 10.0
 
 
@@ -163,9 +166,14 @@ class Worker:
     def _report(self) -> None:
         while True:
             time.sleep(COUNTERS_EVERY)
-            with self.scp._lock:
-                c = dataclasses.asdict(self.scp.counters)
-            self._send(("counters", c))
+            self._send(("counters", self._counters()))
+
+    def _counters(self) -> dict[str, object]:
+        with self.scp._lock:
+            c = self.scp.counters
+            out: dict[str, object] = {f.name: getattr(c, f.name) for f in _FIELDS}
+            out["by_peer"] = dict(c.by_peer)
+        return out
 
     def run(self) -> int:
         threading.Thread(target=self._report, name="counters", daemon=True).start()
@@ -214,9 +222,7 @@ class Worker:
                 if self.scp.counters.active == 0:
                     break
             time.sleep(0.05)
-        with self.scp._lock:
-            c = dataclasses.asdict(self.scp.counters)
-        self._send(("counters", c))
+        self._send(("counters", self._counters()))
         self.inbox.close()
         return 0
 
@@ -237,6 +243,11 @@ def main(argv: list[str]) -> int:
     init = got[0][1]
     assert isinstance(init, WorkerInit)
     logs.setup(init.log_level)
+    # pydicom here only routes (header fields, DIMSE command sets); its value
+    # checks would only warn, and cost a regex per value. The daemon, which
+    # de-identifies, keeps them.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     worker = Worker(chan, init)
     code = worker.run()
     # Association threads are daemon threads: the ones still open after the

@@ -8,15 +8,18 @@ each sent over 1 and over 4 concurrent associations by DCMTK storescu
 associations).  Receivers:
   edge-agent  the daemon (``edge-agent run``) of a dev box: every instance sealed
               (AES-256-GCM), fsynced and indexed before Success; study completion
-              is pushed out of the measured window (quiet_seconds = 3600)
+              is pushed out of the measured window (quiet_seconds = 3600);
+              receiving in the daemon's process ([dicom] workers = 1)
+  edge-agent-w2  the same with two receive worker processes ([dicom] workers = 2)
   storescp    DCMTK storescp writing files to disk (``--fork`` for 4 associations,
               ``TCP_NODELAY=1``); no fsync
   orthanc     Orthanc (Debian package), default storage to disk, ``TCP_NODELAY=1``
 Maximum PDU received: edge-agent 1 MiB (its default), storescp and Orthanc
 131072 (the largest DCMTK accepts).  The daemon's peak RSS (VmHWM, reset
-before each cell) is reported for every edge-agent cell, and the receiver's
-CPU time per instance (user + system, of its main process) for edge-agent and
-Orthanc: on a machine with few cores it tells a rate limited by CPU from one
+before each cell; with workers, the sum over the daemon and its workers) is
+reported for every edge-agent cell, and the receiver's CPU time per instance
+(user + system; edge-agent: daemon and workers; Orthanc: its process) for
+edge-agent and Orthanc: on a machine with few cores it tells a rate limited by CPU from one
 limited by waiting (fsync, locks).
 
     .venv/bin/python bench/ingest_bench.py [--runs 1] [--ct 300] [--dx 24]
@@ -115,6 +118,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """Receive worker processes of the daemon (direct children running agent.recvworker)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and b"agent.recvworker" in cmd:
+            out.append(int(entry.name))
+    return out
+
+
+def wait_workers(pid: int, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while n > 1 and len(children(pid)) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5 if n > 1 else 0)  # let them finish importing
+
+
 def reset_peak(pid: int) -> None:
     try:
         Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -134,6 +160,7 @@ class EdgeAgent:
         text = text.replace("[logging]\nlevel = \"INFO\"", "[logging]\nlevel = \"WARNING\"")
         cfg.write_text(text)
         set_config(cfg, "dicom", "workers", str(workers))
+        self.workers = workers
         self.cfg = cfg
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -201,23 +228,28 @@ class OrthancTarget:
 def run_cell(target: str, files: list[Path], assocs: int, work: Path) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=work))
     t: Any
-    if target == "edge-agent":
-        t = EdgeAgent(root)
+    if target.startswith("edge-agent"):
+        # "edge-agent" receives in the daemon's process, "edge-agent-wN" with N workers
+        t = EdgeAgent(root, workers=int(target.rpartition("-w")[2]) if "-w" in target else 1)
     elif target == "storescp":
         t = StoreSCP(root, assocs)
     else:
         t = OrthancTarget(root)
     t.start()
     try:
-        pid = t.proc.pid if target == "edge-agent" else None
-        cpu_pid = pid if target == "edge-agent" else (
+        pid = t.proc.pid if target.startswith("edge-agent") else None
+        cpu_pid = pid if pid else (
             t.o.proc.pid if target == "orthanc" and t.o.proc is not None else None)
         if pid:
-            reset_peak(pid)
-        cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
+            wait_workers(pid, t.workers)
+        pids = ([pid, *children(pid)] if pid else [cpu_pid] if cpu_pid else [])
+        for p in pids:
+            reset_peak(p)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
         took = send(t.port, files, assocs, CALLED)
-        cpu = (cpu_seconds(cpu_pid) - cpu0) / len(files) * 1000 if cpu_pid else None
-        rss = peak_rss(pid) if pid else None
+        cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / len(files) * 1000 if pids else None
+        # Workers and daemon together: what the box pays in memory.
+        rss = sum(peak_rss(p) for p in pids) if pid else None
     finally:
         t.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -232,7 +264,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--ct", type=int, default=300)
     ap.add_argument("--dx", type=int, default=24)
-    ap.add_argument("--targets", default="edge-agent,storescp,orthanc")
+    ap.add_argument("--targets", default="edge-agent,edge-agent-w2,storescp,orthanc",
+                    help="edge-agent (receive in the daemon process), edge-agent-wN (N receive "
+                         "worker processes), storescp, orthanc")
     a = ap.parse_args()
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:

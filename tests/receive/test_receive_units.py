@@ -9,18 +9,21 @@ import random
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import dimse_messages, dsutils
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from rx_support import AE_TITLE, ct_files, node, wait_for
 
+from agent import dimsefast
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
 from agent.errors import CryptoError
@@ -174,3 +177,47 @@ def test_our_file_meta_bytes_are_pydicoms(sop: str, version: str) -> None:
         transfer_syntax=UID(fields.transfer_syntax),
         implementation_uid=UID(fields.implementation_uid), implementation_version=version))
     assert fields.encode() == fp.getvalue()
+
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _command_sets() -> list[Any]:
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    out = []
+    for sop in ("1.2.3.4", "1.2.3.45"):
+        rq = C_STORE()
+        rq.MessageID, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = 7, CT_CLASS, sop
+        rq.Priority = 2
+        rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+        rq.MoveOriginatorMessageID = 3
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPClassUID = 7, CT_CLASS
+        rsp.AffectedSOPInstanceUID, rsp.Status = sop, 0xA700
+        rsp.ErrorComment = "out of resources"
+        echo = C_ECHO()
+        echo.MessageIDBeingRespondedTo, echo.Status = 1, 0x0000
+        echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+        for prim, cls in ((rq, dimse_messages.C_STORE_RQ), (rsp, dimse_messages.C_STORE_RSP),
+                          (echo, dimse_messages.C_ECHO_RSP)):
+            msg = cls()
+            msg.primitive_to_message(prim)
+            out.append(msg.command_set)
+    return out
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_command_set_bytes_are_pydicoms(index: int) -> None:
+    """Our direct command-set encoding equals pynetdicom's, byte for byte."""
+    ds = _command_sets()[index]
+    assert dimsefast.encode_command_set(ds) == dsutils.encode(ds, True, True)
+
+
+def test_command_set_encoding_leaves_what_it_does_not_know_to_pydicom() -> None:
+    ds = _command_sets()[0]
+    ds.OffendingElement = [0x00100010]  # AT: not handled here
+    assert dimsefast.encode_command_set(ds) is None
+    data = pydicom.Dataset()
+    data.PatientName = "X"
+    assert dimsefast.encode_command_set(data) is None
