@@ -283,6 +283,17 @@ class _Reader:
         )
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def auto_workers(configured: int) -> int:
+    """``[dicom] workers``: 0 means one receive process per CPU core (at most 8);
+    on a single core the daemon receives in its own process."""
+    if configured:
+        return configured
+    return max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0))))
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -426,8 +437,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
         network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
         max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
-        workers=r.get("dicom.workers", int, 1,
-                      check=lambda v: None if 1 <= v <= 32 else "must be between 1 and 32"),
+        workers=auto_workers(r.get(
+            "dicom.workers", int, 0,
+            check=lambda v: None if 0 <= v <= 32 else "must be between 0 (auto) and 32")),
         tls=tls,
     )
     study = StudySettings(
