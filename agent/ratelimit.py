@@ -76,3 +76,27 @@ class PeerLimiter:
                             if not v or now - v[-1] >= self.limits.window_seconds]:
                     del self._recent[key]
             return True
+
+
+class AuditThrottle:
+    """One audit record per (peer, reason) per ``seconds``: a flood of refused
+    connections must not turn into an audit-log flood.  Bounded memory."""
+
+    def __init__(self, seconds: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 4096) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._max = max_keys
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def due(self, peer: str, why: str) -> bool:
+        now = self._clock()
+        with self._lock:
+            last = self._last.get((peer, why))
+            if last is not None and now - last < self.seconds:
+                return False
+            if len(self._last) >= self._max:
+                self._last.clear()
+            self._last[(peer, why)] = now
+            return True

@@ -66,7 +66,7 @@ from agent.dicomtls import (
 )
 from agent.errors import OutOfResources, StorageError
 from agent.inbox import Inbox, PendingWrite, StoreReceipt
-from agent.ratelimit import PeerLimiter, PeerLimits
+from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
 
 log = logging.getLogger("edge_agent.receive")
 
@@ -877,7 +877,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._servers: list[EdgeAssociationServer] = []
         self._sink_seq = 0
-        self._refusal_audited: dict[tuple[str, str], float] = {}
+        self._refusals = AuditThrottle()
         self.journal_receipts = journal_receipts or receipts is not None
         self.drainer = ReceiptDrainer(inbox, receipts) if receipts is not None else None
         self.admission = admission
@@ -971,18 +971,7 @@ class StorageSCP:
             self.counters.connections_refused += 1
             if why.startswith("TLS"):
                 self.counters.tls_failures += 1
-            # One audit record per peer and reason per 10 s: a flood must not
-            # turn into an audit-log flood.
-            now = time.monotonic()
-            last = self._refusal_audited.get((addr, why), 0.0)
-            if now - last < 10.0 and last:
-                return
-            self._refusal_audited[(addr, why)] = now
-            if len(self._refusal_audited) > 4096:
-                self._refusal_audited.clear()
-        self.audit("association.rejected", outcome="minor_failure", source=addr,
-                   details={"reason": why})
-        log.warning("refused connection from %s: %s", addr, why)
+        audit_refused(self.audit, self._refusals, addr, why)
 
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         req = event.assoc.requestor
@@ -1168,6 +1157,14 @@ class StorageSCP:
                    details={"calling_ae": ae_title, "status": f"0x{status:04X}", "reason": why})
         log.warning("C-STORE from %s (%s) answered 0x%04X: %s", addr, ae_title, status, why)
         return status
+
+
+def audit_refused(audit: AuditFn, throttle: AuditThrottle, peer: str, why: str) -> None:
+    """Audit and log a connection refused before any association (throttled per peer)."""
+    if throttle.due(peer, why):
+        audit("association.rejected", outcome="minor_failure", source=peer,
+              details={"reason": why})
+        log.warning("refused connection from %s: %s", peer, why)
 
 
 def _receipt_record(addr: str, ae_title: str) -> Callable[[StoreReceipt], dict[str, Any]]:

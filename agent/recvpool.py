@@ -54,8 +54,15 @@ from typing import Any
 from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
 from agent.inbox import Inbox, StoreReceipt
-from agent.ratelimit import PeerLimiter, PeerLimits
-from agent.receive import AuditFn, ReceiptDrainer, ReceiptLog, ReceiveCounters, Verdict
+from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
+from agent.receive import (
+    AuditFn,
+    ReceiptDrainer,
+    ReceiptLog,
+    ReceiveCounters,
+    Verdict,
+    audit_refused,
+)
 
 log = logging.getLogger("edge_agent.receive")
 
@@ -159,7 +166,7 @@ class ReceivePool:
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._refusal_audited: dict[tuple[str, str], float] = {}
+        self._refusals = AuditThrottle()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -437,13 +444,4 @@ class ReceivePool:
     def _refused(self, peer: str, why: str) -> None:
         with self._lock:
             self._own.connections_refused += 1
-        now = time.monotonic()
-        last = self._refusal_audited.get((peer, why), 0.0)
-        if last and now - last < 10.0:
-            return
-        self._refusal_audited[(peer, why)] = now
-        if len(self._refusal_audited) > 4096:
-            self._refusal_audited.clear()
-        self.audit("association.rejected", outcome="minor_failure", source=peer,
-                   details={"reason": why})
-        log.warning("refused connection from %s: %s", peer, why)
+        audit_refused(self.audit, self._refusals, peer, why)

@@ -28,7 +28,7 @@ from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
 from agent.errors import CryptoError
 from agent.inbox import Inbox
-from agent.ratelimit import PeerLimiter, PeerLimits
+from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
 from agent.receive import MetaFields
 
 
@@ -221,3 +221,17 @@ def test_command_set_encoding_leaves_what_it_does_not_know_to_pydicom() -> None:
     data = pydicom.Dataset()
     data.PatientName = "X"
     assert dimsefast.encode_command_set(data) is None
+
+
+def test_refusal_audits_are_throttled_per_peer_and_reason() -> None:
+    now = [100.0]
+    t = AuditThrottle(10.0, clock=lambda: now[0], max_keys=3)
+    assert t.due("10.0.0.1", "too many")
+    assert not t.due("10.0.0.1", "too many")
+    assert t.due("10.0.0.1", "TLS handshake failed")  # another reason
+    assert t.due("10.0.0.2", "too many")  # another peer
+    now[0] += 10.0
+    assert t.due("10.0.0.1", "too many")
+    for i in range(10):  # a scan of many addresses does not grow the map without bound
+        t.due(f"10.1.0.{i}", "x")
+    assert len(t._last) <= 3
