@@ -8,12 +8,14 @@ import sys
 from agent.egress import ScrubFilter
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", process: str = "") -> None:
+    """``process`` tags every line of a helper process (``recv-w0``) in the shared log."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tag = f"[{process}]" if process else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
     handler.addFilter(ScrubFilter())
     root.addHandler(handler)
     root.setLevel(level)

@@ -165,6 +165,7 @@ class ReceivePool:
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._sel = selectors.DefaultSelector()
         self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._refusals = AuditThrottle()
 
@@ -199,31 +200,44 @@ class ReceivePool:
         self._sel.register(sock, selectors.EVENT_READ, ("listen", tls))
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Close the listeners, let open associations finish (bounded), stop workers."""
+        """Close the listeners, let open associations finish (bounded), stop workers.
+
+        The dispatcher keeps running meanwhile: workers still report closed
+        connections and counters while their associations finish.  It owns the
+        worker list, so it is also the one that retires the exited workers."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout + 2
+        while self._listeners and self._thread is not None and time.monotonic() < deadline:
+            time.sleep(0.02)  # the dispatcher closes them between two selects
+        for w in [x for x in self._workers if x is not None]:
+            with contextlib.suppress(OSError):
+                send_msg(w.chan, ("stop", timeout))
+        while any(w is not None for w in self._workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for w in [x for x in self._workers if x is not None]:
+            log.warning("receive worker %d did not stop in time: killing it", w.index)
+            w.proc.kill()
+        while any(w is not None for w in self._workers) and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        for sock, _ in self._listeners:
-            sock.close()
-        self._listeners = []
-        workers = [w for w in self._workers if w is not None]
-        for w in workers:
-            with contextlib.suppress(OSError):
-                send_msg(w.chan, ("stop", timeout))
-        deadline = time.monotonic() + timeout + 2
-        for w in workers:
-            try:
-                w.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("receive worker %d did not stop in time: killing it", w.index)
-                w.proc.kill()
-                w.proc.wait()
+        for w in [x for x in self._workers if x is not None]:  # dispatcher gone: retire here
+            w.proc.wait()
             self._collect(w)
             w.chan.close()
         self._workers = [None] * len(self._workers)
+        self._close_listeners()
         if self.drainer is not None:
             self.drainer.stop()
+
+    def _close_listeners(self) -> None:
+        for sock, _ in self._listeners:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+            sock.close()
+        self._listeners = []
 
     # -- counters ---------------------------------------------------------------
 
@@ -292,7 +306,7 @@ class ReceivePool:
             self._release(cid)
         self._collect(w)
         self._workers[w.index] = None
-        if self._stop.is_set():
+        if self._stopping.is_set():
             return
         # A worker that keeps dying is restarted less eagerly.
         quick = time.monotonic() - w.started_at < 10
@@ -305,6 +319,8 @@ class ReceivePool:
                    details={"worker": w.index, "status": code, "open_associations": len(lost)})
 
     def _restart_due(self) -> None:
+        if self._stopping.is_set():
+            return
         now = time.monotonic()
         for i, w in enumerate(self._workers):
             if w is None and now >= self._restart_at[i]:
@@ -319,7 +335,9 @@ class ReceivePool:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                events = self._sel.select(timeout=0.25)
+                if self._stopping.is_set() and self._listeners:
+                    self._close_listeners()
+                events = self._sel.select(timeout=0.05 if self._stopping.is_set() else 0.25)
                 for key, _ in events:
                     kind, obj = key.data
                     if kind == "listen":

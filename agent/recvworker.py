@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
         return 2
     init = got[0][1]
     assert isinstance(init, WorkerInit)
-    logs.setup(init.log_level)
+    logs.setup(init.log_level, process=f"recv-w{init.index}")
     # pydicom here only routes (header fields, DIMSE command sets); its value
     # checks would only warn, and cost a regex per value. The daemon, which
     # de-identifies, keeps them.

@@ -1,18 +1,28 @@
 """The daemon with receive worker processes (``[dicom] workers``): concurrent
 associations from DCMTK into one inbox and one result, the audit trail of every
 instance, a worker that dies is replaced while the others keep serving, and a
-stop leaves no process behind.  Kill -9 with workers is in tests/faults."""
+stop closes the door but lets open associations finish and leaves no process
+behind.  Kill -9 with workers is in tests/faults."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import psutil
-from rx_support import ct_files
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from rx_support import AE_TITLE, ct_files, node
 from support import Box, Broker, Daemon, Subscriber, audit_events, set_config, storescu, wait_for
+
+from agent.recvpool import ReceivePool
 
 
 def workers_of(d: Daemon) -> list[psutil.Process]:
@@ -91,3 +101,26 @@ def test_a_worker_that_dies_is_replaced_and_the_others_keep_serving(
             d.stop()
     exits = [e for e in audit_events(box) if e["event"] == "dicom.worker_exited"]
     assert len(exits) == 1 and exits[0]["outcome"] == 8  # DICOM audit: serious failure
+
+
+def test_stop_closes_the_door_but_lets_an_open_association_finish(tmp_path: Path) -> None:
+    files = ct_files(tmp_path / "in", 2)
+    with node(tmp_path, workers=2) as n:
+        ae = AE(ae_title="MOD")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
+        assert assoc.is_established
+        assert assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        assert isinstance(n.scp, ReceivePool)
+        stopper = threading.Thread(target=n.scp.stop)
+        stopper.start()
+        wait_for(lambda: not n.scp._listeners, 5, "the listener to close")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", n.port), timeout=2).close()
+        # The association that was open when the stop began is still served.
+        assert assoc.send_c_store(pydicom.dcmread(files[1])).Status == 0
+        assoc.release()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        assert n.stored() == 2
+        assert not any(w is not None for w in n.scp._workers)
