@@ -4,6 +4,7 @@ result over mutual-TLS MQTT, and no PHI of the study appears anywhere."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -31,7 +32,7 @@ def make_study(tmp: Path, n: int = 3) -> tuple[list[Path], set[str]]:
     files = []
     phi = {PATIENT_NAME, PATIENT_ID, ACCESSION, BIRTH, study_uid, series_uid}
     for i in range(n):
-        ds = src.copy()
+        ds = copy.deepcopy(src)
         ds.PatientName = PATIENT_NAME
         ds.PatientID = PATIENT_ID
         ds.AccessionNumber = ACCESSION

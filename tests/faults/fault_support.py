@@ -4,6 +4,7 @@ the "nothing lost" checks of DESIGN.md."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class SentStudy:
 
 
 def ct_instance(study_uid: str, series_uid: str, number: int) -> pydicom.Dataset:
-    ds = _CT.copy()
+    ds = copy.deepcopy(_CT)
     ds.PatientName = CANARY_NAME
     ds.PatientID = CANARY_ID
     ds.AccessionNumber = CANARY_ACC
@@ -117,5 +118,8 @@ def check_nothing_lost(box: Box, studies: list[SentStudy], got: list[dict[str, A
         ref = study_ref(box, st.uid)
         if st.acked:
             assert ref in counted, "a study with acknowledged instances has no result"
-        assert counted.get(ref, 0) >= len(st.acked), "acknowledged instance lost"
-        assert counted.get(ref, 0) <= len(st.sop_uids), "more instances than were sent"
+        versions = sorted((v, len(ids)) for (r, v), ids in by_version.items() if r == ref)
+        facts = (f"study {ref[:20]}: sent {len(st.sop_uids)}, acked {len(st.acked)}, "
+                 f"counted {counted.get(ref, 0)} over versions {versions}")
+        assert counted.get(ref, 0) >= len(st.acked), f"acknowledged instance lost ({facts})"
+        assert counted.get(ref, 0) <= len(st.sop_uids), f"more instances than were sent ({facts})"

@@ -102,8 +102,11 @@ def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int, workers: int
         burst(box)
         acked = sum(len(s.acked) for s in studies)
         assert acked > 0
-        wait_for(lambda: _settled(box, studies, ops), 60, "every acknowledged instance in a result")
-        check_nothing_lost(box, studies, results(ops))
+        try:
+            wait_for(lambda: _settled(box, studies, ops), 60,
+                     "every acknowledged instance in a result")
+        finally:
+            check_nothing_lost(box, studies, results(ops))  # says what is missing
     finally:
         ops.stop()
 

@@ -5,6 +5,7 @@ slow tier: thousands, with a memory bound."""
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import resource
@@ -43,7 +44,7 @@ def _part10(ds: Dataset) -> bytes:
 
 SEED_PART10 = _part10(_CT)
 SEED_BODY = SEED_PART10[SEED_PART10.index(b"\x08\x00\x05\x00"):]  # data set after file meta
-_implicit = _CT.copy()
+_implicit = copy.deepcopy(_CT)
 _implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
 _IMPLICIT_PART10 = _part10(_implicit)
 SEED_BODY_IMPLICIT = _IMPLICIT_PART10[_IMPLICIT_PART10.index(b"\x08\x00\x05\x00"):]
@@ -161,7 +162,7 @@ def planted(draw: st.DrawFn) -> tuple[Dataset, str]:
     """A CT with a secret planted in random PHI elements, nested sequences and a
     private block; also random junk in harmless elements."""
     m = draw(marker)
-    ds = _CT.copy()
+    ds = copy.deepcopy(_CT)
     ds.StudyInstanceUID = generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -6,6 +6,7 @@ same sample on loopback."""
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -43,7 +44,7 @@ def send_study(port: int, n: int = 2) -> None:
     assert assoc.is_established
     try:
         for i in range(n):
-            ds = src.copy()
+            ds = copy.deepcopy(src)
             ds.PatientName = "Canary^Telemetry"
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
             ds.SOPInstanceUID = generate_uid()

@@ -4,6 +4,7 @@ behind a ReceivePool (``workers=N``); peers are real (DCMTK, pynetdicom, raw soc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import os
@@ -146,7 +147,7 @@ def ct_files(tmp: Path, n: int, *, study_uid: str | None = None, tag: str = "ct"
     out = []
     tmp.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        ds = src.copy()
+        ds = copy.deepcopy(src)
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series
         ds.SOPInstanceUID = generate_uid()
