@@ -124,3 +124,17 @@ def test_stop_closes_the_door_but_lets_an_open_association_finish(tmp_path: Path
         assert not stopper.is_alive()
         assert n.stored() == 2
         assert not any(w is not None for w in n.scp._workers)
+
+
+def test_workers_setting_auto_explicit_and_refused(box: Box) -> None:
+    from agent import config as cfgmod
+    from agent.errors import ConfigError
+
+    cores = len(os.sched_getaffinity(0))
+    assert cfgmod.load(box.config).dicom.workers == max(1, min(8, cores))  # default 0 = auto
+    set_config(box, "dicom", "workers", "3")
+    assert cfgmod.load(box.config).dicom.workers == 3
+    set_config(box, "dicom", "workers", "40")
+    with pytest.raises(ConfigError) as exc:
+        cfgmod.load(box.config)
+    assert "workers" in str(exc.value) and "between 0 (auto) and 32" in str(exc.value)
