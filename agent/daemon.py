@@ -289,7 +289,11 @@ class Daemon:
             self.metrics.start()
         self.control.start()
         if not self.opts.burst:
-            self.scp.start()
+            try:
+                self.scp.start()
+            except EdgeAgentError:
+                self.shutdown([])  # workers, publisher, control: nothing left behind
+                raise
         threads = [threading.Thread(target=self._telemetry, name="telemetry", daemon=True),
                    threading.Thread(target=self._watchdog, name="watchdog", daemon=True)]
         if not self.opts.burst:

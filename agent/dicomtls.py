@@ -32,7 +32,7 @@ from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TransportError
 from agent.ratelimit import PeerLimiter
 
 log = logging.getLogger("edge_agent.receive")
@@ -179,6 +179,15 @@ class EdgeAssociationServer(ThreadedAssociationServer):
             return None
         tls.settimeout(None)
         return tls
+
+
+def listen_error(host: str, port: int, exc: OSError) -> TransportError:
+    """A DICOM port we cannot listen on, said the way an operator can act on it."""
+    return TransportError(
+        f"cannot listen for DICOM on {host}:{port}: {exc.strerror or exc}",
+        hint="another service (storescp, Orthanc, a second edge-agent) may hold the port: "
+             "stop it or change [dicom] port / [dicom.tls] port; ports below 1024 need the "
+             "low-port systemd drop-in")
 
 
 def _close(sock: socket.socket) -> None:

@@ -55,7 +55,7 @@ class ModelError(EdgeAgentError):
 
 
 class TransportError(EdgeAgentError):
-    """The MQTT connection or a publish failed."""
+    """A network transport failed: the MQTT connection, a publish, a DICOM listener."""
 
 
 class EgressBlocked(EdgeAgentError):

@@ -60,6 +60,7 @@ from agent.config import DicomSettings
 from agent.dicomtls import (
     EdgeAssociationServer,
     install_pdu_guard,
+    listen_error,
     peer_subject,
     same_subject,
     server_context,
@@ -928,8 +929,11 @@ class StorageSCP:
                      tls.port, "required" if tls.require_client_cert else "optional")
 
     def _listen(self, port: int, ctx: Any, handlers: list[Any]) -> None:
-        server = self.ae.make_server((self.s.host, port), evt_handlers=handlers,
-                                     server_class=EdgeAssociationServer)
+        try:
+            server = self.ae.make_server((self.s.host, port), evt_handlers=handlers,
+                                         server_class=EdgeAssociationServer)
+        except OSError as exc:
+            raise listen_error(self.s.host, port, exc) from None
         assert isinstance(server, EdgeAssociationServer)
         server.configure(limiter=self.limiter, tls=ctx, handshake_timeout=self.s.acse_timeout,
                          on_refused=self._refused_connection, owner=self)

@@ -53,6 +53,7 @@ from typing import Any
 
 from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
+from agent.dicomtls import listen_error
 from agent.inbox import Inbox, StoreReceipt
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
 from agent.receive import (
@@ -193,8 +194,12 @@ class ReceivePool:
         family = socket.AF_INET6 if ":" in self.s.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.s.host, port))
-        sock.listen(128)
+        try:
+            sock.bind((self.s.host, port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise listen_error(self.s.host, port, exc) from None
         sock.setblocking(False)
         self._listeners.append((sock, tls))
         self._sel.register(sock, selectors.EVENT_READ, ("listen", tls))
@@ -212,12 +217,18 @@ class ReceivePool:
         for w in [x for x in self._workers if x is not None]:
             with contextlib.suppress(OSError):
                 send_msg(w.chan, ("stop", timeout))
-        while any(w is not None for w in self._workers) and time.monotonic() < deadline:
+        if self._thread is None:  # never dispatched (a listener failed): wait for them here
+            for w in [x for x in self._workers if x is not None]:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    w.proc.wait(max(0.1, deadline - time.monotonic()))
+        while (self._thread is not None and any(w is not None for w in self._workers)
+               and time.monotonic() < deadline):
             time.sleep(0.05)
-        for w in [x for x in self._workers if x is not None]:
+        for w in [x for x in self._workers if x is not None and x.proc.poll() is None]:
             log.warning("receive worker %d did not stop in time: killing it", w.index)
             w.proc.kill()
-        while any(w is not None for w in self._workers) and time.monotonic() < deadline + 5:
+        while (self._thread is not None and any(w is not None for w in self._workers)
+               and time.monotonic() < deadline + 5):
             time.sleep(0.05)
         self._stop.set()
         if self._thread is not None:

@@ -62,9 +62,10 @@ def run(
         cfg = cfgmod.load(config)
         logs.setup(cfg.log_level)
         daemon = Daemon(cfg, RunOptions(burst=burst))
+        code = daemon.run()
     except EdgeAgentError as exc:
         raise fail(exc) from None
-    raise typer.Exit(daemon.run())
+    raise typer.Exit(code)
 
 
 @provision_app.command("dev")

@@ -138,3 +138,27 @@ def test_workers_setting_auto_explicit_and_refused(box: Box) -> None:
     with pytest.raises(ConfigError) as exc:
         cfgmod.load(box.config)
     assert "workers" in str(exc.value) and "between 0 (auto) and 32" in str(exc.value)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_taken_port_is_a_clear_error_and_leaves_nothing_behind(box: Box, workers: int) -> None:
+    set_config(box, "dicom", "workers", str(workers))
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", box.dicom_port))
+        squatter.listen()
+        d = Daemon(box)
+        d.start(wait=False)
+        assert d.proc is not None
+        daemon_pid = str(d.proc.pid)
+        rc = d.proc.wait(30)
+    # A worker's command line ends with its daemon's pid (it outlives it only as an orphan).
+    left = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if "agent.recvworker" in (p.info["cmdline"] or [])
+            and p.info["cmdline"][-1] == daemon_pid and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert rc == 2
+    log = d.log_text()
+    assert f"error: cannot listen for DICOM on 127.0.0.1:{box.dicom_port}" in log
+    assert "fix: another service" in log
+    assert "Traceback" not in log
+    assert not left  # no receive worker outlived the failed start
