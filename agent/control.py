@@ -395,6 +395,8 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "intake": intake,
         "dicom": {
             "listen": f"{cfg.dicom.host}:{cfg.dicom.port}", "ae_title": cfg.dicom.ae_title,
+            # 0: received in the daemon's own process
+            "receive_workers": int(getattr(d.scp, "workers_alive", 0)),
             "associations_active": r.active,
             "associations_accepted": r.associations_accepted,
             "associations_rejected": r.associations_rejected,

@@ -253,6 +253,10 @@ class ReceivePool:
     # -- counters ---------------------------------------------------------------
 
     @property
+    def workers_alive(self) -> int:
+        return sum(1 for w in self._workers if w is not None and w.proc.poll() is None)
+
+    @property
     def counters(self) -> ReceiveCounters:
         with self._lock:
             total = dict(self._retired)

@@ -90,7 +90,8 @@ def _print_status(s: dict[str, Any]) -> None:
     lines = [
         f"edge-agent {s['agent_version']}  {s['site']}/{s['device']}  ({s['environment']})  "
         f"pid {s['pid']}  up {s['uptime_s']} s",
-        f"intake:        {s['intake']}  DICOM {d['ae_title']} on {d['listen']}",
+        f"intake:        {s['intake']}  DICOM {d['ae_title']} on {d['listen']}"
+        + (f" ({d['receive_workers']} receive workers)" if d.get("receive_workers") else ""),
         f"associations:  {d['associations_active']} active, {d['associations_accepted']} accepted, "
         f"{d['associations_rejected']} rejected",
         f"studies:       {st.get('open', 0)} open, {st.get('complete', 0)} in flight, "

@@ -30,6 +30,9 @@ def test_status_reports_live_daemon_state(box: Box, daemon: Daemon) -> None:
     assert s["site"] == "dev-site" and s["device"] == "dev-box"
     assert s["intake"] == "open"
     assert s["dicom"]["listen"].endswith(f":{box.dicom_port}")
+    # The default: one receive process per core (at most 8); 0 = in the daemon's process.
+    auto = min(8, len(os.sched_getaffinity(0)))
+    assert s["dicom"]["receive_workers"] == (auto if auto > 1 else 0)
     assert set(s["studies"]) >= {"open", "complete", "done", "processed", "failed"}
     assert set(s["outbox"]) == {"depth", "bytes", "oldest_age_s", "blocked"}
     assert s["quarantine"]["count"] == 0
