@@ -10,7 +10,6 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Annotated, Any
 import typer
 
 from agent import config as cfgmod
-from agent.audit import AuditLog, records_between, tail, verify, write_atna_xml, write_jsonl
+from agent import control
+from agent.audit import records_between, tail, verify, write_atna_xml, write_jsonl
+from agent.audit.cli import CliEvent, db_path, record_cli
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AccessDenied, AuditError, EdgeAgentError
-from agent.identity import give, give_tree
 
 audit_app = typer.Typer(help="Verify, export and read the audit trail.", no_args_is_help=True)
 
@@ -36,10 +36,6 @@ ConfigOpt = Annotated[
 
 def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
-
-
-def db_path(cfg: Config) -> Path:
-    return cfg.state_dir / "audit" / "audit.db"
 
 
 @dataclass(frozen=True)
@@ -59,13 +55,6 @@ def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def unix_user() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return f"uid{os.getuid()}"
-
-
 def is_auditor(uid: int, gids: list[int], group: str) -> bool:
     """Root, or a member of the configured auditor group (primary or supplementary)."""
     if uid == 0:
@@ -79,25 +68,8 @@ def is_auditor(uid: int, gids: list[int], group: str) -> bool:
 
 def _record(ctx: _Ctx, event: str, *, outcome: str = "success",
             details: dict[str, object], phi: dict[str, str] | None = None) -> None:
-    log = AuditLog(ctx.db, ctx.kek, ctx.cfg.keys.audit_signing, ctx.cfg.audit,
-                   box=f"{ctx.cfg.site}/{ctx.cfg.device}")
-    try:
-        sudo = os.environ.get("SUDO_USER")
-        if sudo:
-            details = dict(details, sudo_user=sudo)
-        log.record(event, outcome=outcome, user=unix_user(), details=details, phi=phi)
-        if log.errors:
-            raise AuditError(f"could not record the audit event: {log.last_error}",
-                             hint="check free space under the state dir and run "
-                                  "'edge-agent audit verify'")
-    finally:
-        log.close()
-        # Run as root, sqlite may have created files (db, -wal, -shm, signing
-        # key) the service user could then not write: hand them back to the
-        # owner of the state dir.
-        st = ctx.cfg.state_dir.stat()
-        give_tree(ctx.db.parent, (st.st_uid, st.st_gid))
-        give(ctx.cfg.keys.audit_signing, (st.st_uid, st.st_gid))
+    record_cli(ctx.cfg, [CliEvent(event, details, outcome, phi)],
+               user=control.user_name(os.getuid()), kek=ctx.kek)
 
 
 def _when(text: str, *, end: bool) -> datetime:
@@ -187,7 +159,7 @@ def export_cmd(
         if not is_auditor(os.getuid(), os.getgroups(), group):
             _record(ctx, "audit.exported", outcome="serious_failure",
                     details={"format": fmt, "denied": True})
-            raise AccessDenied(f"user {unix_user()} may not export the audit trail",
+            raise AccessDenied(f"user {control.user_name(os.getuid())} may not export the audit trail",
                                hint=f"ask an administrator to add you to group {group}")
         start, end = _when(since, end=False), _when(until, end=True)
         if end <= start:

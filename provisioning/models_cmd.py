@@ -178,39 +178,23 @@ def _require_admin(where: _Where) -> None:
 def _audit(cfg: Config, action: str, *, outcome: str = "success",
            change: dict[str, object] | None = None, error: str | None = None) -> None:
     """Record the change in the box's audit log with the Unix user (and the sudo user)."""
-    from agent.audit import AuditLog
-    from agent.crypto import KeyEncryptionKey
-    from agent.errors import AuditError
-    from agent.identity import give, give_tree, owner_of
+    from agent.audit.cli import CliEvent, record_cli
+    from agent.identity import give_tree, owner_of
 
-    db = cfg.state_dir / "audit" / "audit.db"
-    log = AuditLog(db, KeyEncryptionKey.from_file(cfg.keys.kek), cfg.keys.audit_signing,
-                   cfg.audit, box=f"{cfg.site}/{cfg.device}")
+    events = []
+    if change is not None:
+        events.append(CliEvent("model.changed", {"action": action, **change}, outcome))
+    cli: dict[str, object] = {"command": f"models.{action}"}
+    if error is not None:
+        cli["error"] = error
+    events.append(CliEvent("cli.action", cli, outcome))
     try:
-        user = control.user_name(os.getuid())
-        extra: dict[str, object] = {}
-        if os.environ.get("SUDO_USER"):
-            extra["sudo_user"] = os.environ["SUDO_USER"]
-        if change is not None:
-            log.record("model.changed", outcome=outcome, user=user,
-                       details={"action": action, **change, **extra})
-        cli: dict[str, object] = {"command": f"models.{action}", **extra}
-        if error is not None:
-            cli["error"] = error
-        log.record("cli.action", outcome=outcome, user=user, details=cli)
-        if log.errors:
-            raise AuditError(f"could not record the audit event: {log.last_error}",
-                             hint="check free space under the state dir and run "
-                                  "'edge-agent audit verify'")
+        record_cli(cfg, events, user=control.user_name(os.getuid()))
     finally:
-        log.close()
-        # Run as root for the service: files sqlite just created must stay the daemon's.
-        owner = owner_of(cfg.state_dir)
-        give_tree(db.parent, owner)
-        give(cfg.keys.audit_signing, owner)
+        # Run as root for the service: the model state it just wrote stays the daemon's.
         models_state = cfg.state_dir / "models-state"
         if models_state.exists():
-            give_tree(models_state, owner)
+            give_tree(models_state, owner_of(cfg.state_dir))
 
 
 def _audit_quietly(where: _Where, action: str, *, outcome: str = "success",

@@ -58,22 +58,9 @@ def _socket_path(config: Path | None, socket: Path | None) -> Path:
 def _audit(cfg: Config, event: str, *, outcome: str = "success",
            details: dict[str, object]) -> None:
     """Record a CLI action with the Unix user (and the sudo user behind root)."""
-    from agent.audit import AuditLog
-    from agent.crypto import KeyEncryptionKey
+    from agent.audit.cli import CliEvent, record_cli
 
-    log = AuditLog(cfg.state_dir / "audit" / "audit.db", KeyEncryptionKey.from_file(cfg.keys.kek),
-                   cfg.keys.audit_signing, cfg.audit, box=f"{cfg.site}/{cfg.device}")
-    try:
-        sudo = os.environ.get("SUDO_USER")
-        if sudo:
-            details = dict(details, sudo_user=sudo)
-        log.record(event, outcome=outcome, user=control.user_name(os.getuid()), details=details)
-    finally:
-        log.close()
-    from agent import identity
-
-    # root ran this for the service: files it just created must stay writable by the daemon.
-    identity.give_tree(cfg.state_dir / "audit", identity.owner_of(cfg.state_dir))
+    record_cli(cfg, [CliEvent(event, details, outcome)], user=control.user_name(os.getuid()))
 
 
 def _require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:
