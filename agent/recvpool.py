@@ -122,7 +122,6 @@ class _Worker:
     chan: socket.socket
     open: int = 0
     counters: dict[str, Any] = field(default_factory=dict)
-    ready: bool = False
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -465,14 +464,13 @@ class ReceivePool:
         elif msg[0] == "counters":
             with self._lock:
                 w.counters = dict(msg[1])
-            stored = self.counters.instances_stored + self.counters.instances_duplicate
+            now = self.counters
+            stored = now.instances_stored + now.instances_duplicate
             if stored != self._stored_seen:
                 self._stored_seen = stored
                 self.on_stored(None)
                 if self.drainer is not None:
                     self.drainer.wake.set()
-        elif msg[0] == "ready":
-            w.ready = True
 
     def _refused(self, peer: str, why: str) -> None:
         with self._lock:

@@ -177,7 +177,6 @@ class Worker:
 
     def run(self) -> int:
         threading.Thread(target=self._report, name="counters", daemon=True).start()
-        self._send(("ready",))
         while True:
             got = recv_msg(self.chan)
             if got is None:
