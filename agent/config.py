@@ -87,6 +87,7 @@ class DicomSettings:
     network_timeout: float = 60.0
     max_instance_bytes: int = 2 * 1024**3
     workers: int = 1
+    fast_store: bool = True
     tls: DicomTls = DicomTls()
 
 
@@ -440,6 +441,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         workers=auto_workers(r.get(
             "dicom.workers", int, 0,
             check=lambda v: None if 0 <= v <= 32 else "must be between 0 (auto) and 32")),
+        fast_store=r.get("dicom.fast_store", bool, True),
         tls=tls,
     )
     study = StudySettings(

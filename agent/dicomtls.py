@@ -277,6 +277,11 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
         log.warning("connection closed or timed out inside a PDU")
         self.event_queue.put("Evt17")
         return
+    if pdu_type == _P_DATA_TF:
+        # Our associations serve C-STOREs from the PDU stream (agent/dimsestream.py).
+        direct = getattr(self.assoc, "_edge_pdata", None)
+        if direct is not None and direct.take(self, pdu_bytes):
+            return
     try:
         pdu, event = self._decode_pdu(pdu_bytes)
     except Exception:  # noqa: BLE001 - any decoding failure is an invalid PDU

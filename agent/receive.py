@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import os
+import queue
 import select
 import ssl
 import struct
@@ -65,6 +66,7 @@ from agent.dicomtls import (
     same_subject,
     server_context,
 )
+from agent.dimsestream import StoreStream
 from agent.errors import OutOfResources, StorageError
 from agent.inbox import Inbox, PendingWrite, StoreReceipt
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
@@ -448,6 +450,10 @@ class InstanceSink:
 
     def close(self) -> None:
         with self._lock:
+            if self.failure is None:
+                # A write after close (an association torn down mid-stream) must
+                # not open a new inbox file.
+                self.failure = Refused(STATUS_PROCESSING_FAILURE, "association ended")
             self._drop()
 
     # internals -------------------------------------------------------------------------
@@ -686,8 +692,9 @@ def install_streaming() -> None:
 # round trip was spent asleep (a quarter of it for a 0.5 MB CT instance).  The
 # ``time`` these modules see is replaced by one whose reactor sleeps end early when
 # there is something to do: socket data or a primitive to send (DUL), a decoded
-# message (association).  The timeouts stay 1 ms, so every check the reactors make
-# between sleeps (timers, kill flags, release, abort) runs at least as often as before.
+# message (association).  The DUL's timeout stays 1 ms, so every check it makes
+# between sleeps (timers, kill flags) runs at least as often as before; the
+# association thread's is lengthened, see ``_ASSOC_IDLE``.
 
 _REACTOR_SLEEP = 0.001
 
@@ -708,7 +715,7 @@ class _WakingTime:
                 if isinstance(thread, DULServiceProvider):
                     if _dul_wait(thread, seconds):
                         return
-                elif isinstance(thread, Association):
+                elif isinstance(thread, Association) and _serves_ours(thread):
                     _assoc_wait(thread, seconds)
                     return
             except (OSError, ValueError, AttributeError):
@@ -740,11 +747,59 @@ def _dul_wait(dul: DULServiceProvider, seconds: float) -> bool:
     return True
 
 
+# The association thread also polls the DUL's to_user_queue (release and abort
+# indications).  Once that queue wakes it too (``_WakingQueue``), the thread can
+# sleep until there is work: with C-STOREs served in the DUL thread
+# (dimsestream) it would otherwise spin a thousand times a second for nothing.
+# What is left to notice by polling (a kill from another thread, a dead DUL
+# thread) is noticed within this many seconds.
+_ASSOC_IDLE = 0.05
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """queue.Queue whose ``put`` also runs ``edge_wake`` (the association's waker)."""
+
+    edge_wake: Callable[[], None] | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        wake = self.edge_wake
+        if wake is not None:
+            wake()
+
+
+class _QueueModule:
+    """The ``queue`` module as pynetdicom's DUL sees it: its queues can wake."""
+
+    Queue = _WakingQueue
+    Empty = queue.Empty
+    Full = queue.Full
+
+
+def _serves_ours(assoc: Association) -> bool:
+    """An acceptor of our SCP: nothing but its reactor takes from its DIMSE queue.
+
+    (A requestor's user thread blocks in ``msg_queue.get``: a second waiter on
+    that condition could take the one notification its response brings.)"""
+    return assoc.is_acceptor and isinstance(
+        getattr(getattr(assoc, "_server", None), "edge_owner", None), StorageSCP)
+
+
 def _assoc_wait(assoc: Association, seconds: float) -> None:
     q = assoc.dimse.msg_queue
+    user_q = assoc.dul.to_user_queue
+    idle = seconds
+    if isinstance(user_q, _WakingQueue):
+        if user_q.edge_wake is None:
+            def wake() -> None:
+                with q.not_empty:
+                    q.not_empty.notify_all()
+            user_q.edge_wake = wake
+        idle = _ASSOC_IDLE
     with q.not_empty:
-        if not q.queue:
-            q.not_empty.wait(seconds)
+        # Both checked under the lock ``wake`` takes: no wake-up falls between.
+        if not q.queue and not user_q.queue:
+            q.not_empty.wait(idle)
 
 
 _real_send_pdu = DULServiceProvider.send_pdu
@@ -764,6 +819,7 @@ def _install_wakeups() -> None:
     if not isinstance(getattr(_dul_mod, "time"), _WakingTime):  # noqa: B009
         clock = _WakingTime()
         setattr(_dul_mod, "time", clock)  # noqa: B010
+        setattr(_dul_mod, "queue", _QueueModule())  # noqa: B010
         setattr(_association_mod, "time", clock)  # noqa: B010
         setattr(DULServiceProvider, "send_pdu", _send_pdu_waking)  # noqa: B010
 
@@ -878,6 +934,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._servers: list[EdgeAssociationServer] = []
         self._sink_seq = 0
+        self.direct_stores = 0  # C-STOREs served by dimsestream (the rest: pynetdicom)
         self._refusals = AuditThrottle()
         self.journal_receipts = journal_receipts or receipts is not None
         self.drainer = ReceiptDrainer(inbox, receipts) if receipts is not None else None
@@ -978,12 +1035,11 @@ class StorageSCP:
         audit_refused(self.audit, self._refusals, addr, why)
 
     def _peer(self, event: evt.Event) -> tuple[str, str]:
-        req = event.assoc.requestor
-        # During EVT_REQUESTED pynetdicom has not copied the title from the
-        # A-ASSOCIATE-RQ primitive yet, so read it from there.
-        prim = req.primitive
-        title = prim.calling_ae_title if prim is not None else req.ae_title
-        return str(title).strip(), str(req.address)
+        return _peer_of(event.assoc)
+
+    def _served_direct(self) -> None:
+        with self._lock:
+            self.direct_stores += 1
 
     def _reject(self, event: evt.Event, result: int, source: int, diag: int, why: str) -> None:
         ae_title, addr = self._peer(event)
@@ -1058,6 +1114,11 @@ class StorageSCP:
                 self._reject(event, 0x02, 0x03, 0x02, why)
                 return
             setattr(event.assoc, "_edge_counted", True)  # noqa: B010
+            if self.s.fast_store:
+                # C-STOREs of this association are served from its PDU stream
+                # (agent/dimsestream.py); dicomtls's PDU reader calls it.
+                setattr(event.assoc, "_edge_pdata",  # noqa: B010 - pynetdicom object
+                        StoreStream(_DirectStore(self, event.assoc), self._served_direct))
             if prim is not None and prim.presentation_context_definition_list:
                 acceptor = event.assoc.acceptor
                 acceptor.supported_contexts = prefer_requestor_order(
@@ -1076,6 +1137,9 @@ class StorageSCP:
 
     def _on_closed(self, event: evt.Event) -> None:
         try:
+            stream = getattr(event.assoc, "_edge_pdata", None)
+            if isinstance(stream, StoreStream):
+                stream.close()
             for sink in getattr(event.assoc, "_edge_sinks", ()):
                 sink.close()
             if self.on_ended is not None:
@@ -1101,13 +1165,19 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         ae_title, addr = self._peer(event)
+        sink = getattr(event.request, "_dataset_file", None)
+        req: Any = event.request
+        return self.store_streamed(sink, str(req.AffectedSOPClassUID or ""),
+                                   str(req.AffectedSOPInstanceUID or "").strip(), ae_title, addr)
+
+    def store_streamed(self, sink: object, sop_class: str, sop_uid: str, ae_title: str,
+                       addr: str) -> int:
+        """Commit an instance streamed into ``sink``; the C-STORE status (never raises).
+
+        Shared by pynetdicom's C-STORE event and the direct path (dimsestream)."""
         try:
-            sink = getattr(event.request, "_dataset_file", None)
             if not isinstance(sink, InstanceSink):
                 raise Refused(STATUS_PROCESSING_FAILURE, "data set was not streamed")
-            req: Any = event.request
-            sop_class = str(req.AffectedSOPClassUID or "")
-            sop_uid = str(req.AffectedSOPInstanceUID or "").strip()
             if not sop_uid or len(sop_uid) > 64:
                 raise Refused(STATUS_CANNOT_UNDERSTAND, "no valid Affected SOP Instance UID")
             pending, header, tsyntax = sink.finish()
@@ -1161,6 +1231,37 @@ class StorageSCP:
                    details={"calling_ae": ae_title, "status": f"0x{status:04X}", "reason": why})
         log.warning("C-STORE from %s (%s) answered 0x%04X: %s", addr, ae_title, status, why)
         return status
+
+
+def _peer_of(assoc: Any) -> tuple[str, str]:
+    """(calling AE title, address) of an association's requestor."""
+    req = assoc.requestor
+    # During EVT_REQUESTED pynetdicom has not copied the title from the
+    # A-ASSOCIATE-RQ primitive yet, so read it from there.
+    prim = req.primitive
+    title = prim.calling_ae_title if prim is not None else req.ae_title
+    return str(title).strip(), str(req.address)
+
+
+class _DirectStore:
+    """What dimsestream needs of the storage SCP, for one association."""
+
+    def __init__(self, scp: StorageSCP, assoc: Any) -> None:
+        self._scp = scp
+        self._assoc = assoc
+
+    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> InstanceSink:
+        sink = self._scp.new_sink(self._assoc)
+        # The same Part 10 head pynetdicom writes before the data set.
+        sink.write(_PREAMBLE)
+        sink.write_meta(MetaFields(sop_class, sop_instance, transfer_syntax,
+                                   PYNETDICOM_IMPLEMENTATION_UID,
+                                   PYNETDICOM_IMPLEMENTATION_VERSION))
+        return sink
+
+    def finish(self, sink: object, sop_class: str, sop_instance: str) -> int:
+        ae_title, addr = _peer_of(self._assoc)
+        return self._scp.store_streamed(sink, sop_class, sop_instance, ae_title, addr)
 
 
 def audit_refused(audit: AuditFn, throttle: AuditThrottle, peer: str, why: str) -> None:
