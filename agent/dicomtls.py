@@ -230,6 +230,14 @@ def _recv_into(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def _rx_buffer(dul: DULServiceProvider, size: int) -> bytearray:
+    buf: bytearray | None = getattr(dul, "_edge_rx", None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(dul, "_edge_rx", buf)  # noqa: B010 - pynetdicom object
+    return buf
+
+
 def _read_pdu_bounded(self: DULServiceProvider) -> None:
     """Read one PDU, refusing oversized ones before their body is read.
 
@@ -267,21 +275,26 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
             pass
         assoc_sock.close()  # emits Evt17
         return
-    pdu_bytes = bytearray(6 + length)
-    pdu_bytes[:6] = head
+    # Our associations serve C-STOREs from the PDU stream (agent/dimsestream.py),
+    # which copies what it keeps: their P-DATA PDUs are read into one buffer per
+    # connection instead of a fresh one each (a fresh 0.5-1 MiB block is a fresh
+    # mapping, paid in page faults).
+    direct = getattr(self.assoc, "_edge_pdata", None) if pdu_type == _P_DATA_TF else None
+    pdu_bytes = _rx_buffer(self, 6 + length) if direct is not None else bytearray(6 + length)
+    pdu_view = memoryview(pdu_bytes)[:6 + length]
+    pdu_view[:6] = head
     try:
-        ok = _recv_into(raw, memoryview(pdu_bytes)[6:])
+        ok = _recv_into(raw, pdu_view[6:])
     except (OSError, TimeoutError):
         ok = False
     if not ok:
         log.warning("connection closed or timed out inside a PDU")
         self.event_queue.put("Evt17")
         return
-    if pdu_type == _P_DATA_TF:
-        # Our associations serve C-STOREs from the PDU stream (agent/dimsestream.py).
-        direct = getattr(self.assoc, "_edge_pdata", None)
-        if direct is not None and direct.take(self, pdu_bytes):
+    if direct is not None:
+        if direct.take(self, pdu_view):
             return
+        pdu_bytes = bytearray(pdu_view)  # pynetdicom keeps it: its own copy
     try:
         pdu, event = self._decode_pdu(pdu_bytes)
     except Exception:  # noqa: BLE001 - any decoding failure is an invalid PDU

@@ -199,10 +199,11 @@ class StoreStream:
     def busy(self) -> bool:
         return self._msg is not None
 
-    def take(self, dul: Any, pdu: bytearray) -> bool:
+    def take(self, dul: Any, pdu: memoryview) -> bool:
+        """``pdu`` is valid only during the call: whatever is kept is copied."""
         engaged = self._msg is not None
         try:
-            return self._take(dul, memoryview(pdu))
+            return self._take(dul, pdu)
         except Exception:  # noqa: BLE001 - runs in pynetdicom's DUL thread
             log.exception("serving a C-STORE failed")
             if engaged or self._msg is not None:

@@ -24,11 +24,11 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import (
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS instances (
     id INTEGER PRIMARY KEY,
     study_id INTEGER NOT NULL REFERENCES studies(id),
     instance_key TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
+    sha256 TEXT NOT NULL,  -- of the plaintext; '' until a repeated SOP Instance UID needs it
     file TEXT NOT NULL,
     size INTEGER NOT NULL,
     sop_class TEXT NOT NULL,
@@ -120,7 +120,7 @@ class PendingWrite:
         self.version = version
         self.new_study = new_study
         self.data_key = data_key
-        self._digest = hashlib.sha256()
+        self._digest: Any = None  # hashlib sha256 while streaming, for a known re-send
         self._fh: BinaryIO | None = open(path, "r+b")  # noqa: SIM115 - closed in finish/abort
         self._writer = StreamWriter(data_key, self._fh, study_key.encode())
         self._inbox = inbox
@@ -135,11 +135,20 @@ class PendingWrite:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._fh is None:
             raise StorageError("write to a closed inbox file")
-        self._digest.update(data)
+        if self._digest is not None:
+            self._digest.update(data)
         self._writer.write(data)
         if self._writer.plain_bytes - self._flush_mark >= EARLY_FLUSH_BYTES:
             self._flush_mark = self._writer.plain_bytes
             self._early_flush()
+
+    def hash_content(self) -> None:
+        """Digest the plaintext as it streams (before the first write)."""
+        if self._writer.plain_bytes == 0:
+            self._digest = hashlib.sha256()
+
+    def content_digest(self) -> str | None:
+        return self._digest.hexdigest() if self._digest is not None else None
 
     def _early_flush(self) -> None:
         """Let the disk work while the rest of the instance arrives (off this thread)."""
@@ -154,8 +163,8 @@ class PendingWrite:
                                          name="inbox-early-flush", daemon=True)
         self._flusher.start()
 
-    def finish(self) -> tuple[int, str]:
-        """Seal the last chunk and fsync; returns (plaintext size, sha256)."""
+    def finish(self) -> int:
+        """Seal the last chunk and fsync; returns the plaintext size."""
         if self._fh is None:
             raise StorageError("inbox file was already closed")
         try:
@@ -169,7 +178,7 @@ class PendingWrite:
         finally:
             self._fh.close()
             self._fh = None
-        return self._writer.plain_bytes, self._digest.hexdigest()
+        return self._writer.plain_bytes
 
     def abort(self) -> None:
         """Drop an uncommitted write (idempotent; no-op after commit)."""
@@ -395,7 +404,8 @@ class Inbox:
         )
         return int(cur.lastrowid or 0), version, True
 
-    def begin(self, study_uid: str, *, size_hint: int = 0) -> PendingWrite:
+    def begin(self, study_uid: str, *, size_hint: int = 0,
+              sop_uid: str | None = None) -> PendingWrite:
         """Open a streaming write into the study's open version.
 
         The caller feeds the Part 10 bytes with ``PendingWrite.write`` as they
@@ -415,7 +425,18 @@ class Inbox:
             with self._lock:
                 self._open[skey] = cached
         study_id, version, data_key = cached
-        return PendingWrite(self, self._take_slot(), skey, study_id, version, new_study, data_key)
+        pending = PendingWrite(self, self._take_slot(), skey, study_id, version, new_study,
+                               data_key)
+        if sop_uid is not None and self._known_instance(skey, sop_uid):
+            pending.hash_content()  # a re-send: its digest will be compared at commit
+        return pending
+
+    def _known_instance(self, skey: str, sop_uid: str) -> bool:
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM instances i JOIN studies s ON s.id=i.study_id "
+                "WHERE s.study_key=? AND i.instance_key=? LIMIT 1",
+                (skey, self.instance_key(sop_uid))).fetchone() is not None
 
     def store(
         self,
@@ -459,7 +480,7 @@ class Inbox:
         transaction as the index row (see ``pending_receipts``): an acknowledged
         instance never lacks its audit record, and no second fsync is paid for it.
         """
-        size, sha = pending.finish()
+        size = pending.finish()
         tmp, skey, aad = pending.path, pending.study_key, pending.study_key.encode()
         study_id, version, new_study = pending.study_id, pending.version, pending.new_study
         ikey = self.instance_key(sop_uid)
@@ -467,11 +488,15 @@ class Inbox:
         try:
             with self._tx() as db:
                 dup = db.execute(
-                    "SELECT i.sha256, s.version FROM instances i JOIN studies s ON s.id=i.study_id "
-                    "WHERE s.study_key=? AND i.instance_key=?",
+                    "SELECT i.id, i.sha256, i.file, s.id FROM instances i "
+                    "JOIN studies s ON s.id=i.study_id WHERE s.study_key=? AND i.instance_key=?",
                     (skey, ikey),
                 ).fetchall()
-                if any(r[0] == sha for r in dup):
+                # Content digests are taken only when a SOP Instance UID repeats
+                # (hashing every instance cost a tenth of the receiving CPU).
+                sha = ((pending.content_digest() or self._digest(tmp, pending.data_key, aad))
+                       if dup else "")
+                if any(self._stored_digest(db, r) == sha for r in dup):
                     inst = ReceivedInstance(skey, ikey, Path(), size, sha, sop_class,
                                             transfer_syntax, calling_ae, peer, now)
                     receipt = StoreReceipt("duplicate", inst, version, new_study)
@@ -510,6 +535,28 @@ class Inbox:
             return receipt
         finally:
             pending.abort()
+
+    @staticmethod
+    def _digest(path: Path, key: bytes, aad: bytes) -> str:
+        """sha256 of an inbox file's plaintext (authenticated while read)."""
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as fh:
+                for chunk in iter_open_stream(key, fh, aad):
+                    h.update(chunk)
+        except (OSError, CryptoError) as exc:
+            raise StorageError(f"cannot read back an inbox file: {exc}") from None
+        return h.hexdigest()
+
+    def _stored_digest(self, db: sqlite3.Connection, row: Sequence[Any]) -> str:
+        """The digest of an indexed instance, computed and recorded on first need."""
+        inst_id, sha, rel, study_id = int(row[0]), str(row[1]), str(row[2]), int(row[3])
+        if sha:
+            return sha
+        skey = db.execute("SELECT study_key FROM studies WHERE id=?", (study_id,)).fetchone()[0]
+        sha = self._digest(self.root / rel, self._data_key(db, study_id), str(skey).encode())
+        db.execute("UPDATE instances SET sha256=? WHERE id=?", (sha, inst_id))
+        return sha
 
     def _journal(self, db: sqlite3.Connection, audit: ReceiptAudit | None,
                  receipt: StoreReceipt) -> None:

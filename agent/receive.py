@@ -399,6 +399,7 @@ class InstanceSink:
         self._raw = bytearray()  # Part 10 bytes held until the inbox write opens
         self._meta_end = 0
         self._ts: str | None = None
+        self._sop_uid: str | None = None  # from the C-STORE request, when given as a value
         self._inflater: Any = None
         self._plain = bytearray()  # inflated head of a deflated data set
         self._inflated = 0
@@ -437,6 +438,7 @@ class InstanceSink:
                 self._raw += encoded
                 self._received += len(encoded)
                 self._ts = meta.transfer_syntax
+                self._sop_uid = meta.sop_instance_uid.strip() or None
                 self._meta_end = len(self._raw)
                 if self._ts == DEFLATED:
                     self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -555,7 +557,7 @@ class InstanceSink:
             raise Refused(STATUS_OUT_OF_RESOURCES,
                           "declared pixel size exceeds max_instance_bytes")
         self.header = header
-        self.pending = self._inbox.begin(header.study_uid)
+        self.pending = self._inbox.begin(header.study_uid, sop_uid=self._sop_uid)
         self.pending.write(self._raw)
         self._raw = bytearray()
         self._plain = bytearray()

@@ -29,7 +29,7 @@ class ReceivedInstance:
     instance_key: str  # keyed hash of the SOPInstanceUID
     path: Path  # encrypted file in the inbox (name derived from keys, never a UID)
     size: int  # plaintext bytes of the stored Part 10 file
-    sha256: str  # of the plaintext, for idempotence and integrity
+    sha256: str  # of the plaintext; "" unless its SOP Instance UID was received twice
     sop_class_uid: str  # a public standard identifier, not PHI
     transfer_syntax: str
     calling_ae: str

@@ -279,6 +279,8 @@ def main() -> int:
                 "DX 2560x2048x16 bit": make_series(work / "dx", a.dx, 2560, 2048, "DX")}
         results: list[dict[str, Any]] = []
         for label, files in sets.items():
+            if not files:
+                continue  # --ct 0 / --dx 0: that workload is skipped
             for assocs in (1, 4):
                 # Runs interleave the receivers (rotating who goes first), so a
                 # noisy minute on the shared machine hits all of them alike.

@@ -235,3 +235,36 @@ def test_refusal_audits_are_throttled_per_peer_and_reason() -> None:
     for i in range(10):  # a scan of many addresses does not grow the map without bound
         t.due(f"10.1.0.{i}", "x")
     assert len(t._last) <= 3
+
+
+def test_content_digests_are_taken_only_when_a_uid_repeats(tmp_path: Path) -> None:
+    ib = make_inbox(tmp_path / "inbox")
+    seen = [False]
+
+    def put(uid: str, body: bytes, announced: bool = True) -> str:
+        # announced: the SOP Instance UID is known when streaming starts (as from
+        # a C-STORE request), so a re-send is hashed as it streams; otherwise
+        # the file is read back at commit.
+        p = ib.begin("1.2.9", sop_uid=uid if announced else None)
+        assert (p.content_digest() is not None) == (announced and uid == "1.2.9.1"
+                                                    and seen[0])
+        seen[0] = seen[0] or uid == "1.2.9.1"
+        p.write(body)
+        return ib.commit(p, sop_uid=uid, sop_class="x", transfer_syntax="ts",
+                         calling_ae="MOD", peer="127.0.0.1").outcome
+
+    assert put("1.2.9.1", b"A" * 5000) == "stored"
+    assert put("1.2.9.2", b"B" * 5000) == "stored"
+    digests = dict(ib._db.execute(
+        "SELECT instance_key, sha256 FROM instances").fetchall())
+    assert set(digests.values()) == {""}  # nothing repeated: nothing hashed
+    assert put("1.2.9.1", b"A" * 5000) == "duplicate"
+    assert put("1.2.9.1", b"C" * 5000) == "conflict"
+    assert put("1.2.9.1", b"C" * 5000, announced=False) == "duplicate"  # as the conflict
+    assert put("1.2.9.1", b"A" * 5000) == "duplicate"
+    assert put("1.2.9.1", b"D" * 5000, announced=False) == "conflict"
+    rows = ib._db.execute("SELECT instance_key, sha256 FROM instances ORDER BY id").fetchall()
+    key1 = ib.instance_key("1.2.9.1")
+    assert [bool(sha) for k, sha in rows if k == key1] == [True, True, True]
+    assert [sha for k, sha in rows if k != key1] == [""]
+    ib.close()
