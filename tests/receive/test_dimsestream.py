@@ -226,13 +226,19 @@ def response_status(body: bytes) -> tuple[int, int]:
     return struct.unpack("<H", found[0x0100])[0], struct.unpack("<H", found[0x0900])[0]
 
 
+def ct_association(port: int) -> socket.socket:
+    """A raw connection with an accepted CT + Verification association."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(20)
+    s.sendall(associate_ct_rq())
+    assert read_pdu(s)[0] == 0x02
+    return s
+
+
 def test_a_pdu_ending_one_message_and_starting_another_is_split(tmp_path: Path) -> None:
     files = ct_files(tmp_path / "in", 1)
     uid, data = dataset_bytes(files[0])
-    with node(tmp_path) as n, socket.create_connection(("127.0.0.1", n.port)) as s:
-        s.settimeout(20)
-        s.sendall(associate_ct_rq())
-        assert read_pdu(s)[0] == 0x02
+    with node(tmp_path) as n, ct_association(n.port) as s:
         # One PDU: the whole C-STORE (command, data set in two fragments) and then
         # a C-ECHO-RQ, which pynetdicom must receive on its own.
         half = len(data) // 2
@@ -252,10 +258,7 @@ def test_a_peer_breaking_a_message_is_aborted_and_nothing_is_kept(
         tmp_path: Path, breach: str) -> None:
     files = ct_files(tmp_path / "in", 2)
     uid, data = dataset_bytes(files[0])
-    with node(tmp_path) as n, socket.create_connection(("127.0.0.1", n.port)) as s:
-        s.settimeout(20)
-        s.sendall(associate_ct_rq())
-        assert read_pdu(s)[0] == 0x02
+    with node(tmp_path) as n, ct_association(n.port) as s:
         s.sendall(pdata(pdv(1, 3, store_rq_command(1, uid)), pdv(1, 0, data[:1000])))
         if breach == "command-mid-data-set":
             s.sendall(pdata(pdv(1, 3, store_rq_command(2, uid))))
