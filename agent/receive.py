@@ -19,6 +19,7 @@ one PDU plus at most ``HEADER_WINDOW`` bytes, whatever the instance size.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -162,9 +163,12 @@ def prefer_requestor_order(
             out.append(cx)
             continue
         rank = {t: i for i, t in enumerate(pref)}
-        pc = PresentationContext()
-        pc.abstract_syntax = cx.abstract_syntax
-        pc.transfer_syntax = sorted(cx.transfer_syntax, key=lambda t: rank.get(str(t), len(rank)))
+        # A copy with the list set directly: these UIDs are ours and were checked
+        # when our contexts were built; pynetdicom's setter would re-validate
+        # every one (12 ms for a storescu association proposing 120 contexts).
+        pc = copy.copy(cx)
+        pc._transfer_syntax = sorted(cx.transfer_syntax,
+                                     key=lambda t: rank.get(str(t), len(rank)))
         out.append(pc)
     return out
 

@@ -268,3 +268,22 @@ def test_content_digests_are_taken_only_when_a_uid_repeats(tmp_path: Path) -> No
     assert [bool(sha) for k, sha in rows if k == key1] == [True, True, True]
     assert [sha for k, sha in rows if k != key1] == [""]
     ib.close()
+
+
+def test_requestor_order_is_applied_to_copies_of_our_contexts() -> None:
+    from pynetdicom.presentation import PresentationContext
+
+    from agent.receive import prefer_requestor_order, storage_contexts
+    ours = storage_contexts()
+    before = [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in ours]
+    prop = PresentationContext()
+    prop.abstract_syntax = ours[3].abstract_syntax
+    prop.transfer_syntax = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"]
+    out = prefer_requestor_order(ours, [prop])
+    assert [str(t) for t in out[3].transfer_syntax][:2] == ["1.2.840.10008.1.2.4.50",
+                                                           "1.2.840.10008.1.2"]
+    assert sorted(map(str, out[3].transfer_syntax)) == sorted(before[3][1])
+    assert out[3].abstract_syntax == ours[3].abstract_syntax and out[3] is not ours[3]
+    # Our own list is untouched (it is shared by every association).
+    assert [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in ours] == before
+    assert all(out[i] is ours[i] for i in range(len(ours)) if i != 3)
