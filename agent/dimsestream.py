@@ -190,10 +190,14 @@ class StoreStream:
     process it as usual.
     """
 
-    def __init__(self, store: Store, on_served: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store, on_served: Callable[[], None] = lambda: None,
+                 on_abort: Callable[[str], None] = lambda _why: None) -> None:
+        """``on_served`` after each response sent; ``on_abort(why)`` when a peer's
+        protocol breach inside a served message aborts the association."""
         self._store = store
         self._msg: _Message | None = None
         self._on_served = on_served
+        self._on_abort = on_abort
 
     @property
     def busy(self) -> bool:
@@ -285,7 +289,13 @@ class StoreStream:
 
     def _abort(self, dul: Any, why: str) -> None:
         log.warning("peer broke the DIMSE protocol (%s); aborting the association", why)
+        had_message = self._msg is not None
         self.close()
+        if had_message:
+            try:
+                self._on_abort(why)
+            except Exception:  # noqa: BLE001 - bookkeeping must not stop the abort
+                log.exception("recording an aborted C-STORE failed")
         try:
             dul.socket.send(_ABORT_PROTOCOL)
         finally:

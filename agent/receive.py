@@ -1123,8 +1123,10 @@ class StorageSCP:
             if self.s.fast_store:
                 # C-STOREs of this association are served from its PDU stream
                 # (agent/dimsestream.py); dicomtls's PDU reader calls it.
-                setattr(event.assoc, "_edge_pdata",  # noqa: B010 - pynetdicom object
-                        StoreStream(_DirectStore(self, event.assoc), self._served_direct))
+                assoc = event.assoc
+                setattr(assoc, "_edge_pdata",  # noqa: B010 - pynetdicom object
+                        StoreStream(_DirectStore(self, assoc), self._served_direct,
+                                    lambda why: self._aborted(assoc, why)))
             if prim is not None and prim.presentation_context_definition_list:
                 acceptor = event.assoc.acceptor
                 acceptor.supported_contexts = prefer_requestor_order(
@@ -1229,6 +1231,15 @@ class StorageSCP:
         except Exception:  # noqa: BLE001
             log.exception("on_stored hook failed")
         return STATUS_SUCCESS
+
+    def _aborted(self, assoc: Any, why: str) -> None:
+        """A C-STORE cut short by the peer's protocol breach (the association is aborted)."""
+        ae_title, addr = _peer_of(assoc)
+        with self._lock:
+            self.counters.instances_failed += 1
+        self.audit("instance.received", outcome="minor_failure", source=addr,
+                   details={"calling_ae": ae_title, "status": "aborted",
+                            "reason": f"association aborted: {why}"})
 
     def _fail(self, status: int, why: str, addr: str, ae_title: str) -> int:
         with self._lock:

@@ -271,6 +271,10 @@ def test_a_peer_breaking_a_message_is_aborted_and_nothing_is_kept(
         if kind == 0x07:
             assert body[2:4] == bytes([2, 6])
         assert read_pdu(s)[0] in (-1, -2)
+        # Audited as a failed receipt, with what was wrong.
+        failed = wait_for(lambda: [d for d in n.audited("instance.received")
+                                   if d.get("outcome") == "minor_failure"], 10, "the audit")
+        assert failed[0]["details"]["reason"].startswith("association aborted: ")
         # Nothing of the broken message was kept; the node serves the next peer.
         assert send_with_pynetdicom(n.port, files[1:], max_pdu=16384) == [0]
         wait_for(lambda: n.stored() == 1, 10, "the next instance")
