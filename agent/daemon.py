@@ -173,17 +173,32 @@ class Daemon:
 
     # -- threads --------------------------------------------------------------------
 
+    # The assembler sleeps until the next study is due (or new work), at most this long.
+    _ASSEMBLE_MAX_WAIT = 1.0
+
     def _assembler(self) -> None:
+        wait = 0.0
         while not self._stop.is_set():
-            self._work.wait(timeout=min(1.0, self.cfg.study.quiet_seconds / 4))
+            self._work.wait(timeout=wait)
             self._work.clear()
             try:
                 for sid in self.inbox.complete_due():
                     log.info("study row %d complete", sid)
                 self._process_ready()
+                wait = self._until_due()
             except Exception:  # noqa: BLE001 - keep assembling whatever happened
                 log.exception("assembler cycle failed")
+                wait = self._ASSEMBLE_MAX_WAIT
                 self._stop.wait(1.0)
+
+    def _until_due(self) -> float:
+        """Seconds until the next open study completes: a study completes when
+        its quiet period ends, not at the next poll (receive workers store
+        without waking this thread; their counters arrive every 0.2 s)."""
+        due = self.inbox.next_due()
+        if due is None:
+            return self._ASSEMBLE_MAX_WAIT
+        return min(self._ASSEMBLE_MAX_WAIT, max(0.005, due - time.time() + 0.002))
 
     # Room for one result message: a result is a few kB even with many models.
     _RESULT_ROOM = 64 * 1024

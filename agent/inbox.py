@@ -660,6 +660,17 @@ class Inbox:
             self._forget_open(closed)
         return closed
 
+    def next_due(self) -> float | None:
+        """The earliest wall-clock time an open study completes by its quiet
+        period or age, if nothing else arrives; None when no study is open."""
+        s = self.study_settings
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(MIN(last_at + ?, first_at + ?)) FROM studies "
+                "WHERE state='open' AND n_instances > 0",
+                (s.quiet_seconds, s.max_age_seconds)).fetchone()
+        return float(row[0]) if row is not None and row[0] is not None else None
+
     def _forget_open(self, study_ids: list[int]) -> None:
         gone = set(study_ids)
         with self._lock:

@@ -99,6 +99,8 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=3)
     ap.add_argument("--quiet", type=float, default=1.0, help="[study] quiet_seconds")
     ap.add_argument("--idle-seconds", type=int, default=60)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="[dicom] workers (default: the box's default, one per core)")
     args = ap.parse_args()
     storescu = shutil.which("storescu")
     if storescu is None:
@@ -109,6 +111,8 @@ def main() -> int:
     try:
         box = provision_dev(base / "box", dicom_port=free_port(), mqtt_port=free_port())
         set_config(box.config, "study", "quiet_seconds", str(args.quiet))
+        if args.workers is not None:
+            set_config(box.config, "dicom", "workers", str(args.workers))
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         broker = subprocess.Popen([exe, "-c", str(box.mosquitto_conf)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -186,7 +190,8 @@ def main() -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        shutil.rmtree(base, ignore_errors=True)
+        if not os.environ.get("E2E_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

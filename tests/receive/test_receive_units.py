@@ -287,3 +287,20 @@ def test_requestor_order_is_applied_to_copies_of_our_contexts() -> None:
     # Our own list is untouched (it is shared by every association).
     assert [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in ours] == before
     assert all(out[i] is ours[i] for i in range(len(ours)) if i != 3)
+
+
+def test_next_due_is_the_end_of_the_earliest_quiet_period(tmp_path: Path) -> None:
+    ib = Inbox(tmp_path / "inbox", KeyEncryptionKey(random_key()), random_key(),
+               InboxSettings(max_bytes=10**12, min_free_bytes=0),
+               StudySettings(quiet_seconds=5.0, max_age_seconds=100.0))
+    assert ib.next_due() is None
+    for study in ("1.2.7", "1.2.8"):
+        p = ib.begin(study)
+        p.write(b"x" * 100)
+        ib.commit(p, sop_uid=study + ".1", sop_class="x", transfer_syntax="ts",
+                  calling_ae="MOD", peer="127.0.0.1")
+    lasts = [r[0] for r in ib._db.execute("SELECT last_at FROM studies ORDER BY id")]
+    assert ib.next_due() == pytest.approx(min(lasts) + 5.0)
+    assert ib.complete_due(now=max(lasts) + 5.0) == [1, 2]
+    assert ib.next_due() is None
+    ib.close()
