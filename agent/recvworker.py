@@ -35,6 +35,7 @@ log = logging.getLogger("edge_agent.receive")
 
 _PR_SET_PDEATHSIG = 1
 COUNTERS_EVERY = 0.2
+COUNTERS_HEARTBEAT = 5.0
 _FIELDS = tuple(f for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
 ADMISSION_TIMEOUT = 10.0
 
@@ -164,9 +165,16 @@ class Worker:
     # -- loop ------------------------------------------------------------------------
 
     def _report(self) -> None:
+        # Sent when they changed (an idle worker then costs the daemon nothing),
+        # and at least every COUNTERS_HEARTBEAT seconds.
+        last: dict[str, object] | None = None
+        sent = 0.0
         while True:
             time.sleep(COUNTERS_EVERY)
-            self._send(("counters", self._counters()))
+            now = self._counters()
+            if now != last or time.monotonic() - sent >= COUNTERS_HEARTBEAT:
+                self._send(("counters", now))
+                last, sent = now, time.monotonic()
 
     def _counters(self) -> dict[str, object]:
         with self.scp._lock:
