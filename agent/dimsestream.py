@@ -44,6 +44,9 @@ _PDU = struct.Struct(">BBL")
 _ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
+# DUL states in which a P-DATA-TF may be sent (PS3.8 9.2): data transfer, and
+# awaiting the local release response after the peer's A-RELEASE-RQ.
+_CAN_SEND_DATA = frozenset({"Sta6", "Sta8"})
 # A-ABORT-RQ, source: service provider (2), reason: unexpected PDU parameter (6)
 _ABORT_PROTOCOL = _PDU.pack(0x07, 0, 4) + bytes([0, 0, 2, 6])
 
@@ -254,7 +257,12 @@ class StoreStream:
         if mch != 0x03:
             return False
         assoc = dul.assoc
-        if (dul.state_machine.current_state != "Sta6" or not assoc.is_established
+        # Only state this thread owns decides: the DUL's state machine is in data
+        # transfer (Sta6) and has nothing queued, and the DIMSE decoder (fed from
+        # this thread too) is between messages.  Association.is_established is
+        # set by the association thread, which may not have run yet when a peer
+        # sends its first C-STORE right after the A-ASSOCIATE-AC.
+        if (dul.state_machine.current_state != "Sta6"
                 or getattr(assoc, "_sent_release", False)
                 or assoc.dimse.message is not None or not dul.event_queue.empty()):
             return False
@@ -273,8 +281,8 @@ class StoreStream:
             status = self._store.finish(msg.sink, msg.req.sop_class, msg.req.sop_instance)
         finally:
             msg.sink.close()
-        if not dul.assoc.is_established:
-            return  # aborted meanwhile: nothing to answer (as pynetdicom)
+        if dul.state_machine.current_state not in _CAN_SEND_DATA:
+            return  # aborted or closed meanwhile: nothing to answer (as pynetdicom)
         peer_max = int(dul.assoc.requestor.maximum_length or 0)
         for out in command_pdus(msg.req.context_id, encode_store_rsp(msg.req, status), peer_max):
             dul.socket.send(out)
