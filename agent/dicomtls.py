@@ -40,10 +40,11 @@ log = logging.getLogger("edge_agent.receive")
 # A-ASSOCIATE-RQ/AC with every storage SOP class and all our transfer syntaxes
 # stays far below this; release/abort PDUs are 4 bytes.
 MAX_CONTROL_PDU = 1 << 20
-_P_DATA_TF = 0x04
+P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
 # A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value)
-_ABORT_INVALID_PARAMETER = bytes([0x07, 0x00]) + struct.pack(">L", 4) + bytes([0, 0, 2, 6])
+# A-ABORT-RQ, source: service provider (2), reason: invalid PDU parameter (6).
+ABORT_INVALID_PARAMETER = bytes([0x07, 0x00]) + struct.pack(">L", 4) + bytes([0, 0, 2, 6])
 
 # BCP 195 (RFC 9325) recommended suites for TLS 1.2; TLS 1.3 suites are all fine.
 _BCP195_CIPHERS = (
@@ -230,6 +231,18 @@ def _recv_into(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def abort_transport(assoc_sock: Any) -> None:
+    """A-ABORT (provider, invalid parameter) and close, bypassing the state machine:
+    what follows on the stream is not to be read.  pynetdicom sees the close (Evt17)."""
+    raw = getattr(assoc_sock, "socket", None)
+    if raw is not None:
+        try:
+            raw.sendall(ABORT_INVALID_PARAMETER)
+        except OSError:
+            pass
+    assoc_sock.close()
+
+
 def _rx_buffer(dul: DULServiceProvider, size: int) -> bytearray:
     buf: bytearray | None = getattr(dul, "_edge_rx", None)
     if buf is None or len(buf) < size:
@@ -258,8 +271,8 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     pdu_type, _, length = struct.unpack(">BBL", head)
-    limit = _local_max(self) if pdu_type == _P_DATA_TF else MAX_CONTROL_PDU
-    if pdu_type == _P_DATA_TF and limit == 0:
+    limit = _local_max(self) if pdu_type == P_DATA_TF else MAX_CONTROL_PDU
+    if pdu_type == P_DATA_TF and limit == 0:
         limit = 1 << 26  # "unlimited" was negotiated: still refuse absurd lengths
     if pdu_type not in _KNOWN_PDU_TYPES or length > limit:
         # Not DICOM, or a length we will not buffer: abort and close at once
@@ -269,17 +282,13 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
         else:
             log.warning("peer sent a PDU of %d bytes, over the %d allowed; aborting",
                         length, limit)
-        try:
-            raw.sendall(_ABORT_INVALID_PARAMETER)
-        except OSError:
-            pass
-        assoc_sock.close()  # emits Evt17
+        abort_transport(assoc_sock)
         return
     # Our associations serve C-STOREs from the PDU stream (agent/dimsestream.py),
     # which copies what it keeps: their P-DATA PDUs are read into one buffer per
     # connection instead of a fresh one each (a fresh 0.5-1 MiB block is a fresh
     # mapping, paid in page faults).
-    direct = getattr(self.assoc, "_edge_pdata", None) if pdu_type == _P_DATA_TF else None
+    direct = getattr(self.assoc, "_edge_pdata", None) if pdu_type == P_DATA_TF else None
     pdu_bytes = _rx_buffer(self, 6 + length) if direct is not None else bytearray(6 + length)
     pdu_view = memoryview(pdu_bytes)[:6 + length]
     pdu_view[:6] = head

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent.dicomtls import P_DATA_TF, abort_transport
+
 log = logging.getLogger("edge_agent.receive")
 
 C_STORE_RQ = 0x0001
@@ -47,8 +49,6 @@ _UL = struct.Struct("<I")
 # DUL states in which a P-DATA-TF may be sent (PS3.8 9.2): data transfer, and
 # awaiting the local release response after the peer's A-RELEASE-RQ.
 _CAN_SEND_DATA = frozenset({"Sta6", "Sta8"})
-# A-ABORT-RQ, source: service provider (2), reason: unexpected PDU parameter (6)
-_ABORT_PROTOCOL = _PDU.pack(0x07, 0, 4) + bytes([0, 0, 2, 6])
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def iter_pdvs(pdu: memoryview) -> Iterator[tuple[int, int, int, int]] | None:
     None when the PDU is not a well-formed P-DATA-TF (PS3.8 9.3.5): its items
     must fill it exactly and each must carry at least the two header bytes.
     """
-    if len(pdu) < 6 or pdu[0] != 0x04:
+    if len(pdu) < 6 or pdu[0] != P_DATA_TF:
         return None
     end = 6 + _PDU.unpack_from(pdu, 0)[2]
     if end != len(pdu) or end == 6:
@@ -172,7 +172,7 @@ def command_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> list[byt
     for n, chunk in enumerate(chunks):
         mch = 0x03 if n == len(chunks) - 1 else 0x01
         item = _ITEM.pack(len(chunk) + 2, context_id, mch) + chunk
-        out.append(_PDU.pack(0x04, 0, len(item)) + item)
+        out.append(_PDU.pack(P_DATA_TF, 0, len(item)) + item)
     return out
 
 
@@ -201,10 +201,6 @@ class StoreStream:
         self._msg: _Message | None = None
         self._on_served = on_served
         self._on_abort = on_abort
-
-    @property
-    def busy(self) -> bool:
-        return self._msg is not None
 
     def take(self, dul: Any, pdu: memoryview) -> bool:
         """``pdu`` is valid only during the call: whatever is kept is copied."""
@@ -291,7 +287,7 @@ class StoreStream:
     def _hand_over(self, dul: Any, pdu: memoryview, rest: int) -> None:
         """Give the PDVs from offset ``rest`` on to pynetdicom as a PDU of their own."""
         items = bytes(pdu[rest:])
-        pdu_obj, event = dul._decode_pdu(bytearray(_PDU.pack(0x04, 0, len(items)) + items))
+        pdu_obj, event = dul._decode_pdu(bytearray(_PDU.pack(P_DATA_TF, 0, len(items)) + items))
         dul.event_queue.put(event)
         dul._recv_pdu.put(pdu_obj)
 
@@ -304,7 +300,4 @@ class StoreStream:
                 self._on_abort(why)
             except Exception:  # noqa: BLE001 - bookkeeping must not stop the abort
                 log.exception("recording an aborted C-STORE failed")
-        try:
-            dul.socket.send(_ABORT_PROTOCOL)
-        finally:
-            dul.socket.close()  # pynetdicom sees the transport close (Evt17)
+        abort_transport(dul.socket)

@@ -494,7 +494,7 @@ class Inbox:
                 ).fetchall()
                 # Content digests are taken only when a SOP Instance UID repeats
                 # (hashing every instance cost a tenth of the receiving CPU).
-                sha = ((pending.content_digest() or self._digest(tmp, pending.data_key, aad))
+                sha = ((pending.content_digest() or self._file_digest(tmp, pending.data_key, aad))
                        if dup else "")
                 if any(self._stored_digest(db, r) == sha for r in dup):
                     inst = ReceivedInstance(skey, ikey, Path(), size, sha, sop_class,
@@ -537,7 +537,7 @@ class Inbox:
             pending.abort()
 
     @staticmethod
-    def _digest(path: Path, key: bytes, aad: bytes) -> str:
+    def _file_digest(path: Path, key: bytes, aad: bytes) -> str:
         """sha256 of an inbox file's plaintext (authenticated while read)."""
         h = hashlib.sha256()
         try:
@@ -554,7 +554,7 @@ class Inbox:
         if sha:
             return sha
         skey = db.execute("SELECT study_key FROM studies WHERE id=?", (study_id,)).fetchone()[0]
-        sha = self._digest(self.root / rel, self._data_key(db, study_id), str(skey).encode())
+        sha = self._file_digest(self.root / rel, self._data_key(db, study_id), str(skey).encode())
         db.execute("UPDATE instances SET sha256=? WHERE id=?", (sha, inst_id))
         return sha
 
