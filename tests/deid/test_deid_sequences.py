@@ -9,6 +9,7 @@ committee (a D attribute) and a name inside a safe private sequence.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -16,11 +17,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from deid_support import Recipient, sample_path
+from deid_support import KEY, Recipient, sample_path
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from support import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, storescu
 
+from agent.deid import Deidentifier, DeidSettings
 from agent.deid.values import DUMMY_BY_VR
 
 INSTITUTION = "St Elsewhere Hospital"
@@ -116,9 +119,10 @@ def test_cli_strip_removes_empties_and_replaces_sequences_whole(tmp_path: Path) 
     assert code.CodeMeaning == DUMMY_BY_VR["LO"]
     # Z sequence: zero items
     assert len(ds.IssuerOfTheSpecimenIdentifierSequence) == 0
-    # D attribute: a dummy value, not removed
+    # D attribute: a dummy value, not removed; its Type 1C condition, the approval
+    # number (X), becomes a dummy too so that the output stays valid
     assert ds.ClinicalTrialProtocolEthicsCommitteeName == DUMMY_BY_VR["LO"]
-    assert "ClinicalTrialProtocolEthicsCommitteeApprovalNumber" not in ds
+    assert ds.ClinicalTrialProtocolEthicsCommitteeApprovalNumber == DUMMY_BY_VR["LO"]
     assert PRIVATE_SEQ not in ds
 
 
@@ -154,6 +158,54 @@ def test_cli_encrypt_keeps_the_originals_only_for_the_recipient(tmp_path: Path, 
     assert operator.PersonIdentificationCodeSequence[0].CodeMeaning == OPERATOR
     assert restored.VerifyingObserverSequence[0].VerifyingObserverName == "Vervoort^Vera"
     assert restored.ClinicalTrialProtocolEthicsCommitteeName == ETHICS
+
+
+def test_removed_content_feeds_the_egress_guard(tmp_path: Path) -> None:
+    # The daemon's egress guard blocks any payload quoting an original value of the
+    # study; what a removed or replaced sequence held is such a value too.
+    ds = pydicom.dcmread(make_instance(tmp_path / "ct.dcm"))
+    outcome = Deidentifier(DeidSettings(), KEY).deidentify(ds)
+    assert {INSTITUTION, OPERATOR, "Vera Vervoort", "Elsewhere Pathology"} <= outcome.phi
+    assert "Vervoort" in outcome.phi  # name parts of a PN inside a replaced sequence
+
+
+def test_referenced_pps_sequence_is_emptied_where_type2_and_removed_elsewhere(tmp_path: Path) -> None:
+    engine = Deidentifier(DeidSettings(), KEY)
+    for sop_class, expect_items in (("1.2.840.10008.5.1.4.1.1.88.22", 0), ("1.2.840.10008.5.1.4.1.1.2", None)):
+        ds = pydicom.dcmread(make_instance(tmp_path / "ct.dcm"))
+        ds.SOPClassUID = sop_class
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.3"
+        ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.1077.70.7"
+        ds.ReferencedPerformedProcedureStepSequence = Sequence([ref])
+        out = engine.deidentify(ds).dataset
+        assert out is not None
+        seq = out.get("ReferencedPerformedProcedureStepSequence")
+        # SR Document Series: Type 2, so Z (zero items); General Series: Type 3, so X
+        assert (None if seq is None else len(seq)) == expect_items, sop_class
+
+
+def test_safe_private_sequence_from_implicit_vr_never_leaks(tmp_path: Path) -> None:
+    # Read from implicit VR a private sequence is a sequence only if its VR is known
+    # (pydicom knows Philips' (2001,xx5F), not Siemens' (0119,xx02)): the known one is
+    # processed item by item, the unreadable one removed; neither leaks its content.
+    ds = pydicom.dcmread(make_instance(tmp_path / "ct.dcm"))
+    block = ds.private_block(0x0119, "SIEMENS Ultrasound SC2000", create=True)
+    hidden = Dataset()
+    hidden.PatientName = "Quincy^Quentin"
+    block.add_new(0x02, "SQ", Sequence([hidden]))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    implicit = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    out = Deidentifier(DeidSettings(options=frozenset({"retain_safe_private"})), KEY).deidentify(implicit)
+    assert out.dataset is not None
+    out.dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    out.dataset.save_as(buf, enforce_file_format=True)
+    assert leaked(buf.getvalue(), ("Quincy",)) == []
+    assert str(out.dataset[PRIVATE_SEQ].value[0].PatientName) != "Quincy^Quentin"
+    assert 0x01191002 not in out.dataset
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
