@@ -33,6 +33,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from cryptography import x509
 from deid_support import KEY, Recipient
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -303,6 +304,11 @@ def engine(options: frozenset[str]) -> Deidentifier:
     return Deidentifier(DeidSettings(options=options), KEY)
 
 
+@functools.cache
+def encrypt_engine(cert: x509.Certificate) -> Deidentifier:
+    return Deidentifier(DeidSettings(mode="encrypt", recipients=(cert,)), KEY)
+
+
 def run(engine_: Deidentifier, ds: Dataset) -> tuple[Dataset, bytes]:
     outcome = engine_.deidentify(ds)
     assert outcome.dataset is not None, outcome.quarantine_reason
@@ -390,8 +396,7 @@ def test_row_action_in_encrypt_mode_keeps_the_original_for_the_recipient(
 ) -> None:
     row = TABLE.rows[n]
     ds, c = build(n, row, "top")
-    settings = DeidSettings(mode="encrypt", recipients=(recipient.cert,))
-    out, data = run(_encrypt_engine(settings), ds)
+    out, data = run(encrypt_engine(recipient.cert), ds)
     assert "EncryptedAttributesSequence" in out
     assert_row(row, c, out, data, "top", frozenset())
     if c.tag >> 16 in (0x0000, 0x0002):
@@ -405,16 +410,6 @@ def test_row_action_in_encrypt_mode_keeps_the_original_for_the_recipient(
         assert restored[0].CodeMeaning == c.value[0].CodeMeaning
     else:
         assert _same(restored, c.value)
-
-
-_ENCRYPT_ENGINES: dict[int, Deidentifier] = {}
-
-
-def _encrypt_engine(settings: DeidSettings) -> Deidentifier:
-    key = id(settings.recipients[0])
-    if key not in _ENCRYPT_ENGINES:
-        _ENCRYPT_ENGINES[key] = Deidentifier(settings, KEY)
-    return _ENCRYPT_ENGINES[key]
 
 
 # ------------------------------------------------------------------------ masks
