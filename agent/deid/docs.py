@@ -10,7 +10,15 @@ from pathlib import Path
 
 from agent.deid.burnedin import RULE_TEXT
 from agent.deid.pseudonym import DATE_SHIFT_MIN_DAYS, DATE_SHIFT_SPAN_DAYS
-from agent.deid.rules import ACTION_TEXT, CODE_MEANING, COMPOUND, OPTION_TEXT, SAFETY_NETS, resolve
+from agent.deid.rules import (
+    ACTION_TEXT,
+    CODE_MEANING,
+    COMPOUND,
+    OPTION_TEXT,
+    SAFETY_NETS,
+    SEQUENCES,
+    resolve,
+)
 from agent.deid.settings import OPTIONS
 from agent.deid.table import TABLE
 
@@ -72,6 +80,8 @@ def render() -> str:
         "|---|---|",
     ]
     lines += [f"| `{a}` | {_cell(t)} |" for a, t in ACTION_TEXT.items()]
+    lines += ["", "## Sequences", ""]
+    lines += [f"- {t}" for t in SEQUENCES]
     lines += [
         "",
         "## Options",
@@ -91,8 +101,8 @@ def render() -> str:
     lines += [
         "## Table E.1-1 as applied",
         "",
-        "`applied` is our action with no option chosen; the option columns show the "
-        "overrides each option brings.",
+        "`applied` is our action with no option chosen (for a sequence, the action on the "
+        "sequence as a whole); the option columns show the overrides each option brings.",
         "",
         "| tag | attribute | E.1-1 | applied | options |",
         "|---|---|---|---|---|",

@@ -9,6 +9,7 @@ cost anything.  Lookups are precomputed per option set at construction.
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 from pydicom import config as pydicom_config
 from pydicom.charset import default_encoding
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -29,7 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from agent.deid import burnedin
 from agent.deid.envelope import envelope
 from agent.deid.pseudonym import Pseudonymizer
-from agent.deid.rules import CODE_MEANING, OPTION_TEXT, Resolved, resolve, tag_int
+from agent.deid.rules import CODE_MEANING, OPTION_TEXT, TYPE2_SEQUENCES, Resolved, resolve, tag_int
 from agent.deid.settings import DeidSettings
 from agent.deid.table import TABLE, ProfileRow
 from agent.deid.values import (
@@ -42,7 +43,7 @@ from agent.deid.values import (
 )
 from agent.errors import DeidError
 
-TextMode = Literal["keep", "dummy", "scrub"]
+TextMode = Literal["keep", "scrub"]
 IMPLEMENTATION_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:edge-agent:deid").int)
 IMPLEMENTATION_VERSION = "EDGE_AGENT_1"
 _DATE_OPTIONS = ("retain_longitudinal_full_dates", "retain_longitudinal_modified_dates")
@@ -61,11 +62,14 @@ _REGISTERED_ROOT = "1.2.840.10008."
 _ENCRYPTED_ATTRS = 0x04000500
 _SCRUBBED_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT"})
 _PHI_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "UC", "UI", "UR", "UT"})
-# X/Z sequences: an empty Type 3 sequence is invalid (1-n items), so they are removed,
-# except those that are Type 2 in the IODs that carry them.
-_TYPE2_SEQUENCES = frozenset({0x00400555})  # Acquisition Context Sequence
-# Type 1C attributes whose condition is another attribute the profile removes.
-_CONDITIONAL_ON = {0x00120081: 0x00120082}  # Ethics Committee Name <- Approval Number
+# Values an option's clean (C) can work on; anything else gets the basic action.
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_DATE_CLEANABLE_VRS = frozenset({"DA", "DT", "TM", "SH", "LO", "CS"})
+# A removed attribute that is the condition of a Type 1C attribute the profile keeps
+# or replaces by a dummy: it gets a dummy too, so the output stays valid (PS3.15 E.1.1
+# leaves IOD integrity to the de-identifier). Clinical Trial Protocol Ethics Committee
+# Name (D) is present exactly when its Approval Number (X) is.
+_CONDITION_DUMMIED = {0x00120082: 0x00120081}  # Approval Number <- Ethics Committee Name
 # A synthetic row for dates the table does not list (our safety net).
 _UNLISTED_DATE = ProfileRow(
     tag="unlisted-date",
@@ -110,6 +114,40 @@ def _uid_attribute_is_class(tag: int) -> bool:
         "ContextGroupExtensionCreatorUID",
         "MappingResourceUID",
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _min_vm(tag: int) -> int:
+    """The least number of values the dictionary allows (at least one): '2-2n' -> 2."""
+    try:
+        vm = str(dictionary_VM(tag))
+    except KeyError:
+        return 1
+    m = re.match(r"\d+", vm)
+    return max(1, int(m.group())) if m else 1
+
+
+def _dummy_value(tag: int, vr: str) -> Any:
+    """The VR's dummy, as many times as the attribute needs values (None: no dummy)."""
+    dummy = DUMMY_BY_VR.get(vr)
+    if dummy is None or isinstance(dummy, bytes):
+        return dummy
+    n = _min_vm(tag)
+    return dummy if n == 1 else [dummy] * n
+
+
+def _empty_like(ds: Dataset) -> Dataset:
+    """An empty data set that will be written in the same encoding as ``ds``.
+
+    An item keeps its parent's character set (what pydicom's reader gave the source
+    item), so its original and current character sets agree and the writer can copy
+    kept raw elements verbatim.
+    """
+    out = Dataset(parent_encoding=ds._parent_encoding)
+    if None not in ds.original_encoding:
+        implicit, little = ds.original_encoding
+        out.set_original_encoding(implicit, little, ds.original_character_set)
+    return out
 
 
 def _elem_vr(elem: DataElement | RawDataElement) -> str:
@@ -214,9 +252,10 @@ def _pack(values: list[Any]) -> Any:
 class _Instance:
     """Per-instance state of one walk."""
 
-    __slots__ = ("date_offset", "modified_tags", "patient_token", "phi", "scrubber")
+    __slots__ = ("date_offset", "modified_tags", "patient_token", "phi", "scrubber", "sop_class")
 
-    def __init__(self, patient_token: str, date_offset: int) -> None:
+    def __init__(self, patient_token: str, date_offset: int, sop_class: str) -> None:
+        self.sop_class = sop_class
         self.phi: set[str] = set()
         self.scrubber: Scrubber | None = None
         self.date_offset = date_offset
@@ -246,20 +285,19 @@ class Deidentifier:
         self._overlay_data = masks["60xx,3000"]
         self._overlay_comments = masks["60xx,4000"]
         self._unlisted_date = resolve(_UNLISTED_DATE, opts)
-        self._remove_not_empty: frozenset[int] = frozenset(
-            tag
-            for row in TABLE.rows
-            if row.basic == "X/Z"
-            and (tag := tag_int(row.tag)) is not None
-            and _vr_of(tag) == "SQ"
-            and tag not in _TYPE2_SEQUENCES
-        )
+        # Sequences removed (X) except in the IODs where they are Type 2: emptied there.
+        self._type2_in: dict[int, tuple[str, ...]] = {
+            tag: prefixes
+            for key, prefixes in TYPE2_SEQUENCES.items()
+            if prefixes and (tag := tag_int(key)) is not None and self._rules[tag].action == "X"
+        }
         self._unlisted_pn = Resolved("D", None, "person name not listed in Table E.1-1")
         self._unlisted_uid = Resolved("U", None, "UID not listed in Table E.1-1")
         self._overlay_text = Resolved("C", "clean_graphics", "overlay text")
-        self._safe_private: frozenset[tuple[int, int, str]] = frozenset()
+        # (group, element low byte, creator) -> VR of the safe private attribute
+        self._safe_private: dict[tuple[int, int, str], str] = {}
         if self._private.action == "C":
-            self._safe_private = frozenset((s.group, s.element_low, s.creator) for s in TABLE.safe_private)
+            self._safe_private = {(s.group, s.element_low, s.creator): s.vr for s in TABLE.safe_private}
         self._retain_uids = "retain_uids" in opts
         self._needs_scrubber = bool(opts & _CLEAN_OPTIONS)
         if "retain_longitudinal_full_dates" in opts:
@@ -308,7 +346,8 @@ class Deidentifier:
         patient_identity = self._patient_identity(ds, study_uid)
         patient_ref = self._pseudo.token("patient", patient_identity)
         study_ref = self._pseudo.uid(study_uid) if not self._retain_uids else study_uid
-        state = _Instance(patient_ref, self._pseudo.date_offset_days(patient_identity))
+        sop_class = _top_text(ds, 0x00080016, "SOPClassUID")
+        state = _Instance(patient_ref, self._pseudo.date_offset_days(patient_identity), sop_class)
         if self._needs_scrubber:
             state.scrubber = Scrubber(self._top_level_terms(ds))
 
@@ -325,10 +364,10 @@ class Deidentifier:
                 return DeidOutcome(None, risk, frozenset(state.phi), patient_ref, study_ref)
 
         out, _ = self._walk(ds, state, top=True, text_mode="keep")
-        for dependent, condition in _CONDITIONAL_ON.items():
-            if dependent in out and condition not in out:
-                del out[dependent]
-                state.modified_tags.append(dependent)
+        for condition, dependent in _CONDITION_DUMMIED.items():
+            if dependent in out and condition in ds and condition not in out:
+                vr = _vr_of(condition)
+                out[condition] = _new(condition, vr, _dummy_value(condition, vr))
         codes = list(self._codes)
         self._file_meta(ds, out)
         if rule is not None:
@@ -397,13 +436,7 @@ class Deidentifier:
             state.phi.add(value.strip())
 
     def _walk(self, ds: Dataset, state: _Instance, *, top: bool, text_mode: TextMode) -> tuple[Dataset, bool]:
-        # An item keeps its parent's character set (what pydicom's reader gave the source
-        # item), so its original and current character sets agree and the writer can copy it.
-        out = Dataset(parent_encoding=ds._parent_encoding)
-        if None not in ds.original_encoding:
-            # Same encoding as the source lets pydicom write kept raw elements verbatim.
-            implicit, little = ds.original_encoding
-            out.set_original_encoding(implicit, little, ds.original_character_set)
+        out = _empty_like(ds)
         changed = False
         kept_creators: set[int] = set()
         # Plain public elements go straight into the element dict: Dataset.__setitem__
@@ -415,17 +448,28 @@ class Deidentifier:
             group = tag >> 16
             number = tag & 0xFFFF
             if group & 1:
-                if self._private_kept(ds, group, number, kept_creators):
-                    out[tag] = self._copy(elem)
+                safe_vr = self._safe_private_vr(ds, group, number)
+                if safe_vr is not None:
+                    new, did_change = self._keep_private(ds, elem, tag, safe_vr, state, text_mode)
                 else:
+                    new, did_change = None, True
                     if number >= 0x0100 or number < 0x0010:
                         self._note_raw_private(state, elem)
+                if new is not None:
+                    out[tag] = new
+                    kept_creators.add((group << 16) | (number >> 8))
+                if did_change:
                     changed = True
                     if top:
                         state.modified_tags.append(tag)
                 continue
-            if number == 0 or group == 0x0002:
-                continue  # group lengths (and stray meta elements) are rebuilt or obsolete
+            if number == 0 or group in (0x0000, 0x0002):
+                # Group lengths are rebuilt or obsolete; command and file meta elements do
+                # not belong in a data set (the meta group is rebuilt from the data set).
+                if number:
+                    self._note(state, _elem_vr(elem), ds[tag].value)
+                    changed = True
+                continue
             if 0x5000 <= group <= 0x501E:
                 # Curves are retired; cleaning them has no safe meaning, so they go.
                 self._note(state, _elem_vr(elem), ds[tag].value)
@@ -471,20 +515,43 @@ class Deidentifier:
             return self._overlay_comments
         return None
 
-    def _private_kept(self, ds: Dataset, group: int, number: int, creators: set[int]) -> bool:
+    def _safe_private_vr(self, ds: Dataset, group: int, number: int) -> str | None:
+        """The VR of a safe private attribute to keep (Retain Safe Private), else None."""
         if not self._safe_private or group <= 0x0007 or group == 0xFFFF or number < 0x1000:
-            return False
+            return None
         creator_tag = (group << 16) | (number >> 8)
         if creator_tag not in ds:
-            return False
+            return None
         creator = ds[creator_tag].value
         if isinstance(creator, bytes):
             creator = creator.decode("latin-1")
-        key = (group, number & 0xFF, str(creator).strip())
-        if key in self._safe_private:
-            creators.add(creator_tag)
-            return True
-        return False
+        return self._safe_private.get((group, number & 0xFF, str(creator).strip()))
+
+    def _keep_private(
+        self,
+        ds: Dataset,
+        elem: DataElement | RawDataElement,
+        tag: int,
+        safe_vr: str,
+        state: _Instance,
+        text_mode: TextMode,
+    ) -> tuple[DataElement | RawDataElement | None, bool]:
+        """A safe private attribute: kept; a safe private sequence is processed item by item."""
+        if safe_vr != "SQ" and _elem_vr(elem) != "SQ":
+            return self._copy(elem), False
+        full = ds[tag]
+        if full.VR != "SQ":
+            # A sequence we cannot read (UN without a known VR): its items cannot be
+            # checked, so it goes like any private attribute.
+            self._note_raw_private(state, elem)
+            return None, True
+        items = []
+        changed = False
+        for item in full.value:
+            new_item, item_changed = self._walk(item, state, top=False, text_mode=text_mode)
+            items.append(new_item)
+            changed = changed or item_changed
+        return DataElement(tag, "SQ", Sequence(items)), changed
 
     def _fallback(self, elem: DataElement | RawDataElement, vr: str, text_mode: TextMode) -> Resolved | None:
         """Safety nets for attributes the table does not list (None: keep as is)."""
@@ -498,9 +565,7 @@ class Deidentifier:
             if self._retain_uids or _uid_attribute_is_class(int(elem.tag)):
                 return None
             return self._unlisted_uid
-        if vr in FREE_TEXT_VRS and text_mode != "keep":
-            if text_mode == "dummy":
-                return Resolved("D", None, "free text in a replaced sequence")
+        if vr in FREE_TEXT_VRS and text_mode == "scrub":
             return Resolved("C", "clean_structured_content", "free text in a cleaned sequence")
         return None
 
@@ -522,9 +587,11 @@ class Deidentifier:
         state: _Instance,
         text_mode: TextMode,
     ) -> tuple[DataElement | RawDataElement | None, bool]:
-        action = rule.action
         if vr == "SQ":
             return self._apply_sequence(ds, tag, rule, state, text_mode)
+        if rule.action == "C" and rule.basic is not None and not self._cleanable(tag, vr, rule):
+            rule = Resolved(rule.basic, None, rule.name)
+        action = rule.action
         if action == "K":
             return self._copy(elem), False
         if action == "C":
@@ -560,29 +627,25 @@ class Deidentifier:
                 return _new(tag, vr, state.patient_token), True
             if not _values(value):
                 return _new(tag, vr, value), False
-            return _new(tag, vr, DUMMY_BY_VR.get(vr, None)), True
+            return _new(tag, vr, _dummy_value(tag, vr)), True
         return self._clean(tag, vr, value, rule, state)
 
     def _apply_sequence(
         self, ds: Dataset, tag: int, rule: Resolved, state: _Instance, text_mode: TextMode
     ) -> tuple[DataElement | None, bool]:
+        # PS3.15 E.1.1: the action of a sequence applies to the sequence and all of its
+        # contents, so X, Z and D win over the actions of the attributes inside.
         action = rule.action
         seq = ds[tag].value
-        if action == "X":
-            for item in seq:  # removed content still feeds the egress guard
-                self._walk(item, state, top=False, text_mode="keep")
-            return None, True
-        if action == "Z":
-            for item in seq:
-                self._walk(item, state, top=False, text_mode="keep")
-            if tag in self._remove_not_empty:
+        if action in ("X", "Z", "D"):
+            for item in seq:  # what goes still feeds the egress guard
+                self._note_all(item, state)
+            if action == "X" and not self._type2_here(tag, state):
                 return None, True
-            return DataElement(tag, "SQ", Sequence([])), len(seq) > 0
-        mode: TextMode = text_mode
-        if action == "D":
-            mode = "dummy"
-        elif action == "C":
-            mode = "scrub"
+            if action in ("X", "Z") or not len(seq):
+                return DataElement(tag, "SQ", Sequence([])), len(seq) > 0
+            return DataElement(tag, "SQ", Sequence([self._dummy_item(seq[0])])), True
+        mode: TextMode = "scrub" if action == "C" else text_mode
         items = []
         changed = False
         for item in seq:
@@ -590,6 +653,71 @@ class Deidentifier:
             items.append(new_item)
             changed = changed or item_changed
         return DataElement(tag, "SQ", Sequence(items)), changed
+
+    def _type2_here(self, tag: int, state: _Instance) -> bool:
+        """Whether a sequence removed elsewhere is Type 2 in this instance's IOD."""
+        prefixes = self._type2_in.get(tag)
+        return prefixes is not None and state.sop_class.startswith(prefixes)
+
+    def _dummy_item(self, item: Dataset) -> Dataset:
+        """The one item of a D sequence: the first item's structure, none of its values.
+
+        Every public attribute gets the dummy of its VR (a sequence inside: the same,
+        recursively), UIDs their keyed UID (registered DICOM UIDs, and all UIDs under
+        Retain UIDs, stay); code strings the table does not list keep their value (the
+        enumerations the IOD constrains); private, command, meta and group length
+        elements are dropped.
+        """
+        out = _empty_like(item)
+        for elem in item.elements():
+            tag = int(elem.tag)
+            group = tag >> 16
+            if group & 1 or tag & 0xFFFF == 0 or group in (0x0000, 0x0002):
+                continue
+            vr = _elem_vr(elem).split(" or ")[0]  # an ambiguous dictionary VR: its first
+            if vr == "SQ":
+                inner = item[tag].value
+                dummies = [self._dummy_item(inner[0])] if len(inner) else []
+                out[tag] = DataElement(tag, "SQ", Sequence(dummies))
+            elif vr == "CS" and tag not in self._rules:
+                out[tag] = self._copy(elem)  # an enumeration the IOD constrains, not identifying
+            elif vr == "UI":
+                uids = [str(v) for v in _values(item[tag].value) if str(v).strip()]
+                new_uids = [
+                    u if self._retain_uids or u.startswith(_REGISTERED_ROOT) else self._pseudo.uid(u)
+                    for u in uids
+                ]
+                out[tag] = _new(tag, vr, _pack(new_uids))
+            else:
+                value = _dummy_value(tag, vr)
+                if value is not None:
+                    out[tag] = _new(tag, vr, value)
+        return out
+
+    def _note_all(self, ds: Dataset, state: _Instance) -> None:
+        """Every identifying-looking value of content that goes, at any depth."""
+        for elem in ds.elements():
+            tag = int(elem.tag)
+            if tag >> 16 & 1:
+                if tag & 0xFFFF >= 0x0100 or tag & 0xFFFF < 0x0010:
+                    self._note_raw_private(state, elem)
+                continue
+            vr = _elem_vr(elem)
+            if vr == "SQ":
+                for item in ds[tag].value:
+                    self._note_all(item, state)
+            elif vr == "UI":
+                self._note(state, vr, [u for u in _values(ds[tag].value) if not str(u).startswith(_REGISTERED_ROOT)])
+            elif vr in _PHI_VRS:
+                self._note(state, vr, ds[tag].value)
+
+    def _cleanable(self, tag: int, vr: str, rule: Resolved) -> bool:
+        """Whether the option's clean means anything for this value."""
+        if tag >> 16 in range(0x6000, 0x601F, 2) and tag & 0xFFFF == 0x3000:
+            return True  # overlay bits are blanked
+        if rule.option in _DATE_OPTIONS:
+            return vr in _DATE_CLEANABLE_VRS
+        return vr not in _BINARY_VRS
 
     def _clean(
         self, tag: int, vr: str, value: Any, rule: Resolved, state: _Instance
@@ -599,9 +727,7 @@ class Deidentifier:
             if vr in ("DA", "DT"):
                 shifted = [shift_date(str(v), state.date_offset) for v in _values(value)]
                 return _new(tag, vr, _pack(shifted)), True
-            if vr in ("TM", "SH", "LO", "CS"):
-                return _new(tag, vr, value), False  # times/zones: whole-day shift keeps them
-            return None, True
+            return _new(tag, vr, value), False  # times/zones: whole-day shift keeps them
         if vr == "AE":
             tokens = [self._pseudo.token("ae", str(v)) for v in _values(value)]
             return _new(tag, vr, _pack(tokens)), True
@@ -619,8 +745,6 @@ class Deidentifier:
                 limit = MAX_LEN.get(vr)
                 cleaned.append(new[:limit] if limit else new)
             return _new(tag, vr, _pack(cleaned)), cleaned != [str(v) for v in _values(value)]
-        if vr in ("OB", "OW", "UN"):
-            return None, True  # binary content cannot be cleaned, so it goes
         return _new(tag, vr, value), False
 
     def _file_meta(self, ds: Dataset, out: Dataset) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.deid.docs import DOC_PATH, render
-from agent.deid.rules import ACTION_TEXT, OPTION_TEXT
+from agent.deid.rules import ACTION_TEXT, OPTION_TEXT, SEQUENCES
 from agent.deid.settings import OPTIONS
 
 
@@ -20,3 +20,4 @@ def test_every_action_and_option_describes_itself() -> None:
         assert f"| `{action}` | " in text and description.split(";")[0] in text
     for option in OPTIONS:
         assert f"| `{option}` |" in text
+    assert "## Sequences" in text and all(f"- {line}" in text for line in SEQUENCES)
