@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from support import Box, Broker, free_port, wait_for
+from support import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
 
 from agent import cloudevents
 from agent import config as cfgmod
@@ -119,6 +120,14 @@ def publish_acked(c: mqtt.Client, topic: str, payload: bytes, *, retain: bool = 
     acks: dict[int, int] = c.user_data_get()
     mid = c.publish(topic, payload, qos=1, retain=retain).mid
     return int(wait_for(lambda: acks.get(mid, -1) + 1, 15, f"the PUBACK for {topic}")) - 1
+
+
+def daemon_mqtt(box: Box) -> dict[str, Any]:
+    """The running daemon's broker link, as ``edge-agent status --json`` reports it."""
+    out = subprocess.run([*EDGE_AGENT, "status", "--config", str(box.config), "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)["mqtt"])
 
 
 @dataclass

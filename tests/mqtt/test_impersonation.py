@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_helpers import dev_ca, harness, mqtt_client, publish_acked, write_cert
+from mqtt_helpers import daemon_mqtt, dev_ca, harness, mqtt_client, publish_acked, write_cert
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, set_config, wait_for
 
 from agent import cloudevents
 from agent.pki import issue
-
 
 ACCEPTED = (0x00, 0x10)  # success, and success with "no matching subscribers"
 
@@ -117,13 +116,6 @@ def test_box_b_cannot_pass_for_dev_box_in_the_fleet_view(box: Box, broker: Broke
     for topic in forged:
         assert f"'{topic}'" in out.stderr
     assert "source 'edge-agent/dev-site/dev-box' does not match the topic" in out.stderr
-
-
-def daemon_mqtt(box: Box) -> dict[str, Any]:
-    out = subprocess.run([*EDGE_AGENT, "status", "--config", str(box.config), "--json"],
-                         capture_output=True, text=True, cwd=REPO, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return dict(json.loads(out.stdout)["mqtt"])
 
 
 def test_the_ops_certificate_cannot_take_over_the_boxs_session(box: Box,
