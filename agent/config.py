@@ -327,7 +327,8 @@ def _safe_id(v: Any) -> str | None:
 
 
 def box_name_problem(value: str, cn: str) -> tuple[str, str] | None:
-    """Why ``value`` cannot be a site or device name, and how to fix it; None when it can.
+    """Why ``value`` cannot be a site or device name, and a name to use instead; None
+    when it can be one.
 
     ``cn`` is the certificate name ``<site>.<device>`` it would take part in (for the
     explanation only)."""
@@ -343,10 +344,7 @@ def box_name_problem(value: str, cn: str) -> tuple[str, str] | None:
         why = "spaces and control characters are not allowed"
     else:
         why = f"it must be {BOX_NAME_RULE}"
-    suggestion = re.sub(r"[^A-Za-z0-9_-]+", "-", value).strip("-_")[:64] or "box-1"
-    fix = (f"rename it, e.g. {suggestion!r} ({BOX_NAME_RULE}); the device certificate must "
-           "then be issued for the new <site>.<device> name")
-    return why, fix
+    return why, re.sub(r"[^A-Za-z0-9_-]+", "-", value).strip("-_")[:64] or "box-1"
 
 
 def _ae(v: Any) -> str | None:
@@ -440,7 +438,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     for key, name in (("box.site", site), ("box.device", device)):
         wrong = box_name_problem(name, f"{site}.{device}") if name is not None else None
         if wrong:
-            r.problems.append(f"[{key}] = {name!r}: {wrong[0]}; fix: {wrong[1]}")
+            r.problems.append(f"[{key}] = {name!r}: {wrong[0]}; fix: rename it, e.g. "
+                              f"{wrong[1]!r} ({BOX_NAME_RULE}); a renamed box needs a "
+                              "certificate for its new <site>.<device> name")
     env = r.choice("box.environment", ("production", "development"), "production")
     state_dir = r.require_path("box.state_dir", "/var/lib/edge-agent")
     log_level = r.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")
