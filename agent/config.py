@@ -23,6 +23,12 @@ DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 # Identities end up in MQTT topics and client ids: a safe alphabet keeps one box
 # from reaching into another's topics ("+", "#", "/" are MQTT syntax).
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Site and device names are topic segments and, joined by ".", the device certificate's
+# CN: the broker's ACL user and (bound to it) the MQTT client id. A "." inside either would
+# make that name ambiguous: site "good" + device "dev.ok" and site "good.dev" + device "ok"
+# are both "good.dev.ok". So the names themselves never contain one.
+BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+BOX_NAME_RULE = "1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit"
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5: no backslash, no control chars
 
 DEID_OPTIONS: tuple[str, ...] = (
@@ -320,6 +326,27 @@ def _safe_id(v: Any) -> str | None:
     )
 
 
+def box_name_problem(value: str, cn: str) -> tuple[str, str] | None:
+    """Why ``value`` cannot be a site or device name, and a name to use instead; None
+    when it can be one.
+
+    ``cn`` is the certificate name ``<site>.<device>`` it would take part in (for the
+    explanation only)."""
+    if BOX_NAME.match(value):
+        return None
+    if "." in value:
+        why = (f"'.' is not allowed: the certificate name is <site>.<device> ({cn!r}), and a "
+               "'.' inside a name makes it ambiguous (site 'a' + device 'b.c' and site 'a.b' + "
+               "device 'c' would both be 'a.b.c')")
+    elif any(c in value for c in "/+#"):
+        why = "'/', '+' and '#' are MQTT topic syntax"
+    elif any(c.isspace() or not c.isprintable() for c in value):
+        why = "spaces and control characters are not allowed"
+    else:
+        why = f"it must be {BOX_NAME_RULE}"
+    return why, re.sub(r"[^A-Za-z0-9_-]+", "-", value).strip("-_")[:64] or "box-1"
+
+
 def _ae(v: Any) -> str | None:
     return None if AE_TITLE.match(v) and v.strip() else (
         "must be 1-16 printable ASCII characters without backslash"
@@ -406,8 +433,14 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     for k in sorted(unknown_top):
         r.problems.append(f"[{k}] is not a known section; allowed: {', '.join(sorted(_KNOWN_TOP))}")
 
-    site = r.get("box.site", str, check=_safe_id, allowed="a site id like 'st-marys'")
-    device = r.get("box.device", str, check=_safe_id, allowed="a device id like 'ct-edge-01'")
+    site = r.get("box.site", str, allowed="a site id like 'st-marys'")
+    device = r.get("box.device", str, allowed="a device id like 'ct-edge-01'")
+    for key, name in (("box.site", site), ("box.device", device)):
+        wrong = box_name_problem(name, f"{site}.{device}") if name is not None else None
+        if wrong:
+            r.problems.append(f"[{key}] = {name!r}: {wrong[0]}; fix: rename it, e.g. "
+                              f"{wrong[1]!r} ({BOX_NAME_RULE}); a renamed box needs a "
+                              "certificate for its new <site>.<device> name")
     env = r.choice("box.environment", ("production", "development"), "production")
     state_dir = r.require_path("box.state_dir", "/var/lib/edge-agent")
     log_level = r.choice("logging.level", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO")

@@ -56,6 +56,14 @@ class DevBox:
         }
 
 
+OPS_IDENTITIES = ("ops", "ops-sub")
+
+
+def device_acl(prefix: str, site: str, device: str) -> str:
+    """The ACL entry of one box: its certificate name may write under its own prefix only."""
+    return f"user {site}.{device}\ntopic write {prefix}/{site}/{device}/#\n"
+
+
 def _secret(path: Path) -> None:
     if not path.exists():
         write_secret_file(path, os.urandom(32).hex().encode())
@@ -81,7 +89,11 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
     identities = {
         "broker": dict(cn="localhost", server=True, dns=("localhost",), ips=("127.0.0.1", "::1")),
         "device": dict(cn=f"{DEV_SITE}.{DEV_DEVICE}", client=True),
+        # Read-only central ops. The broker gives every certificate one session, so each
+        # consumer running at the same time needs its own: "ops" for 'fleet watch'
+        # (ops.toml), "ops-sub" for a mosquitto_sub or a second consumer beside it.
         "ops": dict(cn="ops", client=True),
+        "ops-sub": dict(cn="ops-sub", client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
     }
@@ -161,9 +173,9 @@ checkpoint_seconds = 30
 
     acl = root / "mosquitto.acl"
     acl.write_text(
-        f"# device: only its own prefix\nuser {DEV_SITE}.{DEV_DEVICE}\n"
-        f"topic write edge/{DEV_SITE}/{DEV_DEVICE}/#\n\n"
-        "# central ops: read everything under the prefix\nuser ops\ntopic read edge/#\n"
+        "# device: only its own prefix\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
+        "# central ops: read everything under the prefix, write nothing\n"
+        + "".join(f"user {cn}\ntopic read edge/#\n" for cn in OPS_IDENTITIES)
     )
     conf = root / "mosquitto.conf"
     conf.write_text(f"""\
@@ -185,7 +197,10 @@ cafile {pki / "ca.pem"}
 certfile {pki / "broker.pem"}
 keyfile {pki / "broker.key"}
 require_certificate true
+# The certificate CN is the MQTT user (the ACL above) and, replacing whatever the client
+# sent, its client id: no certificate can take over another identity's session.
 use_identity_as_username true
+use_username_as_clientid true
 """)
     ops = root / "ops.toml"
     ops.write_text(f"""\

@@ -25,7 +25,7 @@ from cryptography import x509
 
 from agent import credentials
 from agent.config import Config
-from agent.errors import ConfigError, EdgeAgentError
+from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 
 Status = Literal["PASS", "WARN", "FAIL"]
 _RANK = {"PASS": 0, "WARN": 1, "FAIL": 2}
@@ -224,8 +224,45 @@ def check_dicom_port(cfg: Config) -> Iterator[Check]:
     yield _ok(name, f"{host}:{port} is free to bind")
 
 
+def _daemon_link(cfg: Config) -> Check | None:
+    """The running daemon's own broker link; None when no daemon answers.
+
+    The broker gives the box's certificate exactly one session (it binds the client id to
+    the certificate name), so a probe with that certificate would take the daemon's
+    session over: while the daemon runs, its link is the one to report."""
+    from agent import control
+
+    if not _daemon_alive(cfg):
+        return None
+    name = "broker"
+    try:
+        link = control.request(cfg.control.socket, "status", timeout=5.0)["mqtt"]
+    except AccessDenied:
+        return _warn(name, "not probed: the running daemon holds the box's MQTT session and "
+                           "you may not read its status",
+                     "run doctor as root or a member of the edge-agent group, or see "
+                     "'edge-agent status'")
+    except (EdgeAgentError, KeyError, TypeError) as exc:
+        return _warn(name, f"not probed: the running daemon holds the box's MQTT session and "
+                           f"did not report it ({_first_line(exc)[0]})",
+                     "see 'edge-agent status' and journalctl -u edge-agent")
+    broker = link.get("broker") or f"{cfg.mqtt.host}:{cfg.mqtt.port}"
+    if link.get("connected"):
+        return _ok(name, f"the running daemon is connected to {broker} with mutual TLS (MQTT 5), "
+                         f"{link.get('published', 0)} published")
+    return _fail(name, f"the running daemon is not connected to {broker}: "
+                       f"{link.get('last_error') or 'no reason reported yet'}",
+                 f"check [mqtt] host/port ({cfg.mqtt.host}:{cfg.mqtt.port}), the firewall, and "
+                 "that the broker trusts the fleet CA (docs/fleet.md, 'When a box cannot reach "
+                 "the broker')")
+
+
 def check_broker(cfg: Config, timeout: float) -> Iterator[Check]:
     name = "broker"
+    running = _daemon_link(cfg)
+    if running is not None:
+        yield running
+        return
     publish = importlib.import_module("agent.publish")
     probe: Callable[..., tuple[bool, str]] | None = getattr(publish, "probe", None)
     if probe is None:

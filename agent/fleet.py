@@ -6,6 +6,13 @@ consumers split telemetry and results (MQTT 5 ``$share/...``); status stays a
 plain subscription on every consumer because a broker never delivers retained
 messages to a shared subscription, and presence is exactly the retained part.
 
+Every message must name its box exactly: the topic is
+``{prefix}/{site}/{device}/{channel}`` and nothing more, and the CloudEvents
+``source`` (and ``type``) must agree with it. The broker's ACL lets a box write
+anything *under* its own prefix, so ``edge/st-a/box-b/st-a/ct-1/status`` comes
+from box-b however it ends: anything else is rejected, counted and reported
+with its topic, never folded into a row.
+
 A box is *stale* when it claims to be online but nothing arrived for more than
 ``STALE_INTERVALS`` telemetry intervals: the broker has not yet noticed the
 dead TCP connection (keepalive), or the box's pipeline hangs while its MQTT
@@ -28,12 +35,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.cloudevents import TYPE_PREFIX
+from agent.config import BOX_NAME, SAFE_ID
 from agent.errors import ConfigError
 
 STALE_INTERVALS = 3
 DEFAULT_INTERVAL_S = 60.0
 CERT_WARN_DAYS = 30.0
 CERT_CRIT_DAYS = 7.0
+# What a box publishes: channel -> the CloudEvents kind in its ``type``.
+BOX_CHANNELS = {"status": "status", "telemetry": "telemetry", "results": "result",
+                "audit": "audit"}
+MAX_REJECTED_TOPICS = 100  # distinct topics remembered for the report; the count is exact
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,13 @@ def load_ops(path: Path) -> OpsSettings:
 
         def p(v: str) -> Path:
             return Path(v) if Path(v).is_absolute() else base / v
+        prefix = str(m.get("topic_prefix", "edge"))
+        if not SAFE_ID.match(prefix):
+            raise ConfigError([f"[mqtt] topic_prefix {prefix!r} must be 1-64 characters of "
+                               "A-Z a-z 0-9 _ . - (one topic segment, no MQTT wildcards)"],
+                              path=str(path))
         return OpsSettings(str(m["host"]), int(m.get("port", 8883)), p(m["ca"]), p(m["cert"]),
-                           p(m["key"]), str(m.get("topic_prefix", "edge")), m.get("share_group"))
+                           p(m["key"]), prefix, m.get("share_group"))
     except FileNotFoundError:
         raise ConfigError(["file not found"], path=str(path)) from None
     except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
@@ -79,6 +97,58 @@ def _parse_iso(s: Any) -> float | None:
 
 def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+@dataclass(frozen=True)
+class BoxTopic:
+    """Where a message comes from, as its topic says: exactly one box and channel."""
+
+    site: str
+    device: str
+    channel: str
+
+    @property
+    def box(self) -> str:
+        return f"{self.site}/{self.device}"
+
+    @property
+    def source(self) -> str:
+        return f"edge-agent/{self.site}/{self.device}"
+
+
+def parse_topic(prefix: str, topic: str) -> BoxTopic | str:
+    """``{prefix}/{site}/{device}/{channel}`` and nothing more, or why not."""
+    head = prefix + "/"
+    if not topic.startswith(head):
+        return f"not under the prefix {head!r}"
+    parts = topic[len(head):].split("/")
+    if len(parts) != 3:
+        return (f"{len(parts)} segment(s) after the prefix; a box publishes on exactly "
+                "<site>/<device>/<channel>")
+    site, device, channel = parts
+    for what, name in (("site", site), ("device", device)):
+        if not BOX_NAME.match(name):
+            return f"{what} {name!r} is not a valid box name"
+    if channel not in BOX_CHANNELS:
+        return f"unknown channel {channel!r} (a box publishes {', '.join(BOX_CHANNELS)})"
+    return BoxTopic(site, device, channel)
+
+
+def check_event(t: BoxTopic, ev: dict[str, Any]) -> str | None:
+    """Why the envelope does not belong on its topic, or None when it does."""
+    source = ev.get("source")
+    if source != t.source:
+        return f"source {source!r} does not match the topic (expected {t.source!r})"
+    want = f"{TYPE_PREFIX}.{BOX_CHANNELS[t.channel]}.v1"
+    if ev.get("type") != want:
+        return f"type {ev.get('type')!r} does not belong on {t.channel} (expected {want!r})"
+    data = ev.get("data")
+    if not isinstance(data, dict):
+        return "data is not an object"
+    for key, value in (("site", t.site), ("device", t.device)):
+        if key in data and data[key] != value:
+            return f"data.{key} {data[key]!r} does not match the topic ({value!r})"
+    return None
 
 
 @dataclass
@@ -176,7 +246,11 @@ class FleetView:
         self.error: str | None = None
         self.messages = 0
         self.malformed = 0
+        self.rejected = 0  # every message not folded because it did not name its box exactly
+        self._rejections: dict[str, tuple[str, int]] = {}  # topic -> (reason, count)
         self.watching_since = time.time()
+        # A broker that binds client ids to certificates (docs/fleet.md) replaces this with
+        # the ops certificate's CN: one watch per ops certificate at a time.
         cid = f"fleet-watch-{int(time.time() * 1000) % 10**9}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         ctx = ssl.create_default_context(cafile=str(s.ca))
@@ -217,44 +291,70 @@ class FleetView:
             if not isinstance(ev, dict):
                 raise ValueError("not an object")
             self.fold(msg.topic, ev, retained=bool(msg.retain))
-        except (ValueError, TypeError, AttributeError, KeyError):
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             self.malformed += 1  # a malformed message from one box must not stop the view
+            self.reject(msg.topic, f"malformed payload ({type(exc).__name__})")
 
-    @staticmethod
-    def _box(topic: str) -> tuple[str, str] | None:
-        parts = topic.split("/")
-        if len(parts) < 4:
-            return None
-        return f"{parts[-3]}/{parts[-2]}", parts[-1]
+    def reject(self, topic: str, reason: str) -> None:
+        with self.lock:
+            self.rejected += 1
+            _earlier, n = self._rejections.pop(topic, (reason, 0))
+            self._rejections[topic] = (reason, n + 1)  # most recent last
+            while len(self._rejections) > MAX_REJECTED_TOPICS:
+                del self._rejections[next(iter(self._rejections))]
+
+    def rejections(self) -> list[tuple[str, str, int]]:
+        """(topic, reason, count) of the rejected topics, most recent last."""
+        with self.lock:
+            return [(t, r, n) for t, (r, n) in self._rejections.items()]
+
+    def rejection_report(self, limit: int = 20) -> list[str]:
+        """Lines for the operator; topics are shown escaped (they come from the network)."""
+        if not self.rejected:
+            return []
+        items = self.rejections()
+        lines = [f"rejected {self.rejected} message(s) that did not name their box exactly "
+                 "(a box may write anything under its own prefix; these are not folded):"]
+        lines += [f"  {t[:200]!r}: {r}" + (f" (x{n})" if n > 1 else "")
+                  for t, r, n in items[-limit:]]
+        if len(items) > limit:
+            lines.append(f"  ... and {len(items) - limit} more topic(s)")
+        return lines
 
     def forget(self, topic: str) -> None:
-        key = self._box(topic)
-        if key is not None and key[1] == "status":
-            with self.lock:
-                self.rows.pop(key[0], None)
+        t = parse_topic(self.s.topic_prefix, topic)
+        if isinstance(t, str) or t.channel != "status":
+            self.reject(topic, "empty payload" + (f" ({t})" if isinstance(t, str) else
+                                                   f" on {t.channel}"))
+            return
+        with self.lock:
+            self.rows.pop(t.box, None)
 
     def fold(self, topic: str, ev: dict[str, Any], now: float | None = None, *,
-             retained: bool = False) -> None:
-        key = self._box(topic)
-        if key is None:
-            return
-        box, channel = key
+             retained: bool = False) -> bool:
+        """Fold one message into its box's row; False (and counted) when rejected."""
+        t = parse_topic(self.s.topic_prefix, topic)
+        problem = t if isinstance(t, str) else check_event(t, ev)
+        if isinstance(t, str) or problem is not None:
+            self.reject(topic, str(problem))
+            return False
         now = time.time() if now is None else now
-        data = ev.get("data") or {}
+        data: dict[str, Any] = ev["data"]
         with self.lock:
-            row = self.rows.setdefault(box, BoxRow(box))
-            if channel == "status":
+            row = self.rows.setdefault(t.box, BoxRow(t.box))
+            if t.channel == "status":
                 self._fold_status(row, data, now, retained)
-                return
+                return True
             row.last_seen = max(row.last_seen, now)
-            if channel == "telemetry":
+            if t.channel == "telemetry":
                 self._fold_telemetry(row, data)
-            elif channel == "results":
+            elif t.channel == "results":
                 row.results += 1
                 study = data.get("study") or {}
                 row.last_result = {"id": ev.get("id"), "status": data.get("status"),
                                    "study": study.get("ref"),
                                    "findings": [m.get("finding") for m in data.get("models", [])]}
+        return True
 
     @staticmethod
     def _fold_status(row: BoxRow, data: dict[str, Any], now: float, retained: bool) -> None:
@@ -324,7 +424,8 @@ class FleetView:
             by[r["state"]] = by.get(r["state"], 0) + 1
         crit = sum(1 for r in snap if r["health"] == "critical")
         states = " ".join(f"{k}={v}" for k, v in sorted(by.items()))
-        return f"{len(snap)} boxes: {states}; critical={crit}"
+        tail = f"; rejected={self.rejected}" if self.rejected else ""
+        return f"{len(snap)} boxes: {states}; critical={crit}{tail}"
 
     def table(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -352,4 +453,5 @@ class FleetView:
                 f"{r['box'][:28]:28} {r['state']:7} {ago(r['since']):>7} {ago(r['last_seen']):>6} "
                 f"{r['health']:8} {f(r['cpu']):>5} {f(r['mem']):>5} {f(r['disk_free_pct']):>6} "
                 f"{f(r['backlog']):>7} {f(r['cert_days']):>6} {r['results']:>7} {tail}")
-        return "\n".join(lines)
+        report = self.rejection_report(limit=5)
+        return "\n".join(lines + ([""] + report if report else []))

@@ -186,13 +186,14 @@ def init(device: str, site: str, state_dir: Path, *, config_path: Path | None = 
          overwrite_config: bool = False) -> InitResult:
     """Create (idempotently) keys, device key + CSR and a config; existing secrets are kept:
     replacing a KEK or pseudonym key would orphan encrypted data and break pseudonyms."""
-    from agent.config import SAFE_ID
+    from agent.config import BOX_NAME_RULE, box_name_problem
 
     for what, value in (("--device-id", device), ("--site", site)):
-        if not SAFE_ID.match(value):
-            raise EdgeAgentError(f"{what} {value!r} is not a valid id",
-                                 hint="use 1-64 characters of A-Z a-z 0-9 _ . - (it becomes an "
-                                      "MQTT topic segment and the certificate name)")
+        bad = box_name_problem(value, common_name(site, device))
+        if bad:
+            raise EdgeAgentError(f"{what} {value!r} is not a valid name (it becomes an MQTT "
+                                 f"topic segment and part of the certificate name): {bad[0]}",
+                                 hint=f"use e.g. {bad[1]!r} ({BOX_NAME_RULE})")
     state = state_dir.resolve()
     owner = service_owner()
     created: list[str] = []

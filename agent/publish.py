@@ -110,6 +110,8 @@ def certificate_cn(path: os.PathLike[str] | str) -> str:
 
 
 def client_id(cfg: Config) -> str:
+    """The client id the config asks for; the box connects with its certificate CN
+    (``check_identity`` refuses a configured id that differs from it)."""
     return cfg.mqtt.client_id or f"{cfg.site}.{cfg.device}"
 
 
@@ -130,6 +132,14 @@ def check_identity(cfg: Config) -> str:
     cid = client_id(cfg)
     if not SAFE_ID.match(cid):
         problems.append(f"[mqtt] client_id {cid!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    elif cfg.mqtt.client_id is not None and cid != cn:
+        # The broker replaces the client id with the certificate name
+        # (use_username_as_clientid), so that no certificate can take over another's
+        # session: any other id would be a lie in our own logs.
+        problems.append(
+            f"[mqtt] client_id {cid!r} differs from the device certificate's CN {cn!r}; the "
+            "broker binds the client id to the certificate name, so remove [mqtt] client_id "
+            "(the box uses the CN)")
     if problems:
         raise ConfigError(problems, path=str(cfg.path))
     if cn != f"{cfg.site}.{cfg.device}":
@@ -238,13 +248,17 @@ def _explain(s: MqttSettings, ctx: ssl.SSLContext, fallback: str) -> tuple[str, 
 def probe(settings: Config | MqttSettings, timeout: float = 10.0) -> tuple[bool, str]:
     """One real mutual-TLS MQTT 5 connect (for ``edge-agent doctor``): (ok, reason).
 
-    Uses its own client id and a clean, non-persistent session with no will, so
-    it neither kicks a running daemon off nor leaves state on the broker.
+    The broker binds the client id to the certificate (``use_username_as_clientid``:
+    one session per identity), so this connect *is* the box's session: it would take
+    a running daemon's over. ``doctor`` asks a running daemon for its own link instead
+    and probes only when none runs. Clean start and no will: it leaves nothing behind
+    (the box keeps undelivered messages in its outbox, not in the broker session).
     """
-    if isinstance(settings, Config):
-        s, cid = settings.mqtt, f"{client_id(settings)}.probe"
-    else:
-        s, cid = settings, f"edge-agent-probe-{os.getpid()}"
+    s = settings.mqtt if isinstance(settings, Config) else settings
+    try:
+        cid = certificate_cn(s.cert) or f"edge-agent-probe-{os.getpid()}"
+    except TransportError:
+        cid = f"edge-agent-probe-{os.getpid()}"  # tls_context below says what is wrong
     try:
         ctx = tls_context(s)
     except TransportError as exc:
@@ -457,7 +471,8 @@ class Publisher:
     # -- the loop -------------------------------------------------------------
 
     def _new_client(self) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id(self.cfg),
+        # The CN: the id the broker gives this certificate's session whatever we send.
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.identity,
                         protocol=mqtt.MQTTv5)
         c.tls_set_context(self._ctx)
         c.on_connect = self._on_connect

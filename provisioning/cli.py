@@ -119,7 +119,13 @@ def fleet_watch(
             raise fail(view.error or "could not connect to the broker within 10 s")
         if once:
             time.sleep(wait)
-            typer.echo(json.dumps(view.snapshot(), indent=2) if as_json else view.table())
+            if as_json:
+                typer.echo(json.dumps(view.snapshot(), indent=2))
+                # stdout stays the list of rows; what was rejected goes to the operator
+                for line in view.rejection_report():
+                    typer.echo(line, err=True)
+            else:
+                typer.echo(view.table())
             return
         while True:
             sys.stdout.write("\x1b[2J\x1b[H" + view.table() + "\n")

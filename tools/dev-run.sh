@@ -33,8 +33,9 @@ cat <<MSG
   Send a study:
     storescu -aet STORESCU -aec EDGE_AGENT 127.0.0.1 $DICOM_PORT path/to/file.dcm
     (any DICOM file works, e.g. $(.venv/bin/python -c 'from pydicom.data import get_testdata_file; print(get_testdata_file("CT_small.dcm"))'))
-  Watch results as central ops:
-    mosquitto_sub -h localhost -p $MQTT_PORT --cafile $pki/ca.pem --cert $pki/ops.pem --key $pki/ops.key -t 'edge/#' -v
+  Watch results as central ops (one certificate per consumer: the broker gives each
+  certificate one session, so these two use different ones):
+    mosquitto_sub -h localhost -p $MQTT_PORT --cafile $pki/ca.pem --cert $pki/ops-sub.pem --key $pki/ops-sub.key -t 'edge/#' -v
     .venv/bin/edge-agent fleet watch --config $BOX/ops.toml
 
 MSG

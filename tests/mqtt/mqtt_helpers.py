@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from support import Box, Broker, free_port
+from support import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
 
 from agent import cloudevents
 from agent import config as cfgmod
@@ -84,6 +85,51 @@ def alt_broker(box: Box, stem: str, *, dns: tuple[str, ...] = ("localhost",),
     return Broker(Box(box.root, info))
 
 
+def mqtt_client(box: Box, cert: Path, key: Path, client_id: str) -> mqtt.Client:
+    """A connected MQTT 5 client with the given certificate (CONNACK received); PUBACK
+    reason codes by message id are kept in its user data for ``publish_acked``."""
+    acks: dict[int, int] = {}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                    userdata=acks)
+    ctx = ssl.create_default_context(cafile=str(box.pki / "ca.pem"))
+    ctx.load_cert_chain(str(cert), str(key))
+    c.tls_set_context(ctx)
+    connack = threading.Event()
+    codes: list[int] = []
+
+    def on_connect(_c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        codes.append(int(rc.value))
+        connack.set()
+
+    def on_publish(_c: mqtt.Client, u: dict[int, int], mid: int, rc: Any, _p: Any = None) -> None:
+        u[mid] = int(rc.value)
+
+    c.on_connect = on_connect
+    c.on_publish = on_publish
+    c.connect("localhost", box.mqtt_port, keepalive=30)
+    c.loop_start()
+    if not connack.wait(15) or codes != [0]:
+        c.loop_stop()
+        raise RuntimeError(f"{client_id} could not connect: {codes}")
+    return c
+
+
+def publish_acked(c: mqtt.Client, topic: str, payload: bytes, *, retain: bool = False) -> int:
+    """QoS 1 publish; the broker's PUBACK reason code (0 and 0x10 = accepted, 0x87 = not
+    authorized)."""
+    acks: dict[int, int] = c.user_data_get()
+    mid = c.publish(topic, payload, qos=1, retain=retain).mid
+    return int(wait_for(lambda: acks.get(mid, -1) + 1, 15, f"the PUBACK for {topic}")) - 1
+
+
+def daemon_mqtt(box: Box) -> dict[str, Any]:
+    """The running daemon's broker link, as ``edge-agent status --json`` reports it."""
+    out = subprocess.run([*EDGE_AGENT, "status", "--config", str(box.config), "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout)["mqtt"])
+
+
 @dataclass
 class Harness:
     """A real Publisher on a real encrypted outbox, in this process."""
@@ -115,7 +161,8 @@ def harness(box: Box, *, start: bool = True) -> Iterator[Harness]:
     alerts: list[tuple[str, dict[str, object]]] = []
 
     def status(online: bool) -> dict[str, Any]:
-        return cloudevents.envelope(kind="status", source="edge-agent/test", data={
+        return cloudevents.envelope(kind="status", source=f"edge-agent/{cfg.site}/{cfg.device}",
+                                    data={
             "state": "online" if online else "offline",
             "since": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
             "agent_version": "test", "site": cfg.site, "device": cfg.device, "models": []})
@@ -136,7 +183,8 @@ class Collector:
     """Central ops with a persistent session (clean start off, session expiry),
     so nothing published while it was cut off from a restarted broker is lost."""
 
-    def __init__(self, box: Box, topic: str = "edge/#", client_id: str | None = None) -> None:
+    def __init__(self, box: Box, topic: str = "edge/#", client_id: str | None = None,
+                 identity: str = "ops") -> None:
         self.box = box
         self.topic = topic
         self.messages: list[tuple[str, bytes, bool]] = []
@@ -146,7 +194,7 @@ class Collector:
                                   client_id=client_id or f"collector-{free_port()}",
                                   protocol=mqtt.MQTTv5)
         ctx = ssl.create_default_context(cafile=str(box.pki / "ca.pem"))
-        ctx.load_cert_chain(str(box.pki / "ops.pem"), str(box.pki / "ops.key"))
+        ctx.load_cert_chain(str(box.pki / f"{identity}.pem"), str(box.pki / f"{identity}.key"))
         self.client.tls_set_context(ctx)
         self.client.reconnect_delay_set(0.2, 1.0)
         self.client.on_connect = self._on_connect

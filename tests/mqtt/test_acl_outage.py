@@ -27,7 +27,17 @@ def test_publishing_under_another_boxs_prefix_is_refused(box: Box, broker: Broke
             codes = {d["reason_code"] for e, d in h.alerts if e == "security.alert"}
             assert codes == {0x87}
             assert h.outbox.stats()["depth"] == 0  # nothing stalls behind a refusal
-        time.sleep(0.3)
+        # The 0x87 PUBACKs say the broker has handled those publishes. The same identity,
+        # back under its own prefix, now publishes a result: the broker forwards a client's
+        # messages in order, so once it reaches ops, anything forwarded from before would
+        # have reached ops first. Only then is "nothing arrived" a finding.
+        set_config(box, "box", "site", '"dev-site"')
+        with harness(box) as h:
+            assert h.publisher.wait_connected(15), h.publisher.state.last_error
+            later = h.enqueue(1, start=100)[0]
+            wait_for(lambda: any(e["id"] == later for e in ops.on("/results")), 15,
+                     "the later, allowed result at ops")
+        assert "edge/dev-site/dev-box/results" in ops.topics()
         assert not [t for t in ops.topics() if t.startswith("edge/other-site/")]
     finally:
         ops.stop()

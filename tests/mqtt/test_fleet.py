@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,24 +25,31 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+SOURCE = "edge-agent/st-a/ct-1"
+
+
 def status(state: str, since: float) -> dict[str, Any]:
-    return {"data": {"state": state, "since": iso(since), "agent_version": "0.1.0",
-                     "models": [{"name": "lesion", "version": "1.0.0"}]}}
+    return cloudevents.envelope(kind="status", source=SOURCE, data={
+        "state": state, "since": iso(since), "agent_version": "0.1.0",
+        "models": [{"name": "lesion", "version": "1.0.0"}]})
 
 
 def telemetry(interval: float = 10.0, **sec: Any) -> dict[str, Any]:
     security = {"cert_days_left": {"mqtt_device": 200.0}, "egress_blocked": 0,
                 "broker_refusals": 0, **sec}
-    return {"data": {"interval_s": interval, "system": {"cpu_percent": 5.0, "memory_percent": 40.0,
-                                                        "disk_free_percent": 60.0},
-                     "pipeline": {"outbox_depth": 2, "outbox_oldest_age_s": 1.0},
-                     "security": security, "models": [], "drift": {}}}
+    return cloudevents.envelope(kind="telemetry", source=SOURCE, data={
+        "interval_s": interval, "system": {"cpu_percent": 5.0, "memory_percent": 40.0,
+                                           "disk_free_percent": 60.0},
+        "pipeline": {"outbox_depth": 2, "outbox_oldest_age_s": 1.0},
+        "security": security, "models": [], "drift": {}})
 
 
-def view(box: Box, group: str | None = None) -> FleetView:
-    s = load_ops(box.root / "ops.toml")
+def view(box: Box, group: str | None = None, identity: str = "ops") -> FleetView:
+    """The fleet view of ops.toml; another ops identity for a second consumer running at
+    the same time (the broker gives each certificate one session)."""
+    s = replace(load_ops(box.root / "ops.toml"), cert=box.pki / f"{identity}.pem",
+                key=box.pki / f"{identity}.key")
     if group:
-        from dataclasses import replace
         s = replace(s, share_group=group)
     return FleetView(s)
 
@@ -83,6 +91,37 @@ def test_presence_staleness_health_and_alerts(box: Box) -> None:
     # An empty retained status means decommissioned.
     v.forget(topic + "status")
     assert v.snapshot(T0) == []
+    assert v.rejected == 0
+    v.client.loop_stop()
+
+
+def test_only_exact_topics_with_a_matching_source_are_folded(box: Box) -> None:
+    v = view(box)
+    good = status("online", T0)
+    bad_source = {**good, "source": "edge-agent/st-a/ct-2"}
+    wrong_type = {**telemetry(), "source": SOURCE}
+    for topic, ev in (("edge/st-b/box-b/st-a/ct-1/status", good),  # nested in box-b's prefix
+                      ("edge/st-a/ct-1/status/extra", good),
+                      ("edge/st-a/ct-1", good),
+                      ("other/st-a/ct-1/status", good),
+                      ("edge/st.a/ct-1/status", good),
+                      ("edge/st-a/ct-1/review", good),
+                      ("edge/st-a/ct-1/status", bad_source),
+                      ("edge/st-a/ct-1/status", wrong_type),
+                      ("edge/st-a/ct-1/status", {**good, "data": {**good["data"],
+                                                                  "device": "ct-2"}})):
+        assert v.fold(topic, ev, now=T0) is False, topic
+    # An empty retained message on a nested topic does not decommission anyone.
+    assert v.fold("edge/st-a/ct-1/status", good, now=T0)
+    v.forget("edge/st-b/box-b/st-a/ct-1/status")
+    assert [r["box"] for r in v.snapshot(T0)] == ["st-a/ct-1"]
+    assert v.rejected == 10
+    report = "\n".join(v.rejection_report())
+    assert report.startswith("rejected 10 message(s)")
+    assert "'edge/st-a/ct-1/status': data.device 'ct-2' does not match the topic" in report
+    # Topics come from the network: shown escaped, never as terminal control sequences.
+    v.fold("edge/st-a/\x1b[2Jct-1/status", good, now=T0)
+    assert "\x1b" not in "\n".join(v.rejection_report()) + v.table(T0)
     v.client.loop_stop()
 
 
@@ -109,7 +148,7 @@ def test_cli_once_json_shows_a_live_box_then_its_offline_status(box: Box,
 
 def test_shared_subscription_splits_telemetry_but_every_consumer_sees_presence(
         box: Box, broker: Broker) -> None:
-    a, b = view(box, "ops"), view(box, "ops")
+    a, b = view(box, "ops"), view(box, "ops", identity="ops-sub")
     for v in (a, b):
         v.start()
         assert v.connected.wait(10), v.error
@@ -132,3 +171,4 @@ def test_shared_subscription_splits_telemetry_but_every_consumer_sees_presence(
     finally:
         a.stop()
         b.stop()
+

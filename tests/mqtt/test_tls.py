@@ -6,13 +6,16 @@ refused, with a reason an operator can act on (probe, Publisher.state, log)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import ssl
+import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from mqtt_helpers import (
     alt_broker,
+    daemon_mqtt,
     expired_device,
     harness,
     other_ca_device,
@@ -20,7 +23,7 @@ from mqtt_helpers import (
     write_cert,
 )
 from paho.mqtt.enums import CallbackAPIVersion
-from support import Box, Broker, Daemon, wait_for
+from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
 
 from agent import config as cfgmod
 from agent import publish
@@ -184,12 +187,34 @@ def test_crl_refuses_a_revoked_broker(tmp_path: Path, box: Box, broker: Broker) 
     assert reason == "broker certificate is revoked (CRL)"
 
 
-def test_probe_does_not_disturb_the_running_session(box: Box, broker: Broker) -> None:
-    with harness(box) as h:
-        assert h.publisher.wait_connected(15)
-        ok, reason = publish.probe(cfgmod.load(box.config))
-        assert ok, reason
-        h.enqueue(1)
-        wait_for(lambda: h.publisher.state.published >= 1, 15, "a PUBACK after the probe")
-        # Same client id would have taken the session over; the probe uses its own.
-        assert h.publisher.state.connects == 1 and h.publisher.state.connected
+def test_doctor_does_not_take_over_the_running_daemons_session(box: Box,
+                                                               daemon: Daemon) -> None:
+    """The broker gives the box's certificate one session (client id = certificate name), so
+    a probe with it would push the daemon off: doctor reports the daemon's own link."""
+    wait_for(lambda: (m := daemon_mqtt(box))["connected"] and m["published"] >= 1, 60,
+             "the daemon connected and publishing")
+    out = subprocess.run([*EDGE_AGENT, "doctor", "--config", str(box.config), "--json",
+                          "--broker-timeout", "5"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    broker_check = [c for c in json.loads(out.stdout)["checks"] if c["name"] == "broker"]
+    assert broker_check[0]["status"] == "PASS", broker_check
+    assert broker_check[0]["message"].startswith("the running daemon is connected to localhost:")
+    # A publish acknowledged after doctor finished went over a session that outlived it.
+    seen = daemon_mqtt(box)["published"]
+    wait_for(lambda: daemon_mqtt(box)["published"] > seen, 60, "a later publish acknowledged")
+    link = daemon_mqtt(box)
+    assert link["connected"] and link["connects"] == 1, link
+
+
+def test_probe_connects_as_the_certificate_name(box: Box, broker: Broker) -> None:
+    """With no daemon running, doctor's probe is a real connect under the box's identity."""
+    ok, reason = publish.probe(cfgmod.load(box.config))
+    assert ok, reason
+
+
+def test_a_client_id_other_than_the_certificate_name_is_refused_at_start(box: Box) -> None:
+    point_config_at(box, client_id="dev-site.something-else")
+    with pytest.raises(ConfigError) as exc:
+        publish.check_identity(cfgmod.load(box.config))
+    assert "differs from the device certificate's CN 'dev-site.dev-box'" in str(exc.value)
+    assert "remove [mqtt] client_id" in str(exc.value)
