@@ -17,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
-from support import Box, Daemon, Subscriber, set_config, storescu, wait_for
+from support import REPO, Box, Daemon, Subscriber, set_config, storescu, wait_for
 
 # The day the studies are acquired, as the envelope's UTC timestamp spells it.
 TODAY = datetime.now(UTC).strftime("%Y%m%d")
@@ -132,6 +133,9 @@ def test_a_normal_day_gets_a_result_for_every_study(tmp_path: Path, box: Box,
         assert daemon.stop() == 0
 
     assert len({r["data"]["study"]["ref"] for r in results}) == len(STUDIES)
+    schema = json.loads((REPO / "docs" / "schemas" / "result.schema.json").read_text())
+    for r in results:
+        jsonschema.validate(r["data"], schema)
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         d = r["data"]
