@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent import vocabulary
+from agent import cloudevents, vocabulary
 from agent.types import PhiFingerprint
 
 # Patterns that never belong in what we publish: DICOM person names
@@ -132,17 +132,7 @@ def _texts(text: str) -> list[str]:
 
 # -- the envelope, checked by format ---------------------------------------------
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_SEGMENT = r"[A-Za-z0-9_.-]{1,64}"  # config's SAFE_ID: site and device ids
-_ENVELOPE: dict[str, re.Pattern[str]] = {
-    "specversion": re.compile(r"1\.0"),
-    "id": _UUID,
-    "source": re.compile(rf"edge-agent/{_SEGMENT}/{_SEGMENT}"),
-    "type": re.compile(r"org\.edge-agent\.[a-z][a-z-]{0,31}\.v[0-9]{1,3}"),
-    "datacontenttype": re.compile(r"application/json"),
-    "time": re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z"),
-}
-_REQUIRED = ("specversion", "id", "source", "type")
+_ENVELOPE = cloudevents.ATTRIBUTE_FORMATS
 # How far an envelope's time may lie from when its message entered the outbox.  The
 # two are taken microseconds apart; the slack only absorbs a clock step in between.
 # A date in ``time`` that says anything about a patient lies far outside it.
@@ -150,7 +140,7 @@ TIME_SLACK_S = 3600.0
 
 
 def _envelope_ok(ev: dict[str, Any], made_at: float | None) -> bool:
-    if any(k not in ev for k in _REQUIRED):
+    if any(k not in ev for k in cloudevents.REQUIRED):
         return False
     for key, pattern in _ENVELOPE.items():
         if key in ev and not (isinstance(ev[key], str) and pattern.fullmatch(ev[key])):
@@ -168,7 +158,7 @@ def _envelope_ok(ev: dict[str, Any], made_at: float | None) -> bool:
 # -- data, checked value by value ------------------------------------------------
 
 # Tokens the box makes: keyed UIDs, hex pseudonyms/instance refs/digests, UUIDs.
-_TOKEN = re.compile(r"2\.25\.\d{1,39}|[0-9a-fA-F]{12,64}|" + _UUID.pattern)
+_TOKEN = re.compile(r"2\.25\.\d{1,39}|[0-9a-fA-F]{12,64}|" + _ENVELOPE["id"].pattern)
 
 
 @dataclass(frozen=True)

@@ -115,10 +115,14 @@ def harness(box: Box, *, start: bool = True) -> Iterator[Harness]:
     alerts: list[tuple[str, dict[str, object]]] = []
 
     def status(online: bool) -> dict[str, Any]:
-        return cloudevents.envelope(kind="status", source="edge-agent/test", data={
-            "state": "online" if online else "offline",
-            "since": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "agent_version": "test", "site": cfg.site, "device": cfg.device, "models": []})
+        # The source a box uses: the egress guard validates it by format.
+        return cloudevents.envelope(kind="status", source=f"edge-agent/{cfg.site}/{cfg.device}",
+                                    data={
+                                        "state": "online" if online else "offline",
+                                        "since": datetime.now(UTC).isoformat().replace(
+                                            "+00:00", "Z"),
+                                        "agent_version": "test", "site": cfg.site,
+                                        "device": cfg.device, "models": []})
 
     pub = Publisher(cfg, outbox, birth=lambda: status(True), offline=lambda: status(False),
                     on_alert=lambda e, d: alerts.append((e, d)))

@@ -140,7 +140,7 @@ def test_study_text_is_still_caught_beside_the_boxs_words() -> None:
         egress.GuardHit("dicom-uid")
 
 
-def test_result_schema_lists_exactly_the_vocabulary() -> None:
+def test_result_schema_and_fleet_doc_list_exactly_the_vocabulary() -> None:
     schema = json.loads((REPO / "docs" / "schemas" / "result.schema.json").read_text())
     study = schema["properties"]["study"]["properties"]
     assert set(study["quarantined"]["items"]["properties"]["code"]["enum"]) == \
@@ -157,6 +157,9 @@ def test_result_schema_lists_exactly_the_vocabulary() -> None:
         return set()
 
     assert keys(schema) <= set(vocabulary.RESULT_KEYS)
+    fleet = (REPO / "docs" / "fleet.md").read_text()
+    for code in (*vocabulary.QUARANTINE, *vocabulary.FAILURE):
+        assert f"| `{code}` |" in fleet, f"docs/fleet.md does not explain {code}"
 
 
 def test_log_lines_are_scrubbed_of_planted_values_and_patterns() -> None:
