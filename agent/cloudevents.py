@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 SPEC_VERSION = "1.0"
 TYPE_PREFIX = "org.edge-agent"
+
+_SEGMENT = r"[A-Za-z0-9_.-]{1,64}"  # config's SAFE_ID: site and device ids
+# What ``envelope`` writes into each attribute, as a format.  The egress guard
+# validates these attributes against it instead of searching them for study values.
+ATTRIBUTE_FORMATS: dict[str, re.Pattern[str]] = {
+    "specversion": re.compile(re.escape(SPEC_VERSION)),
+    "id": re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+    "source": re.compile(rf"edge-agent/{_SEGMENT}/{_SEGMENT}"),
+    "type": re.compile(re.escape(TYPE_PREFIX) + r"\.[a-z][a-z-]{0,31}\.v[0-9]{1,3}"),
+    "datacontenttype": re.compile(r"application/json"),
+    "time": re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z"),
+}
+REQUIRED = ("specversion", "id", "source", "type")
 
 
 def envelope(

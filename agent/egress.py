@@ -7,9 +7,30 @@ same scrubber filters log records: patterns always, and the original values of
 the studies currently being worked on (registered with ``watch``), so a log
 line cannot carry what a payload may not.
 
+What is checked, for a CloudEvent (everything we publish is one):
+
+* the envelope is validated by its format, not searched: ``specversion``,
+  ``id`` (a UUID), ``source``, ``type``, ``datacontenttype`` and ``time`` (an
+  RFC 3339 UTC timestamp, close to when the message was made).  A study
+  acquired today shares its date with every envelope made today; searching
+  ``time`` for the StudyDate would block most of a department's results.
+  ``subject`` and any other attribute are checked like ``data``;
+* in ``data``, every string (keys included) and number is a value.  The box's
+  own words (agent/vocabulary.py: rule codes, fixed descriptions, words fixed
+  by configuration or a signed model manifest, standard DICOM UID keywords and
+  standard UIDs) are ours however they coincide with a name ("options: none"
+  and a patient NONE^BOB); a text made from a vocabulary template is checked
+  in its holes only.  Box-made tokens (keyed 2.25 UIDs, hex pseudonyms and
+  digests, UUIDs) and numbers are compared whole with the study's values: a
+  patient id 4711 is not inside the random number of a keyed UID.  Every other
+  string is free text, searched for every spelling of every study value, for
+  short name components as whole words, and for the PHI patterns.
+
+A payload that is not a CloudEvent is searched whole, as free text.
+
 Why JSON-aware: our payloads are JSON with ``ensure_ascii``, so "Müller" is on
 the wire as ``M\\u00fcller``; a plain substring test on the raw bytes would miss
-it.  The guard therefore checks the raw text *and* every decoded string.
+it.  The guard checks decoded strings (and, for non-JSON, the raw text).
 """
 
 from __future__ import annotations
@@ -21,8 +42,10 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from agent import cloudevents, vocabulary
 from agent.types import PhiFingerprint
 
 # Patterns that never belong in what we publish: DICOM person names
@@ -71,6 +94,21 @@ def needles(values: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
+def short_parts(values: Iterable[str]) -> frozenset[str]:
+    """Name components too short to search for inside words ("li", "wu", lower case).
+
+    They are searched as whole words, and only in free text: a result carries none,
+    so they cannot block one, yet "BurnedInAnnotation LI WU" would still be caught.
+    """
+    out: set[str] = set()
+    for value in values:
+        v = _norm(value)
+        if "^" in v:
+            out |= {p for part in v.split("^") for p in part.split()
+                    if 2 <= len(p) < _MIN_VALUE_LEN and p.isalpha()}
+    return frozenset(out)
+
+
 def _strings(doc: Any) -> Iterator[str]:
     if isinstance(doc, str):
         yield doc
@@ -83,8 +121,7 @@ def _strings(doc: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def _texts(payload: bytes | str) -> list[str]:
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+def _texts(text: str) -> list[str]:
     texts = [text]
     try:
         texts.extend(_strings(json.loads(text)))
@@ -93,17 +130,132 @@ def _texts(payload: bytes | str) -> list[str]:
     return texts
 
 
-def check(payload: bytes | str, guard: PhiFingerprint = PhiFingerprint()) -> GuardHit | None:
-    """The first reason ``payload`` must not leave the box, or None when it may."""
-    texts = _texts(payload)
-    # One haystack; NUL never occurs in a needle, so no match spans two strings.
-    hay = "\x00".join(_norm(t) for t in texts)
-    for n in needles(guard.values):
-        if n in hay:
-            return GuardHit("study-value")
+# -- the envelope, checked by format ---------------------------------------------
+
+_ENVELOPE = cloudevents.ATTRIBUTE_FORMATS
+# How far an envelope's time may lie from when its message entered the outbox.  The
+# two are taken microseconds apart; the slack only absorbs a clock step in between.
+# A date in ``time`` that says anything about a patient lies far outside it.
+TIME_SLACK_S = 3600.0
+
+
+def _envelope_ok(ev: dict[str, Any], made_at: float | None) -> bool:
+    if any(k not in ev for k in cloudevents.REQUIRED):
+        return False
+    for key, pattern in _ENVELOPE.items():
+        if key in ev and not (isinstance(ev[key], str) and pattern.fullmatch(ev[key])):
+            return False
+    if made_at is not None and "time" in ev:
+        try:
+            t = datetime.fromisoformat(ev["time"]).timestamp()
+        except ValueError:
+            return False
+        if abs(t - made_at) > TIME_SLACK_S:
+            return False
+    return True
+
+
+# -- data, checked value by value ------------------------------------------------
+
+# Tokens the box makes: keyed UIDs, hex pseudonyms/instance refs/digests, UUIDs.
+_TOKEN = re.compile(r"2\.25\.\d{1,39}|[0-9a-fA-F]{12,64}|" + _ENVELOPE["id"].pattern)
+
+
+@dataclass(frozen=True)
+class _Needles:
+    long: frozenset[str]  # every spelling of every value, searched as substrings
+    short: tuple[re.Pattern[str], ...]  # short name components, searched as words
+
+
+def _number_forms(x: float) -> set[str]:
+    forms = {json.dumps(x)}
+    if isinstance(x, float) and x.is_integer():
+        forms.add(str(int(x)))
+    return forms
+
+
+def _free_text(text: str, n: _Needles) -> GuardHit | None:
+    t = _norm(text)
+    if any(needle in t for needle in n.long):
+        return GuardHit("study-value")
+    if any(p.search(t) for p in n.short):
+        return GuardHit("study-value")
     for name, pat in _PATTERNS:
-        if any(pat.search(t) for t in texts):
-            return GuardHit(name)
+        for m in pat.finditer(text):
+            if not (name == "dicom-uid" and vocabulary.is_standard_uid(m.group())):
+                return GuardHit(name)
+    return None
+
+
+def _string(text: str, n: _Needles, depth: int = 0) -> GuardHit | None:
+    if vocabulary.is_fixed(text) or vocabulary.is_standard_uid(text):
+        return None
+    if _TOKEN.fullmatch(text):
+        return GuardHit("study-value") if _norm(text) in n.long else None
+    parts = vocabulary.holes(text) if depth < 3 else None
+    if parts is not None:
+        for hole, is_number in parts:
+            hit = (GuardHit("study-value") if is_number and _norm(hole) in n.long
+                   else None if is_number else _string(hole, n, depth + 1))
+            if hit is not None:
+                return hit
+        return None
+    return _free_text(text, n)
+
+
+def _value(doc: Any, n: _Needles) -> GuardHit | None:
+    if isinstance(doc, str):
+        return _string(doc, n)
+    if isinstance(doc, bool) or doc is None:
+        return None
+    if isinstance(doc, int | float):
+        return GuardHit("study-value") if _number_forms(doc) & n.long else None
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            hit = _string(str(k), n) or _value(v, n)
+            if hit is not None:
+                return hit
+        return None
+    if isinstance(doc, list):
+        for v in doc:
+            hit = _value(v, n)
+            if hit is not None:
+                return hit
+        return None
+    return _free_text(str(doc), n)
+
+
+def check(payload: bytes | str, guard: PhiFingerprint = PhiFingerprint(), *,
+          made_at: float | None = None) -> GuardHit | None:
+    """The first reason ``payload`` must not leave the box, or None when it may.
+
+    ``made_at`` is when the message entered the outbox (epoch seconds); when given, a
+    CloudEvent's ``time`` must lie within ``TIME_SLACK_S`` of it.
+    """
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+    n = _Needles(needles(guard.values),
+                 tuple(re.compile(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])")
+                       for p in short_parts(guard.values)))
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "specversion" in doc:
+        if not _envelope_ok(doc, made_at):
+            return GuardHit("envelope")
+        for key, value in doc.items():
+            if key in _ENVELOPE:
+                continue
+            # data, subject (standard names) and any extension attribute (its name too)
+            hit = (None if key in ("data", "subject") else _string(key, n)) or _value(value, n)
+            if hit is not None:
+                return hit
+        return None
+    # Not a CloudEvent: everything in it is free text.
+    for t in _texts(text):
+        hit = _free_text(t, n)
+        if hit is not None:
+            return hit
     return None
 
 

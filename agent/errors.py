@@ -51,7 +51,20 @@ class DeidError(EdgeAgentError):
 
 
 class ModelError(EdgeAgentError):
-    """A model package is invalid, unsigned, tampered or failed to run."""
+    """A model package is invalid, unsigned, tampered or failed to run.
+
+    ``code`` names the failure in the fixed vocabulary a result publishes
+    (agent/vocabulary.py FAILURE); the message is for the box's log only.
+    """
+
+    code = "model-error"
+
+    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None,
+                 transfer_syntax: str = "") -> None:
+        super().__init__(message, hint=hint)
+        if code is not None:
+            self.code = code
+        self.transfer_syntax = transfer_syntax  # standard keyword, for undecodable pixels
 
 
 class TransportError(EdgeAgentError):

@@ -23,7 +23,7 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from agent import cloudevents, egress
+from agent import cloudevents, egress, vocabulary
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
@@ -34,6 +34,7 @@ from agent.quarantine import Quarantine
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
+    ModelFailure,
     ModelOutput,
     PhiFingerprint,
     QuarantineNote,
@@ -171,6 +172,9 @@ class Pipeline:
         self.quarantine = quarantine
         self.audit = audit
         self.latencies_ms: list[float] = []
+        # Fixed by configuration before any study: the guard must not read them as study
+        # text ("options: none" and a patient called NONE^BOB).
+        vocabulary.allow([deidentifier.describe(), *cfg.deid.options])
         self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
 
     # -- stages ------------------------------------------------------------------
@@ -189,7 +193,7 @@ class Pipeline:
                 reason = (f"instance of {inst.size / 2**20:.0f} MiB is larger than "
                           f"[study] max_process_instance_bytes ({limit / 2**20:.0f} MiB): "
                           "not processed")
-                failed.append(QuarantineNote(ref, reason))
+                failed.append(QuarantineNote(ref, reason, "too-large"))
                 # The catalogued "held back" event (ATNA vocabulary), marked as a refusal.
                 self.audit("instance.quarantined", outcome="minor_failure",
                            details={"study": study.ref, "instance": ref, "reason": reason,
@@ -198,7 +202,8 @@ class Pipeline:
             try:
                 buf = self._decrypt(study, inst)
             except EdgeAgentError as exc:
-                failed.append(QuarantineNote(ref, f"unreadable inbox file: {exc}"))
+                failed.append(QuarantineNote(ref, f"unreadable inbox file: {exc}",
+                                             "inbox-unreadable"))
                 self.audit("security.alert", outcome="serious_failure",
                            details={"study": study.ref, "instance": ref,
                                     "reason": "inbox file failed authentication"})
@@ -213,7 +218,7 @@ class Pipeline:
                     AttributeError, EOFError, OSError) as exc:
                 reason = f"cannot de-identify ({type(exc).__name__})"
                 self.quarantine.put(study.study_key, inst.instance_key, bytes(buf), reason)
-                failed.append(QuarantineNote(ref, reason))
+                failed.append(QuarantineNote(ref, reason, "not-deidentifiable"))
                 self.audit("instance.quarantined", outcome="minor_failure",
                            details={"study": study.ref, "instance": ref, "reason": reason})
                 continue
@@ -229,7 +234,7 @@ class Pipeline:
             if outcome.quarantine_reason is not None or outcome.dataset is None:
                 reason = outcome.quarantine_reason or "quarantined"
                 self.quarantine.put(study.study_key, inst.instance_key, bytes(raw), reason)
-                quarantined.append(QuarantineNote(ref, reason))
+                quarantined.append(QuarantineNote(ref, reason, burnedin.reason_code(reason)))
                 self.audit("instance.quarantined", details={"study": study.ref, "instance": ref,
                                                             "reason": reason})
                 continue
@@ -268,13 +273,13 @@ class Pipeline:
 
     def infer(self, d: DeidentifiedStudy) -> InferenceResult:
         outputs: list[ModelOutput] = []
-        failures: list[str] = []
+        failures: list[ModelFailure] = []
         if d.instances and self.engine is not None:
             try:
                 outs, fails = self.engine.infer(d)
                 outputs, failures = list(outs), list(fails)
             except Exception as exc:  # noqa: BLE001 - a model must never take the daemon down
-                failures.append(f"inference failed: {type(exc).__name__}")
+                failures.append(ModelFailure("", "", "inference-failed", type(exc).__name__))
                 log.exception("inference failed for study %s", d.study_ref)
         if not d.instances:
             status = "all_quarantined"
@@ -300,13 +305,14 @@ class Pipeline:
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
                 "instances_received": r.instances_received,
                 "instances_processed": r.instances_processed,
-                "quarantined": [{"instance": q.instance_key, "reason": q.reason}
-                                for q in r.quarantined],
+                # Rule codes with their fixed descriptions, never the box-local reason:
+                # no text derived from the instance leaves the box (agent/vocabulary.py).
+                "quarantined": [_quarantine_json(q) for q in r.quarantined],
             },
             "status": r.status,
             "deidentification": {"method": r.deid_method, "options": list(r.deid_options)},
             "models": [_model_json(m) for m in r.models],
-            "failures": list(r.failures),
+            "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
         eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study.study_key,
@@ -338,6 +344,21 @@ class Pipeline:
                                                "status": result.status, "event_id": eid})
         log.info("study %s -> result %s (%s)", dstudy.study_ref, eid, result.status)
         return result
+
+
+def _quarantine_json(q: QuarantineNote) -> dict[str, Any]:
+    code = q.code if q.code in vocabulary.QUARANTINE else "quarantined"
+    return {"instance": q.instance_key, "code": code, "reason": vocabulary.QUARANTINE[code]}
+
+
+def _failure_json(f: ModelFailure) -> dict[str, Any]:
+    code = f.code if f.code in vocabulary.FAILURE else "model-error"
+    out: dict[str, Any] = {"code": code, "reason": vocabulary.FAILURE[code]}
+    if f.model:
+        out |= {"model": f.model, "version": f.version}
+    if f.transfer_syntax and vocabulary.is_fixed(f.transfer_syntax):
+        out["transfer_syntax"] = f.transfer_syntax
+    return out
 
 
 def _model_json(m: ModelOutput) -> dict[str, Any]:

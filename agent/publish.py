@@ -560,7 +560,7 @@ class Publisher:
         if room <= 0:
             return
         for msg in self.outbox.peek(after, room):
-            hit = egress.check(msg.payload, msg.guard)
+            hit = egress.check(msg.payload, msg.guard, made_at=msg.created_at)
             with self._lock:
                 self._last_seq = msg.seq
             if hit is not None:

@@ -58,8 +58,35 @@ class Study:
 
 @dataclass(frozen=True)
 class QuarantineNote:
+    """Why one instance was not processed.
+
+    ``reason`` is for the box (quarantine store, local audit, log); a result publishes
+    only ``code`` and its fixed description (agent/vocabulary.py QUARANTINE).
+    """
+
     instance_key: str
     reason: str
+    code: str = "quarantined"
+
+
+@dataclass(frozen=True)
+class ModelFailure:
+    """Why a model gave no output for a study.
+
+    ``detail`` (which may quote a library's message) stays on the box; a result
+    publishes the model, ``code`` with its fixed description (agent/vocabulary.py
+    FAILURE) and, for undecodable pixels, the standard keyword of the transfer syntax.
+    """
+
+    model: str  # "" when the engine as a whole failed
+    version: str
+    code: str
+    detail: str
+    transfer_syntax: str = ""  # a standard keyword such as "RLELossless", or ""
+
+    def __str__(self) -> str:
+        who = f"model {self.model} {self.version}" if self.model else "inference"
+        return f"{who} failed: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -117,7 +144,7 @@ class InferenceResult:
     version: int
     status: Literal["ok", "no_applicable_model", "failed", "all_quarantined"]
     models: tuple[ModelOutput, ...]
-    failures: tuple[str, ...]
+    failures: tuple[ModelFailure, ...]
     instances_received: int
     instances_processed: int
     quarantined: tuple[QuarantineNote, ...]

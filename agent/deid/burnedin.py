@@ -18,6 +18,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
 from agent.deid.settings import PixelCleanRule
+from agent.vocabulary import QUARANTINE
 
 RISKY_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES", "GM", "SM"})
 _SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
@@ -72,27 +73,52 @@ def is_encapsulated_document(ds: Dataset) -> bool:
     return str(_get(ds, "SOPClassUID", "")).startswith(_ENCAPSULATED_DOC_ROOT)
 
 
-def burned_in_risk(ds: Dataset) -> str | None:
-    """Why the pixels may carry text, or None when there is no reason to think so."""
+def risk_code(ds: Dataset) -> str | None:
+    """The rule (agent/vocabulary.py QUARANTINE code) by which the pixels may carry text,
+    or None when there is no reason to think so.
+
+    The reason names the rule, never a value read from the instance: a modality that
+    puts the patient's name into BurnedInAnnotation or ImageType must not see it quoted
+    in a reason that leaves the box.
+    """
     if is_encapsulated_document(ds):
-        return "encapsulated document: its content cannot be checked for identifiers"
+        return "encapsulated-document"
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return None
     burned = _text(ds, "BurnedInAnnotation").upper()
     if burned == "YES":
-        return "burned-in annotation present (BurnedInAnnotation YES)"
+        return "burned-in-present"
     if burned == "NO":
         return None
-    shown = burned if burned else "absent"
-    modality = _text(ds, "Modality").upper()
-    if modality in RISKY_MODALITIES:
-        return f"burned-in annotation possible ({modality}, BurnedInAnnotation {shown})"
+    if _text(ds, "Modality").upper() in RISKY_MODALITIES:
+        return "burned-in-possible-modality"
     if str(_get(ds, "SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_ROOT):
-        return f"burned-in annotation possible (secondary capture, BurnedInAnnotation {shown})"
+        return "burned-in-possible-secondary-capture"
     image_type = [str(v).upper() for v in (_get(ds, "ImageType") or [])]
     if "DERIVED" in image_type[:1] or "SECONDARY" in image_type[1:2]:
-        return f"burned-in annotation possible ({'/'.join(image_type[:2])} image, BurnedInAnnotation {shown})"
+        return "burned-in-possible-derived"
     return None
+
+
+def burned_in_risk(ds: Dataset) -> str | None:
+    """Why the pixels may carry text (the rule's fixed description), or None."""
+    code = risk_code(ds)
+    return None if code is None else QUARANTINE[code]
+
+
+def reason_code(reason: str) -> str:
+    """The rule code of a de-identification quarantine reason (see ``burned_in_risk``).
+
+    Reasons built from the fixed descriptions map back to their code; anything else
+    (a reason this module does not know) is the generic "quarantined", so what a
+    result publishes stays within the fixed vocabulary whatever text is passed in.
+    """
+    for code, text in QUARANTINE.items():
+        if reason == text:
+            return code
+        if reason.startswith(text) and "not decodable" in reason:
+            return "pixel-clean-undecodable"
+    return "quarantined"
 
 
 def matching_rule(ds: Dataset, rules: tuple[PixelCleanRule, ...]) -> PixelCleanRule | None:

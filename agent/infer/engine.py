@@ -25,6 +25,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
+from agent import vocabulary
 from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
 from agent.infer.explain import occlusion, to_image_box
@@ -34,7 +35,7 @@ from agent.infer.preprocess import preprocess
 from agent.infer.registry import ModelPackage, Registry, enforce, safe_audit
 from agent.infer.session import ModelSession
 from agent.infer.signing import load_public_keys
-from agent.types import DeidentifiedStudy, ModelOutput
+from agent.types import DeidentifiedStudy, ModelFailure, ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,18 @@ def applies(rule: AppliesTo, ds: Dataset) -> bool:
     return not (rule.body_parts and body and body not in rule.body_parts)
 
 
+def explained_label(manifest: Manifest) -> str:
+    return manifest.decision.positive_label.replace("_", " ")
+
+
+def manifest_words(manifest: Manifest) -> list[str]:
+    """What a result may say that the signed manifest fixed: name, version, labels,
+    findings (agent/vocabulary.py: the egress guard does not take these for study text)."""
+    dec = manifest.decision
+    return [manifest.name, manifest.version, *dec.labels, dec.positive_finding,
+            dec.negative_finding, explained_label(manifest)]
+
+
 def activate(logits: npt.NDArray[np.float32], kind: str) -> npt.NDArray[np.float64]:
     z = logits.astype(np.float64)
     if kind == "softmax":
@@ -121,11 +134,12 @@ def review(decision: Decision, p: float, uncertainty: float, positive: bool) -> 
     reasons = []
     low, high = decision.review_band
     if low <= p <= high:
-        reasons.append(f"probability {p:.2f} is inside the review band [{low:.2f}, {high:.2f}]")
+        reasons.append(vocabulary.REVIEW_BAND.format(p=p, low=low, high=high))
     if uncertainty > decision.max_uncertainty:
-        reasons.append(f"uncertainty {uncertainty:.3f} exceeds {decision.max_uncertainty:.3f}")
+        reasons.append(vocabulary.REVIEW_UNCERTAIN.format(u=uncertainty,
+                                                          limit=decision.max_uncertainty))
     if positive and decision.review_if_positive:
-        reasons.append("positive findings always need a clinician's review (manifest rule)")
+        reasons.append(vocabulary.REVIEW_POSITIVE)
     return tuple(reasons)
 
 
@@ -166,6 +180,7 @@ class InferenceEngine:
 
     def _adopt(self, loaded: _Loaded) -> None:
         pkg = loaded.package
+        vocabulary.allow(manifest_words(pkg.manifest))  # before any result that names them
         self._models = [*self._models, loaded]  # a new list: active_models() reads unlocked
         self._drift.track(pkg.name, pkg.version, pkg.manifest.drift)
         safe_audit(self._audit, "model.loaded", {"model": pkg.name, "version": pkg.version,
@@ -242,9 +257,9 @@ class InferenceEngine:
             self._models = []
             self._drift.flush()
 
-    def infer(self, study: DeidentifiedStudy) -> tuple[list[ModelOutput], list[str]]:
+    def infer(self, study: DeidentifiedStudy) -> tuple[list[ModelOutput], list[ModelFailure]]:
         outputs: list[ModelOutput] = []
-        failures: list[str] = []
+        failures: list[ModelFailure] = []
         with self._lock:
             for model in self._models:
                 rule = model.manifest.applies_to
@@ -255,14 +270,18 @@ class InferenceEngine:
                     outputs.append(self._run(model, selected, study.study_ref))
                 except Exception as exc:  # noqa: BLE001 - a failing model fails this model only
                     what = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-                    reason = (f"model {model.package.name} {model.package.version} failed: "
-                              f"{what}")
-                    failures.append(reason)
-                    log.warning("study %s: %s", study.study_ref[:12], reason)
+                    # The result publishes the code (fixed vocabulary); the library's own
+                    # text, which may quote anything, stays in the log and local audit.
+                    failure = ModelFailure(
+                        model.package.name, model.package.version,
+                        exc.code if isinstance(exc, ModelError) else "model-error", what,
+                        exc.transfer_syntax if isinstance(exc, ModelError) else "")
+                    failures.append(failure)
+                    log.warning("study %s: %s", study.study_ref[:12], failure)
                     safe_audit(self._audit, "model.failed", {
                         "model": model.package.name, "version": model.package.version,
                         "sha256": model.package.verification.sha256,
-                        "study": study.study_ref, "reason": reason,
+                        "study": study.study_ref, "reason": str(failure), "code": failure.code,
                         "error": type(exc).__name__})
         return outputs, failures
 
@@ -305,7 +324,8 @@ class InferenceEngine:
                             for a in m.drift.subgroup_attributes}
             pre_s += time.perf_counter() - t1
         if not tensors:
-            raise ModelError("no decodable image among the applicable instances")
+            raise ModelError("no decodable image among the applicable instances",
+                             code="no-decodable-image")
         x = np.stack(tensors)
         n = len(x)
 
@@ -317,7 +337,7 @@ class InferenceEngine:
         if probs.shape[-1] != len(dec.labels) and not (dec.activation == "sigmoid"
                                                        and probs.shape[-1] == 1):
             raise ModelError(f"model returned {probs.shape[-1]} outputs for "
-                             f"{len(dec.labels)} labels")
+                             f"{len(dec.labels)} labels", code="output-mismatch")
         pos = dec.labels.index(dec.positive_label) if probs.shape[-1] > 1 else 0
         per_image = probs.mean(axis=0)  # (n, labels): TTA-averaged
         p = aggregate(per_image[:, pos], dec.aggregation)
@@ -387,7 +407,7 @@ class InferenceEngine:
         if uid:
             info["sop_instance_uid"] = str(uid)  # the de-identified (keyed) UID
         if spec.method == "none":
-            info.update(bbox=None, text="This model does not provide explanations.")
+            info.update(bbox=None, text=vocabulary.NO_EXPLANATION)
             return info
 
         def score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -395,17 +415,18 @@ class InferenceEngine:
 
         sal = occlusion(score, tensor, base, patch=spec.patch, stride=spec.stride,
                         keep_fraction=spec.keep_fraction, batch_size=run_batch(tensor.shape))
-        label = model.manifest.decision.positive_label.replace("_", " ")
-        where_txt = f"image {instance + 1}" + (f", frame {frame + 1}" if frame else "")
+        label = explained_label(model.manifest)
+        where_txt = (vocabulary.WHERE_FRAME.format(image=instance + 1, frame=frame + 1) if frame
+                     else vocabulary.WHERE_IMAGE.format(image=instance + 1))
         if sal.bbox is None:
             info.update(bbox=None, score_drop=round(sal.peak_drop, 4),
-                        text=f"No single region of {where_txt} changed the {label} score "
-                             f"noticeably (score {base:.2f}).")
+                        text=vocabulary.NO_REGION.format(where=where_txt, label=label,
+                                                         score=base))
             return info
         x, y, w, h = to_image_box(sal.bbox, model.manifest.preprocessing.resize, shape)
-        lead = ("Region that drove the" if study_p >= model.manifest.decision.threshold
-                else "Most suspicious region, below threshold, for the")
+        template = (vocabulary.REGION_ABOVE if study_p >= model.manifest.decision.threshold
+                    else vocabulary.REGION_BELOW)
         info.update(bbox=[x, y, w, h], score_drop=round(sal.peak_drop, 4),
-                    text=f"{lead} {label} score: {where_txt}, x={x} y={y} ({w}x{h} px); "
-                         f"hiding it lowers the score from {base:.2f} by {sal.peak_drop:.2f}.")
+                    text=template.format(label=label, where=where_txt, x=x, y=y, w=w, h=h,
+                                         score=base, drop=sal.peak_drop))
         return info

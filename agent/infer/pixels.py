@@ -27,6 +27,7 @@ from pydicom.valuerep import IS, DSfloat
 
 from agent.errors import ModelError
 from agent.infer.preprocess import ImageInput
+from agent.vocabulary import transfer_syntax_keyword
 
 # Where enhanced multi-frame objects keep per-frame technical attributes.
 _FUNCTIONAL_GROUPS = {
@@ -149,10 +150,12 @@ def decode_frame(ds: Dataset, frame: int, frames: int | None = None) -> npt.NDAr
             f"pixel data (transfer syntax {ts}, frame {frame}) could not be decoded: "
             f"{type(exc).__name__}: {str(exc)[:160]}",
             hint="check that a codec for this transfer syntax is installed",
+            code="pixels-undecodable", transfer_syntax=transfer_syntax_keyword(ts),
         ) from exc
     arr = _to_gray(arr, ds)
     if arr.ndim != 2:
-        raise ModelError(f"decoded frame has shape {arr.shape}, expected a 2-D image")
+        raise ModelError(f"decoded frame has shape {arr.shape}, expected a 2-D image",
+                         code="image-not-2d")
     return arr
 
 

@@ -22,6 +22,8 @@ from agent.errors import ModelError
 class ModelTimeout(ModelError):
     """A model run exceeded its time budget and was terminated."""
 
+    code = "timeout"
+
 
 class _Watchdog:
     """Sets ``terminate`` on the armed RunOptions once its deadline passes.
@@ -135,7 +137,8 @@ class ModelSession:
             except Exception as exc:  # noqa: BLE001 - translated at the boundary
                 if fired.is_set():
                     raise ModelTimeout(f"inference timed out after {timeout:.1f}s") from exc
-                raise ModelError(f"onnxruntime run failed: {str(exc)[:200]}") from exc
+                raise ModelError(f"onnxruntime run failed: {str(exc)[:200]}",
+                                 code="runtime-error") from exc
             finally:
                 self.run_seconds += time.perf_counter() - started
                 self._watchdog.disarm()

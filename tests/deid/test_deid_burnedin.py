@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pydicom
@@ -11,8 +12,9 @@ from deid_support import KEY, sample_path
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.deid import Deidentifier, DeidSettings, PixelCleanRule, burnedin
 from agent.deid.pseudonym import Pseudonymizer
+from agent.vocabulary import QUARANTINE
 
 US_RULE = PixelCleanRule(
     manufacturer="G.E. Medical Systems",
@@ -35,15 +37,34 @@ def _deid(ds: Dataset, rules: tuple[PixelCleanRule, ...] = ()) -> tuple[Dataset 
 @pytest.mark.parametrize(
     ("name", "expect"),
     [
-        ("US1_UNCR.dcm", "US, BurnedInAnnotation absent"),
-        ("SC_rgb.dcm", "OT, BurnedInAnnotation absent"),
-        ("MR_small.dcm", "DERIVED/SECONDARY image, BurnedInAnnotation absent"),
+        ("US1_UNCR.dcm", "burned-in-possible-modality"),
+        ("SC_rgb.dcm", "burned-in-possible-modality"),  # modality OT
+        ("MR_small.dcm", "burned-in-possible-derived"),
     ],
 )
 def test_risky_images_without_explicit_no_are_quarantined(name: str, expect: str) -> None:
     out, reason = _deid(_sample(name))
     assert out is None
-    assert reason is not None and expect in reason
+    assert reason == QUARANTINE[expect] and burnedin.reason_code(reason) == expect
+
+
+def test_quarantine_reason_names_the_rule_not_the_value() -> None:
+    """A modality that writes the patient's name into the code strings the rule reads
+    (seen: BurnedInAnnotation "LI WU") must not have it quoted in the reason, which a
+    result publishes; name parts this short are no egress-guard needles."""
+    us = _sample("US1_UNCR.dcm")
+    us.PatientName, us.BurnedInAnnotation = "LI^WU", "LI WU"
+    derived = _sample("CT_small.dcm")
+    derived.PatientName, derived.ImageType = "LI^WU", ["DERIVED", "LI WU"]
+    for ds, code in ((us, "burned-in-possible-modality"), (derived, "burned-in-possible-derived")):
+        out, reason = _deid(ds)
+        assert out is None and reason == QUARANTINE[code]
+        assert not re.search(r"\bLI\b|\bWU\b", reason, re.IGNORECASE)
+
+
+def test_every_risky_modality_is_named_in_its_description() -> None:
+    text = QUARANTINE["burned-in-possible-modality"]
+    assert all(m in text for m in burnedin.RISKY_MODALITIES)
 
 
 def test_explicit_no_lets_risky_images_through() -> None:
@@ -121,6 +142,7 @@ def test_undecodable_pixels_are_quarantined_even_with_a_rule() -> None:
     out, reason = _deid(ds, (US_RULE,))
     assert out is None
     assert reason is not None and "not decodable" in reason
+    assert burnedin.reason_code(reason) == "pixel-clean-undecodable"
 
 
 def _bytes(ds: Dataset) -> bytes:

@@ -45,7 +45,7 @@ def test_deid_without_config_warns_and_summarises(app: typer.Typer, inbox: Path,
     assert result.exit_code == 1, result.output  # the text file failed
     assert "fresh random pseudonym key" in result.output
     assert "de-identified: 2" in result.output
-    assert "quarantined: 1" in result.output and "US, BurnedInAnnotation absent" in result.output
+    assert "quarantined: 1" in result.output and "modality US, SC" in result.output
     assert "failed: 1" in result.output and "notes.txt" in result.output
     files = _outputs(out)
     assert len(files) == 2  # never the quarantined one

@@ -84,7 +84,8 @@ def test_result_payload_matches_schema(engine: InferenceEngine) -> None:
     model["review_reasons"] = list(model["review_reasons"])
     data = {
         "study": {"ref": "s", "patient_ref": "p", "version": 1, "instances_received": 1,
-                  "instances_processed": 1, "quarantined": [{"instance": "k", "reason": "r"}]},
+                  "instances_processed": 1,
+                  "quarantined": [{"instance": "k", "code": "too-large", "reason": "r"}]},
         "status": "ok", "deidentification": {"method": "m", "options": []},
         "models": [model], "failures": failures, "latency_ms": 12.5,
     }

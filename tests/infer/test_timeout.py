@@ -93,8 +93,8 @@ def test_engine_reports_timeout_as_failure_and_goes_on(
     assert [m["version"] for m in engine.active_models()] == ["0.0.1"]
     outputs, failures = engine.infer(study([make_case(11, 0, kind="ct")]))
     assert outputs == []
-    assert len(failures) == 1 and "lesion-demo 0.0.1 failed" in failures[0]
-    assert "timed out" in failures[0]
+    assert len(failures) == 1 and "lesion-demo 0.0.1 failed" in str(failures[0])
+    assert "timed out" in str(failures[0]) and failures[0].code == "timeout"
     failed = events.named("model.failed")
     assert failed and failed[0]["error"] == "ModelTimeout" and failed[0]["study"] == "study-ref"
     # The engine stays usable after a timeout.
@@ -114,5 +114,6 @@ def test_model_with_wrong_outputs_fails_cleanly(
                                                environment="production",
                                                publisher_keys=(publisher[1],)), audit=events)
     outputs, failures = engine.infer(study([make_case(11, 2, kind="ct")]))
-    assert outputs == [] and "2 outputs for 3 labels" in failures[0]
+    assert outputs == [] and "2 outputs for 3 labels" in str(failures[0])
+    assert failures[0].code == "output-mismatch"
     engine.close()

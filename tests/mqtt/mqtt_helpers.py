@@ -161,11 +161,14 @@ def harness(box: Box, *, start: bool = True) -> Iterator[Harness]:
     alerts: list[tuple[str, dict[str, object]]] = []
 
     def status(online: bool) -> dict[str, Any]:
+        # The source a box uses: the egress guard validates it by format.
         return cloudevents.envelope(kind="status", source=f"edge-agent/{cfg.site}/{cfg.device}",
                                     data={
-            "state": "online" if online else "offline",
-            "since": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            "agent_version": "test", "site": cfg.site, "device": cfg.device, "models": []})
+                                        "state": "online" if online else "offline",
+                                        "since": datetime.now(UTC).isoformat().replace(
+                                            "+00:00", "Z"),
+                                        "agent_version": "test", "site": cfg.site,
+                                        "device": cfg.device, "models": []})
 
     pub = Publisher(cfg, outbox, birth=lambda: status(True), offline=lambda: status(False),
                     on_alert=lambda e, d: alerts.append((e, d)))

@@ -7,14 +7,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
+from datetime import UTC, datetime
 
 from mqtt_helpers import Collector
-from support import Box, Broker, Daemon, set_config, wait_for
+from support import REPO, Box, Broker, Daemon, set_config, wait_for
 
-from agent import cloudevents, egress
+from agent import cloudevents, egress, vocabulary
 from agent import config as cfgmod
 from agent.audit import tail
 from agent.crypto import KeyEncryptionKey
+from agent.deid import Deidentifier, DeidSettings
 from agent.outbox import Outbox
 from agent.types import PhiFingerprint
 
@@ -59,6 +62,104 @@ def test_phi_patterns_are_caught_without_a_fingerprint() -> None:
     assert egress.check(result({"x": "078-05-1120"})) == egress.GuardHit("ssn")
     assert egress.check(result({"x": "1.2.840.10008.5.1.4.1.1.2.77"})) == \
         egress.GuardHit("dicom-uid")
+
+
+TODAY = datetime.now(UTC)
+TODAY_GUARD = PhiFingerprint(frozenset({"NONE^BOB", "LI^WU", "4711", TODAY.strftime("%Y%m%d"),
+                                        "1.2.840.113619.2.55.3.604688119.971.1234567890.7"}))
+
+
+def test_a_study_of_today_passes_though_every_envelope_carries_its_date() -> None:
+    """The envelope is checked by its format: its time shares the date of every study
+    acquired today.  The same date in ``data`` is still a study value."""
+    payload = result({"study": {"ref": "2.25.1234567890123456789"}, "status": "ok"})
+    assert TODAY.strftime("%Y-%m-%d") in json.loads(payload)["time"]
+    assert egress.check(payload, TODAY_GUARD, made_at=time.time()) is None
+    leaky = result({"study": {"ref": "2.25.1"}, "acquired": TODAY.strftime("%Y-%m-%d")})
+    assert egress.check(leaky, TODAY_GUARD) == egress.GuardHit("study-value")
+
+
+def test_the_envelope_is_validated_by_its_format() -> None:
+    good = json.loads(result({"status": "ok"}))
+    bad = {
+        "a birth date as the time": {"time": "1931-04-17T00:00:00Z"},
+        "a time that is not a timestamp": {"time": "zebulon"},
+        "a name in the source": {"source": "edge-agent/dev-site/Muller^Zebulon"},
+        "an id that is not a UUID": {"id": PID},
+        "another content type": {"datacontenttype": "text/plain"},
+        "another spec version": {"specversion": "0.3"},
+    }
+    for what, change in bad.items():
+        payload = json.dumps(good | change)
+        assert egress.check(payload, GUARD, made_at=time.time()) == \
+            egress.GuardHit("envelope"), what
+    # Attributes that are not envelope fields are checked like data.
+    for extra in ({"subject": STUDY_UID}, {"note": "zebulon"}, {PID: "x"}):
+        assert egress.check(json.dumps(good | extra), GUARD) == \
+            egress.GuardHit("study-value"), extra
+    assert egress.check(json.dumps(good), GUARD, made_at=time.time()) is None
+
+
+def test_the_boxs_own_words_are_not_study_values() -> None:
+    """A patient NONE^BOB and the method text "...; options: none"; LI^WU and the fixed
+    descriptions; a standard transfer syntax UID and the UID pattern."""
+    method = Deidentifier(DeidSettings(), b"k" * 32).describe()
+    assert method.endswith("options: none")
+    vocabulary.allow([method])  # what the pipeline does for its configured method
+    payload = result({
+        "study": {"ref": "2.25.1234711000000000000", "patient_ref": "ABCDEF0123456789",
+                  "quarantined": [{"instance": "0123456789ab", "code": code, "reason": text}
+                                  for code, text in vocabulary.QUARANTINE.items()]},
+        "deidentification": {"method": method, "options": []},
+        "failures": [{"code": code, "reason": text, "transfer_syntax": "RLELossless"}
+                     for code, text in vocabulary.FAILURE.items()],
+        "latency_ms": 4711.3, "standard": "1.2.840.10008.1.2.4.50",
+        "models": [{"review_reasons": [vocabulary.REVIEW_BAND.format(p=0.4711, low=0.35,
+                                                                      high=0.65)]}],
+    })
+    assert egress.check(payload, TODAY_GUARD, made_at=time.time()) is None
+
+
+def test_study_text_is_still_caught_beside_the_boxs_words() -> None:
+    region = vocabulary.REGION_ABOVE.format(label="{label}", where="image 1", x=1, y=2, w=3,
+                                            h=4, score=0.5, drop=0.1)
+    cases = {
+        "the name in free text": {"note": "patient none"},
+        "short name parts as words": {"reason": "BurnedInAnnotation LI WU"},
+        "a numeric id alone": {"n": 4711},
+        "a numeric id in text": {"note": "pid 4711"},
+        "a name in a template's hole": {"text": region.replace("{label}", "Bob None")},
+        "a study UID beside a fixed word": {"failure": "pixels-undecodable 1.2.840.113619.2.5"},
+        "the study date, DICOM spelling": {"d": TODAY.strftime("%Y%m%d")},
+    }
+    for what, data in cases.items():
+        assert egress.check(result(data), TODAY_GUARD) is not None, what
+    # Short parts are whole words: "delivery" and "wunderbar" are not Li Wu.
+    assert egress.check(result({"note": "delivery wunderbar"}), TODAY_GUARD) is None
+    assert egress.check(result({"x": "1.2.840.10008.5.1.4.1.1.2.77"})) == \
+        egress.GuardHit("dicom-uid")
+
+
+def test_result_schema_and_fleet_doc_list_exactly_the_vocabulary() -> None:
+    schema = json.loads((REPO / "docs" / "schemas" / "result.schema.json").read_text())
+    study = schema["properties"]["study"]["properties"]
+    assert set(study["quarantined"]["items"]["properties"]["code"]["enum"]) == \
+        set(vocabulary.QUARANTINE)
+    failure = schema["properties"]["failures"]["items"]["properties"]
+    assert set(failure["code"]["enum"]) == set(vocabulary.FAILURE)
+
+    def keys(node: object) -> set[str]:
+        if isinstance(node, dict):
+            own = set(node.get("properties", {}))
+            return own | {k for v in node.values() for k in keys(v)}
+        if isinstance(node, list):
+            return {k for v in node for k in keys(v)}
+        return set()
+
+    assert keys(schema) <= set(vocabulary.RESULT_KEYS)
+    fleet = (REPO / "docs" / "fleet.md").read_text()
+    for code in (*vocabulary.QUARANTINE, *vocabulary.FAILURE):
+        assert f"| `{code}` |" in fleet, f"docs/fleet.md does not explain {code}"
 
 
 def test_log_lines_are_scrubbed_of_planted_values_and_patterns() -> None:
