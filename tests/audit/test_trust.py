@@ -321,3 +321,35 @@ def test_a_store_that_cannot_write_holds_intake_instead_of_dropping(
             and r["outcome"] != "success"]
     assert held, [r["event"] for r in recs]
     assert not [r for r in recs if r["event"] == "audit.events_lost"]
+
+
+def test_events_beyond_the_queue_are_counted_alerted_and_recorded(
+        box: Box, broker: Broker) -> None:
+    set_config(box, "dicom", "workers", "1")
+    set_config(box, "audit", "max_queue", "1")
+    audit_dir = box.state / "audit"
+    with _small_fs(audit_dir):
+        d = Daemon(box)
+        d.start()
+        try:
+            filler = _fill(audit_dir)
+            for _ in range(3):  # the 1st record fails and waits; later ones find the queue full
+                _store_one(box)
+            status = json.loads(_cli("status", "--config", str(box.config), "--json").stdout)
+            lost = status["audit"]["lost"]
+            assert lost >= 1 and status["audit"]["held"] == 1, status["audit"]
+            assert "SECURITY: audit events are being lost" in d.log_text()
+            filler.unlink()
+            wait_for(lambda: _store_one(box)[0] == 0x0000, 60, "intake to resume")
+        finally:
+            assert d.stop() == 0
+        res = _cli("audit", "verify", "--config", str(box.config))
+        assert res.returncode == 0, res.stdout
+        recs = _records(box)
+    # The gap is in the chain: what was kept, then how many could not be.
+    gap = [r for r in recs if r["event"] == "audit.events_lost"]
+    # (a refusal may still have found the queue full between the status call and recovery)
+    assert len(gap) == 1 and gap[0]["details"]["count"] >= lost, gap
+    assert gap[0]["outcome"] == "major_failure"
+    assert recs.index(gap[0]) > next(i for i, r in enumerate(recs)
+                                     if r["event"] == "association.accepted")
