@@ -215,6 +215,9 @@ class AuditLog:
         key = f"ingested:{journal}"
         with self._lock:
             self._flush()
+            # Counting repeats changes the summaries: undone if the write rolls back,
+            # since the journal then delivers the same records again.
+            summaries = self._summaries.snapshot()
             try:
                 with self._transaction():
                     done = int(self._store.meta(key) or 0)
@@ -226,6 +229,7 @@ class AuditLog:
                     last = fresh[-1][0]
                     self._store.set_meta(key, str(last))
             except Exception as exc:
+                self._summaries.restore(summaries)
                 self._failing = _why(exc)
                 raise
             self._failing = None

@@ -19,6 +19,7 @@ refusal of each window is on record).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .store import iso
 
 MAX_KEYS = 1024
 _MANY = "*"
+_NEVER = 1 << 62
 
 Key = tuple[str, str, str, str]  # event, source, reason, status
 
@@ -55,6 +57,7 @@ class Summaries:
         self._lock = threading.Lock()
         self._open: dict[Key, _Window] = {}
         self._ready: list[tuple[int, dict[str, object]]] = []
+        self._next_due = _NEVER  # no open window ends before this (skips needless scans)
 
     def absorb(self, entry: Mapping[str, object], ts_us: int) -> bool:
         """True when ``entry`` repeats a refusal inside its window: counted, not written.
@@ -84,6 +87,7 @@ class Summaries:
             if w is not None:
                 self._close(key, w, ts_us)
             self._open[key] = _Window(ts_us, str(entry.get("outcome", "minor_failure")))
+            self._next_due = min(self._next_due, ts_us + self.window_us)
             return False
 
     def take(self, now_us: int, *, everything: bool = False) -> list[tuple[int, dict[str, object]]]:
@@ -101,12 +105,26 @@ class Summaries:
         with self._lock:
             return sum(w.repeated for w in self._open.values())
 
+    def snapshot(self) -> object:
+        """The whole state, for ``restore`` when the write that used it rolled back."""
+        with self._lock:
+            return copy.deepcopy((self._open, self._ready, self._next_due, self.absorbed))
+
+    def restore(self, state: object) -> None:
+        with self._lock:
+            self._open, self._ready, self._next_due, self.absorbed = copy.deepcopy(state)  # type: ignore[misc]
+
     # -- internals (callers hold self._lock) ---------------------------------------------
 
     def _close_expired(self, now_us: int) -> None:
+        if now_us < self._next_due:
+            return
+        self._next_due = _NEVER
         for key, w in list(self._open.items()):
             if now_us - w.start_us >= self.window_us:
                 self._close(key, w, now_us)
+            else:
+                self._next_due = min(self._next_due, w.start_us + self.window_us)
 
     def _close(self, key: Key, w: _Window, now_us: int) -> None:
         del self._open[key]

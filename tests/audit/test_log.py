@@ -366,3 +366,50 @@ def test_record_survives_bad_input_and_a_closed_store(ab: AuditBox) -> None:
     log.record("daemon.stopped")  # must not raise
     log.checkpoint()
     assert log.errors == 2
+
+
+def test_summaries_count_every_refusal_with_bounded_records() -> None:
+    from agent.audit.summary import Summaries
+
+    s = Summaries(60.0, max_keys=3)
+    written: list[dict[str, object]] = []
+    t = BASE
+    for round_ in range(5):
+        for peer in range(10):  # more peers than open windows
+            t += 1
+            e = {"event": "association.rejected", "outcome": "minor_failure",
+                 "source": f"10.0.0.{peer}", "details": {"reason": "not allowed"}}
+            if not s.absorb(e, t):
+                written.append(e)
+    # Past the window everything is summarised; the next refusal starts a new window.
+    later = t + 61_000_000
+    summaries = [x for _, x in s.take(later)]
+    written += summaries
+    assert len(written) <= 3 + 1 + 3 + 1  # firsts (3 keys + "many"), then their summaries
+    counted = sum(int(x["details"]["repeated"]) if x["details"].get("summary")  # type: ignore[index,attr-defined]
+                  else 1 for x in written)
+    assert counted == 50
+    assert any(x["details"].get("peers") == "many" for x in summaries)  # type: ignore[attr-defined]
+    assert not s.take(later, everything=True)
+
+
+def test_ingest_that_rolls_back_does_not_count_twice(ab: AuditBox) -> None:
+    log = ab.open(AuditSettings(checkpoint_every=1000, checkpoint_seconds=3600))
+    refusal = {"event": "association.rejected", "outcome": "minor_failure",
+               "source": "10.9.9.9", "details": {"reason": "not allowed"}}
+    batch = [(i, BASE + i, refusal) for i in range(1, 6)]
+    # The write fails after the records were looked at (as a full disk fails an INSERT).
+    with sqlite3.connect(ab.db, isolation_level=None) as other:
+        other.execute("CREATE TRIGGER full BEFORE INSERT ON records "
+                      "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.DatabaseError):
+        log.ingest("inbox", batch)
+    assert log.intake_hold() is not None
+    with sqlite3.connect(ab.db, isolation_level=None) as other:
+        other.execute("DROP TRIGGER full")
+    assert log.ingest("inbox", batch) == 5  # delivered again by the journal
+    log.close()
+    rows = [r for r in records_between(ab.db, ab.kek, datetime(2000, 1, 1, tzinfo=UTC),
+                                       datetime(2100, 1, 1, tzinfo=UTC))
+            if r["event"] == "association.rejected"]
+    assert [r["details"].get("repeated") for r in rows] == [None, 4]
