@@ -333,9 +333,8 @@ def check_spool(cfg: Config) -> Iterator[Check]:
 
 def check_audit(cfg: Config) -> Iterator[Check]:
     from agent.audit import verify
-    from agent.crypto import KeyEncryptionKey
-
     from agent.audit.anchor import path_for
+    from agent.crypto import KeyEncryptionKey
 
     db = cfg.state_dir / "audit" / "audit.db"
     if not db.exists() and not path_for(db).exists():

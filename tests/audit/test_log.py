@@ -374,7 +374,7 @@ def test_summaries_count_every_refusal_with_bounded_records() -> None:
     s = Summaries(60.0, max_keys=3)
     written: list[dict[str, object]] = []
     t = BASE
-    for round_ in range(5):
+    for _ in range(5):
         for peer in range(10):  # more peers than open windows
             t += 1
             e = {"event": "association.rejected", "outcome": "minor_failure",
