@@ -126,18 +126,22 @@ def test_a_refusal_flood_becomes_counted_summary_records(box: Box, broker: Broke
     ae.acse_timeout = ae.network_timeout = 30
     flood = 150
     for _ in range(flood):
-        assert _associate(box, "INTRUDER", ae).is_rejected
+        # Refused by the allowlist (or, on a loaded machine, by the per-peer connection
+        # cap before any association): either way refused, and audited.
+        assert not _associate(box, "INTRUDER", ae).is_established
     assert d.stop() == 0
     rejected = [r for r in _records(box) if r["event"] == "association.rejected"]
-    # Bounded: one record when a (peer, reason) starts refusing, one summary per window.
-    assert 2 <= len(rejected) <= 6, len(rejected)
-    summaries = [r for r in rejected if r["details"].get("summary")]
-    assert summaries
+    # Bounded: per (peer, reason) one record when it starts refusing, one summary per window.
+    assert 2 <= len(rejected) <= 8, [(r["details"]["reason"], r["details"].get("repeated"))
+                                      for r in rejected]
     counted = sum(int(r["details"]["repeated"]) if r["details"].get("summary") else 1
                   for r in rejected)
-    assert counted == flood
+    assert counted == flood, [(r["details"]["reason"], r["details"].get("repeated"))
+                              for r in rejected]
+    summaries = [r for r in rejected if r["details"].get("summary")]
+    assert any(s["details"]["reason"] == "calling AE title/address not allowed"
+               for s in summaries), summaries
     for s in summaries:
-        assert s["details"]["reason"] == "calling AE title/address not allowed"
         assert s["details"]["first_time"] <= s["details"]["last_time"]
         assert s["source"] == "127.0.0.1"
 
