@@ -174,6 +174,14 @@ class AuditSettings:
     checkpoint_seconds: float = 300.0
     retention_days: int = 2190  # HIPAA documentation retention: six years
     max_bytes: int = 5 * 1024**3
+    # The byte budget never shreds a day younger than this: volume an attacker can
+    # generate must not wash real history out (docs/audit.md, "Retention").
+    min_retention_days: int = 90
+    # Repeated refusals of one (event, peer, reason) inside this window become one
+    # counted summary record instead of one record each.
+    summary_seconds: float = 60.0
+    # Events held in memory while the store cannot write (intake is held meanwhile).
+    max_queue: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -543,6 +551,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         checkpoint_seconds=r.get("audit.checkpoint_seconds", float, 300.0, check=_positive),
         retention_days=r.get("audit.retention_days", int, 2190, check=_positive),
         max_bytes=r.get("audit.max_bytes", int, 5 * 1024**3, check=_positive),
+        min_retention_days=r.get("audit.min_retention_days", int, 90,
+                                 check=lambda v: None if v >= 0 else "must be 0 or more"),
+        summary_seconds=r.get("audit.summary_seconds", float, 60.0, check=_positive),
+        max_queue=r.get("audit.max_queue", int, 10_000, check=_positive),
     )
     outbox = OutboxSettings(max_bytes=r.get("outbox.max_bytes", int, 2 * 1024**3, check=_positive))
     control = ControlSettings(

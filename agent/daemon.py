@@ -89,9 +89,11 @@ class Daemon:
         self.kek = KeyEncryptionKey.from_file(cfg.keys.kek)
         self.pseudonym_key = load_key_file(cfg.keys.pseudonym, purpose="pseudonym")
         self.outbox = Outbox(state / "outbox" / "outbox.db", self.kek, cfg.outbox.max_bytes)
+        # Peer strings (AE titles, addresses) are published as pseudonyms under this key.
         self.audit_log = AuditLog(
             state / "audit" / "audit.db", self.kek, cfg.keys.audit_signing, cfg.audit,
             box=f"{cfg.site}/{cfg.device}", publish=self._publish_audit,
+            peer_key=self.pseudonym_key,
         )
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
@@ -113,9 +115,12 @@ class Daemon:
                                    on_stored=lambda _r: self._work.set(),
                                    accepting=self._intake.is_set, receipts=self.audit_log)
         else:
+            # Workers journal their audit records in the inbox (durable), so only the
+            # in-process node feeds the audit queue and needs its hold.
             self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
                                   on_stored=lambda _r: self._work.set(),
-                                  accepting=self._intake.is_set, receipts=self.audit_log)
+                                  accepting=self._intake.is_set, receipts=self.audit_log,
+                                  hold=self.audit_log.intake_hold)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d))
@@ -146,13 +151,20 @@ class Daemon:
         return f"edge-agent/{self.cfg.site}/{self.cfg.device}"
 
     def _publish_audit(self, data: dict[str, object]) -> None:
-        # A stable id per checkpoint: a checkpoint re-sent after a crash dedupes.
-        # OutOfResources propagates so the audit log keeps it unpublished and retries.
+        # A stable id per checkpoint and per events part: one re-sent after a crash
+        # dedupes.  OutOfResources propagates so the audit log keeps the checkpoint
+        # unpublished and retries.
         cp = data.get("checkpoint")
-        body = cp.get("body") if isinstance(cp, dict) else None
-        number = body.get("checkpoint") if isinstance(body, dict) else None
-        eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "audit", str(number))
-        ev = cloudevents.envelope(kind="audit", source=self._source(), data=dict(data),
+        if isinstance(cp, dict):
+            body = cp.get("body")
+            number = body.get("checkpoint") if isinstance(body, dict) else None
+            kind, eid = "audit", cloudevents.stable_id(self.cfg.site, self.cfg.device, "audit",
+                                                       str(number))
+        else:
+            kind, eid = "audit.events", cloudevents.stable_id(
+                self.cfg.site, self.cfg.device, "audit-events", str(data.get("covered_by")),
+                str(data.get("part")))
+        ev = cloudevents.envelope(kind=kind, source=self._source(), data=dict(data),
                                   event_id=eid)
         self.outbox.enqueue("audit", eid, cloudevents.encode(ev))
 
@@ -256,12 +268,19 @@ class Daemon:
                 "dicom_connections_refused": r.connections_refused,
                 "dicom_rate_limited": r.rate_limited,
                 "dicom_tls_failures": r.tls_failures,
-                "audit_errors": self.audit_log.stats().get("errors", 0),
+                **self._audit_security(),
             },
             "interval_s": self.cfg.telemetry.interval_seconds,
             "models": self.engine.active_models(),
             "drift": self.engine.drift_report(),
         }
+
+    def _audit_security(self) -> dict[str, int]:
+        a = self.audit_log.stats()
+        return {"audit_errors": a["errors"], "audit_lost": a["lost"],
+                "audit_held": a["held"], "audit_log_replaced": a["log_replaced"],
+                "audit_over_budget": a["over_budget"],
+                "audit_refusals_summarised": a["refusals_summarised"]}
 
     def _telemetry(self) -> None:
         interval = self.cfg.telemetry.interval_seconds

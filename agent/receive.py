@@ -923,6 +923,7 @@ class StorageSCP:
         journal_receipts: bool = False,
         admission: Admission | None = None,
         on_ended: Callable[[str, int], None] | None = None,
+        hold: Callable[[], str | None] | None = None,
     ) -> None:
         """``receipts``: when given, the audit record of each stored instance is
         journaled in the inbox's index transaction and moved to it in batches by
@@ -930,8 +931,11 @@ class StorageSCP:
         before Success.  ``journal_receipts`` journals them without draining
         (a receive worker: the main process drains).  ``admission`` replaces the
         per-peer rate and association-count checks, for a worker whose
-        connections were counted by the main process at accept."""
+        connections were counted by the main process at accept.  ``hold``: asked
+        before an association and a C-STORE; a reason refuses them (0xA700), e.g.
+        ``AuditLog.intake_hold`` while the audit trail cannot record."""
         self.s = settings
+        self.hold = hold
         self.inbox = inbox
         self.audit = audit
         self.on_stored = on_stored or (lambda _r: None)
@@ -1088,6 +1092,10 @@ class StorageSCP:
             if not self.accepting():
                 self._reject(event, 0x02, 0x03, 0x01, "not accepting (shutting down)")
                 return
+            held = self.hold() if self.hold is not None else None
+            if held is not None:
+                self._reject(event, 0x02, 0x03, 0x02, held)
+                return
             verdict = (self.admission(addr, int(event.assoc.requestor.port or 0))
                        if self.admission is not None else None)
             if not (verdict.rate_ok if verdict is not None
@@ -1190,6 +1198,9 @@ class StorageSCP:
                 raise Refused(STATUS_CANNOT_UNDERSTAND, "no valid Affected SOP Instance UID")
             pending, header, tsyntax = sink.finish()
             try:
+                held = self.hold() if self.hold is not None else None
+                if held is not None:
+                    raise Refused(STATUS_OUT_OF_RESOURCES, held)
                 if header.sop_class is not None and header.sop_class != sop_class:
                     raise Refused(STATUS_DATASET_MISMATCH,
                                   "data set SOP class differs from the C-STORE request")
@@ -1282,10 +1293,13 @@ class _DirectStore:
 
 
 def audit_refused(audit: AuditFn, throttle: AuditThrottle, peer: str, why: str) -> None:
-    """Audit and log a connection refused before any association (throttled per peer)."""
+    """Audit a connection refused before any association; log it throttled per peer.
+
+    Every refusal goes to the audit log, which counts repeats into summary
+    records (agent/audit/summary.py): throttling here lost them uncounted."""
+    audit("association.rejected", outcome="minor_failure", source=peer,
+          details={"reason": why})
     if throttle.due(peer, why):
-        audit("association.rejected", outcome="minor_failure", source=peer,
-              details={"reason": why})
         log.warning("refused connection from %s: %s", peer, why)
 
 

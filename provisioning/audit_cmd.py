@@ -1,7 +1,7 @@
 """`edge-agent audit verify|export|tail`: thin CLI over agent.audit.
 
-verify exits 0 only when the log is intact (1 when damaged, 2 on usage or
-config errors); export is restricted to root and the auditor group and is
+verify exits 0 only when the log is intact (1 when damaged or not verifiable,
+2 on usage or config errors); export is restricted to root and the auditor group and is
 itself recorded as an audit event before anything is written.
 """
 
@@ -22,7 +22,7 @@ from agent import control
 from agent.audit import records_between, tail, verify, write_atna_xml, write_jsonl
 from agent.audit.cli import CliEvent, db_path, record_cli
 from agent.config import Config
-from agent.crypto import KeyEncryptionKey
+from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.errors import AccessDenied, AuditError, EdgeAgentError
 
 audit_app = typer.Typer(help="Verify, export and read the audit trail.", no_args_is_help=True)
@@ -121,7 +121,8 @@ def verify_cmd(
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     if as_json:
-        typer.echo(json.dumps({"ok": report.ok, "problems": report.problems,
+        typer.echo(json.dumps({"ok": report.ok, "state": report.state,
+                               "problems": report.problems,
                                "notes": report.notes, "records": report.records,
                                "checkpoints": report.checkpoints,
                                "first_seq": report.first_seq, "last_seq": report.last_seq,
@@ -132,6 +133,11 @@ def verify_cmd(
             typer.echo(f"  problem: {p}")
         for n in report.notes:
             typer.echo(f"  note: {n}")
+    if not ctx.db.exists():
+        # Recording would start a new log here; the daemon does that, loudly, at start.
+        typer.echo("warning: not recorded in the audit log: its database is missing",
+                   err=True)
+        raise typer.Exit(1)
     try:
         _record(ctx, "cli.action", outcome="success" if report.ok else "minor_failure",
                 details={"command": "audit.verify", "intact": report.ok,
@@ -194,7 +200,9 @@ def tail_cmd(
     """The latest records, pseudonymised (no PHI): for operators."""
     try:
         ctx = _load(config)
-        rows = tail(ctx.db, ctx.kek, max(1, n))
+        # Peer names as central ops sees them: keyed with the box's pseudonym key.
+        rows = tail(ctx.db, ctx.kek, max(1, n),
+                    load_key_file(ctx.cfg.keys.pseudonym, purpose="pseudonym"))
         _record(ctx, "cli.action", details={"command": "audit.tail", "records": len(rows)})
     except EdgeAgentError as exc:
         raise _fail(exc) from None

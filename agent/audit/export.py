@@ -9,6 +9,7 @@ is itself an audited access; the CLI records it before writing anything.
 from __future__ import annotations
 
 import json
+import sqlite3
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from datetime import datetime
@@ -16,9 +17,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.crypto import KeyEncryptionKey
+from agent.errors import AuditError
 
 from . import events
-from .projection import project
+from .projection import PeerNames, project
 from .store import Store, connect, decrypt_rows
 
 # DICOM PS3.15 A.5.2.2: 4 = Application Server process or thread.
@@ -41,18 +43,33 @@ def records_between(db_path: Path, kek: KeyEncryptionKey, since: datetime, until
                 continue
             out.append(rec)
         return out
+    except sqlite3.DatabaseError as exc:
+        raise damaged(db_path, exc) from None
     finally:
         conn.close()
 
 
-def tail(db_path: Path, kek: KeyEncryptionKey, n: int = 20) -> list[dict[str, object]]:
-    """The last ``n`` records, pseudonymised (what an operator may see)."""
+def tail(db_path: Path, kek: KeyEncryptionKey, n: int = 20,
+         peer_key: bytes | None = None) -> list[dict[str, object]]:
+    """The last ``n`` records, pseudonymised as published (what an operator may see).
+
+    ``peer_key``: the box's pseudonym key, so peer names match the published ones.
+    """
+    peers = PeerNames(peer_key if peer_key is not None else kek.key)
     conn = connect(db_path, readonly=True)
     try:
         store = Store(conn)
-        return [project(rec) for _, rec in decrypt_rows(store, kek, store.last_rows(n))]
+        return [project(rec, peers) for _, rec in decrypt_rows(store, kek, store.last_rows(n))]
+    except sqlite3.DatabaseError as exc:
+        raise damaged(db_path, exc) from None
     finally:
         conn.close()
+
+
+def damaged(db_path: Path, exc: sqlite3.DatabaseError) -> AuditError:
+    return AuditError(f"audit database {db_path} is damaged ({exc})",
+                      hint="run 'edge-agent audit verify' for a report of what is readable; "
+                           "keep the file as evidence")
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:

@@ -5,6 +5,13 @@ shredded records always form a prefix of the chain (seq 1..floor).  The last
 shredded record's hash (the floor hash) anchors the surviving chain, and the
 ``audit.retention`` record written in the same transaction attests it, so
 verify still passes on what remains.
+
+Two rules, in this order: age (days older than ``retention_days`` go), then
+volume (oldest days while over ``max_bytes``), but volume never takes a day
+younger than ``min_retention_days``.  Volume is something an attacker can
+make (refusals are summarised, yet other events are not); it must not be able
+to wash recent history out.  When nothing is old enough, the store stays over
+budget and the log raises ``audit.over_budget`` instead.
 """
 
 from __future__ import annotations
@@ -24,22 +31,32 @@ class ShredResult:
     floor_hash: bytes
 
 
+@dataclass(frozen=True)
+class Plan:
+    days: list[str]  # to shred, oldest first
+    over_budget: bool  # still over max_bytes after shredding them
+    remaining_bytes: int
+
+
 def expired_days(live_days: Sequence[str], *, today: date, retention_days: int,
-                 stored_bytes: int, max_bytes: int, day_bytes: dict[str, int]) -> list[str]:
-    """Days to shred: older than the retention period, then oldest until under the budget.
+                 min_retention_days: int, stored_bytes: int, max_bytes: int,
+                 day_bytes: dict[str, int]) -> Plan:
+    """Days to shred: older than the retention period, then oldest until under the
+    budget, but never for volume a day younger than ``min_retention_days``.
 
     ``live_days`` are the days whose key still exists, oldest first; the newest is kept.
     """
     candidates = sorted(live_days)[:-1]
     cutoff = (today - timedelta(days=retention_days)).isoformat()
+    floor = (today - timedelta(days=min_retention_days)).isoformat()
     chosen = [d for d in candidates if d < cutoff]
     remaining = stored_bytes - sum(day_bytes.get(d, 0) for d in chosen)
     for d in candidates[len(chosen):]:
-        if remaining <= max_bytes:
+        if remaining <= max_bytes or d >= floor:
             break
         chosen.append(d)
         remaining -= day_bytes.get(d, 0)
-    return chosen
+    return Plan(chosen, remaining > max_bytes, remaining)
 
 
 def day_sizes(store: Store) -> dict[str, int]:

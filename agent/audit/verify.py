@@ -5,11 +5,18 @@ investigator knows where to look.  The verifier trusts only the genesis
 public key (given explicitly, or the one pinned in the database) and, when
 given, the checkpoints published to central ops: those cannot be rewritten
 by someone with root on the box.
+
+Three outcomes: INTACT; DAMAGED (problems found, each named); NOT VERIFIABLE
+(the history cannot be judged from the box alone: the database is missing
+while the anchor says the box had a log, or this log began after an earlier
+one went missing).  A damaged SQLite file (truncated, overwritten) is a
+DAMAGED report of what could be read, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +25,7 @@ from typing import Any
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AuditError, EdgeAgentError
 
+from . import anchor
 from .checkpoint import Checkpoint, Ratchet, check_signature, checkpoint_from_json, evolve, public_bytes
 from .store import ZERO_HASH, Store, connect, genesis_prev, open_record, record_hash
 
@@ -32,9 +40,16 @@ class VerifyReport:
     first_seq: int = 0
     last_seq: int = 0
     shredded_through: int = 0
+    verifiable: bool = True  # False: cannot be judged without what central ops holds
+
+    @property
+    def state(self) -> str:
+        if self.ok:
+            return "INTACT"
+        return "NOT VERIFIABLE" if not self.verifiable else "DAMAGED"
 
     def summary(self) -> str:
-        state = "INTACT" if self.ok else f"DAMAGED ({len(self.problems)} problem(s))"
+        state = self.state if self.ok else f"{self.state} ({len(self.problems)} problem(s))"
         return (f"audit log {state}: {self.records} records (seq {self.first_seq}.."
                 f"{self.last_seq}), {self.checkpoints} checkpoints, shredded through seq "
                 f"{self.shredded_through}")
@@ -54,25 +69,58 @@ def _public_key(value: Path | bytes | str | None) -> bytes | None:
     return value
 
 
-def _published_checkpoint(item: Mapping[str, Any]) -> Checkpoint:
-    """Accept the audit payload, or a whole CloudEvents envelope around it."""
+def _payload(item: Mapping[str, Any]) -> Any:
+    """The audit payload of a published item (or of a CloudEvents envelope around it)."""
     data: Any = item.get("data", item) if "checkpoint" not in item else item
-    if isinstance(data, str):
-        data = json.loads(data)
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def _published_checkpoint(item: Mapping[str, Any]) -> Checkpoint:
+    data = _payload(item)
     if not isinstance(data, Mapping) or not isinstance(data.get("checkpoint"), Mapping):
         raise AuditError("published item has no checkpoint")
     return checkpoint_from_json(data["checkpoint"])
 
 
+def _is_events(item: Mapping[str, Any]) -> bool:
+    """An events message (published beside its checkpoint): nothing to check it against."""
+    try:
+        data = _payload(item)
+    except ValueError:
+        return False
+    return isinstance(data, Mapping) and "events" in data and "checkpoint" not in data
+
+
 def verify(db_path: Path, kek: KeyEncryptionKey,
            public_key_path_or_bytes: Path | bytes | str | None = None,
            published: Sequence[Mapping[str, Any]] = (), *,
-           signing_key_path: Path | None = None) -> VerifyReport:
-    """Check the whole audit log; ``report.ok`` only when nothing is wrong."""
-    conn = connect(db_path, readonly=True)
+           signing_key_path: Path | None = None,
+           anchor_path: Path | None = None) -> VerifyReport:
+    """Check the whole audit log; ``report.ok`` only when nothing is wrong.
+
+    ``anchor_path``: the anchor file (``<state_dir>/audit-anchor.json`` by default).
+    """
+    anchor_path = anchor_path or anchor.path_for(db_path)
     try:
-        return _Verifier(Store(conn), kek).run(
-            _public_key(public_key_path_or_bytes), published, signing_key_path)
+        known = anchor.read(anchor_path)
+        anchor_problem = None
+    except AuditError as exc:
+        known, anchor_problem = None, str(exc.args[0])
+    if not db_path.exists() and known is not None:
+        return VerifyReport(False, [
+            f"the audit database {db_path} is missing, but this box had an audit log "
+            f"({known.describe()}, per {anchor_path}): its records are gone. Verify what "
+            "central ops received (--published) against the genesis key pinned there"],
+            verifiable=False)
+    trusted = _public_key(public_key_path_or_bytes)
+    conn = connect(db_path, readonly=True)
+    v = _Verifier(Store(conn), kek)
+    if anchor_problem is not None:
+        v.notes.append(f"{anchor_problem}: not compared with the anchor")
+    try:
+        return v.run(trusted, published, signing_key_path, known)
+    except sqlite3.DatabaseError as exc:
+        return v.damaged(db_path, exc, known)
     finally:
         conn.close()
 
@@ -84,9 +132,24 @@ class _Verifier:
         self.problems: list[str] = []
         self.notes: list[str] = []
         self.unwrappable: set[str] = set()
+        self.verifiable = True
+        # Progress, for the report of a database that breaks half-way.
+        self.read_records = 0
+        self.read_last = 0
+
+    def damaged(self, db_path: Path, exc: sqlite3.DatabaseError,
+                known: anchor.Anchor | None) -> VerifyReport:
+        where = (f"; {self.read_records} record(s) were readable before the damage, "
+                 f"up to seq {self.read_last}") if self.read_records else ""
+        self.problems.append(f"the audit database {db_path} is damaged (SQLite: {exc}): "
+                             f"truncated or overwritten{where}")
+        if known is not None:
+            self.problems.append(f"the anchor says this log had {known.describe()}")
+        return VerifyReport(False, self.problems, self.notes, self.read_records, 0,
+                            0, self.read_last, 0)
 
     def run(self, trusted: bytes | None, published: Sequence[Mapping[str, Any]],
-            signing_key_path: Path | None) -> VerifyReport:
+            signing_key_path: Path | None, known: anchor.Anchor | None = None) -> VerifyReport:
         pinned_hex = self.store.meta("genesis_public_key")
         box = self.store.meta("box") or ""
         if pinned_hex is None:
@@ -105,6 +168,7 @@ class _Verifier:
         if trusted is None:
             self.notes.append(f"trusting the genesis key pinned in the database "
                               f"({genesis.hex()[:16]}...); pin it externally with --public-key")
+        self._check_predecessors(trusted)
 
         checkpoints = self.store.checkpoints()
         good = self._walk_checkpoints(checkpoints, genesis, box)
@@ -135,8 +199,49 @@ class _Verifier:
                               floor_hash, box)
         if signing_key_path is not None:
             self._check_ratchet(signing_key_path, checkpoints, genesis)
+        if known is not None:
+            self._check_anchor(known, pinned, checkpoints)
         return VerifyReport(not self.problems, self.problems, self.notes, count,
-                            len(checkpoints), first, last, floor_seq)
+                            len(checkpoints), first, last, floor_seq, self.verifiable)
+
+    # -- what the box knows about earlier logs ------------------------------------------
+    def _check_predecessors(self, trusted: bytes | None) -> None:
+        """A log that began after another went missing is not verifiable from the box."""
+        try:
+            earlier = json.loads(self.store.meta("predecessors") or "[]")
+        except ValueError:
+            self.problems.append("the record of earlier audit logs in the database is malformed")
+            return
+        for p in earlier if isinstance(earlier, list) else []:
+            if not isinstance(p, dict):
+                continue
+            what = (f"this log replaced a previous audit log that was {p.get('why')} when "
+                    f"detected at {p.get('detected')} (genesis "
+                    f"{str(p.get('previous_genesis_public_key'))[:16]}..., last checkpoint "
+                    f"{p.get('previous_checkpoint')}, seq {p.get('previous_seq')}): its "
+                    "records are not here")
+            if trusted is None:
+                self.verifiable = False
+                self.problems.append(
+                    f"{what}. Not verifiable from the box alone: verify against the genesis key "
+                    "pinned by central ops (--public-key) and the checkpoints it received "
+                    "(--published)")
+            else:
+                self.notes.append(what)
+
+    def _check_anchor(self, known: anchor.Anchor, pinned: bytes,
+                      local: list[Checkpoint]) -> None:
+        if known.genesis != pinned.hex():
+            self.problems.append(
+                f"the anchor names genesis key {known.genesis[:16]}... but the database pins "
+                f"{pinned.hex()[:16]}...: the database was replaced since the box last ran")
+            return
+        last = local[-1].number if local else -1
+        if known.checkpoint > last:
+            self.problems.append(
+                f"the anchor records checkpoint {known.checkpoint} (seq {known.seq}, "
+                f"{known.time}) but the database ends at checkpoint {last}: checkpoints were "
+                "removed or the database was rolled back")
 
     # -- checkpoints ----------------------------------------------------------
     def _walk_checkpoints(self, cps: list[Checkpoint], genesis: bytes,
@@ -243,6 +348,7 @@ class _Verifier:
         shredded = {d for d, w, _ in self.store.day_rows() if w is None}
         for row in self.store.rows():
             count += 1
+            self.read_records, self.read_last = count, row.seq
             first = first or row.seq
             last = row.seq
             gap = row.seq != expected
@@ -309,6 +415,8 @@ class _Verifier:
     def _parse_published(self, published: Sequence[Mapping[str, Any]]) -> list[Checkpoint]:
         out: list[Checkpoint] = []
         for i, item in enumerate(published):
+            if _is_events(item):
+                continue
             try:
                 out.append(_published_checkpoint(item))
             except (AuditError, ValueError, json.JSONDecodeError) as exc:

@@ -29,6 +29,7 @@ def cli(tmp_path: Path) -> tuple[typer.Typer, Path, AuditBox]:
     ab = AuditBox(tmp_path)
     ab.db = state / "audit" / "audit.db"
     write_secret_file(tmp_path / "keys" / "kek.key", ab.kek.key.hex().encode())
+    write_secret_file(tmp_path / "keys" / "pseudonym.key", os.urandom(32).hex().encode())
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
 [box]
@@ -77,6 +78,14 @@ def test_verify_reports_a_missing_database_clearly(tmp_path: Path,
     app, cfg, ab = cli
     for p in ab.db.parent.glob("audit.db*"):
         p.unlink()
+    # The anchor outside the database says this box had a log: a failed verification.
+    res = CliRunner().invoke(app, ["audit", "verify", "--config", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert "NOT VERIFIABLE" in res.output and "is missing, but this box had an audit log" \
+        in res.output and "last checkpoint 2 (seq 11" in res.output
+    assert not ab.db.exists(), "verify must not start a new log"
+    # No database and no anchor: nothing was ever there, a usage error.
+    (ab.db.parent.parent / "audit-anchor.json").unlink()
     res = CliRunner().invoke(app, ["audit", "verify", "--config", str(cfg)])
     assert res.exit_code == 2
     assert "audit database" in res.output and "does not exist" in res.output

@@ -36,7 +36,8 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "instance.conflict study.completed deid.applied instance.quarantined inference.done "
              "inference.failed model.refused model.changed message.published egress.blocked "
              "security.alert config.loaded cli.action key.rotated cert.changed audit.exported "
-             "audit.retention daemon.started daemon.stopped").split()
+             "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
+             "daemon.started daemon.stopped").split()
     assert sorted(CATALOGUE) == sorted(names)
     assert kind_of("instance.received").event_id.code == "110104"
     assert kind_of("egress.blocked").event_id.code == "110113"
@@ -165,7 +166,7 @@ def test_retention_crypto_shreds_and_verify_still_passes(
     assert report.ok, report.problems
     assert report.shredded_through > 0
     assert report.first_seq == report.shredded_through + 1
-    retention = [e for m in ab.published for e in m["events"]  # type: ignore[attr-defined]
+    retention = [e for m in ab.published for e in m.get("events", [])  # type: ignore[attr-defined]
                  if e["event"] == "audit.retention"]
     assert retention and retention[0]["details"]["floor_seq"] == report.shredded_through
 
@@ -173,11 +174,13 @@ def test_retention_crypto_shreds_and_verify_still_passes(
 def test_byte_budget_shreds_oldest_days_but_never_today(
         ab: AuditBox, monkeypatch: pytest.MonkeyPatch) -> None:
     _clock(monkeypatch)
-    log = ab.open(AuditSettings(checkpoint_every=50, checkpoint_seconds=3600, max_bytes=1))
+    log = ab.open(AuditSettings(checkpoint_every=50, checkpoint_seconds=3600, max_bytes=1,
+                                min_retention_days=1))
     fill(log, 12)
     with sqlite3.connect(ab.db) as db:
         newest = db.execute("SELECT MAX(day) FROM records").fetchone()[0]
-    log.apply_retention(datetime.fromtimestamp(BASE / 1e6, UTC))
+    # Every day is older than min_retention_days by then (volume may not take younger ones).
+    log.apply_retention(datetime.fromtimestamp((BASE + 10 * DAY) / 1e6, UTC))
     with sqlite3.connect(ab.db) as db:
         days = list(db.execute("SELECT day, wrapped FROM day_keys ORDER BY day"))
     # Every day before the newest is shredded; the newest (and the retention record's) stay.
@@ -243,8 +246,11 @@ def test_publish_failure_is_retried_at_the_next_checkpoint(ab: AuditBox) -> None
     down = False
     log.checkpoint()
     log.close()
-    assert [m["checkpoint"]["body"]["checkpoint"] for m in outbox] == [0, 1, 2]  # type: ignore[index]
-    assert [e["seq"] for m in outbox for e in m["events"]] == list(range(1, 8))  # type: ignore[attr-defined]
+    # Each checkpoint on its own, then the events it covers in separate messages.
+    assert [m["checkpoint"]["body"]["checkpoint"]  # type: ignore[index]
+            for m in outbox if "checkpoint" in m] == [0, 1, 2]
+    assert [m.get("covered_by") for m in outbox] == [None, 0, None, 1, None, 2]
+    assert [e["seq"] for m in outbox for e in m.get("events", [])] == list(range(1, 8))  # type: ignore[attr-defined]
 
 
 def _mount_tmpfs(where: Path) -> bool:
@@ -295,7 +301,7 @@ def test_full_disk_never_raises_and_recovers(tmp_path: Path) -> None:
 
 def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    from agent import cloudevents
+    from agent import cloudevents, egress
 
     schema = json.loads((REPO / "docs" / "schemas" / "audit.schema.json").read_text())
     log = ab.open()
@@ -306,19 +312,31 @@ def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> Non
                details={"reason": "burned in text for Smith^Anna", "patient": "MRN-884422",
                         "nested": {"id": "x-MRN-884422-y"}, "nan": float("nan")}, phi=phi)
     log.record("cli.action", user="alice", details={"command": "audit.export"})
+    # A peer picks its AE title: shaped like an identifier, it must neither leave the box
+    # raw nor make the egress guard hold the message back.
+    log.record("association.rejected", outcome="minor_failure", source="10.0.0.9",
+               details={"calling_ae": "123-45-6789", "reason": "not-allowed",
+                        "uid": "1.2.840.113619.2.55.3.1"})
     log.checkpoint()
     log.close()
     assert ab.published
     for data in ab.published:
-        ev = cloudevents.envelope(kind="audit", source="urn:edge:" + BOX, data=data)
+        assert egress.check(json.dumps(data)) is None, data
+        kind = "audit" if "checkpoint" in data else "audit.events"
+        ev = cloudevents.envelope(kind=kind, source="urn:edge:" + BOX, data=data)
         jsonschema.validate(ev, schema, format_checker=jsonschema.FormatChecker())
         text = cloudevents.encode(ev).decode().casefold()
         for value in phi.values():
             assert value.casefold() not in text
-    events = {e["event"]: e for m in ab.published for e in m["events"]}  # type: ignore[attr-defined]
+    events = {e["event"]: e for m in ab.published for e in m.get("events", [])}  # type: ignore[attr-defined]
     assert events["instance.quarantined"]["details"]["reason"] == "[redacted]"
     assert events["deid.applied"]["details"] == {"study": "9f2c1ab4", "profile": "PS3.15-E.1-1"}
     assert events["cli.action"]["user"] == "alice"
+    rejected = events["association.rejected"]
+    assert str(rejected["source"]).startswith("peer:") and "10.0.0.9" not in str(rejected)
+    assert str(rejected["details"]["calling_ae"]).startswith("ae:")
+    assert rejected["details"]["uid"] == "[redacted]"
+    assert rejected["details"]["reason"] == "not-allowed"
 
 
 def test_catalogue_is_documented() -> None:
@@ -336,7 +354,8 @@ def test_time_based_checkpoint(ab: AuditBox) -> None:
     assert not ab.published
     log.record("daemon.started")
     log.maybe_checkpoint()
-    assert [m["checkpoint"]["body"]["seq"] for m in ab.published] == [1]  # type: ignore[index]
+    assert [m["checkpoint"]["body"]["seq"]  # type: ignore[index]
+            for m in ab.published if "checkpoint" in m] == [1]
 
 
 def test_record_survives_bad_input_and_a_closed_store(ab: AuditBox) -> None:
@@ -347,3 +366,50 @@ def test_record_survives_bad_input_and_a_closed_store(ab: AuditBox) -> None:
     log.record("daemon.stopped")  # must not raise
     log.checkpoint()
     assert log.errors == 2
+
+
+def test_summaries_count_every_refusal_with_bounded_records() -> None:
+    from agent.audit.summary import Summaries
+
+    s = Summaries(60.0, max_keys=3)
+    written: list[dict[str, object]] = []
+    t = BASE
+    for _ in range(5):
+        for peer in range(10):  # more peers than open windows
+            t += 1
+            e = {"event": "association.rejected", "outcome": "minor_failure",
+                 "source": f"10.0.0.{peer}", "details": {"reason": "not allowed"}}
+            if not s.absorb(e, t):
+                written.append(e)
+    # Past the window everything is summarised; the next refusal starts a new window.
+    later = t + 61_000_000
+    summaries = [x for _, x in s.take(later)]
+    written += summaries
+    assert len(written) <= 3 + 1 + 3 + 1  # firsts (3 keys + "many"), then their summaries
+    counted = sum(int(x["details"]["repeated"]) if x["details"].get("summary")  # type: ignore[index,attr-defined]
+                  else 1 for x in written)
+    assert counted == 50
+    assert any(x["details"].get("peers") == "many" for x in summaries)  # type: ignore[attr-defined]
+    assert not s.take(later, everything=True)
+
+
+def test_ingest_that_rolls_back_does_not_count_twice(ab: AuditBox) -> None:
+    log = ab.open(AuditSettings(checkpoint_every=1000, checkpoint_seconds=3600))
+    refusal = {"event": "association.rejected", "outcome": "minor_failure",
+               "source": "10.9.9.9", "details": {"reason": "not allowed"}}
+    batch = [(i, BASE + i, refusal) for i in range(1, 6)]
+    # The write fails after the records were looked at (as a full disk fails an INSERT).
+    with sqlite3.connect(ab.db, isolation_level=None) as other:
+        other.execute("CREATE TRIGGER full BEFORE INSERT ON records "
+                      "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.DatabaseError):
+        log.ingest("inbox", batch)
+    assert log.intake_hold() is not None
+    with sqlite3.connect(ab.db, isolation_level=None) as other:
+        other.execute("DROP TRIGGER full")
+    assert log.ingest("inbox", batch) == 5  # delivered again by the journal
+    log.close()
+    rows = [r for r in records_between(ab.db, ab.kek, datetime(2000, 1, 1, tzinfo=UTC),
+                                       datetime(2100, 1, 1, tzinfo=UTC))
+            if r["event"] == "association.rejected"]
+    assert [r["details"].get("repeated") for r in rows] == [None, 4]

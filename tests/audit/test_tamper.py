@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import agent.audit.log as audit_log_module
-from agent.audit import AuditLog, verify
+from agent.audit import AuditLog, anchor, verify
 from agent.audit.checkpoint import canonical
 
 DAY = 86_400_000_000
@@ -107,8 +107,12 @@ def test_truncated_tail_with_its_checkpoints(ab: AuditBox) -> None:
         db.execute("DELETE FROM records WHERE seq > 5")
         db.execute("DELETE FROM checkpoints WHERE number > 0")
     local = _problems(ab)
-    assert local == ["the audit signing key has evolved past checkpoint 0: later checkpoints "
-                     "were removed (or the key file was replaced)"]
+    assert local[0] == ("the audit signing key has evolved past checkpoint 0: later "
+                        "checkpoints were removed (or the key file was replaced)")
+    # The anchor outside the database remembers the newest checkpoint as well.
+    assert len(local) == 2 and local[1].startswith("the anchor records checkpoint 2 (seq 12, ")
+    assert local[1].endswith("but the database ends at checkpoint 0: checkpoints were removed "
+                             "or the database was rolled back")
     report = verify(ab.db, ab.kek, ab.genesis, ab.published)
     assert not report.ok
     assert any(p.startswith("published checkpoint 2 (seq 12) is missing locally: local "
@@ -226,7 +230,9 @@ def test_root_with_the_kek_rewrites_history(ab: AuditBox) -> None:
     conn.execute("DELETE FROM checkpoints")
     conn.execute("COMMIT")
     conn.close()
-    # Without outside evidence only the chain of signing keys can tell.
+    # Without outside evidence only the chain of signing keys can tell (this attacker
+    # also removes the anchor file, which would say that checkpoints existed).
+    anchor.path_for(ab.db).unlink()
     ab.signing.write_text(os.urandom(32).hex())
     assert _problems(ab) == ["the audit signing key has evolved past the genesis key: later "
                              "checkpoints were removed (or the key file was replaced)"]
