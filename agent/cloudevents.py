@@ -18,7 +18,8 @@ ATTRIBUTE_FORMATS: dict[str, re.Pattern[str]] = {
     "specversion": re.compile(re.escape(SPEC_VERSION)),
     "id": re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
     "source": re.compile(rf"edge-agent/{_SEGMENT}/{_SEGMENT}"),
-    "type": re.compile(re.escape(TYPE_PREFIX) + r"\.[a-z][a-z-]{0,31}\.v[0-9]{1,3}"),
+    # One or two lower-case words: "results", "audit.events".
+    "type": re.compile(re.escape(TYPE_PREFIX) + r"(?:\.[a-z][a-z-]{0,31}){1,2}\.v[0-9]{1,3}"),
     "datacontenttype": re.compile(r"application/json"),
     "time": re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z"),
 }
