@@ -61,7 +61,7 @@ MAX_CLIENTS = 32
 MAX_CLIENTS_PER_USER = 4
 REQUEST_SECONDS = 5.0  # the whole request, from accept to its newline
 REPLY_SECONDS = 5.0  # the whole reply (sendall's timeout covers all of it)
-DENIAL_WINDOW = 60.0  # seconds of refusals summed into one audit record
+DENIAL_WINDOW = 10.0  # seconds of refusals summed into one audit record
 DEFAULT_SOCKET = Path("/run/edge-agent/control.sock")
 CERT_WARN_DAYS = 30  # same horizon as doctor and install-cert
 

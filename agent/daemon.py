@@ -397,6 +397,7 @@ class Daemon:
         while time.time() < deadline and self.outbox.stats()["depth"] > 0:
             time.sleep(0.1)
         self._stop.set()
+        self._telemetry_now.set()  # the telemetry thread waits on it, not on _stop
 
     def shutdown(self, threads: list[threading.Thread]) -> int:
         sdnotify.notify("STOPPING=1")
