@@ -198,6 +198,14 @@ class ControlSettings:
 
 
 @dataclass(frozen=True)
+class WatchdogSettings:
+    # A stage (assembler, publisher, receive, telemetry, control) that shows neither
+    # progress nor an idle heartbeat for this long is stuck: systemd's watchdog is
+    # no longer fed and systemd restarts the daemon.
+    stage_deadline_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     site: str
@@ -216,6 +224,7 @@ class Config:
     audit: AuditSettings
     outbox: OutboxSettings
     control: ControlSettings
+    watchdog: WatchdogSettings = WatchdogSettings()
 
     @property
     def topic_base(self) -> str:
@@ -363,7 +372,7 @@ def _ae(v: Any) -> str | None:
 
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
-    "telemetry", "audit", "outbox", "control",
+    "telemetry", "audit", "outbox", "control", "watchdog",
 }
 
 
@@ -563,6 +572,11 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         auditor_group=r.get("control.auditor_group", str, "edge-agent-audit"),
         operator_group=r.get("control.operator_group", str, "edge-agent"),
     )
+    watchdog = WatchdogSettings(
+        stage_deadline_seconds=r.get(
+            "watchdog.stage_deadline_seconds", float, 120.0,
+            check=lambda v: None if 1 <= v <= 86400 else "must be between 1 and 86400 seconds"),
+    )
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -571,7 +585,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         environment=cast(Literal["production", "development"], env),
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
-        outbox=outbox, control=control,
+        outbox=outbox, control=control, watchdog=watchdog,
     )
 
 

@@ -10,11 +10,25 @@ instead of a bare "permission denied", and every refusal is audited.
 Protocol: one JSON object per line each way.  Request
 ``{"command": "status", "args": {}}``; reply ``{"ok": true, "data": {...}}`` or
 ``{"ok": false, "error": "...", "needed_role": "admin"}``.
+
+Because anyone may connect, a local user must not be able to starve the others:
+
+* the whole request line must arrive within ``REQUEST_SECONDS`` of the connect
+  (a deadline per request, not a timeout per read: one byte every few seconds
+  would otherwise hold a slot forever);
+* each Unix user (uid, from SO_PEERCRED at accept) holds at most
+  ``MAX_CLIENTS_PER_USER`` connections at once, everybody together
+  ``MAX_CLIENTS``; a connection over a bound is answered and closed at once;
+* refusals (a missing role, a connection over the bound) are audited, but a
+  flood of them is not an audit-log flood: the first refusal per user and
+  command is recorded at once, the rest of the window as one record with a
+  count (``DenialAudit``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import json
 import logging
@@ -32,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__, credentials, telemetry
 from agent.config import ControlSettings
 from agent.errors import AccessDenied, EdgeAgentError
+from agent.liveness import Liveness, Stage
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -42,8 +57,11 @@ OPERATOR, ADMIN, AUDITOR = "operator", "admin", "auditor"
 ROLES = (OPERATOR, ADMIN, AUDITOR)
 ANY_ROLE = frozenset(ROLES)
 MAX_REQUEST = 64 * 1024
-MAX_CLIENTS = 8
-IO_TIMEOUT = 5.0
+MAX_CLIENTS = 32
+MAX_CLIENTS_PER_USER = 4
+REQUEST_SECONDS = 5.0  # the whole request, from accept to its newline
+REPLY_SECONDS = 5.0  # the whole reply (sendall's timeout covers all of it)
+DENIAL_WINDOW = 10.0  # seconds of refusals summed into one audit record
 DEFAULT_SOCKET = Path("/run/edge-agent/control.sock")
 CERT_WARN_DAYS = 30  # same horizon as doctor and install-cert
 
@@ -165,20 +183,110 @@ class Command:
     audited: bool = False  # admin actions are audited with the Unix user name
 
 
+def peer_uid(conn: socket.socket) -> int:
+    """The connecting process's uid (SO_PEERCRED: fixed at connect, no user-database lookup)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_user_name(uid: int) -> str:
+    # On the accept path a flood of refusals must not become a flood of NSS lookups.
+    return user_name(uid)
+
+
+@dataclass
+class _Window:
+    started: float  # monotonic
+    count: int  # refusals since the last record
+    details: dict[str, object]
+
+
+class DenialAudit:
+    """Refusals in the audit trail without an audit-log flood.
+
+    The first refusal of a (user, command) is recorded at once (count 1); more of
+    them within ``window`` seconds are only counted, and recorded as one record
+    with their count when the window ends (``flush``, called by the accept loop)
+    or the server stops.  A flood that goes on yields one record per window.
+    Bounded memory: past ``max_keys`` open windows all are written out at once.
+    """
+
+    def __init__(self, audit: AuditFn, window: float = DENIAL_WINDOW,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 1024) -> None:
+        self._audit = audit
+        self.window = window
+        self._clock = clock
+        self._max = max_keys
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], _Window] = {}
+
+    def refused(self, user: str, command: str, details: Mapping[str, object]) -> None:
+        now = self._clock()
+        with self._lock:
+            w = self._open.get((user, command))
+            if w is not None:
+                w.count += 1
+                return
+            spill = self._take(now, everything=True) if len(self._open) >= self._max else []
+            self._open[(user, command)] = _Window(now, 0, dict(details))
+        for item in spill:
+            self._record(*item)
+        self._record(user, command, dict(details), 1, None)
+
+    def flush(self, *, force: bool = False) -> None:
+        with self._lock:
+            due = self._take(self._clock(), everything=force)
+        for item in due:
+            self._record(*item)
+
+    def _take(self, now: float, *, everything: bool
+              ) -> list[tuple[str, str, dict[str, object], int, float]]:
+        out = []
+        for key, w in list(self._open.items()):
+            if not everything and now - w.started < self.window:
+                continue
+            if w.count:
+                out.append((key[0], key[1], w.details, w.count, now - w.started))
+            if w.count and not everything:
+                self._open[key] = _Window(now, 0, w.details)  # still flooding: a new window
+            else:
+                del self._open[key]
+        return out
+
+    def _record(self, user: str, command: str, details: dict[str, object], count: int,
+                span: float | None) -> None:
+        extra: dict[str, object] = {"count": count}
+        if span is not None:
+            extra["window_s"] = round(span, 1)
+        try:
+            self._audit("cli.action", outcome="serious_failure", user=user,
+                        details={"command": command, "denied": True, **details, **extra})
+        except Exception:  # noqa: BLE001 - the audit log counts its own failures
+            log.exception("could not audit a control refusal")
+
+
 class ControlServer:
     """A Unix socket server thread; handlers never raise into the accept loop."""
 
     def __init__(self, settings: ControlSettings, commands: Mapping[str, Command],
-                 audit: AuditFn) -> None:
+                 audit: AuditFn, *, liveness: Liveness | None = None,
+                 stage_deadline: float = 120.0) -> None:
         self.settings = settings
         self.path = settings.socket
         self.commands = dict(commands)
         self.commands.setdefault("whoami", Command(frozenset(), "ask who they are", _whoami))
         self._audit = audit
+        self.denials = DenialAudit(audit)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._lock = threading.Lock()
+        self._open_by_uid: dict[int, int] = {}
+        self._open_total = 0
+        self._liveness = liveness
+        self._stage_deadline = stage_deadline
+        self._stage: Stage | None = None
         self.error: str | None = None
 
     def start(self) -> bool:
@@ -189,6 +297,8 @@ class ControlServer:
             self.error = f"control socket {self.path}: {exc.strerror or exc}"
             log.error("%s; 'edge-agent status' will not work", self.error)
             return False
+        if self._liveness is not None:
+            self._stage = self._liveness.stage("control", self._stage_deadline)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
         return True
@@ -215,15 +325,21 @@ class ControlServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._liveness is not None:
+            self._liveness.remove("control")
         if self._sock is not None:
             self._sock.close()
             self._sock = None
             with contextlib.suppress(OSError):
                 self.path.unlink()
+        self.denials.flush(force=True)
 
     def _serve(self) -> None:
         assert self._sock is not None
         while not self._stop.is_set():
+            if self._stage is not None:
+                self._stage.beat(doing="accepting control connections")
+            self.denials.flush()
             try:
                 conn, _ = self._sock.accept()
             except TimeoutError:
@@ -234,27 +350,66 @@ class ControlServer:
                 log.error("control socket accept failed: %s", exc)
                 self._stop.wait(1.0)
                 continue
-            if not self._slots.acquire(blocking=False):
-                _send(conn, {"ok": False, "error": "too many control clients; try again"})
+            try:
+                self._admit(conn, time.monotonic() + REQUEST_SECONDS)
+            except Exception:  # noqa: BLE001 - one bad client must not stop the accept loop
+                log.exception("control connection setup failed")
                 conn.close()
-                continue
-            threading.Thread(target=self._client, args=(conn,), name="control-client",
-                             daemon=True).start()
 
-    def _client(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket, deadline: float) -> None:
+        """Count the connection against its user's and the total bound, or refuse it."""
+        uid = peer_uid(conn)
+        with self._lock:
+            mine = self._open_by_uid.get(uid, 0)
+            over_user = mine >= MAX_CLIENTS_PER_USER
+            over_all = self._open_total >= MAX_CLIENTS
+            if not (over_user or over_all):
+                self._open_by_uid[uid] = mine + 1
+                self._open_total += 1
+        if over_user or over_all:
+            name = _cached_user_name(uid)
+            if over_user:
+                why = (f"too many control connections from user {name} "
+                       f"({MAX_CLIENTS_PER_USER} open); close one or try again")
+            else:
+                why = f"too many control clients ({MAX_CLIENTS} open); try again"
+            conn.settimeout(0.2)  # a short answer into the socket buffer, never a wait
+            _send(conn, {"ok": False, "error": why})
+            conn.close()
+            self.denials.refused(name, "control.connect", {
+                "reason": "per-user connection limit" if over_user else "connection limit"})
+            return
         try:
-            conn.settimeout(IO_TIMEOUT)
-            _send(conn, self.handle(conn))
+            threading.Thread(target=self._client, args=(conn, uid, deadline),
+                             name="control-client", daemon=True).start()
+        except RuntimeError:  # no thread to be had: give the slot back
+            self._release(uid)
+            raise
+
+    def _release(self, uid: int) -> None:
+        with self._lock:
+            n = self._open_by_uid.get(uid, 0) - 1
+            if n <= 0:
+                self._open_by_uid.pop(uid, None)
+            else:
+                self._open_by_uid[uid] = n
+            self._open_total = max(0, self._open_total - 1)
+
+    def _client(self, conn: socket.socket, uid: int, deadline: float) -> None:
+        try:
+            reply = self.handle(conn, deadline)
+            conn.settimeout(REPLY_SECONDS)
+            _send(conn, reply)
         except Exception:  # noqa: BLE001 - one bad client must not hurt the daemon
             log.exception("control client failed")
         finally:
             conn.close()
-            self._slots.release()
+            self._release(uid)
 
-    def handle(self, conn: socket.socket) -> dict[str, Any]:
+    def handle(self, conn: socket.socket, deadline: float | None = None) -> dict[str, Any]:
         caller = peer_caller(conn, self.settings)
         try:
-            req = _read_request(conn)
+            req = _read_request(conn, deadline or time.monotonic() + REQUEST_SECONDS)
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         name = req.get("command")
@@ -265,9 +420,8 @@ class ControlServer:
                                           f"{', '.join(sorted(self.commands))}"}
         if cmd.allowed and not caller.roles & cmd.allowed:
             err = denial(caller, cmd.allowed, cmd.action, self.settings)
-            self._audit("cli.action", outcome="serious_failure", user=caller.user,
-                        details={"command": f"control.{name}", "denied": True,
-                                 "needed_role": sorted(cmd.allowed)})
+            self.denials.refused(caller.user, f"control.{name}",
+                                 {"needed_role": sorted(cmd.allowed)})
             return {"ok": False, "error": str(err), "needed_role": sorted(cmd.allowed)}
         try:
             data = cmd.run(caller, args)
@@ -285,10 +439,19 @@ def _whoami(caller: Caller, _args: Mapping[str, Any]) -> dict[str, Any]:
     return {"user": caller.user, "uid": caller.uid, "roles": sorted(caller.roles)}
 
 
-def _read_request(conn: socket.socket) -> dict[str, Any]:
+def _read_request(conn: socket.socket, deadline: float) -> dict[str, Any]:
+    """One request line, which must be complete by ``deadline`` (monotonic): the
+    timeout of each read is what is left of it, so a trickle cannot extend it."""
     buf = b""
     while b"\n" not in buf:
-        chunk = conn.recv(4096)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"request not complete within {REQUEST_SECONDS:.0f} s")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            raise ValueError(f"request not complete within {REQUEST_SECONDS:.0f} s") from None
         if not chunk:
             break
         buf += chunk
@@ -384,6 +547,13 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         warnings.append(f"MQTT disconnected: {st.last_error or 'connecting'}")
     if ob["blocked"]:
         warnings.append(f"{int(ob['blocked'])} outgoing message(s) blocked (see audit log)")
+    live = d.watchdog.as_json()
+    for name, stage in live["stages"].items():
+        if stage["stuck"]:
+            then = ("systemd restarts the daemon (watchdog no longer fed)"
+                    if live["watchdog"] != "off" else
+                    "nothing restarts it: run the daemon under systemd, or restart it")
+            warnings.append(f"stage {name} is stuck: {stage['reason']}; {then}")
     if d._stop.is_set():
         intake = "stopping"
     else:
@@ -416,6 +586,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "certificates": {"mqtt_device": {"days_left": days, "path": str(cfg.mqtt.cert)}},
         "models": d.engine.active_models(),
         "audit": {**d.audit_log.stats(), "errors": d.audit_log.errors},
+        "liveness": live,
         "secrets": credentials.sources(cfg),
         "warnings": warnings,
     }

@@ -1,7 +1,8 @@
 """The daemon: wires the stages together and owns their threads.
 
 Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
-studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish).
+studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
+``watchdog`` (feeds systemd only while every stage beats, see agent/liveness.py).
 SIGTERM/SIGINT stop intake first, let the current study finish, drain the
 outbox for a bounded time, publish the offline status and exit 0.  Studies
 still open stay open on disk and resume on the next start.
@@ -23,7 +24,7 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, control, metrics, sdnotify, telemetry
+from agent import __version__, cloudevents, control, faults, liveness, metrics, sdnotify, telemetry
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
@@ -82,6 +83,15 @@ class Daemon:
         self._work = threading.Event()
         self._last_retention = 0.0
         self._holding = False
+        self._telemetry_now = threading.Event()
+        faults.configure(cfg.environment)
+        self.deadline = cfg.watchdog.stage_deadline_seconds
+        self.liveness = liveness.Liveness()
+        self.watchdog = liveness.Watchdog(
+            self.liveness, enabled=sdnotify.watchdog_interval() is not None,
+            notify=sdnotify.notify, healthy_status=self._listening,
+            on_stuck=self._telemetry_now.set)  # ops learn of it before systemd restarts us
+        self._assembler_stage: liveness.Stage | None = None
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Shared while we run: 'keys rotate' needs it exclusively (we hold the KEK in memory).
@@ -108,7 +118,7 @@ class Daemon:
             audit=lambda event, details: self.audit(event, details=details),
         )
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
-                                 self.quarantine, self.audit)
+                                 self.quarantine, self.audit, beat=self._assembler_beat)
         self.scp: StorageSCP | ReceivePool
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
@@ -123,13 +133,15 @@ class Daemon:
                                   hold=self.audit_log.intake_hold)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
-                                                                    details=d))
+                                                                    details=d),
+                                   liveness=self.liveness)
         self.certs = telemetry.CertWatch.for_config(cfg)
         self.certs.check()  # an expiring certificate is logged at start, not after an interval
         port = cfg.telemetry.prometheus_port
         self.metrics = metrics.MetricsServer(port) if port else None
         self.control = control.ControlServer(cfg.control, control.daemon_commands(self),
-                                             audit=self.audit)
+                                             audit=self.audit, liveness=self.liveness,
+                                             stage_deadline=self.deadline)
         self.audit("config.loaded", details={"environment": cfg.environment,
                                               "deid_mode": cfg.deid.mode})
 
@@ -177,6 +189,14 @@ class Daemon:
             "models": self.engine.active_models() if online else [],
         })
 
+    def _listening(self) -> str:
+        return f"listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}"
+
+    def _assembler_beat(self, *, progress: bool = False, doing: str = "",
+                        allow: float = 0.0) -> None:
+        if self._assembler_stage is not None:
+            self._assembler_stage.beat(progress=progress, doing=doing, allow=allow)
+
     def _birth(self) -> dict[str, Any]:
         return self._status(True)
 
@@ -193,10 +213,12 @@ class Daemon:
         while not self._stop.is_set():
             self._work.wait(timeout=wait)
             self._work.clear()
+            self._assembler_beat(doing="assembling")
             try:
                 for sid in self.inbox.complete_due():
                     log.info("study row %d complete", sid)
                 self._process_ready()
+                self._assembler_beat(doing="waiting for studies")
                 wait = self._until_due()
             except Exception:  # noqa: BLE001 - keep assembling whatever happened
                 log.exception("assembler cycle failed")
@@ -228,9 +250,12 @@ class Daemon:
                 self._holding = True
                 break
             self._holding = False
+            self._assembler_beat(progress=True, doing="processing a study")
+            faults.hang_point("assembler")
             try:
                 self.pipeline.process(study)
                 n += 1
+                self._assembler_beat(progress=True, doing="processing a study")
             except OutOfResources as exc:
                 log.error("cannot finish study %s: %s", study.ref, exc)
                 break
@@ -273,6 +298,7 @@ class Daemon:
             "interval_s": self.cfg.telemetry.interval_seconds,
             "models": self.engine.active_models(),
             "drift": self.engine.drift_report(),
+            "liveness": self.watchdog.as_json(),
         }
 
     def _audit_security(self) -> dict[str, int]:
@@ -284,7 +310,14 @@ class Daemon:
 
     def _telemetry(self) -> None:
         interval = self.cfg.telemetry.interval_seconds
-        while not self._stop.wait(interval):
+        # It waits a whole interval between two beats.
+        stage = self.liveness.stage("telemetry", interval + self.deadline)
+        while True:
+            self._telemetry_now.wait(interval)
+            self._telemetry_now.clear()
+            if self._stop.is_set():
+                return
+            stage.beat(doing="sending telemetry")
             try:
                 data = self.telemetry_data()
                 ev = cloudevents.envelope(kind="telemetry", source=self._source(), data=data)
@@ -297,13 +330,22 @@ class Daemon:
                     self.audit_log.apply_retention()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
+            stage.beat(progress=True, doing="waiting for the next interval")
+
+    # How often stages are checked when systemd does not watch us (logs, STATUS=).
+    _LIVENESS_PERIOD = 5.0
 
     def _watchdog(self) -> None:
+        """Feed systemd's watchdog only while every stage is live (agent/liveness.py)."""
         interval = sdnotify.watchdog_interval()
-        if interval is None:
-            return
-        while not self._stop.wait(interval):
-            sdnotify.notify("WATCHDOG=1")
+        period = min(interval, self._LIVENESS_PERIOD) if interval else self._LIVENESS_PERIOD
+        while not self._stop.is_set():
+            try:
+                self.watchdog.tick()
+            except Exception:  # noqa: BLE001 - no verdict, no ping: systemd decides
+                log.exception("liveness check failed; not feeding the watchdog this time")
+            if self._stop.wait(period):
+                return
 
     # -- run ------------------------------------------------------------------------
 
@@ -313,6 +355,7 @@ class Daemon:
         self._intake.clear()
         self._stop.set()
         self._work.set()
+        self._telemetry_now.set()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -324,17 +367,18 @@ class Daemon:
         self.control.start()
         if not self.opts.burst:
             try:
-                self.scp.start()
+                self._start_receive()
             except EdgeAgentError:
                 self.shutdown([])  # workers, publisher, control: nothing left behind
                 raise
+            self._assembler_stage = self.liveness.stage("assembler", self.deadline)
         threads = [threading.Thread(target=self._telemetry, name="telemetry", daemon=True),
                    threading.Thread(target=self._watchdog, name="watchdog", daemon=True)]
         if not self.opts.burst:
             threads.append(threading.Thread(target=self._assembler, name="assembler", daemon=True))
         for t in threads:
             t.start()
-        sdnotify.notify(f"READY=1\nSTATUS=listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}")
+        sdnotify.notify(f"READY=1\nSTATUS={self._listening()}")
         log.info("edge-agent %s running (site=%s device=%s env=%s)", __version__, self.cfg.site,
                  self.cfg.device, self.cfg.environment)
         if self.opts.burst:
@@ -346,6 +390,24 @@ class Daemon:
                 pass
         return self.shutdown(threads)
 
+    def _start_receive(self) -> None:
+        """Start the DICOM node; its stage is live while the threads it started run
+        (pynetdicom's accept loops, the receipt drainer) and, with receive workers,
+        while the dispatcher beats."""
+        before = set(threading.enumerate())
+        started: list[threading.Thread] = []
+        pool = isinstance(self.scp, ReceivePool)
+        stage = self.liveness.stage(
+            "receive", self.deadline if pool else None,
+            probe=lambda: liveness.threads_alive(started, "DICOM receive")())
+        if isinstance(self.scp, ReceivePool):
+            self.scp.stage = stage
+            self.scp.silent_after = self.deadline
+        self.scp.start()
+        # By name: a control client that happens to connect now is not the receive node's.
+        started.extend(t for t in threading.enumerate()
+                       if t not in before and t.name.startswith("dicom"))
+
     def _burst(self) -> None:
         self.inbox.complete_all()
         self._process_ready()
@@ -354,6 +416,7 @@ class Daemon:
         while time.time() < deadline and self.outbox.stats()["depth"] > 0:
             time.sleep(0.1)
         self._stop.set()
+        self._telemetry_now.set()  # the telemetry thread waits on it, not on _stop
 
     def shutdown(self, threads: list[threading.Thread]) -> int:
         sdnotify.notify("STOPPING=1")

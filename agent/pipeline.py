@@ -29,6 +29,7 @@ from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine
+from agent.liveness import Beat, no_beat
 from agent.outbox import Outbox
 from agent.quarantine import Quarantine
 from agent.types import (
@@ -163,8 +164,12 @@ class Pipeline:
         outbox: Outbox,
         quarantine: Quarantine,
         audit: AuditFn,
+        beat: Beat | None = None,
     ) -> None:
         self.cfg = cfg
+        # The assembler's liveness heartbeat (agent/liveness.py): a study of many
+        # instances must not look like a hang.
+        self.beat: Beat = beat or no_beat
         self.inbox = inbox
         self.deid = deidentifier
         self.engine = engine
@@ -188,6 +193,7 @@ class Pipeline:
         patient_ref = study_ref = ""
         limit = self.cfg.study.max_process_instance_bytes
         for inst in study.instances:
+            self.beat(progress=True, doing="de-identifying")
             ref = inst.instance_key[:12]
             if inst.size > limit:
                 reason = (f"instance of {inst.size / 2**20:.0f} MiB is larger than "
@@ -275,6 +281,10 @@ class Pipeline:
         outputs: list[ModelOutput] = []
         failures: list[ModelFailure] = []
         if d.instances and self.engine is not None:
+            # Each model run is bounded by its timeout: allow that much before the next beat.
+            runs = max(1, len(self.engine.active_models()))
+            self.beat(progress=True, doing="running inference",
+                      allow=runs * self.cfg.models.timeout_seconds)
             try:
                 outs, fails = self.engine.infer(d)
                 outputs, failures = list(outs), list(fails)

@@ -41,9 +41,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import egress
+from agent import egress, faults
 from agent.config import SAFE_ID, Config, MqttSettings
 from agent.errors import ConfigError, TransportError
+from agent.liveness import Liveness, Stage
 from agent.outbox import Outbox
 
 log = logging.getLogger("edge_agent.publish")
@@ -334,8 +335,11 @@ class Publisher:
         birth: Callable[[], dict[str, Any]],
         offline: Callable[[], dict[str, Any]],
         on_alert: Callable[[str, dict[str, object]], None] | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.cfg = config
+        self._liveness = liveness
+        self._stage: Stage | None = None
         self.s = config.mqtt
         self.outbox = outbox
         self.state = LinkState()
@@ -363,6 +367,9 @@ class Publisher:
     # -- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
+        if self._liveness is not None:
+            self._stage = self._liveness.stage("publisher",
+                                               self.cfg.watchdog.stage_deadline_seconds)
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._thread.start()
 
@@ -377,6 +384,10 @@ class Publisher:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_evt.wait(timeout)
+
+    def _beat(self, *, progress: bool = False, doing: str = "") -> None:
+        if self._stage is not None:
+            self._stage.beat(progress=progress, doing=doing)
 
     def _fail(self, reason: str, *, tls: bool = False) -> None:
         changed = reason != self.state.last_error
@@ -493,6 +504,7 @@ class Publisher:
     def _run(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stop.is_set():
+            self._beat(doing="connecting to the broker")
             client = self._new_client()
             self._client = client
             self._got_connack = False
@@ -523,11 +535,16 @@ class Publisher:
         # Full jitter: a fleet reconnecting after a broker restart spreads out.
         delay = random.uniform(base / 2, base)
         self.state.next_retry_s = round(delay, 2)
-        self._stop.wait(delay)
+        end = time.monotonic() + delay
+        # In steps, beating: a minute of backoff is idle, not a hang.
+        while not self._stop.is_set() and (left := end - time.monotonic()) > 0:
+            self._beat(doing="waiting to reconnect")
+            self._stop.wait(min(left, 5.0))
 
     def _session(self, client: mqtt.Client) -> None:
         deadline = time.monotonic() + CONNACK_TIMEOUT
         while not self._stop.is_set():
+            self._beat(doing="in session with the broker")
             rc = client.loop(timeout=0.05)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 if not self._got_connack:
@@ -571,7 +588,9 @@ class Publisher:
                 log.error("egress guard blocked %s message %s (%s); kept encrypted in the "
                           "outbox's blocked table", msg.channel, msg.event_id, hit.kind)
                 continue
+            faults.hang_point("publisher")
             info = client.publish(self.topic(msg.channel), msg.payload, qos=1)
+            self._beat(progress=True, doing="publishing")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 with self._lock:
                     self._last_seq = msg.seq - 1

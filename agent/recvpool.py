@@ -23,7 +23,10 @@ What stays in the main process, so that it holds across workers:
 * assembly and processing.
 
 Connections go to the worker with the fewest open ones.  A worker dies with
-the daemon (``PR_SET_PDEATHSIG``), and a worker that exits is restarted; its
+the daemon (``PR_SET_PDEATHSIG``), and a worker that exits is restarted; so is
+one that has sent nothing (not even its counters heartbeat, every 5 s) for the
+stage deadline (``[watchdog] stage_deadline_seconds``, at least 15 s): it is
+hung, and killing it costs only its own associations.  Their
 open associations are lost, which their peers see as an aborted association
 (nothing unacknowledged was promised).  Each worker writes instance files in
 its own slot directory; the main process cleans them at start, before any
@@ -55,6 +58,7 @@ from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
 from agent.dicomtls import listen_error
 from agent.inbox import Inbox, StoreReceipt
+from agent.liveness import Stage
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
 from agent.receive import (
     AuditFn,
@@ -69,6 +73,9 @@ log = logging.getLogger("edge_agent.receive")
 
 MAX_MESSAGE = 1 << 16
 _RESTART_BACKOFF = (0.2, 1.0, 5.0)
+# A worker reports at least every 5 s (recvworker.COUNTERS_HEARTBEAT); silence is
+# judged over three of those at least, so a busy machine does not look hung.
+_SILENT_FLOOR = 15.0
 _COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
 
 
@@ -123,6 +130,7 @@ class _Worker:
     open: int = 0
     counters: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
+    heard_at: float = field(default_factory=time.monotonic)
 
 
 class ReceivePool:
@@ -168,6 +176,10 @@ class ReceivePool:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._refusals = AuditThrottle()
+        # Set by the daemon before start: the dispatcher beats its liveness stage, and a
+        # worker silent for this long is replaced (agent/liveness.py).
+        self.stage: Stage | None = None
+        self.silent_after = 120.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -358,13 +370,29 @@ class ReceivePool:
                         self._accept(key.fileobj, bool(obj))  # type: ignore[arg-type]
                     else:
                         self._from_worker(obj)
+                if self.stage is not None:
+                    self.stage.beat(doing="dispatching connections")
                 for w in list(self._workers):
                     if w is not None and w.proc.poll() is not None:
                         self._worker_gone(w)
+                self._replace_silent()
                 self._restart_due()
             except Exception:  # noqa: BLE001 - the dispatcher must outlive any one failure
                 log.exception("receive dispatcher cycle failed")
                 self._stop.wait(0.5)
+
+    def _replace_silent(self) -> None:
+        """Kill a worker that stopped talking (hung, or stopped); it is restarted
+        like one that exited, and audited as such."""
+        if self._stopping.is_set():
+            return
+        limit = max(self.silent_after, _SILENT_FLOOR)
+        now = time.monotonic()
+        for w in list(self._workers):
+            if w is not None and now - w.heard_at > limit:
+                log.error("receive worker %d (pid %d) sent nothing for %.0f s: it is hung; "
+                          "killing and replacing it", w.index, w.proc.pid, now - w.heard_at)
+                self._worker_gone(w)
 
     def _accept(self, lsock: socket.socket, tls: bool) -> None:
         for _ in range(64):  # drain a burst of connections, then look at workers again
@@ -450,6 +478,7 @@ class ReceivePool:
         if got is None:
             self._worker_gone(w)
             return
+        w.heard_at = time.monotonic()
         msg, fds = got
         for fd in fds:
             os.close(fd)

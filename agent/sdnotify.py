@@ -14,6 +14,9 @@ def notify(message: str) -> bool:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            # A manager that does not read (its queue holds ~10 datagrams) must not
+            # block the caller: the watchdog thread would stop judging the stages.
+            s.settimeout(1.0)
             s.connect(addr)
             s.sendall(message.encode())
         return True

@@ -95,8 +95,25 @@ def _print_status(s: dict[str, Any]) -> None:
     lines.append("certificate:   " + ("unreadable" if days is None else f"{days} days left"))
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
+    lines += _liveness_lines(s.get("liveness"))
     lines += [f"warning:       {w}" for w in s.get("warnings", [])]
     typer.echo("\n".join(lines))
+
+
+def _liveness_lines(live: dict[str, Any] | None) -> list[str]:
+    if not live:
+        return []
+    watchdog = {"pinging": "systemd watchdog fed",
+                "withheld": "systemd watchdog WITHHELD: systemd restarts the daemon",
+                "off": "no systemd watchdog"}.get(str(live.get("watchdog")), "")
+    stuck = live.get("stuck") or []
+    head = (f"stages:        STUCK: {', '.join(stuck)}" if stuck else
+            f"stages:        all live ({', '.join(live.get('stages', {}))})")
+    lines = [f"{head}; {watchdog}"]
+    for name, st in live.get("stages", {}).items():
+        if st.get("stuck"):
+            lines.append(f"  - {name}: {st.get('reason')}")
+    return lines
 
 
 def status(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:

@@ -14,17 +14,23 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ops_helpers import cli
-from support import Box, Broker, Daemon, set_config
+from support import Box, Broker, Daemon, set_config, wait_for
+
+from agent import control
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("useradd") is None,
@@ -182,3 +188,142 @@ def test_roles_are_enforced_by_peer_credentials(running: tuple[Box, Path, Path],
             (u["auditor"], "control.intake.pause"),
             (u["operator"], "control.audit.checkpoint")} <= denied
     assert grp.getgrnam(g["admin"]).gr_mem == [u["admin"]]
+
+
+# -- the control socket under a local user's flood ----------------------------------------
+
+def spawn_as(user: str, fn: Callable[..., None], *args: object) -> int:
+    """Run ``fn(*args)`` in a child process that is ``user``; returns its pid."""
+    pw = pwd.getpwnam(user)
+    gids = os.getgrouplist(user, pw.pw_gid)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setgroups(gids)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            fn(*args)
+        except BaseException:  # noqa: BLE001 - the parent sees it in the report file
+            traceback.print_exc()
+            code = 70
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _say(fd: int, line: str) -> None:
+    os.write(fd, (line + "\n").encode())
+
+
+def slow_loris(path: str, n: int, out: int) -> None:
+    """Hold ``n`` connections, each sending one byte a second and never a whole request;
+    a connection the daemon closes is reported and opened again at once."""
+    conns: dict[int, socket.socket] = {}
+
+    def connect(i: int) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.setblocking(False)
+        conns[i] = s
+
+    for i in range(n):
+        connect(i)
+    _say(out, f"connected {n}")
+    while True:
+        for i, s in list(conns.items()):
+            reply, closed = b"", False
+            try:
+                s.send(b" ")  # JSON allows leading blanks: the line never completes
+            except OSError:
+                closed = True
+            try:
+                reply = s.recv(4096)
+                closed = closed or not reply
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            if closed or reply:
+                _say(out, f"closed {i}: {reply.decode(errors='replace').strip()}")
+                s.close()
+                connect(i)
+        time.sleep(1.0)
+
+
+def ask_status(path: str, n: int, out: int) -> None:
+    """``n`` status requests, one connection each, as fast as the daemon answers."""
+    denied = 0
+    for _ in range(n):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(path)
+            s.sendall(b'{"command": "status", "args": {}}\n')
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        if json.loads(buf).get("needed_role"):
+            denied += 1
+    _say(out, f"denied {denied}")
+
+
+def test_slow_clients_of_one_user_cannot_starve_status(running: tuple[Box, Path, Path],
+                                                        users: Users, tmp_path: Path) -> None:
+    _box, sock, _shared = running
+    u = users.users
+    report = tmp_path / "loris.txt"
+    fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    pid = spawn_as(u["operator"], slow_loris, str(sock), 10, fd)
+    os.close(fd)
+    try:
+        wait_for(lambda: "connected 10" in report.read_text(), 60, "the slow clients")
+        # Connections are accepted in order: ours come after the ten slow ones.
+        for _ in range(3):
+            p = cli("status", "--socket", str(sock), "--json")
+            assert p.returncode == 0, p.stderr
+            assert json.loads(p.stdout)["device"] == "dev-box"
+        rc, out, err = run_as(u["admin"], "status", "--socket", str(sock), "--json")
+        assert rc == 0, err
+        # The slow user got its share and no more, and a trickle does not extend a
+        # request: the daemon cuts it at the deadline.
+        def cut() -> str | None:
+            t = report.read_text()
+            return t if "request not complete" in t else None
+        text = wait_for(cut, 90, "a slow request cut at its deadline")
+        assert f"too many control connections from user {u['operator']}" in text, text
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_flood_of_refused_requests_is_audited_as_counted_records(
+        running: tuple[Box, Path, Path], users: Users, tmp_path: Path) -> None:
+    box, sock, _shared = running
+    nobody = users.users["nobody"]
+    report = tmp_path / "flood.txt"
+    fd = os.open(report, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    began = time.monotonic()
+    pid = spawn_as(nobody, ask_status, str(sock), 300, fd)
+    os.close(fd)
+    _, code = os.waitpid(pid, 0)
+    windows = (time.monotonic() - began) / control.DENIAL_WINDOW
+    assert os.waitstatus_to_exitcode(code) == 0
+    assert report.read_text().strip() == "denied 300"
+
+    def refusals() -> list[dict[str, Any]]:
+        tail = cli("audit", "tail", "--config", str(box.config), "--json", "-n", "2000")
+        rows = [json.loads(line) for line in tail.stdout.splitlines()]
+        return [r for r in rows if r["event"] == "cli.action" and r["user"] == nobody
+                and r["details"].get("command") == "control.status"]
+
+    # The first refusal is recorded at once; the rest when their window closes.
+    rows = wait_for(lambda: (r := refusals()) and sum(int(x["details"].get("count", 1))
+                                                      for x in r) >= 300 and r,
+                    120, "the refusals summed up in the audit trail")
+    # one at once, then one per window the flood lasted (and the one it ended in)
+    assert len(rows) <= 2 + windows, f"{len(rows)} audit records for one flood"
+    assert sum(int(r["details"]["count"]) for r in rows) == 300
+    assert all(r["outcome"] == 8 and r["details"]["denied"] is True for r in rows)
+    assert rows[0]["details"]["count"] == 1
