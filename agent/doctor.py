@@ -23,7 +23,6 @@ from typing import Literal
 
 from cryptography import x509
 
-from agent import credentials
 from agent.config import Config
 from agent.errors import ConfigError, EdgeAgentError
 
@@ -93,6 +92,8 @@ def _mode(p: Path) -> int:
 
 
 def check_permissions(cfg: Config) -> Iterator[Check]:
+    from agent import fileperm
+
     name = "permissions"
     state = cfg.state_dir
     if not state.exists():
@@ -100,18 +101,14 @@ def check_permissions(cfg: Config) -> Iterator[Check]:
                     "run 'edge-agent provision init' (or StateDirectory= creates it under systemd)")
         return
     owner = state.stat().st_uid
-    if _mode(state) & 0o077:
-        yield _fail(name, f"state dir {state} is open to group/others (mode {_mode(state):o})",
-                    f"chmod 700 {state}")
-    else:
+    # The same test 'edge-agent run' refuses to start on (agent/fileperm.py).
+    folders = fileperm.open_folders(cfg)
+    for f in folders:
+        yield _fail(name, f.message, f.fix)
+    if not any(f.what == "state dir" for f in folders):
         yield _ok(name, f"state dir {state} is private (mode {_mode(state):o})")
-    src = credentials.sources(cfg)
-    secrets = [("kek", cfg.keys.kek), ("pseudonym", cfg.keys.pseudonym),
-               ("audit_signing", cfg.keys.audit_signing), ("mqtt_key", cfg.mqtt.key)]
     bad = 0
-    for cred, path in secrets:
-        if src.get(cred) == "credential":
-            continue  # systemd owns the credentials directory and its modes
+    for _cred, path in fileperm.secret_files(cfg):
         try:
             st = path.stat()
         except OSError as exc:

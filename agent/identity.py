@@ -226,7 +226,13 @@ def init(device: str, site: str, state_dir: Path, *, config_path: Path | None = 
     if cfg.exists() and not overwrite_config:
         kept.append(str(cfg))
     else:
-        cfg.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.parent.exists():
+            # As tmpfiles.d makes /etc/edge-agent: 0750, group edge-agent (the CLI's umask
+            # is 0077, which would leave the service unable to read its config).
+            cfg.parent.mkdir(parents=True, mode=0o750)
+            os.chmod(cfg.parent, 0o750)
+            if os.geteuid() == 0 and state not in cfg.parent.parents and cfg.parent != state:
+                os.chown(cfg.parent, 0, owner[1])
         _write_public(cfg, CONFIG_TEMPLATE.format(
             site=site, device=device, state=state, dicom_port=dicom_port, ae_title=ae_title,
             mqtt_host=mqtt_host, mqtt_port=mqtt_port, socket=control_socket).encode(), 0o640)
