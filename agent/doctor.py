@@ -136,24 +136,22 @@ def check_permissions(cfg: Config) -> Iterator[Check]:
 
 def check_certificate(cfg: Config) -> Iterator[Check]:
     from agent import identity
-    from agent.pki import load_key
 
     name = "certificate"
     try:
         cert_pem, ca_pem = cfg.mqtt.cert.read_bytes(), cfg.mqtt.ca.read_bytes()
     except OSError as exc:
-        yield _fail(name, f"{exc.filename}: {exc.strerror}",
+        which = "cert" if exc.filename == str(cfg.mqtt.cert) else "ca"
+        yield _fail(name, f"[mqtt] {which} {exc.filename}: {exc.strerror}",
                     "install the device certificate: 'edge-agent provision install-cert "
                     "--cert CERT.pem --ca CA.pem'")
         return
     try:
-        key = load_key(cfg.mqtt.key)
-    except (OSError, ValueError) as exc:
-        yield _fail(name, f"device key {cfg.mqtt.key} unusable ({exc})",
-                    "re-run 'edge-agent provision init' / 'rotate-cert'")
-        return
-    try:
-        info = identity.check_certificate(cert_pem, ca_pem, key, site=cfg.site, device=cfg.device)
+        key = identity.load_device_key(cfg.mqtt.key)
+        info = identity.check_certificate(
+            cert_pem, ca_pem, key, site=cfg.site, device=cfg.device,
+            cert_name=f"[mqtt] cert {cfg.mqtt.cert}", ca_name=f"[mqtt] ca {cfg.mqtt.ca}",
+            key_name=f"[mqtt] key {cfg.mqtt.key}")
     except EdgeAgentError as exc:
         msg, fix = _first_line(exc)
         yield _fail(name, msg, fix or "re-issue the certificate and run 'provision install-cert'")
