@@ -34,6 +34,9 @@ EDGE_AGENT = [sys.executable, "-m", "provisioning.cli"]
 PEERS: dict[str, str] = {
     "storescu": "dcmtk",
     "echoscu": "dcmtk",
+    "dcmcjpeg": "dcmtk",
+    "dcmcjpls": "dcmtk",
+    "dcmcrle": "dcmtk",
     "mosquitto": "mosquitto",
     "Orthanc": "orthanc",
     "dciodvfy": "dicom3tools",

@@ -136,6 +136,7 @@ def test_install_cert_refuses_bad_certificates(tmp_path: Path, fleet_ca: tuple, 
             "--config", str(out["config"]))
     assert p.returncode == 2
     assert expect in p.stderr and "fix:" in p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
     assert not (tmp_path / "state" / "pki" / "current" / "device.pem").exists()
 
 
