@@ -304,7 +304,10 @@ class ControlServer:
         return True
 
     def _bind(self) -> socket.socket:
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if created:  # the 0077 umask filtered mkdir's mode; operators must reach the socket
+            os.chmod(self.path.parent, 0o755)
         if self.path.is_socket():
             if _alive(self.path):
                 raise OSError(98, "another edge-agent is already listening there")

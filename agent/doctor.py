@@ -23,7 +23,6 @@ from typing import Literal
 
 from cryptography import x509
 
-from agent import credentials
 from agent.config import Config
 from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 
@@ -93,6 +92,8 @@ def _mode(p: Path) -> int:
 
 
 def check_permissions(cfg: Config) -> Iterator[Check]:
+    from agent import fileperm
+
     name = "permissions"
     state = cfg.state_dir
     if not state.exists():
@@ -100,18 +101,14 @@ def check_permissions(cfg: Config) -> Iterator[Check]:
                     "run 'edge-agent provision init' (or StateDirectory= creates it under systemd)")
         return
     owner = state.stat().st_uid
-    if _mode(state) & 0o077:
-        yield _fail(name, f"state dir {state} is open to group/others (mode {_mode(state):o})",
-                    f"chmod 700 {state}")
-    else:
+    # The same test 'edge-agent run' refuses to start on (agent/fileperm.py).
+    folders = fileperm.open_folders(cfg)
+    for f in folders:
+        yield _fail(name, f.message, f.fix)
+    if not any(f.what == "state dir" for f in folders):
         yield _ok(name, f"state dir {state} is private (mode {_mode(state):o})")
-    src = credentials.sources(cfg)
-    secrets = [("kek", cfg.keys.kek), ("pseudonym", cfg.keys.pseudonym),
-               ("audit_signing", cfg.keys.audit_signing), ("mqtt_key", cfg.mqtt.key)]
     bad = 0
-    for cred, path in secrets:
-        if src.get(cred) == "credential":
-            continue  # systemd owns the credentials directory and its modes
+    for _cred, path in fileperm.secret_files(cfg):
         try:
             st = path.stat()
         except OSError as exc:
@@ -139,24 +136,22 @@ def check_permissions(cfg: Config) -> Iterator[Check]:
 
 def check_certificate(cfg: Config) -> Iterator[Check]:
     from agent import identity
-    from agent.pki import load_key
 
     name = "certificate"
     try:
         cert_pem, ca_pem = cfg.mqtt.cert.read_bytes(), cfg.mqtt.ca.read_bytes()
     except OSError as exc:
-        yield _fail(name, f"{exc.filename}: {exc.strerror}",
+        which = "cert" if exc.filename == str(cfg.mqtt.cert) else "ca"
+        yield _fail(name, f"[mqtt] {which} {exc.filename}: {exc.strerror}",
                     "install the device certificate: 'edge-agent provision install-cert "
                     "--cert CERT.pem --ca CA.pem'")
         return
     try:
-        key = load_key(cfg.mqtt.key)
-    except (OSError, ValueError) as exc:
-        yield _fail(name, f"device key {cfg.mqtt.key} unusable ({exc})",
-                    "re-run 'edge-agent provision init' / 'rotate-cert'")
-        return
-    try:
-        info = identity.check_certificate(cert_pem, ca_pem, key, site=cfg.site, device=cfg.device)
+        key = identity.load_device_key(cfg.mqtt.key)
+        info = identity.check_certificate(
+            cert_pem, ca_pem, key, site=cfg.site, device=cfg.device,
+            cert_name=f"[mqtt] cert {cfg.mqtt.cert}", ca_name=f"[mqtt] ca {cfg.mqtt.ca}",
+            key_name=f"[mqtt] key {cfg.mqtt.key}")
     except EdgeAgentError as exc:
         msg, fix = _first_line(exc)
         yield _fail(name, msg, fix or "re-issue the certificate and run 'provision install-cert'")

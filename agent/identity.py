@@ -85,6 +85,31 @@ def _symlink(pki: Path, name: str, target: str) -> None:
     fsync_dir(pki)
 
 
+# -- the device key -------------------------------------------------------------------
+
+def load_device_key(path: Path) -> PrivateKey:
+    """The device's TLS private key, or a CryptoError naming the file and the fix."""
+    remake = ("make a new key and CSR with 'edge-agent provision rotate-cert', have the fleet "
+              "CA sign the CSR, and install that certificate (or restore the key from backup)")
+    try:
+        return load_key(path)
+    except FileNotFoundError:
+        raise CryptoError(f"device key {path} does not exist", hint=remake) from None
+    except PermissionError:
+        raise CryptoError(
+            f"device key {path} cannot be read by this user (uid {os.geteuid()})",
+            hint=f"run as root or the {SERVICE_USER} user, or give the key to that user: "
+                 f"chown {SERVICE_USER} {path} && chmod 600 {path}") from None
+    except OSError as exc:
+        raise CryptoError(
+            f"device key {path} cannot be read ({exc.strerror})",
+            hint=f"it must be a regular file: chmod 600 {path}; if it is gone, {remake}",
+        ) from None
+    except (ValueError, TypeError):  # TypeError: a passphrase-protected key
+        raise CryptoError(f"device key {path} is not a PEM private key (unencrypted EC or RSA)",
+                          hint=remake) from None
+
+
 # -- CSR ----------------------------------------------------------------------------
 
 def common_name(site: str, device: str) -> str:
@@ -227,7 +252,13 @@ def init(device: str, site: str, state_dir: Path, *, config_path: Path | None = 
     if cfg.exists() and not overwrite_config:
         kept.append(str(cfg))
     else:
-        cfg.parent.mkdir(parents=True, exist_ok=True)
+        if not cfg.parent.exists():
+            # As tmpfiles.d makes /etc/edge-agent: 0750, group edge-agent (the CLI's umask
+            # is 0077, which would leave the service unable to read its config).
+            cfg.parent.mkdir(parents=True, mode=0o750)
+            os.chmod(cfg.parent, 0o750)
+            if os.geteuid() == 0 and state not in cfg.parent.parents and cfg.parent != state:
+                os.chown(cfg.parent, 0, owner[1])
         _write_public(cfg, CONFIG_TEMPLATE.format(
             site=site, device=device, state=state, dicom_port=dicom_port, ae_title=ae_title,
             mqtt_host=mqtt_host, mqtt_port=mqtt_port, socket=control_socket).encode(), 0o640)
@@ -263,7 +294,8 @@ def _load_pems(data: bytes, what: str) -> list[x509.Certificate]:
     except ValueError:
         raise CryptoError(f"{what} is not a PEM certificate file",
                           hint="pass the PEM ('-----BEGIN CERTIFICATE-----') the fleet CA "
-                               "returned") from None
+                               "returned; convert DER with 'openssl x509 -inform der -in "
+                               "FILE -out FILE.pem'") from None
     return certs
 
 
@@ -313,14 +345,19 @@ def _chain_ok(leaf: x509.Certificate, intermediates: list[x509.Certificate],
 
 
 def check_certificate(cert_pem: bytes, ca_pem: bytes, key: PrivateKey, *, site: str, device: str,
-                      now: datetime | None = None) -> CertInfo:
-    """Chain, key match, validity dates, clientAuth usage and name; raise CryptoError."""
+                      now: datetime | None = None, cert_name: str = "--cert",
+                      ca_name: str = "--ca", key_name: str = "") -> CertInfo:
+    """Chain, key match, validity dates, clientAuth usage and name; raise CryptoError.
+
+    ``*_name`` say where the bytes came from ("--cert /path", "[mqtt] cert /path") so
+    an error names the file the operator has to change."""
     now = now or datetime.now(UTC)
-    certs = _load_pems(cert_pem, "--cert")
-    anchors = _load_pems(ca_pem, "--ca")
+    certs = _load_pems(cert_pem, cert_name)
+    anchors = _load_pems(ca_pem, ca_name)
     leaf = certs[0]
     if _public_der(leaf) != _public_der(key):
-        raise CryptoError("the certificate is not for this box's device key",
+        raise CryptoError(f"the certificate {cert_name} is not for this box's device key"
+                          + (f" {key_name}" if key_name else ""),
                           hint="submit the CSR printed by 'provision init' / 'rotate-cert' and "
                                "install the certificate issued for it")
     if now < leaf.not_valid_before_utc - CLOCK_SKEW:
@@ -395,19 +432,32 @@ def _serial(path: Path) -> str | None:
 def install_certificate(pki: Path, cert_file: Path, ca_file: Path, *, site: str,
                         device: str) -> InstallResult:
     """Check, then install; a certificate for the pending key switches identities atomically."""
-    try:
-        cert_pem, ca_pem = cert_file.read_bytes(), ca_file.read_bytes()
-    except OSError as exc:
-        raise CryptoError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    pems = {}
+    for opt, f, what in (("--cert", cert_file, "the certificate the fleet CA issued for "
+                                               "this box's CSR"),
+                         ("--ca", ca_file, "the fleet CA certificate")):
+        try:
+            pems[opt] = f.read_bytes()
+        except OSError as exc:
+            raise CryptoError(f"{opt} {f}: {exc.strerror}",
+                              hint=f"pass {what} with {opt}, as a file this user can "
+                                   "read") from None
+    cert_pem, ca_pem = pems["--cert"], pems["--ca"]
+    cert_name, ca_name = f"--cert {cert_file}", f"--ca {ca_file}"
+    _load_pems(cert_pem, cert_name)  # a file that is no certificate: say so before any key
+    _load_pems(ca_pem, ca_name)
     pending = pki / "pending"
     current = pki / "current"
     candidates = [(pending, True)] if pending.exists() else []
     candidates.append((current, False))
     errors = []
     for ident, rotating in candidates:
-        key = load_key(ident / "device.key")
+        key_path = ident.resolve() / "device.key"
         try:
-            info = check_certificate(cert_pem, ca_pem, key, site=site, device=device)
+            key = load_device_key(key_path)
+            info = check_certificate(cert_pem, ca_pem, key, site=site, device=device,
+                                     cert_name=cert_name, ca_name=ca_name,
+                                     key_name=f"({key_path})")
         except CryptoError as exc:
             errors.append((ident, exc))
             continue

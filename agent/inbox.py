@@ -40,6 +40,7 @@ from agent.crypto import (
     random_key,
 )
 from agent.errors import CryptoError, OutOfResources, StorageError
+from agent.fileperm import open_private, private_db
 from agent.types import ReceivedInstance, Study, StudyCompletion
 
 _SCHEMA = """
@@ -234,7 +235,8 @@ class Inbox:
         self.study_settings = study
         self._lock = threading.RLock()
         self._seq = itertools.count()
-        self._db = sqlite3.connect(root / "index.db", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_db(root / "index.db"), check_same_thread=False,
+                                   isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=60000")  # worker processes share the index
@@ -613,7 +615,7 @@ class Inbox:
 
     def _rekey(self, path: Path, old: bytes, new: bytes, aad: bytes) -> None:
         out = path.with_suffix(".rekey")
-        with open(path, "rb") as src, open(out, "wb") as fh:
+        with open(path, "rb") as src, open_private(out) as fh:
             w = StreamWriter(new, fh, aad)
             for chunk in iter_open_stream(old, src, aad):
                 w.write(chunk)

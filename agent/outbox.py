@@ -46,6 +46,7 @@ from pathlib import Path
 
 from agent.crypto import KeyEncryptionKey, load_or_create_data_key, seal, unseal
 from agent.errors import EdgeAgentError, OutOfResources, StorageError
+from agent.fileperm import private_db
 from agent.types import Channel, OutboxMessage, PhiFingerprint
 
 TELEMETRY_MAX = 2000  # samples kept before coalescing (1.4 days at the 60 s default)
@@ -102,7 +103,8 @@ class Outbox:
         self._acked: dict[int, tuple[int, str]] = {}  # seq -> (size, channel), not yet deleted
         self._acked_at = time.monotonic()
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(private_db(path), check_same_thread=False,
+                                       isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             # A bounded WAL: checkpoints restart it from its beginning, so a long

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -70,30 +71,82 @@ class _NamedContext(ssl.SSLContext):
         return super().wrap_socket(sock, *args, **kwargs)
 
 
+_TLS_FIX = {
+    "ca": "install the fleet CA with 'edge-agent provision install-cert --cert CERT.pem "
+          "--ca FLEET-CA.pem', or correct [mqtt] ca in agent.toml",
+    "cert": "install the device certificate with 'edge-agent provision install-cert "
+            "--cert CERT.pem --ca FLEET-CA.pem', or correct [mqtt] cert in agent.toml",
+    "key": "correct [mqtt] key in agent.toml, or restore the key from backup; without it, "
+           "make a new key and CSR ('edge-agent provision rotate-cert') and install the "
+           "certificate the fleet CA issues for it",
+    "crl": "correct [mqtt] crl in agent.toml, or fetch the current CRL from the fleet CA",
+}
+
+
+def _tls_files(s: MqttSettings) -> list[tuple[str, Path]]:
+    files = [("ca", s.ca), ("cert", s.cert), ("key", s.key)]
+    return files + ([("crl", s.crl)] if s.crl is not None else [])
+
+
+def _check_readable(key: str, path: Path) -> None:
+    """ssl's own errors name no file ("[Errno 2] No such file or directory", filename
+    None): open each file first, so the error says which config key to fix."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise TransportError(f"MQTT TLS file missing: [mqtt] {key} {path} does not exist",
+                             hint=_TLS_FIX[key]) from None
+    except PermissionError:
+        raise TransportError(
+            f"MQTT TLS file unreadable: [mqtt] {key} {path} cannot be read by this user",
+            hint=f"run as the edge-agent service user, or give the file to it: "
+                 f"chown edge-agent {path}" + (f" && chmod 600 {path}" if key == "key" else ""),
+        ) from None
+    except OSError as exc:
+        raise TransportError(f"MQTT TLS file unusable: [mqtt] {key} {path}: {exc.strerror}",
+                             hint=_TLS_FIX[key]) from None
+
+
+def _ssl_error(what: str, exc: ssl.SSLError, fix: str) -> TransportError:
+    return TransportError(f"MQTT TLS files unusable: {what} ({exc.reason or exc})", hint=fix)
+
+
 def tls_context(s: MqttSettings) -> ssl.SSLContext:
     """TLS 1.2+, the fleet CA pinned (system CAs not trusted), hostname verified,
     our client certificate, optional CRL."""
+    for key, path in _tls_files(s):
+        _check_readable(key, path)
+    ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.server_name = s.tls_server_name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.server_name = s.tls_server_name
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=str(s.ca))
-        ctx.load_cert_chain(str(s.cert), str(s.key))
-        if s.crl is not None:
-            ctx.load_verify_locations(cafile=str(s.crl))
-            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    except FileNotFoundError as exc:
-        raise TransportError(
-            f"MQTT TLS file missing: {exc.filename}",
-            hint="check [mqtt] ca, cert and key in the config, or re-run provisioning",
-        ) from None
     except ssl.SSLError as exc:
-        raise TransportError(
-            f"MQTT TLS files unusable: {exc.reason or exc}",
-            hint="the certificate and key must match and be PEM; see 'edge-agent doctor'",
-        ) from None
+        raise _ssl_error(f"[mqtt] ca {s.ca} is not a PEM CA certificate", exc,
+                         _TLS_FIX["ca"]) from None
+    try:
+        ctx.load_cert_chain(str(s.cert), str(s.key))
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise _ssl_error(
+                f"[mqtt] key {s.key} does not match [mqtt] cert {s.cert}", exc,
+                "point [mqtt] key at the private key the certificate was issued for, or "
+                "install the certificate issued for this key's CSR ('edge-agent provision "
+                "install-cert')") from None
+        raise _ssl_error(f"[mqtt] cert {s.cert} or [mqtt] key {s.key} is not PEM", exc,
+                         "the certificate must be PEM ('-----BEGIN CERTIFICATE-----') and the "
+                         "key an unencrypted PEM private key; 'edge-agent doctor' checks "
+                         "both") from None
+    if s.crl is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(s.crl))
+        except ssl.SSLError as exc:
+            raise _ssl_error(f"[mqtt] crl {s.crl} is not a PEM CRL", exc,
+                             _TLS_FIX["crl"]) from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 
@@ -101,6 +154,9 @@ def tls_context(s: MqttSettings) -> ssl.SSLContext:
 
 
 def certificate_cn(path: os.PathLike[str] | str) -> str:
+    if not os.path.exists(path):
+        raise TransportError(f"MQTT TLS file missing: [mqtt] cert {path} does not exist",
+                             hint=_TLS_FIX["cert"])
     try:
         cert = x509.load_pem_x509_certificate(open(path, "rb").read())  # noqa: SIM115
     except (OSError, ValueError) as exc:

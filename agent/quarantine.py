@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from agent.crypto import KeyEncryptionKey, fsync_dir, load_or_create_data_key, seal
+from agent.fileperm import open_private, private_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -33,7 +34,8 @@ class Quarantine:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(root / "index.db", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(private_db(root / "index.db"), check_same_thread=False,
+                                   isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -44,7 +46,7 @@ class Quarantine:
         name = f"{study_key[:16]}-{instance_key[:16]}.enc"
         path = self.root / name
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
+        with open_private(tmp) as fh:
             fh.write(seal(self._key, data, name.encode()))
             fh.flush()
             os.fsync(fh.fileno())

@@ -55,11 +55,12 @@ def run(
 ) -> None:
     """Run the daemon (systemd Type=notify)."""
     from agent import config as cfgmod
-    from agent import logs
+    from agent import fileperm, logs
     from agent.daemon import Daemon, RunOptions
 
     try:
         cfg = cfgmod.load(config)
+        fileperm.require_private_folders(cfg)
         logs.setup(cfg.log_level)
         daemon = Daemon(cfg, RunOptions(burst=burst))
         code = daemon.run()
@@ -149,6 +150,12 @@ for _mod in ("deid_cmd", "models_cmd", "audit_cmd", "ops_cmd"):
 
 
 def main() -> None:
+    from agent.fileperm import restrict_umask
+
+    # Everything the CLI and the daemon create is private unless a module gives a file
+    # an explicit mode (certificates, CSRs, the config): systemd sets UMask=0077 for the
+    # service, a shell usually gives 0022.
+    restrict_umask()
     app()
 
 

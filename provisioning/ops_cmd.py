@@ -248,6 +248,12 @@ def provision_init(
                f"install-cert --cert CERT.pem --ca FLEET-CA.pem --config {r.config}")
 
 
+def _write_error(exc: OSError) -> EdgeAgentError:
+    return EdgeAgentError(f"cannot change {exc.filename}: {exc.strerror}",
+                          hint="run as root (sudo edge-agent provision ...), which installs the "
+                               "files for the edge-agent service user")
+
+
 def _identity_ctx(config: Path | None) -> tuple[Config, Path]:
     from agent import identity
 
@@ -276,6 +282,8 @@ def provision_install_cert(
             _audit_quietly(loaded, {"command": "provision.install-cert",
                                     "refused": str(exc).split("\n")[0]}, outcome="minor_failure")
         raise _fail(exc) from None
+    except OSError as exc:
+        raise _fail(_write_error(exc)) from None
     cfg = loaded
     info = res.info
     details: dict[str, object] = {
@@ -308,6 +316,8 @@ def provision_rotate_cert(
         raise _fail(exc, 3) from None
     except EdgeAgentError as exc:
         raise _fail(exc) from None
+    except OSError as exc:
+        raise _fail(_write_error(exc)) from None
     if not res.reused:
         _audit_quietly(cfg, {"command": "provision.rotate-cert", "identity": res.identity})
     state = "existing pending" if res.reused else "new"

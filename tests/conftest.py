@@ -10,7 +10,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Box, Broker, Daemon, Subscriber, provision  # noqa: E402
+from support import Box, Broker, Daemon, Subscriber, provision, require_peer  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "peer(*names): programs the test talks to (tests/support.py PEERS); "
+                   "skipped when missing, a failure under CI=true")
+
+
+# No ordering mark on purpose: this runs after skipif (the skipping plugin is tryfirst),
+# so a test skipped for another reason (not root) stays skipped, and before the fixtures
+# are set up (the runner's hook was registered earlier), so a missing peer costs no broker.
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers("peer"):
+        for name in marker.args:
+            require_peer(name)
 
 
 @pytest.fixture

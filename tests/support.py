@@ -17,13 +17,71 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_AGENT = [sys.executable, "-m", "provisioning.cli"]
+
+# Programs the tests talk to, and the Debian package of each ('tools/setup.sh test'
+# installs them all).  A test that needs one says so with @pytest.mark.peer("name") or
+# require_peer("name"): skipped on a developer machine without it, a failure under CI
+# (CI=true), where a silently skipped interop test would be a green build that tested
+# nothing.
+PEERS: dict[str, str] = {
+    "storescu": "dcmtk",
+    "echoscu": "dcmtk",
+    "dcmcjpeg": "dcmtk",
+    "dcmcjpls": "dcmtk",
+    "dcmcrle": "dcmtk",
+    "mosquitto": "mosquitto",
+    "Orthanc": "orthanc",
+    "dciodvfy": "dicom3tools",
+    "gdcmanon": "libgdcm-tools",
+    "openssl": "openssl",
+    "systemd-analyze": "systemd",
+    "systemd-sysusers": "systemd",
+    "systemd-tmpfiles": "systemd",
+    "useradd": "passwd",
+    "groupadd": "passwd",
+}
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on a normal user's PATH
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str, fix: str) -> NoReturn:
+    """Skip locally; fail under CI, where everything a test needs must be there."""
+    if in_ci():
+        pytest.fail(f"{what} is missing, and CI must run every test: {fix}", pytrace=False)
+    pytest.skip(f"{what} is missing ({fix}); under CI=true this is a failure")
+
+
+def find_peer(name: str) -> str | None:
+    if name not in PEERS:
+        raise KeyError(f"unknown test peer {name!r}: add it to tests/support.py PEERS")
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in _SBIN:
+        p = Path(folder) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    return None
+
+
+def require_peer(name: str) -> str:
+    """The path of a peer program, or skip (locally) / fail (CI) saying what to install."""
+    path = find_peer(name)
+    if path is None:
+        missing(f"test peer {name}",
+                f"apt-get install {PEERS[name]}, or run tools/setup.sh test")
+    return path
 
 
 def free_port() -> int:
@@ -128,7 +186,7 @@ class Broker:
         self.log = box.root / "broker" / "mosquitto.log"
 
     def start(self) -> None:
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        exe = require_peer("mosquitto")
         self.proc = subprocess.Popen([exe, "-c", self.box.info["mosquitto_conf"]],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         wait_port(self.box.mqtt_port)
@@ -248,7 +306,8 @@ class Subscriber:
 def storescu(port: int, files: list[Path], *, aet: str = "STORESCU", aec: str = "EDGE_AGENT",
              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TCP_NODELAY="1")
-    return subprocess.run(["storescu", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
+    return subprocess.run([require_peer("storescu"), "-aet", aet, "-aec", aec, *extra,
+                           "127.0.0.1", str(port),
                            *map(str, files)], capture_output=True, text=True, env=env, timeout=300)
 
 

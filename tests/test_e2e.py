@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import signal
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def results_for(ops: Subscriber) -> list[dict[str, object]]:
     return [m.json() for m in ops.on("results")]
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+@pytest.mark.peer("storescu")
 def test_storescu_study_yields_one_deidentified_result(
     tmp_path: Path, box: Box, daemon: Daemon, ops: Subscriber
 ) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
 from agent.errors import AuditError, CryptoError
+from agent.fileperm import private_db
 
 from .checkpoint import Checkpoint
 
@@ -100,7 +101,7 @@ def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, check_same_thread=False)
     else:
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        conn = sqlite3.connect(private_db(db_path), check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=10000")
     if not readonly:
         conn.execute("PRAGMA journal_mode=WAL")

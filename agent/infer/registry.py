@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from agent.crypto import fsync_dir
@@ -34,6 +34,7 @@ Environment = Literal["production", "development"]
 AuditFn = Callable[[str, dict[str, object]], None]
 
 MANIFEST = "manifest.toml"
+MODEL_CARD = "MODEL_CARD.md"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -65,9 +66,35 @@ def safe_audit(audit: AuditFn | None, event: str, details: dict[str, object]) ->
         log.exception("audit callback failed for %s", event)
 
 
+def _member(package: Path, name: str, what: str) -> Path:
+    """A file of the package, refused when its name or a symlink leads out of the package.
+
+    A package is one flat folder.  Without this, a manifest saying ``file =
+    "../../../etc/passwd"`` (or a model.onnx symlinked there) would have ``models install``
+    copy that file into the models dir, and a development box, which accepts unsigned
+    packages, would not stop it.
+    """
+    pure = PurePosixPath(name)
+    where = package / MANIFEST
+    fix = ("a package is one folder holding model.onnx, manifest.toml, its .sig and "
+           "MODEL_CARD.md as regular files; get the package again from its publisher")
+    if pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        raise ModelError(f"{where}: {what} {name!r} points outside the package {package}",
+                         hint=fix)
+    if len(pure.parts) != 1 or name in ("", "."):
+        raise ModelError(f"{where}: {what} {name!r} must be a file name in the package "
+                         f"folder {package}", hint=fix)
+    member = package / name
+    real = member.resolve()
+    if not real.is_relative_to(package.resolve()):
+        raise ModelError(f"{member}: {what} is a symlink to {real}, outside the package",
+                         hint=fix)
+    return member
+
+
 def read_package(path: Path, keys: tuple[PublisherKey, ...]) -> ModelPackage:
     """Parse and verify a package directory; raises ModelError if unreadable."""
-    manifest_path = path / MANIFEST
+    manifest_path = _member(path, MANIFEST, "the manifest")
     try:
         raw = manifest_path.read_bytes()
     except FileNotFoundError as exc:
@@ -78,8 +105,10 @@ def read_package(path: Path, keys: tuple[PublisherKey, ...]) -> ModelPackage:
     for field, value in (("name", manifest.name), ("version", manifest.version)):
         if not _NAME_RE.match(value):
             raise ModelError(f"{manifest_path}: {field} {value!r} is not a safe directory name")
-    verification = verify_package(raw, manifest_path.with_name(MANIFEST + SIG_SUFFIX),
-                                  path / manifest.model_file, manifest.sha256, keys)
+    model = _member(path, manifest.model_file, "model.file")
+    sig = _member(path, MANIFEST + SIG_SUFFIX, "the signature")
+    _member(path, MODEL_CARD, "the model card")
+    verification = verify_package(raw, sig, model, manifest.sha256, keys)
     return ModelPackage(manifest.name, manifest.version, path, manifest, verification)
 
 
@@ -267,10 +296,11 @@ class Registry:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{pkg.version}."))
         try:
-            for item in ("model.onnx", MANIFEST, MANIFEST + SIG_SUFFIX, "MODEL_CARD.md"):
-                src = source / (pkg.manifest.model_file if item == "model.onnx" else item)
+            # read_package checked each of these names stays inside the package.
+            for name in (pkg.manifest.model_file, MANIFEST, MANIFEST + SIG_SUFFIX, MODEL_CARD):
+                src = source / name
                 if src.exists():
-                    shutil.copy2(src, staging / src.name)
+                    shutil.copy2(src, staging / name)
             copied = read_package(staging, self.keys)
             if copied.verification.status != pkg.verification.status:
                 raise ModelError("the package changed while it was being copied",

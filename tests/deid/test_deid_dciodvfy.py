@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import pydicom
 import pytest
 from deid_support import KEY, Recipient, sample_path
 from pydicom.dataset import Dataset
+from support import require_peer
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule
 
-DCIODVFY = shutil.which("dciodvfy")
-pytestmark = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")
+pytestmark = pytest.mark.peer("dciodvfy")
 SAMPLES = [
     "CT_small.dcm",
     "MR_small.dcm",
@@ -32,7 +31,7 @@ ALL_OPTIONS = frozenset(OPTIONS) - {"retain_longitudinal_full_dates"}
 
 def _errors(ds: Dataset, path: Path) -> set[str]:
     ds.save_as(path, enforce_file_format=True)
-    proc = subprocess.run([DCIODVFY or "dciodvfy", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([require_peer("dciodvfy"), str(path)], capture_output=True, text=True)
     lines = (proc.stdout + proc.stderr).splitlines()
     # UIDs change by design; compare the messages, not the UID values in them
     return {re.sub(r"[0-9]+(\.[0-9]+)+", "<uid>", ln) for ln in lines if ln.startswith("Error")}

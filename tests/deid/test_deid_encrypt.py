@@ -11,14 +11,12 @@ import deid_canary as dc
 import pydicom
 import pytest
 from deid_support import KEY, Recipient, make_recipient, sample_path
+from support import require_peer
 
 from agent.deid import Deidentifier, DeidSettings
 from agent.deid.envelope import open_envelope
 from agent.deid.reidentify import reidentify
 from agent.errors import CryptoError, DeidError
-
-OPENSSL = shutil.which("openssl")
-GDCMANON = shutil.which("gdcmanon")
 
 
 def _encrypted(recipients: tuple[Recipient, ...], c: dc.Canary) -> pydicom.Dataset:
@@ -67,7 +65,7 @@ def test_strip_output_cannot_be_reidentified(recipient: Recipient) -> None:
         reidentify(out, recipient.key)
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
+@pytest.mark.peer("openssl")
 def test_openssl_decrypts_our_envelope(recipient: Recipient, tmp_path: Path) -> None:
     deid = _encrypted((recipient,), dc.build(8))
     der = tmp_path / "env.der"
@@ -75,7 +73,7 @@ def test_openssl_decrypts_our_envelope(recipient: Recipient, tmp_path: Path) -> 
     der.write_bytes(raw)
     plain = subprocess.run(
         [
-            OPENSSL or "openssl",
+            require_peer("openssl"),
             "cms",
             "-decrypt",
             "-inform",
@@ -93,7 +91,7 @@ def test_openssl_decrypts_our_envelope(recipient: Recipient, tmp_path: Path) -> 
     assert inner.ModifiedAttributesSequence[0].PatientID == dc.PATIENT_ID
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="openssl not installed")
+@pytest.mark.peer("openssl")
 @pytest.mark.parametrize("cipher", ["-aes128", "-aes192", "-aes256", "-des3"])
 @pytest.mark.parametrize("transport", ["pkcs1", "oaep"])
 def test_we_open_openssl_envelopes(recipient: Recipient, cipher: str, transport: str) -> None:
@@ -101,7 +99,7 @@ def test_we_open_openssl_envelopes(recipient: Recipient, cipher: str, transport:
     extra = ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"]
     der = subprocess.run(
         [
-            OPENSSL or "openssl",
+            require_peer("openssl"),
             "cms",
             "-encrypt",
             "-binary",
@@ -119,7 +117,7 @@ def test_we_open_openssl_envelopes(recipient: Recipient, cipher: str, transport:
     assert open_envelope(der + b"\x00", recipient.key) == payload
 
 
-@pytest.mark.skipif(GDCMANON is None, reason="gdcmanon (libgdcm-tools) not installed")
+@pytest.mark.peer("gdcmanon")
 @pytest.mark.parametrize("cipher", ["--aes128", "--aes192", "--aes256", "--des3"])
 def test_we_reidentify_gdcmanon_output(recipient: Recipient, tmp_path: Path, cipher: str) -> None:
     src = tmp_path / "in.dcm"
@@ -127,7 +125,7 @@ def test_we_reidentify_gdcmanon_output(recipient: Recipient, tmp_path: Path, cip
     out = tmp_path / "anon.dcm"
     subprocess.run(
         [
-            GDCMANON or "gdcmanon",
+            require_peer("gdcmanon"),
             "-e",
             "-c",
             str(recipient.cert_path),
@@ -149,14 +147,14 @@ def test_we_reidentify_gdcmanon_output(recipient: Recipient, tmp_path: Path, cip
     assert back.SOPInstanceUID == original.SOPInstanceUID
 
 
-@pytest.mark.skipif(GDCMANON is None, reason="gdcmanon (libgdcm-tools) not installed")
+@pytest.mark.peer("gdcmanon")
 def test_gdcmanon_reidentifies_our_output(recipient: Recipient, tmp_path: Path) -> None:
     c = dc.build(9)
     ours = tmp_path / "ours.dcm"
     ours.write_bytes(dc.to_bytes(_encrypted((recipient,), c)))
     back = tmp_path / "back.dcm"
     subprocess.run(
-        [GDCMANON or "gdcmanon", "-d", "-k", str(recipient.key_path), "-i", str(ours), "-o", str(back)],
+        [require_peer("gdcmanon"), "-d", "-k", str(recipient.key_path), "-i", str(ours), "-o", str(back)],
         capture_output=True,
         check=True,
     )

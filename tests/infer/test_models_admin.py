@@ -20,9 +20,9 @@ import test_roles  # noqa: E402
 from ops_helpers import cli  # noqa: E402
 from test_roles import Users, run_as, warm_imports  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("useradd") is None,
-    reason="needs root and useradd to create the non-admin test users")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0,
+                                 reason="needs root to create the non-admin test users"),
+              pytest.mark.peer("useradd", "groupadd")]
 
 
 users = test_roles.users  # the fixture: throwaway operator/admin/auditor/nobody users

@@ -5,7 +5,6 @@ decoded.  Peak RSS (VmHWM) of the daemon process, measured around the processing
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def send(box: Box, path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+@pytest.mark.peer("storescu")
 def test_200mb_instance_is_processed_with_bounded_memory(tmp_path: Path, box: Box,
                                                          broker: Broker) -> None:
     sock = tmp_path / "ctl" / "control.sock"
@@ -72,7 +71,7 @@ def test_200mb_instance_is_processed_with_bounded_memory(tmp_path: Path, box: Bo
     assert growth < size + 96 * MiB, json.dumps({"before": before, "after": after})
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+@pytest.mark.peer("storescu")
 def test_instance_above_the_processing_bound_is_refused_with_a_reason(
         tmp_path: Path, box: Box, broker: Broker, ops: Subscriber) -> None:
     set_config(box, "study", "quiet_seconds", "1")

@@ -4,6 +4,7 @@ rotate-cert with an atomic switch, all through the real CLI and real certificate
 from __future__ import annotations
 
 import json
+import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,6 +136,7 @@ def test_install_cert_refuses_bad_certificates(tmp_path: Path, fleet_ca: tuple, 
             "--config", str(out["config"]))
     assert p.returncode == 2
     assert expect in p.stderr and "fix:" in p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
     assert not (tmp_path / "state" / "pki" / "current" / "device.pem").exists()
 
 
@@ -189,3 +191,66 @@ def test_rotate_cert_keeps_old_identity_until_install_switches(tmp_path: Path,
     assert len(rotated) == 1 and rotated[0]["user"]
     actions = [e["details"]["command"] for e in events if e["event"] == "cli.action"]
     assert "provision.rotate-cert" in actions
+
+
+def _break_key(key: Path, how: str) -> None:
+    if how == "key_missing":
+        key.unlink()
+    elif how == "key_not_pem":
+        key.write_bytes(b"this is not a key\n")
+    elif how == "key_unreadable":
+        if os.geteuid() == 0:  # root reads any mode: make it unreadable for root too
+            key.unlink()
+            key.mkdir()
+        else:
+            key.chmod(0)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how,expect,fix", [
+    ("key_missing", "does not exist", "rotate-cert"),
+    ("key_not_pem", "is not a PEM private key", "rotate-cert"),
+    ("key_unreadable", "cannot be read", "chmod 600"),
+])
+def test_install_cert_with_a_broken_device_key_says_which_file_and_what_to_do(
+        tmp_path: Path, fleet_ca: tuple, how: str, expect: str, fix: str) -> None:
+    ca_key, ca_cert, ca_path = fleet_ca
+    out = init_box(tmp_path)
+    cert = sign_csr(Path(str(out["csr"])), ca_key, ca_cert, tmp_path / "device.pem")
+    key = (tmp_path / "state" / "pki" / "current" / "device.key").resolve()
+    _break_key(key, how)
+    p = cli("provision", "install-cert", "--cert", str(cert), "--ca", str(ca_path),
+            "--config", str(out["config"]))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert f"device key {key} {expect}" in p.stderr, p.stderr
+    assert "fix:" in p.stderr and fix in p.stderr.split("fix:", 1)[1]
+    assert not (key.parent / "device.pem").exists()
+
+
+@pytest.mark.parametrize("which,how,expect", [
+    ("cert", "missing", "--cert {path}: No such file or directory"),
+    ("cert", "not_pem", "--cert {path} is not a PEM certificate file"),
+    ("ca", "missing", "--ca {path}: No such file or directory"),
+    ("ca", "not_pem", "--ca {path} is not a PEM certificate file"),
+    ("cert", "a_key", "--cert {path} is not a PEM certificate file"),
+])
+def test_install_cert_with_a_bad_cert_or_ca_file_names_it(
+        tmp_path: Path, fleet_ca: tuple, which: str, how: str, expect: str) -> None:
+    ca_key, ca_cert, ca_path = fleet_ca
+    out = init_box(tmp_path)
+    cert = sign_csr(Path(str(out["csr"])), ca_key, ca_cert, tmp_path / "device.pem")
+    files = {"cert": cert, "ca": ca_path}
+    bad = tmp_path / f"bad-{which}.pem"
+    if how == "not_pem":
+        bad.write_bytes(b"\x30\x82\x01\x0a binary DER, not PEM")
+    elif how == "a_key":
+        bad.write_bytes((tmp_path / "state" / "pki" / "current" / "device.key").read_bytes())
+    files[which] = bad
+    p = cli("provision", "install-cert", "--cert", str(files["cert"]), "--ca", str(files["ca"]),
+            "--config", str(out["config"]))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert expect.format(path=bad) in p.stderr, p.stderr
+    assert "fix:" in p.stderr

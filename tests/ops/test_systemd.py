@@ -24,8 +24,7 @@ from support import REPO, Box, Broker, Subscriber, storescu, wait_port
 
 UNIT_DIR = REPO / "systemd"
 UNIT = UNIT_DIR / "edge-agent.service"
-needs_systemd = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                   reason="systemd-analyze not installed (tools/setup.sh test)")
+needs_systemd = pytest.mark.peer("systemd-analyze")
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -92,8 +91,8 @@ def test_unit_contract() -> None:
                     "AmbientCapabilities": ["CAP_NET_BIND_SERVICE"]}
 
 
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None or os.geteuid() != 0,
-                    reason="needs systemd-sysusers/tmpfiles and root (to chown in the image)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to chown in the image)")
+@pytest.mark.peer("systemd-sysusers", "systemd-tmpfiles")
 def test_sysusers_and_tmpfiles_create_account_and_private_folders(tmp_path: Path) -> None:
     root = tmp_path / "image"
     for sub in ("etc", "usr/lib/sysusers.d", "usr/lib/tmpfiles.d"):
@@ -170,11 +169,12 @@ def read_until(s: socket.socket, word: str) -> list[str]:
             return seen
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed")
+@pytest.mark.peer("storescu")
 def test_daemon_works_hardened_with_credentials_and_notify(
         tmp_path: Path, box: Box, broker: Broker, ops: Subscriber,
         notify_socket: tuple[socket.socket, str]) -> None:
     if not mdwe_supported():
+        # A kernel feature, not a package CI could install: a skip, not a failure.
         pytest.skip("kernel has no PR_SET_MDWE (Linux >= 6.3) to emulate MemoryDenyWriteExecute")
     from test_e2e import make_study
 

@@ -20,6 +20,7 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from support import require_peer
 
 from agent.config import DicomSettings, DicomTls, InboxSettings, PeerRule, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key
@@ -192,6 +193,7 @@ def big_instance(path: Path, frames: int, rows: int = 512, cols: int = 512) -> P
     return path
 
 
-def dcmtk(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def dcmtk(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TCP_NODELAY="1")
-    return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([require_peer(tool), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)

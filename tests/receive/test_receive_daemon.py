@@ -4,7 +4,6 @@ send, and flat memory while a very large instance streams in."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -108,7 +107,7 @@ def stream_big(tmp_path: Path, box: Box, frames: int) -> tuple[int, int, int]:
     return before, after, int(size)
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+@pytest.mark.peer("storescu")
 def test_200mb_instance_streams_with_flat_memory(tmp_path: Path, box: Box, broker: Broker) -> None:
     before, after, size = stream_big(tmp_path, box, frames=400)  # 400 x 512 x 512 x 2 = 200 MiB
     assert size > 200 * 1024**2
@@ -117,7 +116,7 @@ def test_200mb_instance_streams_with_flat_memory(tmp_path: Path, box: Box, broke
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+@pytest.mark.peer("storescu")
 def test_1gb_instance_streams_with_flat_memory(tmp_path: Path, box: Box, broker: Broker) -> None:
     before, after, size = stream_big(tmp_path, box, frames=2048)  # 1 GiB of pixels
     assert size > 1024**3

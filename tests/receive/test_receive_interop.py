@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import shutil
 import zlib
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from agent.config import PeerRule
 from agent.errors import StorageError
 from agent.receive import STATUS_OUT_OF_RESOURCES
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
+needs_dcmtk = pytest.mark.peer("storescu", "echoscu")
 
 
 def stored_bytes(n) -> list[bytes]:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from orthanc import Orthanc
 from rx_support import AE_TITLE, ct_files, node
 
 
-@pytest.mark.skipif(not Orthanc.available(), reason="Orthanc (Debian package) not installed")
+@pytest.mark.peer("Orthanc")
 def test_orthanc_forwards_a_study(tmp_path: Path) -> None:
     files = ct_files(tmp_path / "in", 4)
     with node(tmp_path) as n:

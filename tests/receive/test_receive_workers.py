@@ -20,7 +20,17 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from rx_support import AE_TITLE, ct_files, node
-from support import Box, Broker, Daemon, Subscriber, audit_events, set_config, storescu, wait_for
+from support import (
+    Box,
+    Broker,
+    Daemon,
+    Subscriber,
+    audit_events,
+    require_peer,
+    set_config,
+    storescu,
+    wait_for,
+)
 
 from agent.recvpool import ReceivePool
 
@@ -32,7 +42,8 @@ def workers_of(d: Daemon) -> list[psutil.Process]:
 
 
 def send_parallel(box: Box, groups: list[list[Path]]) -> list[subprocess.CompletedProcess[str]]:
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", box.ae_title, "127.0.0.1",
+    exe = require_peer("storescu")
+    procs = [subprocess.Popen([exe, "-aet", "STORESCU", "-aec", box.ae_title, "127.0.0.1",
                                str(box.dicom_port), *map(str, g)],
                               env=dict(os.environ, TCP_NODELAY="1"), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for g in groups]
