@@ -1,5 +1,5 @@
 # Quickstart: `make run` (the daemon on a dev box) and `make test` (everything CI runs).
-.PHONY: run test test-long bench setup clean
+.PHONY: run test test-long test-system bench setup clean deb deb-lock
 
 run:
 	tools/setup.sh run
@@ -12,6 +12,24 @@ test-long:
 	tools/setup.sh test
 	.venv/bin/python -m pytest -q -m slow
 
+# Build the Debian package, install it into a clean Debian root (debootstrap, cached
+# in /var/cache/edge-agent-test), provision, upgrade, remove and purge it; lintian.
+test-system:
+	tools/setup.sh system
+	.venv/bin/python -m pytest -q -m system tests/system
+
+# build/edge-agent_<version>_amd64.deb, then lintian (packaging/README.md).  DEB_VERSION=
+# overrides the version (default: pyproject.toml), DEB_OUT= the output folder (default:
+# build), DEB_LINT=0 skips lintian.
+deb:
+	tools/setup.sh deb
+	DEB_VERSION=$(DEB_VERSION) DEB_OUT=$(DEB_OUT) DEB_LINT=$(DEB_LINT) packaging/build-deb.sh
+
+# Re-pin packaging/requirements.lock to the runtime versions installed in .venv.
+deb-lock:
+	tools/setup.sh test
+	.venv/bin/python tools/debpkg.py lock packaging/requirements.lock
+
 bench:
 	tools/setup.sh test
 	.venv/bin/pip install -q -e '.[dev,bench]' > .venv/bench-install.log 2>&1
@@ -21,4 +39,4 @@ setup:
 	tools/setup.sh test
 
 clean:
-	rm -rf .dev-box .dev-box.json .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .dev-box .dev-box.json .pytest_cache .mypy_cache .ruff_cache build

@@ -3,15 +3,28 @@
 # system packages (only when missing), the venv, and the project in it.
 #   tools/setup.sh run    -> mosquitto (+ clients)
 #   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc
+#   tools/setup.sh deb    -> only what `make deb` needs: python3.11-venv, dpkg-dev, lintian
+#                            (no venv: the package's venv is built from packaging/requirements.lock)
+#   tools/setup.sh system -> test + deb + debootstrap (`make test-system`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-have mosquitto || need+=(mosquitto)
-have mosquitto_sub || need+=(mosquitto-clients)
-if [ "$mode" = test ]; then
+if [ "$mode" = deb ] || [ "$mode" = system ]; then
+  [ -x /usr/bin/python3.11 ] && /usr/bin/python3.11 -c 'import ensurepip' 2>/dev/null \
+    || need+=(python3.11-venv)
+  have dpkg-shlibdeps || need+=(dpkg-dev)
+  have lintian || need+=(lintian)
+  have git || need+=(git)
+fi
+[ "$mode" = system ] && { have debootstrap || need+=(debootstrap); }
+if [ "$mode" != deb ]; then
+  have mosquitto || need+=(mosquitto)
+  have mosquitto_sub || need+=(mosquitto-clients)
+fi
+if [ "$mode" = test ] || [ "$mode" = system ]; then
   have storescu || need+=(dcmtk)
   have dciodvfy || need+=(dicom3tools)
   have gdcmanon || need+=(libgdcm-tools)
@@ -34,6 +47,8 @@ fi
 if have systemctl && systemctl is-active --quiet orthanc 2>/dev/null; then
   systemctl stop orthanc || true
 fi
+
+[ "$mode" = deb ] && exit 0
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 tools/setup.sh test
 echo "== ruff"; .venv/bin/ruff check agent provisioning tests tools bench training
 echo "== mypy"; .venv/bin/mypy
-echo "== pytest"; .venv/bin/python -m pytest -q -m "not slow" "$@"
+echo "== pytest"; .venv/bin/python -m pytest -q -m "not slow and not system" "$@"
