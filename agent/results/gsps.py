@@ -12,7 +12,6 @@ key image still shows the region).
 from __future__ import annotations
 
 import numpy as np
-
 from highdicom.pr import (
     AnnotationUnitsValues,
     GraphicAnnotation,

@@ -98,15 +98,15 @@ def burn(rgb: npt.NDArray[np.uint8], box: list[int], lines: list[str],
         img = img.resize((cols * scale, rows * scale), Image.Resampling.NEAREST)
     width, height = img.size
     draw = ImageDraw.Draw(img)
-    x, y, w, h = (v * scale for v in box)
+    x, y, w, h = (int(v) * scale for v in box)
     thick = max(2, round(min(width, height) / 200))
     draw.rectangle((x, y, x + w - 1, y + h - 1), outline=REGION_RGB, width=thick)
     size = max(10, min(width // 26, 28))
     font = _font(size)
     pad = max(2, size // 4)
     boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
-    line_h = max(b[3] for b in boxes) + pad
-    banner = (0, 0, min(width, max(b[2] for b in boxes) + 2 * pad),
+    line_h = int(max(b[3] for b in boxes)) + pad
+    banner = (0, 0, min(width, int(max(b[2] for b in boxes)) + 2 * pad),
               min(height, line_h * len(lines) + pad))
     draw.rectangle(banner, fill=BANNER_RGB)
     for i, line in enumerate(lines):
@@ -178,7 +178,7 @@ def build_key_image(issuer: Issuer, rec: LinkRecord, m: ModelOutput,
         raise ResultError(f"study {rec.study_ref} version {rec.version}: key image not built "
                           f"({type(exc).__name__})") from None
     if orientation is None:
-        sc.PatientOrientation = ""  # Type 2: unknown, rather than a made-up direction
+        sc.PatientOrientation = []  # Type 2: unknown, rather than a made-up direction
     sc.Laterality = ref.get("Laterality", "") or ""  # Type 2C: the source's, else unknown
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = f"{DISCLAIMER}. AI explanation region and finding drawn on the image."

@@ -46,6 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
 from agent.errors import EdgeAgentError, StorageError
 from agent.types import (
+    DeidentifiedStudy,
     InferenceResult,
     ModelFailure,
     ModelOutput,
@@ -350,6 +351,40 @@ class LinkStore:
             "models": len(result.models), "key_images": len(frames),
             "retention_days": round(self.retention_s / DAY, 2)})
         return True
+
+    def record(self, study: DeidentifiedStudy, result: InferenceResult,
+               originals: Originals) -> bool:
+        """The pipeline's call: the link of ``study`` with its result and, per explained
+        model, the explained frame.  A study whose originals cannot be linked (values a
+        record cannot hold) is logged and audited, not retried; storage errors raise."""
+        if originals.subject is None:
+            return False  # nothing reached the de-identified study
+        if len(originals.sources) != len(study.instances):
+            # Positions would point at the wrong originals: no link rather than a wrong one.
+            log.error("study %s: %d originals captured for %d instances; no result link",
+                      study.study_ref, len(originals.sources), len(study.instances))
+            self._note("results.link_written", {"study": study.study_ref,
+                                                "version": study.version,
+                                                "reason": "capture mismatch"}, "minor_failure")
+            return False
+        frames: dict[str, Dataset] = {}
+        for m in result.models:
+            e = m.explanation
+            where = e.get("instance")
+            if e.get("bbox") and isinstance(where, int) and 0 <= where < len(study.instances):
+                frame = key_frame(study.instances[where], int(e.get("frame", 0) or 0))
+                if frame is not None:
+                    frames[m.name] = frame
+        try:
+            return self.put(study.study_ref, study.version, study.patient_ref, originals,
+                            result, frames)
+        except (ValueError, TypeError, OverflowError, UnicodeError) as exc:
+            log.error("study %s: result link not stored (%s)", study.study_ref,
+                      type(exc).__name__)
+            self._note("results.link_written", {"study": study.study_ref,
+                                                "version": study.version,
+                                                "reason": type(exc).__name__}, "minor_failure")
+            return False
 
     # -- read -----------------------------------------------------------------------
 

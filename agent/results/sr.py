@@ -29,6 +29,7 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     GraphicTypeValues,
     ImageRegion,
@@ -173,11 +174,11 @@ def build_sr(issuer: Issuer, rec: LinkRecord) -> Dataset:
     options = ", ".join(r.deid_options) or "none"
     notes = ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                  relationship_type=RelationshipTypeValues.CONTAINS)
-    notes.ContentSequence = [
+    notes.ContentSequence = ContentSequence([
         _text(AI_STATEMENT, statement(models_text(rec))),
         _text(DEID_METHOD, f"The model read de-identified copies of these images: "
                            f"{r.deid_method}; options: {options}."),
-    ]
+    ])
     report[0].ContentSequence.append(notes)
     previous = None
     if rec.predecessor is not None:
