@@ -10,7 +10,8 @@ second run finishes the job:
    with the new one and unwraps with whichever a wrapped key names, so the
    daemon also starts fine on a half-rotated box;
 2. each store re-wraps in its own transaction: inbox study keys, outbox,
-   quarantine, audit day keys (the audit skips keys already under the new KEK);
+   quarantine, result links, audit day keys (the audit skips keys already under
+   the new KEK);
 3. every store is re-opened with the new KEK *alone* and checked;
 4. only then is ``kek.key.old`` deleted and ``key.rotated`` audited.
 

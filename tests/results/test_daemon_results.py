@@ -87,6 +87,16 @@ def test_enabled_box_links_the_study_and_previews_objects_in_it(
     for value in (PATIENT_NAME, PATIENT_ID, originals.study_uid):
         assert value not in log
 
+    # A KEK rotation re-wraps the link: it stays readable under the new key alone.
+    rotated = subprocess.run([*EDGE_AGENT, "keys", "rotate", "--config", str(box.config)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rotated.returncode == 0, rotated.stderr
+    assert not list((box.root / "keys").glob("*.old"))
+    again = _preview(box, ref, tmp_path / "after-rotation")
+    assert again.returncode == 0, again.stderr
+    assert (pydicom.dcmread(tmp_path / "after-rotation" / "sr-v1.dcm").SOPInstanceUID
+            == sr.SOPInstanceUID)  # the same object, the same UID
+
 
 def test_default_box_keeps_no_link(tmp_path: Path, box: Box, broker: object,
                                    ops: Subscriber) -> None:
