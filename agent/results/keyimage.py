@@ -47,8 +47,9 @@ def _first(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value[0]) if isinstance(value, (list, tuple)) or hasattr(value, "__len__") \
-            and not isinstance(value, str) else float(value)
+        if isinstance(value, str) or not hasattr(value, "__len__"):
+            return float(value)
+        return float(value[0])  # multi-valued window: the first is the default one
     except (TypeError, ValueError, IndexError):
         return None
 
