@@ -206,6 +206,16 @@ class WatchdogSettings:
 
 
 @dataclass(frozen=True)
+class ResultsSettings:
+    # Writing results back into the original study (agent/results/).  Off until the
+    # delivery side exists: with it off nothing is captured and nothing is stored.
+    enabled: bool = False
+    # The encrypted link from a study's pseudonym to its originals is shredded once
+    # released, and at the latest this many days after it was written.
+    link_retention_days: int = 14
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     site: str
@@ -225,6 +235,7 @@ class Config:
     outbox: OutboxSettings
     control: ControlSettings
     watchdog: WatchdogSettings = WatchdogSettings()
+    results: ResultsSettings = ResultsSettings()
 
     @property
     def topic_base(self) -> str:
@@ -372,7 +383,7 @@ def _ae(v: Any) -> str | None:
 
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
-    "telemetry", "audit", "outbox", "control", "watchdog",
+    "telemetry", "audit", "outbox", "control", "watchdog", "results",
 }
 
 
@@ -577,6 +588,12 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "watchdog.stage_deadline_seconds", float, 120.0,
             check=lambda v: None if 1 <= v <= 86400 else "must be between 1 and 86400 seconds"),
     )
+    results = ResultsSettings(
+        enabled=r.get("results.enabled", bool, False),
+        link_retention_days=r.get(
+            "results.link_retention_days", int, 14,
+            check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
+    )
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -585,7 +602,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         environment=cast(Literal["production", "development"], env),
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
-        outbox=outbox, control=control, watchdog=watchdog,
+        outbox=outbox, control=control, watchdog=watchdog, results=results,
     )
 
 

@@ -39,6 +39,7 @@ from agent.publish import Publisher
 from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
+from agent.results.link import LinkStore
 
 log = logging.getLogger("edge_agent.daemon")
 
@@ -117,8 +118,15 @@ class Daemon:
             ),
             audit=lambda event, details: self.audit(event, details=details),
         )
+        # [results] enabled: the encrypted links back into the original studies.
+        self.links = (LinkStore(state / "results" / "links.db", self.kek,
+                                retention_days=cfg.results.link_retention_days, audit=self.audit)
+                      if cfg.results.enabled else None)
+        if self.links is not None:
+            self.links.expire()
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
-                                 self.quarantine, self.audit, beat=self._assembler_beat)
+                                 self.quarantine, self.audit, beat=self._assembler_beat,
+                                 links=self.links)
         self.scp: StorageSCP | ReceivePool
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
@@ -328,6 +336,8 @@ class Daemon:
                 if time.time() - self._last_retention > 3600:
                     self._last_retention = time.time()
                     self.audit_log.apply_retention()
+                    if self.links is not None:
+                        self.links.expire()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
             stage.beat(progress=True, doing="waiting for the next interval")
@@ -437,6 +447,8 @@ class Daemon:
         self.inbox.close()
         self.quarantine.close()
         self.outbox.close()
+        if self.links is not None:
+            self.links.close()
         os.close(self._state_lock)
         log.info("edge-agent stopped")
         return 0

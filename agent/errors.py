@@ -81,3 +81,7 @@ class AccessDenied(EdgeAgentError):
 
 class AuditError(EdgeAgentError):
     """The audit store is damaged, or an audit operation failed."""
+
+
+class ResultError(EdgeAgentError):
+    """A result object (SR, presentation state, key image, SEG) could not be built."""

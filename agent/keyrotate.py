@@ -10,7 +10,8 @@ second run finishes the job:
    with the new one and unwraps with whichever a wrapped key names, so the
    daemon also starts fine on a half-rotated box;
 2. each store re-wraps in its own transaction: inbox study keys, outbox,
-   quarantine, audit day keys (the audit skips keys already under the new KEK);
+   quarantine, result links, audit day keys (the audit skips keys already under
+   the new KEK);
 3. every store is re-opened with the new KEK *alone* and checked;
 4. only then is ``kek.key.old`` deleted and ``key.rotated`` audited.
 
@@ -46,6 +47,7 @@ from agent.errors import CryptoError, EdgeAgentError, OutOfResources, StorageErr
 from agent.inbox import Inbox
 from agent.outbox import Outbox
 from agent.quarantine import Quarantine
+from agent.results.link import LinkStore
 
 LOCK_NAME = "daemon.lock"
 
@@ -116,6 +118,13 @@ def _rewrap_stores(cfg: Config, ring: KeyEncryptionKey,
         counts["quarantine"] = 1
     finally:
         quarantine.close()
+    links_db = state / "results" / "links.db"
+    if links_db.exists():  # also when [results] was turned off since: its links stay readable
+        links = LinkStore(links_db, ring)
+        try:
+            counts["results_links"] = links.rewrap(ring, new)
+        finally:
+            links.close()
     source = f"edge-agent/{cfg.site}/{cfg.device}"
 
     def publish(data: dict[str, object]) -> None:
@@ -147,6 +156,15 @@ def _check_only_new(cfg: Config, new: KeyEncryptionKey) -> None:
             raise CryptoError(f"inbox still has data keys wrapped by KEK {sorted(stale)}")
     Outbox(state / "outbox" / "outbox.db", new, cfg.outbox.max_bytes).close()
     Quarantine(state / "quarantine", new).close()
+    links_db = state / "results" / "links.db"
+    if links_db.exists():
+        links = LinkStore(links_db, new)
+        try:
+            stale = links.wrapped_by() - {new.id}
+        finally:
+            links.close()
+        if stale:
+            raise CryptoError(f"result links still have data keys wrapped by KEK {sorted(stale)}")
 
 
 def rotate_keys(cfg: Config, *, user: str | None = None) -> dict[str, int]:

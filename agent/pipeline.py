@@ -32,6 +32,7 @@ from agent.infer import InferenceEngine
 from agent.liveness import Beat, no_beat
 from agent.outbox import Outbox
 from agent.quarantine import Quarantine
+from agent.results.link import LinkStore, Originals
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -165,8 +166,11 @@ class Pipeline:
         quarantine: Quarantine,
         audit: AuditFn,
         beat: Beat | None = None,
+        links: LinkStore | None = None,
     ) -> None:
         self.cfg = cfg
+        # [results] enabled: the encrypted link back into each original study.
+        self.links = links
         # The assembler's liveness heartbeat (agent/liveness.py): a study of many
         # instances must not look like a hang.
         self.beat: Beat = beat or no_beat
@@ -184,8 +188,12 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------
 
-    def deidentify(self, study: Study) -> tuple[DeidentifiedStudy, PhiFingerprint]:
-        """Cross the PHI boundary: only pseudonyms and de-identified data come out."""
+    def deidentify(self, study: Study, originals: Originals | None = None,
+                   ) -> tuple[DeidentifiedStudy, PhiFingerprint]:
+        """Cross the PHI boundary: only pseudonyms and de-identified data come out.
+
+        ``originals`` (results enabled) collects, for each instance that makes it into
+        the de-identified study, what writing a result back into the original needs."""
         datasets: list[pydicom.Dataset] = []
         quarantined: list[QuarantineNote] = []
         failed: list[QuarantineNote] = []
@@ -219,6 +227,7 @@ class Pipeline:
                 ds = parse_view(buf)
                 pixels = _detach_pixels(ds)
                 placeholder = ds._dict.get(PIXEL_DATA)  # noqa: SLF001
+                captured = Originals.read(ds) if originals is not None else None
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
                     AttributeError, EOFError, OSError) as exc:
@@ -245,6 +254,8 @@ class Pipeline:
                                                             "reason": reason})
                 continue
             datasets.append(outcome.dataset)
+            if originals is not None and captured is not None:
+                originals.add(captured)
         if not study_ref:
             study_ref = study.study_key[:16]
         if not patient_ref:
@@ -337,13 +348,17 @@ class Pipeline:
         attempts = self.inbox.note_attempt(study)
         log.info("processing study %s (%d instances, attempt %d)", study.ref,
                  len(study.instances), attempts)
-        dstudy, phi = self.deidentify(study)
+        originals = Originals() if self.links is not None else None
+        dstudy, phi = self.deidentify(study, originals)
         with egress.watch(phi):  # an exception text quoting an original gets scrubbed too
             result = self.infer(dstudy)
         # The engine audits each model run (name, version, sha256, input/output
         # hashes) and each failure itself; the pipeline audits the study outcome.
         eid, payload = self.result_payload(study, result)
         self.outbox.enqueue("results", eid, payload, phi)
+        if self.links is not None and originals is not None:
+            # Before mark_done deletes the originals; a crash before it reprocesses.
+            self.links.record(dstudy, result, originals)
         self.inbox.mark_done(study)
         self.counters["studies"] += 1
         self.counters["quarantined"] += len(dstudy.quarantined)
@@ -374,4 +389,5 @@ def _failure_json(f: ModelFailure) -> dict[str, Any]:
 def _model_json(m: ModelOutput) -> dict[str, Any]:
     d = asdict(m)
     d["review_reasons"] = list(m.review_reasons)
+    del d["sources"]  # box-local positions, for the result objects (agent/results/)
     return d

@@ -135,6 +135,10 @@ class ModelOutput:
     explanation: dict[str, Any]
     timings_ms: dict[str, float]
     instances_used: int
+    # Positions (in DeidentifiedStudy.instances) of the instances the model read: the
+    # result objects written back into the study reference their originals.  Box-local,
+    # not part of the published result.
+    sources: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

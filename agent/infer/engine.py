@@ -386,6 +386,7 @@ class InferenceEngine:
                 "total": round((time.perf_counter() - t_start) * 1000, 3),
             },
             instances_used=len({w[0] for w in where}),
+            sources=tuple(sorted({w[0] for w in where})),
         )
         safe_audit(self._audit, "inference.done", {
             "model": result.name, "version": result.version, "sha256": result.sha256,

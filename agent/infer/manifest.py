@@ -67,6 +67,16 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class MaskOutput:
+    """A model that also outputs a segmentation mask (``[mask]`` in the manifest): its
+    result can be written back as DICOM SEG (agent/results/seg.py)."""
+
+    output_name: str  # the ONNX output holding the mask
+    label: str  # what the segment is, e.g. "lesion"
+    threshold: float  # mask probability at or above this is inside the segment
+
+
+@dataclass(frozen=True)
 class DriftReference:
     input_edges: tuple[float, ...]
     input_reference: tuple[float, ...]
@@ -93,6 +103,7 @@ class Manifest:
     uncertainty: Literal["tta_flip", "entropy"]
     explanation: Explanation
     drift: DriftReference
+    mask: MaskOutput | None = None  # absent: no SEG for this model
 
 
 class _Reader:
@@ -153,6 +164,20 @@ class _Reader:
 
 def _pair(values: tuple[float, ...]) -> tuple[float, float]:
     return (values[0], values[1])
+
+
+def _mask(r: _Reader) -> MaskOutput | None:
+    if "mask" not in r.data:
+        return None
+    tbl = r.table("mask")
+    out = MaskOutput(output_name=r.get(tbl, "mask", "output", str, ""),
+                     label=r.get(tbl, "mask", "label", str, ""),
+                     threshold=r.get(tbl, "mask", "threshold", float, 0.5))
+    if not out.output_name or not out.label:
+        r.problems.append("[mask] needs output (the ONNX output name) and label")
+    if not 0.0 < out.threshold < 1.0:
+        r.problems.append("mask.threshold must be between 0 and 1")
+    return out
 
 
 def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
@@ -259,6 +284,7 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
             keep_fraction=r.get(expl, "explanation", "keep_fraction", float, 0.5),
         ),
         drift=DriftReference(in_edges, in_ref, out_edges, out_ref, subgroups),
+        mask=_mask(r),
     )
     p = manifest.preprocessing
     if p.channels not in (1, 3):
