@@ -346,7 +346,8 @@ def doctor(
         help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
-    models, disk, spool and audit. Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
+    ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
+    Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
     from agent import doctor as doc
 
     report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))

@@ -330,6 +330,29 @@ class Link:
             pass
 
 
+def probe(cfg: Config) -> tuple[bool, str, str]:
+    """One mutual-TLS connect to the collector, nothing sent (for ``edge-agent doctor``):
+    (ok, what happened, fix).  A second connection does not disturb the daemon's."""
+    try:
+        dest = egresspolicy.destination(cfg, "atna")
+        a = cfg.atna
+        assert a.cert_file is not None and a.key_file is not None
+        ctx = tls_context(dest.ca_file, a.cert_file, a.key_file)
+        link = Link.open(ctx, dest.host, dest.port, dest.server_name,
+                         a.connect_timeout_seconds)
+    except EdgeAgentError as exc:
+        err = exc if isinstance(exc, LinkError) else LinkError(str(exc.args[0]), "config",
+                                                               hint=exc.hint)
+        return False, f"{cfg.atna.host}:{cfg.atna.port}: {err.args[0]}", err.hint or ""
+    except Exception as exc:  # noqa: BLE001 - described for the operator
+        err = describe(exc, cfg.atna.server_name or cfg.atna.host)
+        return False, f"{cfg.atna.host}:{cfg.atna.port}: {err.args[0]}", err.hint or ""
+    version = link.version
+    link.close()
+    return True, (f"audit repository {dest.host}:{dest.port} accepts the box with mutual "
+                  f"TLS ({version}), format {cfg.atna.format}"), ""
+
+
 # -- the sender ---------------------------------------------------------------------------
 
 
@@ -469,7 +492,7 @@ class AtnaSender:
         if self._caught_up():
             self._beat(progress=True, doing="idle: every audit record sent")
             if self._link is not None and self._link.peer_closed(0):
-                self._failed(LinkError("the collector closed the connection", "closed"))
+                self._closed_by_peer()
             if not self._stop.is_set():
                 self._appended.wait(IDLE_WAIT)
             return
@@ -485,7 +508,7 @@ class AtnaSender:
                 return
         assert self._link is not None
         if self._link.peer_closed(0):
-            self._failed(LinkError("the collector closed the connection", "closed"))
+            self._closed_by_peer()  # the next cycle dials again at once
             return
         self._send_batch(self._link)
 
@@ -606,15 +629,30 @@ class AtnaSender:
     def _save(self) -> None:
         self._cursor_file.save(CursorState(self._genesis, self._seq))
 
+    def _rewind(self) -> None:
+        """A link that broke: acknowledged by TCP is not read by the collector, so the
+        batches of the last REPLAY_SECONDS are sent again (the repository dedupes)."""
+        now = time.monotonic()
+        recent = [first for at, first in self._recent if now - at <= REPLAY_SECONDS]
+        self._recent.clear()
+        if recent and min(recent) - 1 < self._seq:
+            self._seq = min(recent) - 1
+            self._save()
+
+    def _closed_by_peer(self) -> None:
+        """The collector hung up (an idle timeout, a restart): not yet a failure; the
+        next record reconnects, and a failure to do so is reported then."""
+        log.info("ATNA: %s closed the connection; reconnecting when there is a record to "
+                 "send", self.dest.describe())
+        self._drop()
+        self._rewind()
+        with self._lock:
+            self.state.cursor = self._seq
+            self.state.backlog = max(0, self.state.head - self._seq)
+
     def _failed(self, err: LinkError) -> None:
         self._drop()
-        if self._recent:
-            # Acknowledged by TCP is not read by the collector: send the last moments again.
-            replay = min(first for _, first in self._recent) - 1
-            if replay < self._seq:
-                self._seq = replay
-                self._save()
-            self._recent.clear()
+        self._rewind()
         delay = self._backoff * random.uniform(0.5, 1.0)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         self._retry_at = time.monotonic() + delay

@@ -73,6 +73,13 @@ def status(box: Box) -> dict[str, Any]:
     return dict(json.loads(p.stdout))
 
 
+def doctor_atna(box: Box) -> dict[str, Any]:
+    p = cli("doctor", "--config", str(box.config), "--json", "--skip", "broker")
+    checks = [c for c in json.loads(p.stdout)["checks"] if c["name"] == "atna"]
+    assert len(checks) == 1, p.stdout
+    return dict(checks[0])
+
+
 def head_seq(box: Box) -> int:
     """The last seq in the box's audit log (read-only; reading it records nothing)."""
     db = box.state / "audit" / "audit.db"
@@ -232,6 +239,8 @@ def test_daemon_events_reach_the_collector_as_atna_xml(
                 if po.get("ParticipantObjectTypeCodeRole") == "1"}
         assert PATIENT_ID in pids
         assert all(PATIENT_ID.encode() not in m.payload for m in ops.messages)
+        check = doctor_atna(box)
+        assert check["status"] == "PASS" and "mutual TLS" in check["message"], check
 
         assert d.stop() == 0  # drains to the collector, daemon.stopped included
         head = head_seq(box)
@@ -290,6 +299,10 @@ def test_collector_outage_loses_nothing_and_keeps_order(
     coll.wait_for(lambda m: max((x for x, _ in parsed(m)), default=0) >= behind, 90,
                   "the records of the outage")
     assert len(coll.raw()) > before
+    # Duplicates are counted: every one the collector got, the box counted as re-sent.
+    resent = status(box)["atna"]["resent"]
+    so_far = [x for x, _ in parsed(coll.messages())]
+    assert resent >= len(so_far) - len(set(so_far))
     assert d.stop() == 0
     dupes = check_complete_and_ordered([x for x, _ in parsed(coll.messages())], head_seq(box))
     assert dupes <= head_seq(box)  # at least once, not a flood
@@ -339,6 +352,9 @@ def test_collector_with_a_certificate_from_another_ca_is_refused(
         assert st["tls_failures"] >= 1 and st["sent"] == 0 and st["backlog"] > 0
         assert "not issued by the CA in [atna] ca_file" in d.log_text()
         assert coll.raw() == []  # not one record went to it
+        check = doctor_atna(box)
+        assert check["status"] == "FAIL"
+        assert "not issued by the CA in [atna] ca_file" in check["message"], check
         alerts = [e for e in audit_tail(box) if e["event"] == "security.alert"
                   and e["details"].get("what") == "atna_collector_unavailable"]
         assert alerts and alerts[0]["details"]["reason"] == "collector-cert-untrusted"
