@@ -130,7 +130,11 @@ class Reader:
 
     def head(self) -> int:
         h = self._s().head()
-        return h[0] if h is not None else self._s().floor()[0]
+        return h[0] if h is not None else self.floor()
+
+    def floor(self) -> int:
+        """The last seq crypto-shredded by retention (0 when none was)."""
+        return self._s().floor()[0]
 
     def rows(self, after: int, limit: int) -> list[Row]:
         return list(self._s().rows(after + 1, after + limit))
@@ -426,7 +430,7 @@ class AtnaSender:
         self._audit = audit
         self._beat = beat
         self._lock = threading.Lock()
-        self.state = AtnaState(collector=self.dest.describe(), format=a.format)
+        self.state = AtnaState(collector=f"{self.dest.host}:{self.dest.port}", format=a.format)
         self._link: Link | None = None
         self._genesis = ""
         self._genesis_key = b""
@@ -523,7 +527,9 @@ class AtnaSender:
                 if saved is not None:
                     log.warning("ATNA: the audit log was replaced (new genesis key); sending "
                                 "the new log from its first record")
-                self._seq = 0
+                # First enabled (or a new log): from the oldest record the log still holds;
+                # what retention shredded before was never this sender's to send.
+                self._seq = self._reader.floor()
             self._genesis, self._genesis_key = genesis, bytes.fromhex(genesis)
             self._max_sent = max(self._max_sent, self._seq)
         head = self._reader.head()
