@@ -437,6 +437,7 @@ class AtnaSender:
         self._seq = 0
         self._max_sent = 0  # highest seq ever sent, to count re-sends
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, first seq) on this link
+        self._took_any = False  # whether the current link took a batch
         self._retry_at = 0.0
         self._backoff = BACKOFF_MIN
         self._alerted: str | None = None  # reason code of the failure already alerted
@@ -549,8 +550,8 @@ class AtnaSender:
         except Exception as exc:  # noqa: BLE001 - every failure is described and retried
             self._failed(describe(exc, d.server_name))
             return False
-        self._backoff = BACKOFF_MIN
         self._recent.clear()
+        self._took_any = False
         with self._lock:
             self.state.connected = True
             self.state.since = time.time()
@@ -597,6 +598,8 @@ class AtnaSender:
             self._failed(describe(exc, self.dest.server_name))
             return
         now = time.monotonic()
+        self._backoff = BACKOFF_MIN  # only a link that takes records resets the backoff
+        self._took_any = True
         self._recent.append((now, first))
         while self._recent and now - self._recent[0][0] > REPLAY_SECONDS:
             self._recent.popleft()
@@ -647,7 +650,13 @@ class AtnaSender:
 
     def _closed_by_peer(self) -> None:
         """The collector hung up (an idle timeout, a restart): not yet a failure; the
-        next record reconnects, and a failure to do so is reported then."""
+        next record reconnects, and a failure to do so is reported then.  A link that
+        is closed before it took anything is a failure (backoff, alert): otherwise a
+        collector that always hangs up would be redialled in a tight loop."""
+        if not self._took_any:
+            self._failed(LinkError("the collector closed the connection before it took any "
+                                   "record", "closed"))
+            return
         log.info("ATNA: %s closed the connection; reconnecting when there is a record to "
                  "send", self.dest.describe())
         self._drop()

@@ -413,3 +413,32 @@ def test_inline_pem_is_refused_without_echoing_it(box: Box) -> None:
     assert p.returncode != 0
     assert "[atna.key_file] holds PEM text" in p.stderr
     assert "MIGHAgEA" not in p.stderr + p.stdout
+
+
+def test_a_record_that_cannot_be_decrypted_is_sent_as_an_alert_and_the_rest_flow(
+        box: Box, broker: Broker, coll: Collector, stop_daemon: list[Daemon]) -> None:
+    enable_atna(box, coll.port)  # the collector is not up yet: records wait
+    d = run_daemon(box, stop_daemon)
+    assert echo(box, "ECHOSCU").returncode == 0
+    assert d.stop() == 0
+    db = box.state / "audit" / "audit.db"
+    conn = sqlite3.connect(db)
+    ct = bytearray(conn.execute("SELECT ct FROM records WHERE seq = 2").fetchone()[0])
+    ct[-5] ^= 0x01  # inside the GCM tag: the record no longer decrypts
+    conn.execute("UPDATE records SET ct = ? WHERE seq = 2", (bytes(ct),))
+    conn.commit()
+    conn.close()
+    coll.start()
+    d = run_daemon(box, stop_daemon)
+    behind = head_seq(box)
+    coll.wait_for(lambda m: max((x for x, _ in parsed(m)), default=0) >= behind, 90,
+                  "every record, the tampered one included")
+    assert status(box)["atna"]["unreadable"] == 1
+    assert d.stop() == 0
+    got = parsed(coll.messages())
+    check_complete_and_ordered([x for x, _ in got], head_seq(box))
+    tampered = [r for x, r in got if x == 2][0]
+    assert event_ids(tampered) == ("110113", None)
+    ev = tampered.find("EventIdentification")
+    assert ev is not None and ev.get("EventOutcomeIndicator") == "12"
+    assert xml_details(tampered)["what"] == "audit_record_unreadable"
