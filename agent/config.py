@@ -205,6 +205,37 @@ class WatchdogSettings:
     stage_deadline_seconds: float = 120.0
 
 
+ATNA_FORMATS: tuple[str, ...] = ("dicom-xml", "fhir-json")
+# RFC 5424 facility names (the number is what goes into PRI); IHE ITI-20 asks for 10.
+SYSLOG_FACILITIES: dict[str, int] = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "audit": 13,
+    "alert": 14, "clock": 15, **{f"local{i}": 16 + i for i in range(8)},
+}
+# RFC 5424 APP-NAME: 1-48 printable US-ASCII characters, no space.
+APP_NAME = re.compile(r"^[\x21-\x7e]{1,48}$")
+
+
+@dataclass(frozen=True)
+class AtnaSettings:
+    """IHE ATNA Record Audit Event (ITI-20): the full local audit records, with PHI,
+    to the hospital's audit repository over RFC 5425 syslog with mutual TLS."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = 6514
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = field(default=None, repr=False)
+    format: Literal["dicom-xml", "fhir-json"] = "dicom-xml"
+    app_name: str = "edge-agent"
+    facility: int = 10  # security/authorization (authpriv), as ITI-20 asks
+    # The name the collector's certificate must carry when it differs from host
+    # (a box that dials an address while the certificate names a host).
+    server_name: str | None = None
+    connect_timeout_seconds: float = 10.0
+
+
 @dataclass(frozen=True)
 class ResultsSettings:
     # Writing results back into the original study (agent/results/).  Off until the
@@ -236,6 +267,7 @@ class Config:
     control: ControlSettings
     watchdog: WatchdogSettings = WatchdogSettings()
     results: ResultsSettings = ResultsSettings()
+    atna: AtnaSettings = AtnaSettings()
 
     @property
     def topic_base(self) -> str:
@@ -383,7 +415,7 @@ def _ae(v: Any) -> str | None:
 
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
-    "telemetry", "audit", "outbox", "control", "watchdog", "results",
+    "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
 }
 
 
@@ -594,6 +626,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "results.link_retention_days", int, 14,
             check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
     )
+    atna = _atna(r)
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -602,8 +635,75 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         environment=cast(Literal["production", "development"], env),
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
-        outbox=outbox, control=control, watchdog=watchdog, results=results,
+        outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
     )
+
+
+def _facility(v: Any) -> str | None:
+    if isinstance(v, str):
+        return None if v in SYSLOG_FACILITIES else (
+            f"must be a syslog facility number 0-23 or a name ({', '.join(SYSLOG_FACILITIES)})")
+    return None if 0 <= v <= 23 else "must be a syslog facility number 0-23 (10 = authpriv)"
+
+
+def _atna_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool) -> None:
+    """A TLS file of [atna], by path only: required, existing, a secret one 0600."""
+    if p is None:
+        r.problems.append(f"[{key}] is required when [atna] enabled = true (the path of the {what})")
+        return
+    if "-----BEGIN" in str(p):
+        # Never echo it: it may be a private key.
+        r.problems.append(f"[{key}] holds PEM text; put the {what} in a file (0600 for a key) "
+                          "and give its path")
+        return
+    cred = os.environ.get("CREDENTIALS_DIRECTORY")
+    if secret and cred and (Path(cred) / "atna_key").is_file():
+        return  # systemd hands the key over as the credential "atna_key"
+    try:
+        st = p.stat()
+    except OSError as exc:
+        r.problems.append(f"[{key}] {p}: {exc.strerror or exc}; give the path of the {what}")
+        return
+    if not p.is_file():
+        r.problems.append(f"[{key}] {p} is not a file; give the path of the {what}")
+    elif secret and st.st_mode & 0o077:
+        r.problems.append(f"[{key}] {p} is readable by group or others (mode "
+                          f"{st.st_mode & 0o777:o}); fix: chmod 600 {p}")
+
+
+def _atna(r: _Reader) -> AtnaSettings:
+    enabled = r.get("atna.enabled", bool, False)
+    fmt = r.choice("atna.format", ATNA_FORMATS, "dicom-xml")
+    facility: int | str = r.get("atna.facility", (int, str), 10, check=_facility,
+                                  allowed="a syslog facility number 0-23 or name like 'authpriv'")
+    host = r.get("atna.host", str, "")
+    settings = AtnaSettings(
+        enabled=enabled,
+        host=host,
+        port=r.get("atna.port", int, 6514, check=_port),
+        ca_file=r.path("atna.ca_file", None),
+        cert_file=r.path("atna.cert_file", None),
+        key_file=r.path("atna.key_file", None),
+        format=cast(Literal["dicom-xml", "fhir-json"], fmt),
+        app_name=r.get("atna.app_name", str, "edge-agent",
+                       check=lambda v: None if APP_NAME.match(v) else
+                       "must be 1-48 printable ASCII characters without spaces (RFC 5424 APP-NAME)"),
+        facility=SYSLOG_FACILITIES[facility] if isinstance(facility, str) else int(facility),
+        server_name=r.get("atna.server_name", (str, type(None)), None),
+        connect_timeout_seconds=r.get("atna.connect_timeout_seconds", float, 10.0,
+                                      check=lambda v: None if 0 < v <= 300 else
+                                      "must be between 0 and 300 seconds"),
+    )
+    if not enabled:
+        return settings  # read (typos are reported), but nothing is required of it
+    if not host.strip():
+        r.problems.append("[atna.host] is required when [atna] enabled = true (the audit "
+                          "repository's host name, as in its certificate)")
+    _atna_file(r, "atna.ca_file", settings.ca_file,
+               "CA certificate(s) that sign the collector's certificate", secret=False)
+    _atna_file(r, "atna.cert_file", settings.cert_file, "box's client certificate", secret=False)
+    _atna_file(r, "atna.key_file", settings.key_file, "box's client private key", secret=True)
+    return settings
 
 
 def _unknown_keys(data: dict[str, Any], r: _Reader) -> None:

@@ -550,6 +550,11 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         warnings.append(f"MQTT disconnected: {st.last_error or 'connecting'}")
     if ob["blocked"]:
         warnings.append(f"{int(ob['blocked'])} outgoing message(s) blocked (see audit log)")
+    atna = d.atna_status()
+    if atna["enabled"] and not atna["connected"] and (atna["backlog"] or atna["last_error"]):
+        warnings.append(f"ATNA collector {atna['collector']} not connected: "
+                        f"{atna['last_error'] or 'connecting'}; {atna['backlog']} audit "
+                        "record(s) wait in the audit log")
     live = d.watchdog.as_json()
     for name, stage in live["stages"].items():
         if stage["stuck"]:
@@ -590,6 +595,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "models": d.engine.active_models(),
         "audit": {**d.audit_log.stats(), "errors": d.audit_log.errors},
         "liveness": live,
+        "atna": atna,
         "secrets": credentials.sources(cfg),
         "warnings": warnings,
     }

@@ -11,6 +11,7 @@ Credential names (the part before ``:`` in ``LoadCredentialEncrypted=``):
     kek         [keys] kek         spool / inbox / audit key-encryption key
     pseudonym   [keys] pseudonym   keyed pseudonyms and UIDs
     mqtt_key    [mqtt] key         the device's TLS private key
+    atna_key    [atna] key_file    the client key towards the ATNA audit repository
 
 The audit signing key is deliberately *not* a credential: it is a forward-secure
 ratchet the daemon overwrites at every checkpoint (the old seed must be gone),
@@ -32,6 +33,7 @@ NAMES: dict[str, str] = {
     "kek": "[keys] kek",
     "pseudonym": "[keys] pseudonym",
     "mqtt_key": "[mqtt] key",
+    "atna_key": "[atna] key_file",
 }
 
 
@@ -60,7 +62,10 @@ def apply(cfg: Config) -> Config:
     keys = replace(cfg.keys, kek=resolve("kek", cfg.keys.kek),
                    pseudonym=resolve("pseudonym", cfg.keys.pseudonym))
     mqtt = replace(cfg.mqtt, key=resolve("mqtt_key", cfg.mqtt.key))
-    return replace(cfg, keys=keys, mqtt=mqtt)
+    atna = cfg.atna
+    if atna.key_file is not None:
+        atna = replace(atna, key_file=resolve("atna_key", atna.key_file))
+    return replace(cfg, keys=keys, mqtt=mqtt, atna=atna)
 
 
 def sources(cfg: Config) -> dict[str, str]:
@@ -71,4 +76,7 @@ def sources(cfg: Config) -> dict[str, str]:
                        ("mqtt_key", cfg.mqtt.key)):
         out[name] = "credential" if d is not None and path.parent == d else "file"
     out["audit_signing"] = "file"
+    if cfg.atna.enabled and cfg.atna.key_file is not None:
+        out["atna_key"] = ("credential" if d is not None and cfg.atna.key_file.parent == d
+                           else "file")
     return out

@@ -2,6 +2,7 @@
 
 Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
 studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
+``atna`` (the audit log to the hospital's audit repository, when configured),
 ``watchdog`` (feeds systemd only while every stage beats, see agent/liveness.py).
 SIGTERM/SIGINT stop intake first, let the current study finish, drain the
 outbox for a bounded time, publish the offline status and exit 0.  Studies
@@ -26,6 +27,7 @@ from cryptography import x509
 
 from agent import __version__, cloudevents, control, faults, liveness, metrics, sdnotify, telemetry
 from agent.audit import AuditLog
+from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
@@ -93,6 +95,7 @@ class Daemon:
             notify=sdnotify.notify, healthy_status=self._listening,
             on_stuck=self._telemetry_now.set)  # ops learn of it before systemd restarts us
         self._assembler_stage: liveness.Stage | None = None
+        self._atna_stage: liveness.Stage | None = None
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Shared while we run: 'keys rotate' needs it exclusively (we hold the KEK in memory).
@@ -106,6 +109,13 @@ class Daemon:
             box=f"{cfg.site}/{cfg.device}", publish=self._publish_audit,
             peer_key=self.pseudonym_key,
         )
+        # The full records (PHI included) to the hospital's ATNA audit repository: the
+        # audit log is its durable outbox (agent/audit/atna.py, agent/egresspolicy.py).
+        self.atna: AtnaSender | None = None
+        if cfg.atna.enabled:
+            self.atna = AtnaSender(cfg, state / "audit" / "audit.db", self.kek,
+                                   appended=self.audit_log.appended, audit=self.audit,
+                                   beat=self._atna_beat)
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
         self.deidentifier = build_deidentifier(cfg, self.pseudonym_key)
@@ -204,6 +214,20 @@ class Daemon:
                         allow: float = 0.0) -> None:
         if self._assembler_stage is not None:
             self._assembler_stage.beat(progress=progress, doing=doing, allow=allow)
+
+    def _atna_beat(self, *, progress: bool = False, doing: str = "",
+                   allow: float = 0.0) -> None:
+        if self._atna_stage is not None:
+            self._atna_stage.beat(progress=progress, doing=doing, allow=allow)
+
+    def atna_status(self) -> dict[str, Any]:
+        """The ATNA link for telemetry and status (counts and reasons, no record content)."""
+        if self.atna is None:
+            return {"enabled": False}
+        s = self.atna.snapshot()
+        return {"enabled": True, **{k: s[k] for k in (
+            "collector", "format", "connected", "backlog", "sent", "resent", "skipped",
+            "unreadable", "failures", "tls_failures", "last_error", "last_error_code")}}
 
     def _birth(self) -> dict[str, Any]:
         return self._status(True)
@@ -307,6 +331,7 @@ class Daemon:
             "models": self.engine.active_models(),
             "drift": self.engine.drift_report(),
             "liveness": self.watchdog.as_json(),
+            "atna": self.atna_status(),
         }
 
     def _audit_security(self) -> dict[str, int]:
@@ -372,6 +397,9 @@ class Daemon:
             signal.signal(sig, self.request_stop)
         self.audit("daemon.started", details={"version": __version__})
         self.publisher.start()
+        if self.atna is not None:
+            self._atna_stage = self.liveness.stage("atna", self.deadline)
+            self.atna.start()
         if self.metrics is not None:
             self.metrics.start()
         self.control.start()
@@ -439,6 +467,8 @@ class Daemon:
             self.audit_log.checkpoint()
         except Exception:  # noqa: BLE001
             log.exception("final audit checkpoint failed")
+        if self.atna is not None:
+            self.atna.stop(drain_timeout=5.0)  # what it cannot send waits in the audit log
         self.publisher.stop(drain_timeout=5.0)
         if self.metrics is not None:
             self.metrics.stop()

@@ -96,6 +96,9 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "ops-sub": dict(cn="ops-sub", client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
+        # The hospital's ATNA audit repository (a syslog/TLS collector) on loopback;
+        # the box presents its device certificate to it ([atna] in the config).
+        "collector": dict(cn="localhost", server=True, dns=("localhost",), ips=("127.0.0.1",)),
     }
     for stem, spec in identities.items():
         if not (pki / f"{stem}.pem").exists():

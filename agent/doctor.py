@@ -271,6 +271,20 @@ def check_broker(cfg: Config, timeout: float) -> Iterator[Check]:
                                "firewall, and that the broker trusts the fleet CA")
 
 
+def check_atna(cfg: Config) -> Iterator[Check]:
+    """The hospital's audit repository, when [atna] is enabled: a real mutual-TLS connect."""
+    if not cfg.atna.enabled:
+        return
+    from agent.audit.atna import probe
+
+    ok, why, fix = probe(cfg)
+    if ok:
+        yield _ok("atna", why)
+    else:
+        yield _fail("atna", why, fix or "check [atna] host/port, the firewall and the "
+                    "collector's log (docs/audit.md, 'To the hospital's audit repository')")
+
+
 def check_models(cfg: Config) -> Iterator[Check]:
     from agent.infer.registry import Registry
     from agent.infer.signing import load_public_keys
@@ -418,6 +432,7 @@ def run(config_path: Path | None = None, *, broker_timeout: float = 10.0,
         ("clock", lambda: check_clock(cfg)),
         ("dicom-port", lambda: check_dicom_port(cfg)),
         ("broker", lambda: check_broker(cfg, broker_timeout)),
+        ("atna", lambda: check_atna(cfg)),
         ("models", lambda: check_models(cfg)),
         ("disk", lambda: check_disk(cfg)),
         ("spool", lambda: check_spool(cfg)),

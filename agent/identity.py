@@ -202,6 +202,18 @@ topic_prefix = "edge"
 
 [control]
 socket = "{socket}"
+
+# The hospital's ATNA audit repository (IHE ITI-20, syslog over mutual TLS): the
+# complete audit records, PHI included, go to this collector only; central ops
+# gets the pseudonymised projection (docs/audit.md).
+# [atna]
+# enabled = true
+# host = "audit.hospital.example"
+# port = 6514
+# ca_file = "/etc/edge-agent/atna-ca.pem"
+# cert_file = "{state}/pki/current/device.pem"
+# key_file = "{state}/pki/current/device.key"
+# format = "dicom-xml"
 """
 
 

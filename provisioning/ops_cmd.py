@@ -93,6 +93,12 @@ def _print_status(s: dict[str, Any]) -> None:
     lines.append(f"mqtt:          {mqtt} to {m['broker']}, {m['published']} published"
                  + (f", last error: {m['last_error']}" if m["last_error"] else ""))
     lines.append("certificate:   " + ("unreadable" if days is None else f"{days} days left"))
+    atna = s.get("atna") or {}
+    if atna.get("enabled"):
+        link = "connected" if atna["connected"] else "DISCONNECTED"
+        lines.append(f"atna:          {link} to {atna['collector']} ({atna['format']}), "
+                     f"{atna['sent']} sent, {atna['backlog']} waiting"
+                     + (f", last error: {atna['last_error']}" if atna["last_error"] else ""))
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
     lines += _liveness_lines(s.get("liveness"))
@@ -350,7 +356,8 @@ def doctor(
         help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
-    models, disk, spool and audit. Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
+    ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
+    Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
     from agent import doctor as doc
 
     report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))

@@ -31,6 +31,10 @@ if [ "$mode" = test ] || [ "$mode" = system ]; then
   have openssl || need+=(openssl)
   have systemd-analyze || need+=(systemd)
   [ -x /usr/sbin/Orthanc ] || need+=(orthanc)  # receive interop test and ingest bench
+  # The ATNA collector of tests/audit/test_atna.py: a real rsyslog with its TLS driver.
+  have rsyslogd || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
+  compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null \
+    || compgen -G "/usr/lib/rsyslog/lmnsd_gtls.so" >/dev/null || need+=(rsyslog-gnutls)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
@@ -43,6 +47,8 @@ fi
 if have systemctl && systemctl is-active --quiet mosquitto 2>/dev/null; then
   systemctl stop mosquitto || true
 fi
+# rsyslog is installed for the tests' own collectors only; the machine's syslog, if any,
+# is left alone (ours run in the foreground on free ports with their own config).
 # Orthanc likewise: tests and the bench run throwaway instances on free ports.
 if have systemctl && systemctl is-active --quiet orthanc 2>/dev/null; then
   systemctl stop orthanc || true

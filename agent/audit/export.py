@@ -8,10 +8,13 @@ is itself an audited access; the CLI records it before writing anything.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,8 +88,51 @@ def _coded(parent: ET.Element, tag: str, code: events.Code) -> ET.Element:
                                        "originalText": code.meaning})
 
 
-def atna_message(rec: dict[str, Any]) -> ET.Element:
-    """One PS3.15 A.5.1 AuditMessage for a decrypted record."""
+@dataclass(frozen=True)
+class RecordRef:
+    """Which audit record a message renders: the repository dedupes on ``uuid``.
+
+    The live ATNA feed delivers at least once; the uuid is derived from the log's
+    genesis key and the record's seq, so a record sent twice (or sent and later
+    exported) carries the same one, and no two logs share one.
+    """
+
+    uuid: str
+    seq: int
+    box: str
+
+    @classmethod
+    def of(cls, genesis_public: bytes, box: str, seq: int) -> RecordRef:
+        name = f"{genesis_public.hex()}/{seq}"
+        return cls(str(uuid.uuid5(RECORD_NAMESPACE, name)), seq, box)
+
+    @property
+    def urn(self) -> str:
+        return f"urn:uuid:{self.uuid}"
+
+    @property
+    def name(self) -> str:
+        return f"edge-agent audit record {self.box} seq {self.seq}"
+
+
+# A fixed namespace for RecordRef uuids (uuid5 of the project's record URN).
+RECORD_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:edge-agent:audit-record")
+
+
+def _detail(parent: ET.Element, key: str, value: object) -> None:
+    # PS3.15 A.5: the value of a ParticipantObjectDetail is xs:base64Binary.
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    ET.SubElement(parent, "ParticipantObjectDetail", {
+        "type": key, "value": base64.b64encode(text.encode("utf-8")).decode("ascii")})
+
+
+def atna_message(rec: dict[str, Any], ref: RecordRef | None = None) -> ET.Element:
+    """One PS3.15 A.5.1 AuditMessage for a decrypted record.
+
+    ``ref`` adds the record itself as a participant object (Security Resource,
+    its uuid as URI, its seq and, when no study object holds them, the record's
+    details), so an audit repository can dedupe and cite it.
+    """
     kind = events.kind_of(str(rec.get("event")))
     msg = ET.Element("AuditMessage")
     ev = ET.SubElement(msg, "EventIdentification", {
@@ -112,10 +158,10 @@ def atna_message(rec: dict[str, Any]) -> ET.Element:
         attrs = {"UserID": str(user or source),
                  "UserIsRequestor": "true" if kind.requestor != "box" else "false"}
         if source:
-            host = str(source).rsplit("@", 1)[-1]
+            host = peer_host(str(source))
             attrs["NetworkAccessPointID"] = host
             # 2 = IP address (PS3.15 A.5.2.1), 1 = machine name.
-            attrs["NetworkAccessPointTypeCode"] = "2" if _looks_ip(host) else "1"
+            attrs["NetworkAccessPointTypeCode"] = "2" if looks_ip(host) else "1"
         part = ET.SubElement(msg, "ActiveParticipant", attrs)
         # A local operator has no transfer role; a peer is the other end of a transfer.
         if kind.requestor == "peer" or kind.box_role != events.ROLE_APPLICATION:
@@ -151,12 +197,29 @@ def atna_message(rec: dict[str, Any]) -> ET.Element:
             "csd-code": "110180", "codeSystemName": "DCM",
             "originalText": "Study Instance UID"})
         for k, v in sorted(details.items()):
-            ET.SubElement(po, "ParticipantObjectDetail",
-                          {"type": str(k), "value": json.dumps(v, sort_keys=True)})
+            _detail(po, str(k), v)
+    if ref is not None:
+        po = ET.SubElement(msg, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": ref.urn,
+            "ParticipantObjectTypeCode": "2",  # System Object
+            "ParticipantObjectTypeCodeRole": "13",  # Security Resource: the audit record
+        })
+        ET.SubElement(po, "ParticipantObjectIDTypeCode", {
+            "csd-code": "12", "codeSystemName": "RFC-3881", "originalText": "URI"})
+        ET.SubElement(po, "ParticipantObjectName").text = ref.name
+        _detail(po, "seq", str(ref.seq))
+        if not study:
+            for k, v in sorted(details.items()):
+                _detail(po, str(k), v)
     return msg
 
 
-def _looks_ip(host: str) -> bool:
+def peer_host(source: str) -> str:
+    """The host part of a record's ``source`` (``AE@address``, or a bare address)."""
+    return source.rsplit("@", 1)[-1]
+
+
+def looks_ip(host: str) -> bool:
     import ipaddress
     try:
         ipaddress.ip_address(host.strip("[]"))

@@ -112,6 +112,9 @@ class AuditLog:
         # Guards only the backlog deque, so threads can queue while another one is
         # committing; the next commit then takes them all (group commit: one fsync).
         self._queue_lock = threading.Lock()
+        # Set after every commit that appended records: readers of the log (the ATNA
+        # sender) wake on it instead of polling; they clear it before they read.
+        self.appended = threading.Event()
         self._lock_path = db_path.with_name(db_path.name + ".lock")
         existed = db_path.exists()
         try:
@@ -234,6 +237,7 @@ class AuditLog:
                 raise
             self._failing = None
             self._since_checkpoint += len(batch)
+        self.appended.set()
         if self._since_checkpoint >= self.settings.checkpoint_every:
             self.maybe_checkpoint()
         return last
@@ -515,6 +519,7 @@ class AuditLog:
             self._failing = _why(exc)
             raise
         self._failing = None
+        self.appended.set()
         with self._queue_lock:
             if batch:
                 last = batch[-1][0]
@@ -671,6 +676,7 @@ class AuditLog:
                 None))
             # Same transaction: the shredding and the record attesting it land together.
             self._append([attest])
+        self.appended.set()
         self._since_checkpoint += 1
         try:
             # Push the zeroed pages out of the WAL so no stale copy of a wrapped key lingers.
