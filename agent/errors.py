@@ -68,3 +68,8 @@ class AccessDenied(EdgeAgentError):
 
 class AuditError(EdgeAgentError):
     """The audit store is damaged, or an audit operation failed."""
+
+
+class InstallError(EdgeAgentError):
+    """The installed software differs from what this release was built and tested
+    with (a library version, or a patch of it that did not take effect)."""

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -41,6 +42,8 @@ from agent.crypto import (
 )
 from agent.errors import CryptoError, OutOfResources, StorageError
 from agent.types import ReceivedInstance, Study, StudyCompletion
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -188,6 +191,10 @@ class PendingWrite:
         if not self.committed:
             self.committed = True  # release once
             self._inbox._release_slot(self.path)
+            if self.new_study:
+                # The study version this write opened holds nothing (a refused
+                # C-STORE): drop it rather than leave an open row forever.
+                self._inbox._drop_if_empty(self.study_id)
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,9 @@ class Inbox:
         self._free: collections.deque[Path] = collections.deque()
         if worker is None:
             self._recover_slots()
+            # Nothing streams yet: an empty open version is a leftover of a crash.
+            with self._tx() as db:
+                self._drop_stale_empty(db, float("inf"))
 
     # -- keys and names ---------------------------------------------------
 
@@ -308,6 +318,30 @@ class Inbox:
             return
         with self._lock:
             self._free.append(path)
+
+    def _drop_if_empty(self, study_id: int) -> None:
+        """Delete an open study version that holds no instance.
+
+        Safe against writes still streaming into it (here or in another
+        process): their commit finds no open version and re-seals the instance
+        under a new one, as for a version completed meanwhile."""
+        try:
+            with self._tx() as db:
+                db.execute("DELETE FROM studies WHERE id=? AND state='open' AND n_instances=0",
+                           (study_id,))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("cannot drop an empty study version: %s", exc)
+        self._forget_open([study_id])
+
+    def _drop_stale_empty(self, db: sqlite3.Connection, older_than: float) -> None:
+        """Open versions that have held nothing since ``older_than`` (a process that
+        died between opening one and its first commit)."""
+        gone = [int(r[0]) for r in db.execute(
+            "SELECT id FROM studies WHERE state='open' AND n_instances=0 AND last_at < ?",
+            (older_than,))]
+        for sid in gone:
+            db.execute("DELETE FROM studies WHERE id=?", (sid,))
+        self._forget_open(gone)
 
     def _clean_tmp(self) -> None:
         # Partial writes from a crash were never acknowledged: drop them.
@@ -631,6 +665,7 @@ class Inbox:
         s = self.study_settings
         closed: list[int] = []
         with self._tx() as db:
+            self._drop_stale_empty(db, now - s.max_age_seconds)
             rows = db.execute(
                 "SELECT id, first_at, last_at, n_instances, n_bytes FROM studies WHERE state='open'"
             ).fetchall()

@@ -55,12 +55,13 @@ def run(
 ) -> None:
     """Run the daemon (systemd Type=notify)."""
     from agent import config as cfgmod
-    from agent import logs
+    from agent import logs, pixelbound
     from agent.daemon import Daemon, RunOptions
 
     try:
         cfg = cfgmod.load(config)
         logs.setup(cfg.log_level)
+        pixelbound.configure(cfg.study.max_process_instance_bytes)
         daemon = Daemon(cfg, RunOptions(burst=burst))
         code = daemon.run()
     except EdgeAgentError as exc:
