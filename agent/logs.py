@@ -64,6 +64,8 @@ def setup(level: str = "INFO", process: str = "") -> None:
     # Third-party chatter at INFO can carry identifiers (pynetdicom dumps PDUs).
     for noisy in ("pynetdicom", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Python prints these straight to stderr otherwise: unescaped, unscrubbed.
+    # Python prints these straight to stderr otherwise: unescaped, unscrubbed
+    # (pydicom warns about invalid values, quoting them).
+    logging.captureWarnings(True)
     threading.excepthook = _thread_exception
     sys.excepthook = _process_exception

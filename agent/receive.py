@@ -1012,7 +1012,12 @@ class StorageSCP:
         ))
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom counts every acceptor thread against its maximum, including
+        # connections that have not sent an A-ASSOCIATE-RQ yet: a few half-open
+        # connections would have every association refused.  The association
+        # bounds are ours (_on_requested, agent/ratelimit.py, counted on accepted
+        # associations), the connection bounds the listener's: this one never binds.
+        ae.maximum_associations = 1 << 16
         ae.acse_timeout = settings.acse_timeout
         ae.dimse_timeout = settings.dimse_timeout
         ae.network_timeout = settings.network_timeout

@@ -27,6 +27,7 @@ from pydicom import config as pydicom_config
 
 from agent import logs
 from agent.dicomtls import EdgeAssociationServer, server_context
+from agent.errors import EdgeAgentError
 from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
 from agent.receive import ReceiveCounters, StorageSCP, Verdict
@@ -275,7 +276,11 @@ def main(argv: list[str]) -> int:
     # de-identifies, keeps them.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    worker = Worker(chan, init)
+    try:
+        worker = Worker(chan, init)
+    except EdgeAgentError as exc:  # e.g. the node's hooks did not take (InstallError)
+        log.error("receive worker %d cannot start: %s", init.index, exc)
+        return 2
     code = worker.run()
     # Association threads are daemon threads: the ones still open after the
     # grace period end with the process, unacknowledged (never half-committed).
