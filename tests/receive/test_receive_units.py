@@ -55,6 +55,34 @@ def test_instance_of_a_study_completed_while_streaming_goes_to_a_follow_up(tmp_p
     ib.close()
 
 
+def test_a_refused_write_leaves_no_empty_study_version(tmp_path: Path) -> None:
+    ib = make_inbox(tmp_path / "inbox")
+    refused = ib.begin("1.2.3")  # opens the study's first version
+    refused.write(b"refused")
+    refused.abort()
+    assert ib.counts()["open"] == 0
+    # Two writes into one new version; one is refused while the other streams:
+    # the version goes with the refusal, the other instance lands in a new one.
+    a, b = ib.begin("1.2.4"), ib.begin("1.2.4")
+    b.write(b"kept")
+    a.abort()
+    assert ib.counts()["open"] == 0
+    receipt = ib.commit(b, sop_uid="1.2.4.1", sop_class="x", transfer_syntax="ts",
+                        calling_ae="MOD", peer="p")
+    assert ib.counts()["open"] == 1
+    rows = ib._db.execute("SELECT id FROM studies").fetchall()
+    study = ib.study(int(rows[0][0]))
+    assert [ib.read(study, i) for i in study.instances] == [b"kept"]
+    assert receipt.outcome == "stored"
+    # A version left empty by a process that died is gone after a restart.
+    crashed = ib.begin("1.2.5")
+    crashed._fh.flush()  # type: ignore[union-attr]
+    ib._db.close()  # no abort: as if killed
+    again = Inbox(tmp_path / "inbox", ib._kek, ib._pkey, ib.settings, ib.study_settings)
+    assert again.counts()["open"] == 1  # only the kept study
+    again.close()
+
+
 def test_unacknowledged_slots_are_emptied_and_reused_after_a_crash(tmp_path: Path) -> None:
     ib = make_inbox(tmp_path / "inbox")
     kept = ib.begin("1.2.3")
