@@ -85,8 +85,8 @@ def check(ds: Dataset, *, frames: int | None = None, what: str = "pixel data") -
             f"{_limit / 2**20:.0f} MiB bound ([study] max_process_instance_bytes)")
     meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    elem = ds.get("PixelData")
-    if ts == RLE_LOSSLESS and elem is not None and frames is None:
+    elem = ds.get(0x7FE00010) if ts == RLE_LOSSLESS and frames is None else None
+    if elem is not None:
         encoded = len(elem.value) if elem.value is not None else 0
         if not rle_possible(declared, encoded):
             raise PixelBoundError(
