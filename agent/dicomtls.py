@@ -334,7 +334,7 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> bool:
         try:
             k = sock.recv_into(view[got:], n - got)
         except TimeoutError:
-            raise _Stalled from None
+            continue  # the socket's own timeout may be shorter than the deadline
         if k == 0:
             return False
         got += k

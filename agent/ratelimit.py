@@ -15,6 +15,8 @@ full, a connection from a peer holding fewer connections than the heaviest
 holder (by two or more) closes that holder's oldest connection that has no
 association yet, and takes its slot.  An established association is never
 closed this way, and peers of equal share never displace each other.
+Associations have a fair share of their own (``association_limit``): the last
+quarter of them is kept for peers that hold none.
 
 Thread safe: pynetdicom runs one thread per connection.
 """
@@ -161,8 +163,9 @@ def association_limit(held: int, total: int, *, per_peer: int, max_total: int) -
 
     The per-peer bound alone lets a few addresses hold every association (four
     peers with four each fill sixteen).  So the last quarter of the slots only
-    goes to peers that hold none yet: a peer is always let in while any other
-    peer holds more than one association.
+    goes to peers that hold none yet: addresses holding several associations
+    each fill three quarters at most, and a newcomer finds a slot unless that
+    many more distinct addresses hold one each.
     """
     if held >= per_peer:
         return "too many associations from this peer"
