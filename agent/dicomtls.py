@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 
 from cryptography import x509
 from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -288,12 +289,35 @@ _guard_on = False
 
 
 def install_pdu_guard() -> None:
-    """Replace pynetdicom's PDU reader (process wide, idempotent)."""
+    """Replace pynetdicom's PDU reader, and guard its DIMSE decoder (process wide,
+    idempotent)."""
     global _guard_on
     with _installed:
         if not _guard_on:
             DULServiceProvider._read_pdu_data = _read_pdu_bounded  # type: ignore[method-assign]
+            DIMSEServiceProvider.receive_primitive = (  # type: ignore[method-assign]
+                _receive_primitive_guarded)
             _guard_on = True
+
+
+_real_receive_primitive = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive_guarded(self: DIMSEServiceProvider, primitive: Any) -> None:
+    """pynetdicom's DIMSE decoding of a P-DATA primitive, which runs in the DUL
+    thread: a command set it cannot read (no Command Field, a broken element)
+    raised out of it and killed that thread.  The peer gets an A-ABORT instead."""
+    try:
+        _real_receive_primitive(self, primitive)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises on peer bytes
+        self.message = None
+        dul = self.dul
+        log.warning("peer %s sent a DIMSE message that cannot be decoded (%s); aborting",
+                    _peer(dul), type(exc).__name__)
+        stream = getattr(dul.assoc, "_edge_pdata", None)
+        if stream is not None:
+            stream.interrupted("undecodable DIMSE message")
+        abort_transport(dul.socket)
 
 
 def _local_max(dul: DULServiceProvider) -> int:

@@ -51,7 +51,9 @@ from pynetdicom import (
 )
 from pynetdicom import association as _association_mod
 from pynetdicom import dul as _dul_mod
+from pynetdicom import fsm as _fsm_mod
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -61,6 +63,7 @@ from agent.config import DicomSettings
 from agent.dicomtls import (
     EdgeAssociationServer,
     _read_pdu_bounded,
+    _receive_primitive_guarded,
     install_pdu_guard,
     listen_error,
     peer_subject,
@@ -731,6 +734,9 @@ def hooks() -> list[hookcheck.Hook]:
         Hook("PDU reader (length bounds, deadlines, context checks)", DULServiceProvider,
              "_read_pdu_data", is_(_read_pdu_bounded),
              (DULServiceProvider._is_transport_event,)),
+        Hook("DIMSE decoding guard (an undecodable message aborts, no thread dies)",
+             DIMSEServiceProvider, "receive_primitive", is_(_receive_primitive_guarded),
+             (_fsm_mod.DT_2, _fsm_mod.AR_6)),
         Hook("DUL reactor wake-ups", _dul_mod, "time",
              lambda v: isinstance(v, _WakingTime), (DULServiceProvider.run_reactor,),
              module_global=True),
