@@ -101,6 +101,10 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
+# Pixel Data as its bytes (deflate: inflated, and bounded as such while it streams).
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", DEFLATED,
+                             "1.2.840.10008.1.2.2"})
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
@@ -570,11 +574,17 @@ class InstanceSink:
         self._accept_header(header)
 
     def _accept_header(self, header: Header) -> None:
-        if header.declared_pixel_bytes > self._max_expanded:
+        # Native pixel data is on the wire byte for byte (and a shorter Pixel Data
+        # than declared is refused by the decoders): only max_instance_bytes
+        # applies, and an instance over the processing bound is stored but not
+        # processed (as documented).  Encapsulated pixel data can declare any size
+        # from a few bytes: it is held to what processing may decode.
+        bound = self._max if self._ts in NATIVE_SYNTAXES else self._max_expanded
+        if header.declared_pixel_bytes > bound:
             raise Refused(STATUS_OUT_OF_RESOURCES,
                           f"declared pixel size {header.declared_pixel_bytes // 2**20} MiB exceeds "
-                          f"{self._max_expanded // 2**20} MiB ([dicom] max_instance_bytes, "
-                          f"[study] max_process_instance_bytes)")
+                          f"{bound // 2**20} MiB ([dicom] max_instance_bytes, "
+                          f"[study] max_process_instance_bytes for compressed pixel data)")
         self.header = header
         self.pending = self._inbox.begin(header.study_uid, sop_uid=self._sop_uid)
         self.pending.write(self._raw)
