@@ -91,6 +91,9 @@ class DicomSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    # Once the first byte of a PDU arrived, the rest must within this many seconds
+    # (the A-ASSOCIATE-RQ: within acse_timeout, the ARTIM timer); also bounds a send.
+    pdu_timeout: float = 30.0
     max_instance_bytes: int = 2 * 1024**3
     workers: int = 1
     fast_store: bool = True
@@ -530,6 +533,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         acse_timeout=r.get("dicom.acse_timeout", float, 30.0, check=_positive),
         dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
         network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
+        pdu_timeout=r.get("dicom.pdu_timeout", float, 30.0, check=_positive),
         max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
         workers=auto_workers(r.get(
             "dicom.workers", int, 0,

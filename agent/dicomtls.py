@@ -8,27 +8,40 @@ network, addressed here:
   connection.  ``EdgeAssociationServer`` accepts plain sockets and does the
   handshake in the connection's own thread, bounded by the ACSE timeout;
 * it admits any number of connections per peer before the first PDU is read;
-  here every connection is counted per peer address at ``accept``;
+  here every connection is counted per peer address at ``accept``, with a
+  fair share between addresses (``agent/ratelimit.py``);
 * it reads a PDU of whatever length the peer announces (up to 4 GiB) into
   memory.  ``install_pdu_guard`` replaces the PDU reader with one that
   refuses a P-DATA-TF longer than the maximum length we negotiated, and any
   other PDU longer than ``MAX_CONTROL_PDU``, before reading its body: the peer
-  gets an A-ABORT and the connection is closed.
+  gets an A-ABORT and the connection is closed;
+* its PDU read blocks without a deadline once the first byte of a PDU is
+  there: 30 bytes of an A-ASSOCIATE-RQ held a connection (and its thread)
+  forever, since the ARTIM timer is only looked at between reads.  Here the
+  rest of an A-ASSOCIATE-RQ must arrive before ARTIM expires (PS3.8 9.1.5),
+  and any other PDU within ``[dicom] pdu_timeout`` of its first byte; sends
+  are bounded by the same timeout.  A peer that misses it is dropped;
+* a P-DATA-TF on a presentation context that was not accepted killed
+  pynetdicom's DUL thread (a KeyError deep in its decoder) without any close
+  event; here it is refused with an A-ABORT before pynetdicom sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
 import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from cryptography import x509
 from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -42,9 +55,12 @@ log = logging.getLogger("edge_agent.receive")
 MAX_CONTROL_PDU = 1 << 20
 P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
-# A-ABORT, source 2 (service provider), reason 6 (invalid PDU parameter value)
-# A-ABORT-RQ, source: service provider (2), reason: invalid PDU parameter (6).
+# A-ABORT-RQ, source: service provider (2), reason: invalid PDU parameter value (6).
 ABORT_INVALID_PARAMETER = bytes([0x07, 0x00]) + struct.pack(">L", 4) + bytes([0, 0, 2, 6])
+# A-ABORT-RQ, source: service provider (2), reason: not specified (0).
+ABORT_NOT_SPECIFIED = bytes([0x07, 0x00]) + struct.pack(">L", 4) + bytes([0, 0, 2, 0])
+# Used when an association is not ours (a requestor of this process).
+DEFAULT_PDU_TIMEOUT = 60.0
 
 # BCP 195 (RFC 9325) recommended suites for TLS 1.2; TLS 1.3 suites are all fine.
 _BCP195_CIPHERS = (
@@ -55,6 +71,19 @@ _BCP195_CIPHERS = (
 )
 
 Rejector = Callable[[str, str], None]
+
+
+class ConnectionOwner(Protocol):
+    """What the transport tells the storage SCP that owns its server."""
+
+    def association_over(self, assoc: Any) -> None:
+        """The association's thread has ended, however it ended (idempotent)."""
+
+    def connection_stalled(self, assoc: Any, why: str) -> None:
+        """A PDU missed its deadline; the connection is being dropped."""
+
+    def connection_evicted(self, peer: str, why: str) -> None:
+        """A connection without an association was closed to give its slot away."""
 
 
 def server_context(cert: Path, key: Path, ca: Path, *, require_client_cert: bool) -> ssl.SSLContext:
@@ -105,9 +134,32 @@ class EdgeRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
+        try:
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            _settle(assoc)
+            owner = getattr(self.server, "edge_owner", None)
+            if owner is not None:
+                owner.association_over(assoc)
+
+
+def _settle(assoc: Any) -> None:
+    """After the association thread: no DUL thread or socket outlives it.
+
+    Normally both are gone already.  When pynetdicom's association thread died
+    of an exception, its DUL may still run: close the transport under it (the
+    reader wakes up, reaches Sta1 and exits) and wait a bounded time for it."""
+    dul = getattr(assoc, "dul", None)
+    if dul is None or not dul.is_alive():
+        return
+    sock = getattr(dul, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(Exception):
+            sock.close()
+    dul.kill_dul()
+    dul.join(timeout=5)
 
 
 class SharedContexts(list[Any]):
@@ -129,19 +181,27 @@ class EdgeAssociationServer(ThreadedAssociationServer):
     edge_limiter: PeerLimiter
     edge_tls: ssl.SSLContext | None
     edge_handshake_timeout: float
+    edge_pdu_timeout: float
     edge_on_refused: Rejector
-    edge_owner: object
+    edge_owner: ConnectionOwner
+    # Each open connection by its client address, as a duplicate socket: a slot
+    # given away to another peer is closed through it (the original object may
+    # have been detached into an SSLSocket meanwhile).
+    edge_conns: dict[Hashable, socket.socket]
 
     def configure(self, *, limiter: PeerLimiter, tls: ssl.SSLContext | None,
-                  handshake_timeout: float, on_refused: Rejector, owner: object) -> None:
+                  handshake_timeout: float, pdu_timeout: float, on_refused: Rejector,
+                  owner: ConnectionOwner) -> None:
         self.edge_limiter = limiter
         self.edge_tls = tls
         self.edge_handshake_timeout = handshake_timeout
+        self.edge_pdu_timeout = pdu_timeout
         self.edge_on_refused = on_refused
         self.edge_owner = owner
+        self.edge_conns = {}
+        self.edge_conns_lock = threading.Lock()
         self.RequestHandlerClass = EdgeRequestHandler
         self.contexts = SharedContexts(self.contexts)
-
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Never handshake here: this runs in the single accept thread.
@@ -151,22 +211,46 @@ class EdgeAssociationServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         peer = str(client_address[0])
-        if self.edge_limiter.open_connection(peer):
-            return True
-        self.edge_on_refused(peer, "too many open connections from this peer")
-        return False
+        key = tuple(client_address)
+        admitted = self.edge_limiter.admit(peer, key)
+        if not admitted.ok:
+            self.edge_on_refused(peer, "too many open connections from this peer")
+            return False
+        with self.edge_conns_lock:
+            self.edge_conns[key] = request.dup()
+        if admitted.evict is not None:
+            self.evict(*admitted.evict)
+        return True
+
+    def evict(self, peer: str, key: Hashable) -> None:
+        """Close a connection whose slot went to another peer (see ratelimit)."""
+        with self.edge_conns_lock:
+            dup = self.edge_conns.get(key)
+        if dup is not None:
+            with contextlib.suppress(OSError):
+                dup.shutdown(socket.SHUT_RDWR)  # its reader sees the end of the stream
+        self.edge_owner.connection_evicted(peer, "connection closed to give its slot to "
+                                                 "another peer (fair share)")
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         peer = str(client_address[0])
+        key = tuple(client_address)
         try:
             if self.edge_tls is not None:
                 request = self._handshake(request, peer)
                 if request is None:
                     return
             request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The base timeout of every send and read; reads of a PDU are held to
+            # its deadline on top (see _read_pdu_bounded).
+            request.settimeout(self.edge_pdu_timeout)
             super().process_request_thread(request, client_address)
         finally:
-            self.edge_limiter.close_connection(peer)
+            self.edge_limiter.release(peer, key)
+            with self.edge_conns_lock:
+                dup = self.edge_conns.pop(key, None)
+            if dup is not None:
+                dup.close()
 
     def _handshake(self, raw: socket.socket, peer: str) -> ssl.SSLSocket | None:
         assert self.edge_tls is not None
@@ -178,7 +262,6 @@ class EdgeAssociationServer(ThreadedAssociationServer):
             self.edge_on_refused(peer, f"TLS handshake failed ({reason})")
             _close(raw)
             return None
-        tls.settimeout(None)
         return tls
 
 
@@ -206,12 +289,35 @@ _guard_on = False
 
 
 def install_pdu_guard() -> None:
-    """Replace pynetdicom's PDU reader (process wide, idempotent)."""
+    """Replace pynetdicom's PDU reader, and guard its DIMSE decoder (process wide,
+    idempotent)."""
     global _guard_on
     with _installed:
         if not _guard_on:
             DULServiceProvider._read_pdu_data = _read_pdu_bounded  # type: ignore[method-assign]
+            DIMSEServiceProvider.receive_primitive = (  # type: ignore[method-assign]
+                _receive_primitive_guarded)
             _guard_on = True
+
+
+_real_receive_primitive = DIMSEServiceProvider.receive_primitive
+
+
+def _receive_primitive_guarded(self: DIMSEServiceProvider, primitive: Any) -> None:
+    """pynetdicom's DIMSE decoding of a P-DATA primitive, which runs in the DUL
+    thread: a command set it cannot read (no Command Field, a broken element)
+    raised out of it and killed that thread.  The peer gets an A-ABORT instead."""
+    try:
+        _real_receive_primitive(self, primitive)
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder raises on peer bytes
+        self.message = None
+        dul = self.dul
+        log.warning("peer %s sent a DIMSE message that cannot be decoded (%s); aborting",
+                    _peer(dul), type(exc).__name__)
+        stream = getattr(dul.assoc, "_edge_pdata", None)
+        if stream is not None:
+            stream.interrupted("undecodable DIMSE message")
+        abort_transport(dul.socket)
 
 
 def _local_max(dul: DULServiceProvider) -> int:
@@ -220,24 +326,67 @@ def _local_max(dul: DULServiceProvider) -> int:
     return int(own.maximum_length or 0)
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> bool:
-    """Fill ``view`` from the socket; False when the peer closed first."""
+# A deadline is enforced to within this much: the socket's own timeout is only
+# lowered (a syscall) when the deadline is nearer than that.
+_DEADLINE_SLACK = 1.0
+# DUL states whose PDU is bounded by the ARTIM timer: awaiting the A-ASSOCIATE-RQ
+# (Sta2; and Sta1, where an acceptor's DUL reads the first PDU in the same loop
+# that would process the connection event and start ARTIM), and awaiting the
+# transport close after a release or abort (Sta13).
+_ARTIM_STATES = frozenset({"Sta1", "Sta2", "Sta13"})
+# Before an association: the transport is closed without an A-ABORT (PS3.8 AA-2).
+_UNASSOCIATED_STATES = frozenset({"Sta1", "Sta2"})
+# DUL states in which a P-DATA-TF is handed to the DIMSE layer.
+_DATA_STATES = frozenset({"Sta6", "Sta7", "Sta8"})
+
+
+class _Stalled(Exception):
+    """A PDU did not arrive whole before its deadline."""
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> bool:
+    """Fill ``view`` from the socket before ``deadline`` (monotonic); False when
+    the peer closed first, _Stalled when the deadline passed."""
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Stalled
+        current = sock.gettimeout()
+        if current is None or left < current - _DEADLINE_SLACK:
+            sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            continue  # the socket's own timeout may be shorter than the deadline
         if k == 0:
             return False
         got += k
     return True
 
 
-def abort_transport(assoc_sock: Any) -> None:
-    """A-ABORT (provider, invalid parameter) and close, bypassing the state machine:
-    what follows on the stream is not to be read.  pynetdicom sees the close (Evt17)."""
+def _deadline(dul: DULServiceProvider) -> tuple[float, str]:
+    """When the PDU now arriving must be complete, and which limit says so."""
+    now = time.monotonic()
+    if dul.state_machine.current_state in _ARTIM_STATES:
+        artim = dul.artim_timer
+        if artim.timeout is not None:
+            return now + max(0.01, artim.remaining), "the ARTIM timer (acse_timeout)"
+    server = getattr(dul.assoc, "_server", None)
+    limit = getattr(server, "edge_pdu_timeout", None)
+    if limit is None:
+        limit = dul.assoc.network_timeout or DEFAULT_PDU_TIMEOUT
+    return now + float(limit), "pdu_timeout"
+
+
+def abort_transport(assoc_sock: Any, pdu: bytes = ABORT_INVALID_PARAMETER) -> None:
+    """A-ABORT (provider, invalid parameter by default) and close, bypassing the
+    state machine: what follows on the stream is not to be read.  pynetdicom sees
+    the close (Evt17)."""
     raw = getattr(assoc_sock, "socket", None)
     if raw is not None:
         try:
-            raw.sendall(ABORT_INVALID_PARAMETER)
+            raw.sendall(pdu)
         except OSError:
             pass
     assoc_sock.close()
@@ -251,8 +400,48 @@ def _rx_buffer(dul: DULServiceProvider, size: int) -> bytearray:
     return buf
 
 
+def unaccepted_context(pdu: memoryview, accepted: Any) -> int | None:
+    """The first presentation context ID of a P-DATA-TF that is not in
+    ``accepted``; None when every PDV is on an accepted context or the PDU is
+    malformed (reported on its own path)."""
+    end = len(pdu)
+    pos = 6
+    while pos + 6 <= end:
+        length = struct.unpack_from(">L", pdu, pos)[0]
+        cid = pdu[pos + 4]
+        if length < 2 or pos + 4 + length > end:
+            return None
+        if cid not in accepted:
+            return int(cid)
+        pos += 4 + length
+    return None
+
+
+def _peer(dul: DULServiceProvider) -> str:
+    return str(getattr(dul.assoc.requestor, "address", "") or "?")
+
+
+def _stalled(dul: DULServiceProvider, assoc_sock: Any, state: str, limit: str) -> None:
+    """Drop a connection whose PDU missed its deadline.  Before an association
+    (ARTIM, PS3.8 9.1.5 AA-2) the transport is just closed; inside one, the peer
+    gets an A-ABORT first."""
+    why = f"incomplete PDU when {limit} expired"
+    log.warning("peer %s sent an %s; closing the connection", _peer(dul), why)
+    owner = getattr(getattr(dul.assoc, "_server", None), "edge_owner", None)
+    if owner is not None:
+        try:
+            owner.connection_stalled(dul.assoc, why)
+        except Exception:  # noqa: BLE001 - bookkeeping must not keep the socket open
+            log.exception("recording a stalled connection failed")
+    if state in _UNASSOCIATED_STATES:
+        assoc_sock.close()
+    else:
+        abort_transport(assoc_sock, ABORT_NOT_SPECIFIED)
+
+
 def _read_pdu_bounded(self: DULServiceProvider) -> None:
-    """Read one PDU, refusing oversized ones before their body is read.
+    """Read one PDU, refusing oversized ones before their body is read, and
+    dropping the connection when the PDU misses its deadline.
 
     Events as in pynetdicom: Evt17 transport closed, Evt19 invalid PDU,
     otherwise the event of the decoded PDU type.
@@ -262,10 +451,25 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
     if assoc_sock is None or raw is None:
         self.event_queue.put("Evt17")
         return
+    state = self.state_machine.current_state
+    deadline, limit_name = _deadline(self)
+    base = raw.gettimeout()
+    try:
+        _read_pdu_within(self, assoc_sock, raw, state, deadline)
+    except _Stalled:
+        _stalled(self, assoc_sock, state, limit_name)
+    finally:
+        if raw.gettimeout() != base:
+            with contextlib.suppress(OSError):
+                raw.settimeout(base)
+
+
+def _read_pdu_within(self: DULServiceProvider, assoc_sock: Any, raw: socket.socket, state: str,
+                     deadline: float) -> None:
     head = bytearray(6)
     try:
-        ok = _recv_into(raw, memoryview(head))
-    except (OSError, TimeoutError):
+        ok = _recv_into(raw, memoryview(head), deadline)
+    except OSError:
         ok = False
     if not ok:
         self.event_queue.put("Evt17")
@@ -278,10 +482,11 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
         # Not DICOM, or a length we will not buffer: abort and close at once
         # rather than let the state machine read the rest of the stream.
         if pdu_type not in _KNOWN_PDU_TYPES:
-            log.warning("peer sent an unknown PDU type 0x%02X; aborting", pdu_type)
+            log.warning("peer %s sent an unknown PDU type 0x%02X; aborting", _peer(self),
+                        pdu_type)
         else:
-            log.warning("peer sent a PDU of %d bytes, over the %d allowed; aborting",
-                        length, limit)
+            log.warning("peer %s sent a PDU of %d bytes, over the %d allowed; aborting",
+                        _peer(self), length, limit)
         abort_transport(assoc_sock)
         return
     # Our associations serve C-STOREs from the PDU stream (agent/dimsestream.py),
@@ -293,13 +498,24 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
     pdu_view = memoryview(pdu_bytes)[:6 + length]
     pdu_view[:6] = head
     try:
-        ok = _recv_into(raw, pdu_view[6:])
-    except (OSError, TimeoutError):
+        ok = _recv_into(raw, pdu_view[6:], deadline)
+    except OSError:
         ok = False
     if not ok:
-        log.warning("connection closed or timed out inside a PDU")
+        log.warning("peer %s closed the connection inside a PDU", _peer(self))
         self.event_queue.put("Evt17")
         return
+    if pdu_type == P_DATA_TF and state in _DATA_STATES:
+        cid = unaccepted_context(pdu_view, self.assoc._accepted_cx)
+        if cid is not None:
+            # pynetdicom's decoder would die on it (KeyError) and take the
+            # association's bookkeeping with it.
+            why = f"P-DATA-TF on presentation context {cid}, which was not accepted"
+            log.warning("peer %s sent a %s; aborting", _peer(self), why)
+            if direct is not None:
+                direct.interrupted(why)
+            abort_transport(assoc_sock)
+            return
     if direct is not None:
         if direct.take(self, pdu_view):
             return
@@ -307,7 +523,7 @@ def _read_pdu_bounded(self: DULServiceProvider) -> None:
     try:
         pdu, event = self._decode_pdu(pdu_bytes)
     except Exception:  # noqa: BLE001 - any decoding failure is an invalid PDU
-        log.warning("peer sent an undecodable PDU; aborting")
+        log.warning("peer %s sent an undecodable PDU; aborting", _peer(self))
         self.event_queue.put("Evt19")
         return
     self.event_queue.put(event)

@@ -220,6 +220,18 @@ class StoreStream:
         if msg is not None:
             msg.sink.close()
 
+    def interrupted(self, why: str) -> None:
+        """The transport is being aborted under us (a PDU missed its deadline, a
+        PDV on a context that was not accepted): drop a message in progress and
+        record it as aborted."""
+        had_message = self._msg is not None
+        self.close()
+        if had_message:
+            try:
+                self._on_abort(why)
+            except Exception:  # noqa: BLE001 - bookkeeping must not stop the abort
+                log.exception("recording an aborted C-STORE failed")
+
     def _take(self, dul: Any, pdu: memoryview) -> bool:
         pdvs = iter_pdvs(pdu)
         if pdvs is None:
@@ -293,11 +305,5 @@ class StoreStream:
 
     def _abort(self, dul: Any, why: str) -> None:
         log.warning("peer broke the DIMSE protocol (%s); aborting the association", why)
-        had_message = self._msg is not None
-        self.close()
-        if had_message:
-            try:
-                self._on_abort(why)
-            except Exception:  # noqa: BLE001 - bookkeeping must not stop the abort
-                log.exception("recording an aborted C-STORE failed")
+        self.interrupted(why)
         abort_transport(dul.socket)

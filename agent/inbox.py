@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -42,6 +43,8 @@ from agent.crypto import (
 from agent.errors import CryptoError, OutOfResources, StorageError
 from agent.fileperm import open_private, private_db
 from agent.types import ReceivedInstance, Study, StudyCompletion
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -114,13 +117,16 @@ class PendingWrite:
     """
 
     def __init__(self, inbox: Inbox, path: Path, study_key: str, study_id: int, version: int,
-                 new_study: bool, data_key: bytes) -> None:
+                 new_study: bool, data_key: bytes, wrapped_key: bytes) -> None:
         self.path = path
         self.study_key = study_key
         self.study_id = study_id
         self.version = version
         self.new_study = new_study
         self.data_key = data_key
+        # Identifies the study version this write is sealed for: row ids can be
+        # reused once an empty version is deleted, wrapped keys (random) cannot.
+        self.wrapped_key = wrapped_key
         self._digest: Any = None  # hashlib sha256 while streaming, for a known re-send
         self._fh: BinaryIO | None = open(path, "r+b")  # noqa: SIM115 - closed in finish/abort
         self._writer = StreamWriter(data_key, self._fh, study_key.encode())
@@ -189,6 +195,10 @@ class PendingWrite:
         if not self.committed:
             self.committed = True  # release once
             self._inbox._release_slot(self.path)
+            if self.new_study:
+                # The study version this write opened holds nothing (a refused
+                # C-STORE): drop it rather than leave an open row forever.
+                self._inbox._drop_if_empty(self.study_id)
 
 
 @dataclass(frozen=True)
@@ -248,10 +258,14 @@ class Inbox:
         self._receipts_deleted = 0
         # Open study versions: id, version and unwrapped data key, so that the
         # hot path opens no transaction before it streams.
-        self._open: dict[str, tuple[int, int, bytes]] = {}
+        # (id, version, data key, wrapped data key) by study key.
+        self._open: dict[str, tuple[int, int, bytes, bytes]] = {}
         self._free: collections.deque[Path] = collections.deque()
         if worker is None:
             self._recover_slots()
+            # Nothing streams yet: an empty open version is a leftover of a crash.
+            with self._tx() as db:
+                self._drop_stale_empty(db, float("inf"))
 
     # -- keys and names ---------------------------------------------------
 
@@ -310,6 +324,30 @@ class Inbox:
             return
         with self._lock:
             self._free.append(path)
+
+    def _drop_if_empty(self, study_id: int) -> None:
+        """Delete an open study version that holds no instance.
+
+        Safe against writes still streaming into it (here or in another
+        process): their commit finds no open version and re-seals the instance
+        under a new one, as for a version completed meanwhile."""
+        try:
+            with self._tx() as db:
+                db.execute("DELETE FROM studies WHERE id=? AND state='open' AND n_instances=0",
+                           (study_id,))
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("cannot drop an empty study version: %s", exc)
+        self._forget_open([study_id])
+
+    def _drop_stale_empty(self, db: sqlite3.Connection, older_than: float) -> None:
+        """Open versions that have held nothing since ``older_than`` (a process that
+        died between opening one and its first commit)."""
+        gone = [int(r[0]) for r in db.execute(
+            "SELECT id FROM studies WHERE state='open' AND n_instances=0 AND last_at < ?",
+            (older_than,))]
+        for sid in gone:
+            db.execute("DELETE FROM studies WHERE id=?", (sid,))
+        self._forget_open(gone)
 
     def _clean_tmp(self) -> None:
         # Partial writes from a crash were never acknowledged: drop them.
@@ -389,14 +427,17 @@ class Inbox:
             raise StorageError(f"study row {study_id} has no data key (shredded)")
         return self._kek.unwrap(bytes(row[0]))
 
-    def _open_study(self, db: sqlite3.Connection, skey: str, now: float) -> tuple[int, int, bool]:
-        """The open version of a study, creating one (a follow-up) when needed."""
+    def _open_study(self, db: sqlite3.Connection, skey: str,
+                    now: float) -> tuple[int, int, bool, bytes]:
+        """The open version of a study, creating one (a follow-up) when needed:
+        (id, version, created now, wrapped data key)."""
         row = db.execute(
-            "SELECT id, version, state FROM studies WHERE study_key=? ORDER BY version DESC LIMIT 1",
+            "SELECT id, version, state, wrapped_key FROM studies WHERE study_key=? "
+            "ORDER BY version DESC LIMIT 1",
             (skey,),
         ).fetchone()
-        if row is not None and row[2] == "open":
-            return int(row[0]), int(row[1]), False
+        if row is not None and row[2] == "open" and row[3] is not None:
+            return int(row[0]), int(row[1]), False, bytes(row[3])
         version = 1 if row is None else int(row[1]) + 1
         wrapped = self._kek.wrap(random_key())
         cur = db.execute(
@@ -404,7 +445,7 @@ class Inbox:
             "VALUES (?,?,?,?,?,?)",
             (skey, version, "open", wrapped, now, now),
         )
-        return int(cur.lastrowid or 0), version, True
+        return int(cur.lastrowid or 0), version, True, wrapped
 
     def begin(self, study_uid: str, *, size_hint: int = 0,
               sop_uid: str | None = None) -> PendingWrite:
@@ -422,13 +463,13 @@ class Inbox:
         new_study = False
         if cached is None:
             with self._tx() as db:
-                study_id, version, new_study = self._open_study(db, skey, time.time())
-                cached = (study_id, version, self._data_key(db, study_id))
+                study_id, version, new_study, wrapped = self._open_study(db, skey, time.time())
+            cached = (study_id, version, self._kek.unwrap(wrapped), wrapped)
             with self._lock:
                 self._open[skey] = cached
-        study_id, version, data_key = cached
+        study_id, version, data_key, wrapped = cached
         pending = PendingWrite(self, self._take_slot(), skey, study_id, version, new_study,
-                               data_key)
+                               data_key, wrapped)
         if sop_uid is not None and self._known_instance(skey, sop_uid):
             pending.hash_content()  # a re-send: its digest will be compared at commit
         return pending
@@ -504,16 +545,17 @@ class Inbox:
                     receipt = StoreReceipt("duplicate", inst, version, new_study)
                     self._journal(db, audit, receipt)
                     return receipt
-                # The study version may have been completed while we were
-                # writing: the instance then belongs to a follow-up version,
-                # whose data key differs, so re-seal it (rare path).
-                study_id2, version2, new2 = self._open_study(db, skey, now)
-                if study_id2 != study_id:
-                    new_key = self._data_key(db, study_id2)
+                # The study version may have been completed (or, empty, dropped)
+                # while we were writing: the instance then belongs to another
+                # version, whose data key differs, so re-seal it (rare path).
+                # Compared by wrapped key: the id of a dropped version can recur.
+                study_id2, version2, new2, wrapped2 = self._open_study(db, skey, now)
+                if wrapped2 != pending.wrapped_key:
+                    new_key = self._kek.unwrap(wrapped2)
                     self._rekey(tmp, pending.data_key, new_key, aad)
                     study_id, version, new_study = study_id2, version2, new2
                     with self._lock:
-                        self._open[skey] = (study_id, version, new_key)
+                        self._open[skey] = (study_id, version, new_key, wrapped2)
                 outcome: StoreOutcome = "conflict" if dup else "stored"
                 dest = tmp
                 db.execute(
@@ -633,6 +675,7 @@ class Inbox:
         s = self.study_settings
         closed: list[int] = []
         with self._tx() as db:
+            self._drop_stale_empty(db, now - s.max_age_seconds)
             rows = db.execute(
                 "SELECT id, first_at, last_at, n_instances, n_bytes FROM studies WHERE state='open'"
             ).fetchall()

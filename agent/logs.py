@@ -1,11 +1,53 @@
-"""Logging set-up: one format, and every record passes the PHI scrubber."""
+"""Logging set-up: one format, every record passes the PHI scrubber, and every
+record is exactly one line.
+
+A peer controls text that ends up in log records (AE titles, UIDs, exception
+messages that quote them, pynetdicom's own "Invalid 'Calling AE Title' value
+'...'" lines): a newline in it would let the peer write a line of its own into
+the log (``X\\nCRITICAL ...``).  So the formatter escapes every control
+character of the whole rendered record, exception text and stack included, and
+uncaught thread exceptions go through logging too instead of straight to stderr.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import TracebackType
 
 from agent.egress import ScrubFilter
+
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators (some
+# viewers break lines on them).
+_ESCAPES: dict[int, str] = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+_ESCAPES.update({0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape sequence."""
+    return text.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Renders a record (message, exception, stack) as one line, controls escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc = (args.exc_type, args.exc_value, args.exc_traceback)
+    logging.getLogger("edge_agent").error("thread %s stopped by an uncaught exception", name,
+                                          exc_info=exc)  # type: ignore[arg-type]
+
+
+def _process_exception(exc_type: type[BaseException], exc: BaseException,
+                       tb: TracebackType | None) -> None:
+    logging.getLogger("edge_agent").critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 def setup(level: str = "INFO", process: str = "") -> None:
@@ -15,10 +57,15 @@ def setup(level: str = "INFO", process: str = "") -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     tag = f"[{process}]" if process else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
+    handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
     handler.addFilter(ScrubFilter())
     root.addHandler(handler)
     root.setLevel(level)
     # Third-party chatter at INFO can carry identifiers (pynetdicom dumps PDUs).
     for noisy in ("pynetdicom", "pydicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python prints these straight to stderr otherwise: unescaped, unscrubbed
+    # (pydicom warns about invalid values, quoting them).
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_exception
+    sys.excepthook = _process_exception

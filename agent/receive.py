@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
 import os
 import queue
 import select
@@ -52,15 +51,19 @@ from pynetdicom import (
 )
 from pynetdicom import association as _association_mod
 from pynetdicom import dul as _dul_mod
+from pynetdicom import fsm as _fsm_mod
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from agent import dimsefast
+from agent import dimsefast, hookcheck, pixelbound
 from agent.config import DicomSettings
 from agent.dicomtls import (
     EdgeAssociationServer,
+    _read_pdu_bounded,
+    _receive_primitive_guarded,
     install_pdu_guard,
     listen_error,
     peer_subject,
@@ -70,7 +73,7 @@ from agent.dicomtls import (
 from agent.dimsestream import StoreStream
 from agent.errors import OutOfResources, StorageError
 from agent.inbox import Inbox, PendingWrite, StoreReceipt
-from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
+from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
 
 log = logging.getLogger("edge_agent.receive")
 
@@ -98,12 +101,17 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 
+# Pixel Data as its bytes (deflate: inflated, and bounded as such while it streams).
+NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", DEFLATED,
+                             "1.2.840.10008.1.2.2"})
+
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_REFUSED_NOT_AUTHORIZED = 0x0124
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 # The header elements we need (StudyInstanceUID, SOP class, pixel geometry)
 # all precede (0028,0100); a data set that puts more than this many bytes
@@ -113,6 +121,11 @@ _FIRST_PARSE = 64 << 10
 _CAPACITY_EVERY = 64 << 20
 _STOP_AFTER = 0x00280100
 _INFLATE_STEP = 1 << 20
+# Processing a deflated instance holds about three copies of its inflated data set
+# (pydicom inflates it into a buffer of its own and reads every value out of it;
+# measured 3.1x for 200 MiB, 3.3x for 1 GiB): its inflated size counts this often
+# against [study] max_process_instance_bytes.
+DEFLATE_PROCESSING_COPIES = 4
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 AuditFn = Callable[..., None]
@@ -332,7 +345,7 @@ def _fast_header(buf: memoryview, *, implicit: bool) -> Header | None:
         declared = 0
     else:
         frames = int(frames_text) if frames_text else 1
-        declared = rows * cols * (spp or 1) * math.ceil((bits or 8) / 8) * max(1, frames)
+        declared = pixelbound.geometry_bytes(rows, cols, spp or 1, bits or 8, frames)
     return Header(study, sop or None, declared)
 
 
@@ -375,12 +388,9 @@ def _declared_pixel_bytes(ds: Dataset) -> int:
     bits = ds.get(0x00280100)
     frames = ds.get(0x00280008)
     n_frames = int(frames.value) if frames is not None and frames.value not in (None, "") else 1
-    n = (int(rows.value) * int(cols.value) * int(spp.value if spp is not None and spp.value else 1)
-         * math.ceil(int(bits.value if bits is not None and bits.value else 8) / 8)
-         * max(1, n_frames))
-    if n < 0:
-        raise ValueError("negative pixel geometry")
-    return n
+    return pixelbound.geometry_bytes(
+        int(rows.value), int(cols.value), int(spp.value if spp is not None and spp.value else 1),
+        int(bits.value if bits is not None and bits.value else 8), n_frames)
 
 
 # -- streaming sink --------------------------------------------------------------------
@@ -400,6 +410,10 @@ class InstanceSink:
         self.file = self
         self._inbox = inbox
         self._max = max_bytes
+        # What processing may hold of one instance: a bound on what the data set
+        # expands to (inflated deflate, declared decoded pixels), refused here,
+        # before Success, rather than acknowledged and then never processable.
+        self._max_expanded = min(max_bytes, inbox.study_settings.max_process_instance_bytes)
         self._raw = bytearray()  # Part 10 bytes held until the inbox write opens
         self._meta_end = 0
         self._ts: str | None = None
@@ -536,9 +550,12 @@ class InstanceSink:
             except zlib.error:
                 raise Refused(STATUS_CANNOT_UNDERSTAND, "corrupt deflated data set") from None
             self._inflated += len(out)
-            if self._inflated > self._max:
+            if self._inflated * DEFLATE_PROCESSING_COPIES > self._max_expanded:
                 raise Refused(STATUS_OUT_OF_RESOURCES,
-                              "deflated data set inflates beyond max_instance_bytes")
+                              f"deflated data set inflates beyond "
+                              f"{self._max_expanded // DEFLATE_PROCESSING_COPIES // 2**20} MiB "
+                              f"(processing holds {DEFLATE_PROCESSING_COPIES} copies of it; "
+                              f"[study] max_process_instance_bytes)")
             if keep and len(self._plain) < HEADER_WINDOW:
                 self._plain += out[: HEADER_WINDOW - len(self._plain)]
             buf = d.unconsumed_tail
@@ -557,9 +574,17 @@ class InstanceSink:
         self._accept_header(header)
 
     def _accept_header(self, header: Header) -> None:
-        if header.declared_pixel_bytes > self._max:
+        # Native pixel data is on the wire byte for byte (and a shorter Pixel Data
+        # than declared is refused by the decoders): only max_instance_bytes
+        # applies, and an instance over the processing bound is stored but not
+        # processed (as documented).  Encapsulated pixel data can declare any size
+        # from a few bytes: it is held to what processing may decode.
+        bound = self._max if self._ts in NATIVE_SYNTAXES else self._max_expanded
+        if header.declared_pixel_bytes > bound:
             raise Refused(STATUS_OUT_OF_RESOURCES,
-                          "declared pixel size exceeds max_instance_bytes")
+                          f"declared pixel size {header.declared_pixel_bytes // 2**20} MiB exceeds "
+                          f"{bound // 2**20} MiB ([dicom] max_instance_bytes, "
+                          f"[study] max_process_instance_bytes for compressed pixel data)")
         self.header = header
         self.pending = self._inbox.begin(header.study_uid, sop_uid=self._sop_uid)
         self.pending.write(self._raw)
@@ -580,6 +605,14 @@ class InstanceSink:
                     self._accept_header(header)
                 if self._inflater is not None and not self._inflater.eof:
                     raise Refused(STATUS_CANNOT_UNDERSTAND, "deflated data set is truncated")
+                assert self.header is not None
+                encoded = self._received - self._meta_end
+                if (self._ts == pixelbound.RLE_LOSSLESS
+                        and not pixelbound.rle_possible(self.header.declared_pixel_bytes, encoded)):
+                    raise Refused(STATUS_CANNOT_UNDERSTAND,
+                                  f"{encoded} bytes of RLE data cannot decode to the "
+                                  f"{self.header.declared_pixel_bytes} bytes its pixel "
+                                  f"description declares")
             except Refused as exc:
                 self._fail(exc)
                 raise
@@ -677,7 +710,8 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
 
 
 def install_streaming() -> None:
-    """Route C-STORE data sets of our associations into InstanceSinks (idempotent)."""
+    """Route C-STORE data sets of our associations into InstanceSinks, and put
+    every other hook in place (idempotent); InstallError when one did not take."""
     with _streaming_lock:
         _config.STORE_RECV_CHUNKED_DATASET = True
         # pynetdicom creates the C-STORE temporary file and its file meta through
@@ -688,6 +722,48 @@ def install_streaming() -> None:
         dimsefast.install()
         _install_wakeups()
     install_pdu_guard()
+    hookcheck.verify(hooks())
+
+
+def hooks() -> list[hookcheck.Hook]:
+    """Every replacement the node makes in pynetdicom, and who must reach it."""
+    decode_msg = dimse_messages.DIMSEMessage.decode_msg
+    encode_msg = dimse_messages.DIMSEMessage.encode_msg
+    Hook, is_ = hookcheck.Hook, hookcheck.is_
+    return [
+        Hook("C-STORE data set sink (else a plaintext temporary file)", dimse_messages,
+             "NamedTemporaryFile", is_(_sink_factory), (decode_msg,), module_global=True),
+        Hook("C-STORE data set sink", _config, "STORE_RECV_CHUNKED_DATASET", is_(True),
+             (decode_msg,)),
+        Hook("file meta of streamed instances", dimse_messages, "create_file_meta",
+             is_(_create_file_meta), (decode_msg,), module_global=True),
+        Hook("file meta of streamed instances", dimse_messages, "write_file_meta_info",
+             is_(_write_file_meta_info), (decode_msg,), module_global=True),
+        Hook("command set encoder", dimse_messages, "encode", is_(dimsefast._encode),
+             (encode_msg,), module_global=True),
+        Hook("PDU reader (length bounds, deadlines, context checks)", DULServiceProvider,
+             "_read_pdu_data", is_(_read_pdu_bounded),
+             (DULServiceProvider._is_transport_event,)),
+        Hook("DIMSE decoding guard (an undecodable message aborts, no thread dies)",
+             DIMSEServiceProvider, "receive_primitive", is_(_receive_primitive_guarded),
+             (_fsm_mod.DT_2, _fsm_mod.AR_6)),
+        Hook("DUL reactor wake-ups", _dul_mod, "time",
+             lambda v: isinstance(v, _WakingTime), (DULServiceProvider.run_reactor,),
+             module_global=True),
+        Hook("DUL reactor wake-ups", _dul_mod, "queue",
+             lambda v: isinstance(v, _QueueModule), (DULServiceProvider.__init__,),
+             module_global=True),
+        Hook("association reactor wake-ups", _association_mod, "time",
+             lambda v: isinstance(v, _WakingTime), (Association._run_reactor,),
+             module_global=True),
+        Hook("DUL send wake-up", DULServiceProvider, "send_pdu", is_(_send_pdu_waking)),
+        Hook("no identifiers in pynetdicom's log", _config, "LOG_REQUEST_IDENTIFIERS",
+             is_(False)),
+        Hook("no identifiers in pynetdicom's log", _config, "LOG_RESPONSE_IDENTIFIERS",
+             is_(False)),
+        Hook("no identifiers in pynetdicom's log", _config, "LOG_HANDLER_LEVEL",
+             lambda v: v == "none"),
+    ]
 
 
 # -- reactor wake-ups ----------------------------------------------------------------
@@ -895,11 +971,10 @@ class ReceiptDrainer:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the main process decided about a connection when it accepted it."""
+    """What the main process decided about a connection's association request."""
 
     rate_ok: bool  # within the peer's associations-per-minute
-    peer_ok: bool  # within the peer's concurrent-association bound
-    total_ok: bool  # within max_associations across all workers
+    limit: str | None  # why the association bounds refuse it (agent.ratelimit), or None
 
 
 Admission = Callable[[str, int], Verdict]
@@ -957,7 +1032,12 @@ class StorageSCP:
         ))
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom counts every acceptor thread against its maximum, including
+        # connections that have not sent an A-ASSOCIATE-RQ yet: a few half-open
+        # connections would have every association refused.  The association
+        # bounds are ours (_on_requested, agent/ratelimit.py, counted on accepted
+        # associations), the connection bounds the listener's: this one never binds.
+        ae.maximum_associations = 1 << 16
         ae.acse_timeout = settings.acse_timeout
         ae.dimse_timeout = settings.dimse_timeout
         ae.network_timeout = settings.network_timeout
@@ -1003,7 +1083,8 @@ class StorageSCP:
             raise listen_error(self.s.host, port, exc) from None
         assert isinstance(server, EdgeAssociationServer)
         server.configure(limiter=self.limiter, tls=ctx, handshake_timeout=self.s.acse_timeout,
-                         on_refused=self._refused_connection, owner=self)
+                         pdu_timeout=self.s.pdu_timeout, on_refused=self._refused_connection,
+                         owner=self)
         self.ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"dicom-accept-{port}",
                          daemon=True).start()
@@ -1096,8 +1177,8 @@ class StorageSCP:
             if held is not None:
                 self._reject(event, 0x02, 0x03, 0x02, held)
                 return
-            verdict = (self.admission(addr, int(event.assoc.requestor.port or 0))
-                       if self.admission is not None else None)
+            port = int(event.assoc.requestor.port or 0)
+            verdict = self.admission(addr, port) if self.admission is not None else None
             if not (verdict.rate_ok if verdict is not None
                     else self.limiter.allow_association(addr)):
                 with self._lock:
@@ -1114,13 +1195,10 @@ class StorageSCP:
                 return
             with self._lock:
                 per_peer = self.counters.by_peer.get(addr, 0)
-                why: str | None = None
-                if not (verdict.peer_ok if verdict is not None
-                        else per_peer < self.s.max_associations_per_peer):
-                    why = "too many associations from this peer"
-                elif verdict is not None and not verdict.total_ok:
-                    why = "too many associations in total"
-                else:
+                why = verdict.limit if verdict is not None else association_limit(
+                    per_peer, self.counters.active, per_peer=self.s.max_associations_per_peer,
+                    max_total=self.s.max_associations)
+                if why is None:
                     self.counters.by_peer[addr] = per_peer + 1
                     self.counters.active += 1
                     self.counters.associations_accepted += 1
@@ -1128,6 +1206,9 @@ class StorageSCP:
                 self._reject(event, 0x02, 0x03, 0x02, why)
                 return
             setattr(event.assoc, "_edge_counted", True)  # noqa: B010
+            server = getattr(event.assoc, "_server", None)
+            if isinstance(server, EdgeAssociationServer):
+                server.edge_limiter.associated(addr, (addr, port))  # no longer evictable
             if self.s.fast_store:
                 # C-STOREs of this association are served from its PDU stream
                 # (agent/dimsestream.py); dicomtls's PDU reader calls it.
@@ -1152,27 +1233,46 @@ class StorageSCP:
                 pass
 
     def _on_closed(self, event: evt.Event) -> None:
+        self.association_over(event.assoc)
+
+    def association_over(self, assoc: Any) -> None:
+        """Release what an association held (idempotent).  pynetdicom's close events
+        call it, and so does the connection's handler once the association thread
+        ended, whatever ended it (a thread that died of an exception fires no
+        event, and its slot would stay taken for good)."""
         try:
-            stream = getattr(event.assoc, "_edge_pdata", None)
+            stream = getattr(assoc, "_edge_pdata", None)
             if isinstance(stream, StoreStream):
                 stream.close()
-            for sink in getattr(event.assoc, "_edge_sinks", ()):
+            for sink in getattr(assoc, "_edge_sinks", ()):
                 sink.close()
             if self.on_ended is not None:
-                req = event.assoc.requestor
+                req = assoc.requestor
                 self.on_ended(str(req.address), int(req.port or 0))
-            if getattr(event.assoc, "_edge_counted", False):
-                setattr(event.assoc, "_edge_counted", False)  # noqa: B010
-                _, addr = self._peer(event)
-                with self._lock:
-                    self.counters.active -= 1
-                    n = self.counters.by_peer.get(addr, 1) - 1
-                    if n <= 0:
-                        self.counters.by_peer.pop(addr, None)
-                    else:
-                        self.counters.by_peer[addr] = n
+            with self._lock:
+                if not getattr(assoc, "_edge_counted", False):
+                    return
+                setattr(assoc, "_edge_counted", False)  # noqa: B010
+                _, addr = _peer_of(assoc)
+                self.counters.active -= 1
+                n = self.counters.by_peer.get(addr, 1) - 1
+                if n <= 0:
+                    self.counters.by_peer.pop(addr, None)
+                else:
+                    self.counters.by_peer[addr] = n
         except Exception:  # noqa: BLE001
             log.exception("association close bookkeeping failed")
+
+    def connection_stalled(self, assoc: Any, why: str) -> None:
+        """A PDU missed its deadline (dicomtls drops the connection)."""
+        stream = getattr(assoc, "_edge_pdata", None)
+        if isinstance(stream, StoreStream):
+            stream.interrupted(why)  # a C-STORE in progress is audited as aborted
+        if not getattr(assoc, "_edge_counted", False):
+            self._refused_connection(str(assoc.requestor.address), why)
+
+    def connection_evicted(self, peer: str, why: str) -> None:
+        self._refused_connection(peer, why)
 
     # -- DIMSE -----------------------------------------------------------------------
 
@@ -1183,7 +1283,19 @@ class StorageSCP:
         ae_title, addr = self._peer(event)
         sink = getattr(event.request, "_dataset_file", None)
         req: Any = event.request
-        return self.store_streamed(sink, str(req.AffectedSOPClassUID or ""),
+        sop_class = str(req.AffectedSOPClassUID or "")
+        context_class = str(getattr(event.context, "abstract_syntax", "") or "")
+        if sop_class != context_class:
+            # pynetdicom picks the service by the request's SOP class, not by the
+            # context it came on: an MR instance on a context accepted for CT
+            # only would be stored.  PS3.7 9.1.1.1.9: the SOP class must be the
+            # context's abstract syntax.
+            if isinstance(sink, InstanceSink):
+                sink.close()
+            return self._fail(STATUS_SOP_CLASS_NOT_SUPPORTED,
+                              f"SOP class {sop_class or '(none)'} was not accepted on "
+                              f"presentation context {event.context.context_id}", addr, ae_title)
+        return self.store_streamed(sink, sop_class,
                                    str(req.AffectedSOPInstanceUID or "").strip(), ae_title, addr)
 
     def store_streamed(self, sink: object, sop_class: str, sop_uid: str, ae_title: str,

@@ -59,7 +59,7 @@ from agent.crypto import KeyEncryptionKey
 from agent.dicomtls import listen_error
 from agent.inbox import Inbox, StoreReceipt
 from agent.liveness import Stage
-from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
+from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
 from agent.receive import (
     AuditFn,
     ReceiptDrainer,
@@ -67,6 +67,7 @@ from agent.receive import (
     ReceiveCounters,
     Verdict,
     audit_refused,
+    install_streaming,
 )
 
 log = logging.getLogger("edge_agent.receive")
@@ -148,6 +149,9 @@ class ReceivePool:
         receipts: ReceiptLog | None = None,
     ) -> None:
         self.s = settings
+        # The workers run pynetdicom with the node's hooks: refuse to listen here
+        # already when they would not take effect (same installation).
+        install_streaming()
         self.inbox = inbox
         inbox.share_with_workers()
         self._init = init
@@ -408,15 +412,18 @@ class ReceivePool:
 
     def _admit(self, conn: socket.socket, addr: tuple[str, int], tls: bool) -> None:
         peer = addr[0]
-        if not self.limiter.open_connection(peer):
+        self._next_conn += 1
+        cid = self._next_conn
+        admitted = self.limiter.admit(peer, cid)
+        if not admitted.ok:
             self._refused(peer, "too many open connections from this peer")
             return
+        if admitted.evict is not None:
+            self._evict(*admitted.evict)
         conn.setblocking(True)
         # The least busy worker; one that died since the last look is retired
         # and the next one takes the connection.
         for w in sorted((x for x in self._workers if x is not None), key=lambda x: x.open):
-            self._next_conn += 1
-            cid = self._next_conn
             try:
                 send_msg(w.chan, ("conn", Handoff(cid, addr, tls)), (conn.fileno(),))
             except OSError as exc:
@@ -426,24 +433,35 @@ class ReceivePool:
             w.open += 1
             self._conns[cid] = (w, peer, False)
             return
-        self.limiter.close_connection(peer)
+        self.limiter.release(peer, cid)
         self._refused(peer, "receive workers restarting")
+
+    def _evict(self, peer: str, cid: object) -> None:
+        """Close a connection without an association whose slot went to another
+        peer (fair share, see agent/ratelimit.py); its worker reports it closed."""
+        entry = self._conns.get(cid) if isinstance(cid, int) else None
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                send_msg(entry[0].chan, ("evict", cid))
+        self._refused(peer, "connection closed to give its slot to another peer (fair share)")
 
     def _admit_association(self, w: _Worker, cid: int) -> None:
         """A worker asks, at A-ASSOCIATE-RQ, whether the peer's bounds allow one more."""
         entry = self._conns.get(cid)
         if entry is None or entry[0] is not w:
-            verdict = Verdict(False, False, False)
+            verdict = Verdict(False, None)
         else:
             peer = entry[1]
             verdict = Verdict(
                 rate_ok=self.limiter.allow_association(peer),
-                peer_ok=self._by_peer.get(peer, 0) < self.s.max_associations_per_peer,
-                total_ok=sum(1 for _, _, n in self._conns.values() if n) < self.s.max_associations,
+                limit=association_limit(
+                    self._by_peer.get(peer, 0), sum(1 for _, _, n in self._conns.values() if n),
+                    per_peer=self.s.max_associations_per_peer, max_total=self.s.max_associations),
             )
-            if verdict.rate_ok and verdict.peer_ok and verdict.total_ok:
+            if verdict.rate_ok and verdict.limit is None:
                 self._conns[cid] = (w, peer, True)
                 self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
+                self.limiter.associated(peer, cid)  # no longer evictable
         with contextlib.suppress(OSError):
             send_msg(w.chan, ("verdict", cid, verdict))
 
@@ -468,7 +486,7 @@ class ReceivePool:
             return
         w, peer, _ = entry
         w.open = max(0, w.open - 1)
-        self.limiter.close_connection(peer)
+        self.limiter.release(peer, cid)
 
     def _from_worker(self, w: _Worker) -> None:
         try:

@@ -10,6 +10,7 @@ the daemon by ``PR_SET_PDEATHSIG``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -26,6 +27,7 @@ from pydicom import config as pydicom_config
 
 from agent import logs
 from agent.dicomtls import EdgeAssociationServer, server_context
+from agent.errors import EdgeAgentError
 from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
 from agent.receive import ReceiveCounters, StorageSCP, Verdict
@@ -78,6 +80,9 @@ class Worker:
         self._lock = threading.Lock()
         self._asked: dict[int, tuple[threading.Event, Verdict | None]] = {}
         self._conn_ids: dict[tuple[str, int], int] = {}
+        # A duplicate of each connection's socket, to close it when the daemon
+        # gives its slot to another peer (the original may become an SSLSocket).
+        self._socks: dict[int, socket.socket] = {}
         self._ended_ids: set[int] = set()
         self._accepting = True
         self.inbox = Inbox(init.inbox_root, init.kek, init.pseudonym_key, init.inbox, init.study,
@@ -100,7 +105,8 @@ class Worker:
                 server_class=HandedServer)
             assert isinstance(server, HandedServer)
             server.configure(limiter=unlimited, tls=ctx, handshake_timeout=s.acse_timeout,
-                             on_refused=self.scp._refused_connection, owner=self.scp)
+                             pdu_timeout=s.pdu_timeout, on_refused=self.scp._refused_connection,
+                             owner=self.scp)
             server.edge_done = self._done
             self.servers[tls] = server
 
@@ -125,7 +131,7 @@ class Worker:
         with self._lock:
             cid = self._conn_ids.get((addr, port))
             if cid is None:
-                return Verdict(False, False, False)
+                return Verdict(False, None)
             done = threading.Event()
             self._asked[cid] = (done, None)
         self._send(("admit", cid))
@@ -134,7 +140,7 @@ class Worker:
             _, verdict = self._asked.pop(cid, (done, None))
         if not answered or verdict is None:
             log.error("no admission answer from the daemon in %.0f s", ADMISSION_TIMEOUT)
-            return Verdict(False, False, False)
+            return Verdict(False, None)
         return verdict
 
     def _ended(self, addr: str, port: int) -> None:
@@ -152,6 +158,9 @@ class Worker:
         with self._lock:
             cid = self._conn_ids.pop(key, None)
             self._ended_ids.discard(cid or 0)
+            dup = self._socks.pop(cid, None) if cid is not None else None
+        if dup is not None:
+            dup.close()
         if cid is not None:
             self._send(("closed", cid))
 
@@ -204,6 +213,10 @@ class Worker:
                     if asked is not None and isinstance(msg[2], Verdict):
                         self._asked[int(msg[1])] = (asked[0], msg[2])
                         asked[0].set()
+            elif msg[0] == "evict":
+                self._evict(int(msg[1]))
+                for fd in fds:
+                    os.close(fd)
             elif msg[0] == "stop":
                 for fd in fds:
                     os.close(fd)
@@ -218,7 +231,15 @@ class Worker:
             return
         with self._lock:
             self._conn_ids[h.address] = h.conn_id
+            self._socks[h.conn_id] = sock.dup()
         server.process_request(sock, h.address)
+
+    def _evict(self, cid: int) -> None:
+        with self._lock:
+            dup = self._socks.get(cid)
+        if dup is not None:
+            with contextlib.suppress(OSError):
+                dup.shutdown(socket.SHUT_RDWR)  # its reader sees the end of the stream
 
     def _stop(self, timeout: float) -> int:
         """No new associations; let open ones finish for up to ``timeout`` seconds."""
@@ -255,7 +276,11 @@ def main(argv: list[str]) -> int:
     # de-identifies, keeps them.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    worker = Worker(chan, init)
+    try:
+        worker = Worker(chan, init)
+    except EdgeAgentError as exc:  # e.g. the node's hooks did not take (InstallError)
+        log.error("receive worker %d cannot start: %s", init.index, exc)
+        return 2
     code = worker.run()
     # Association threads are daemon threads: the ones still open after the
     # grace period end with the process, unacknowledged (never half-committed).

@@ -55,13 +55,14 @@ def run(
 ) -> None:
     """Run the daemon (systemd Type=notify)."""
     from agent import config as cfgmod
-    from agent import fileperm, logs
+    from agent import fileperm, logs, pixelbound
     from agent.daemon import Daemon, RunOptions
 
     try:
         cfg = cfgmod.load(config)
         fileperm.require_private_folders(cfg)
         logs.setup(cfg.log_level)
+        pixelbound.configure(cfg.study.max_process_instance_bytes)
         daemon = Daemon(cfg, RunOptions(burst=burst))
         code = daemon.run()
     except EdgeAgentError as exc:

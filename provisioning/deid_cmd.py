@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydicom.errors import InvalidDicomError
 
+from agent import pixelbound
 from agent.config import load as load_config
 from agent.crypto import load_key_file, random_key
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule, writer
@@ -60,6 +61,7 @@ def _settings(
     pixel_clean: tuple[PixelCleanRule, ...] = ()
     if config is not None:
         cfg = load_config(config)
+        pixelbound.configure(cfg.study.max_process_instance_bytes)
         key = load_key_file(cfg.keys.pseudonym, purpose="pseudonym")
         cfg_mode = cfg.deid.mode
         cfg_options = sorted(cfg.deid.options)

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
+from agent import pixelbound
 from agent.deid.settings import PixelCleanRule
 from agent.vocabulary import QUARANTINE
 
@@ -140,6 +141,7 @@ def black_out(ds: Dataset, rule: PixelCleanRule) -> None:
     Raises whatever the pixel handlers raise when the data cannot be decoded; the
     caller turns that into a quarantine reason.
     """
+    pixelbound.check(ds, what="pixel cleaning")  # before the decoder allocates
     arr = ds.pixel_array.copy()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = _text(ds, "PhotometricInterpretation").upper()

@@ -25,6 +25,7 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.tag import BaseTag
 from pydicom.valuerep import IS, DSfloat
 
+from agent import pixelbound
 from agent.errors import ModelError
 from agent.infer.preprocess import ImageInput
 from agent.vocabulary import transfer_syntax_keyword
@@ -135,6 +136,12 @@ def _deferred_frame(ds: Dataset, frame: int, frames: int) -> npt.NDArray[Any] | 
 
 
 def decode_frame(ds: Dataset, frame: int, frames: int | None = None) -> npt.NDArray[Any]:
+    try:
+        # Decoders allocate by the declared geometry: bound it before they do.
+        pixelbound.check(ds, frames=1, what=f"frame {frame}")
+    except pixelbound.PixelBoundError as exc:
+        raise ModelError(str(exc), hint="the instance declares more pixels than this box "
+                                        "processes; see [study] max_process_instance_bytes") from None
     try:
         n = frames if frames is not None else frame_count(ds)
         deferred = _deferred_frame(ds, frame, n)

@@ -1,13 +1,16 @@
 """Attack and bad input through the running daemon: an association flood from
-one peer while a legitimate modality is served, unknown AE titles, fuzzed
-data sets over the wire, and a PHI canary sweep over every egress path."""
+one peer while a legitimate modality is served, half-sent PDUs from several
+addresses, unknown AE titles, fuzzed data sets over the wire, and a PHI canary
+sweep over every egress path."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import stat
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +31,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
+import rx_peer  # noqa: E402 - the scripted misbehaving peer of the receive tests
 
 
 def _associate(box: Box, aet: str, *, called: str | None = None,
@@ -65,6 +71,60 @@ def test_flood_from_one_peer_does_not_starve_a_modality(box: Box, broker: Broker
     check_nothing_lost(box, [st_], results(ops))
     assert d.proc is not None and d.proc.poll() is None
     assert d.stop() == 0
+
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 8)]  # six more peers on loopback
+
+
+def test_half_sent_pdus_from_six_addresses_do_not_lock_out_a_modality(
+        box: Box, broker: Broker, ops: Subscriber) -> None:
+    set_config(box, "study", "quiet_seconds", "0.5")
+    # Deadlines long enough for the attack to be in force while the modality sends.
+    set_config(box, "dicom", "acse_timeout", "15")
+    set_config(box, "dicom", "pdu_timeout", "15")
+    d = Daemon(box)
+    d.start()
+    stalled: list[socket.socket] = []
+    try:
+        # Allowlisted addresses (127.0.0.0/8): associations each holding half a
+        # P-DATA-TF, then six connections each with 30 bytes of an A-ASSOCIATE-RQ.
+        for addr in ATTACKERS:
+            for _ in range(4):
+                try:
+                    s = rx_peer.associate(box.dicom_port, box.ae_title, source=addr)
+                except (AssertionError, OSError):
+                    continue
+                s.sendall(rx_peer.pdata(rx_peer.pdv(1, 0x03, rx_peer.store_rq(
+                    1, rx_peer.CT, "1.2.3.4")))[:20])
+                stalled.append(s)
+        for addr in ATTACKERS:
+            for _ in range(6):
+                try:
+                    s = rx_peer.connect(box.dicom_port, source=addr)
+                    s.sendall(rx_peer.associate_rq(box.ae_title, "PYNETDICOM")[:30])
+                except OSError:
+                    continue
+                stalled.append(s)
+        # The modality is served on every attempt.
+        for _ in range(3):
+            a = _associate(box, "MODALITY")
+            assert a.is_established  # type: ignore[attr-defined]
+            a.release()  # type: ignore[attr-defined]
+        st_ = SentStudy(generate_uid())
+        assert send(box, st_, 3, aet="MODALITY") == 3
+        # The daemon ends every stalled connection itself.
+        for s in stalled:
+            s.settimeout(60)
+            assert rx_peer.closed_by_peer(s)
+    finally:
+        for s in stalled:
+            s.close()
+    wait_for(lambda: results(ops), 60, "the modality's result")
+    check_nothing_lost(box, [st_], results(ops))
+    assert d.proc is not None and d.proc.poll() is None
+    assert d.stop() == 0
+    log = d.log_text()
+    assert "ARTIM" in log and "pdu_timeout" in log and "Traceback" not in log
 
 
 def test_unknown_and_malformed_ae_titles_are_rejected(box: Box, daemon: Daemon) -> None:

@@ -86,6 +86,9 @@ def test_unit_contract() -> None:
     assert "PrivateUsers" not in s  # it would hide operators' uids from SO_PEERCRED
     assert "ProcSubset" not in s  # telemetry reads /proc/meminfo and /proc/loadavg
     assert s["MemoryDenyWriteExecute"] == ["yes"]
+    # a bound on memory (hostile input is bounded earlier; this is the backstop),
+    # and decrypted PHI never goes to swap
+    assert s["MemoryMax"] == ["4G"] and s["MemorySwapMax"] == ["0"]
     drop = unit_settings((UNIT_DIR / "edge-agent.service.d" / "low-port.conf.example").read_text())
     assert drop == {"CapabilityBoundingSet": ["CAP_NET_BIND_SERVICE"],
                     "AmbientCapabilities": ["CAP_NET_BIND_SERVICE"]}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import rx_peer
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -265,19 +266,21 @@ def test_tls_with_dcmtk_and_pynetdicom_and_subject_binding(
 @pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
 def test_tls_peer_that_never_says_hello_does_not_block_the_listener(
         tmp_path: Path, workers: int, certs: dict[str, Path]) -> None:
-    with node(tmp_path, workers=workers, tls=tls_settings(certs, require=False, plain=True), acse_timeout=5) as n:
+    with node(tmp_path, workers=workers, tls=tls_settings(certs, require=False, plain=True), acse_timeout=10) as n:
         mute = [socket.create_connection(("127.0.0.1", n.tls_port), source_address=(HOSTILE, 0))
                 for _ in range(2)]
         try:
-            started = time.monotonic()
+            wait_for(lambda: n.scp.limiter.connections(HOSTILE) == 2, 10, "the mute connections")
             # Optional client certificate: a certificate-less TLS client is admitted.
             assert echo(n.tls_port, ssl_ctx=client_ctx(certs, None)).is_released  # type: ignore[attr-defined]
             assert echo(n.port).is_released  # type: ignore[attr-defined]
+            # ... while the mute peers still held their connections: they blocked nobody.
+            assert n.scp.limiter.connections(HOSTILE) == 2
+            assert n.scp.counters.tls_failures == 0
             # The mute sockets are dropped after the handshake timeout.
             for s in mute:
                 s.settimeout(30)
                 assert s.recv(1) == b""
-            assert time.monotonic() - started >= 0  # (no timing assertion: ordering only)
         finally:
             for s in mute:
                 s.close()
@@ -287,3 +290,62 @@ def test_tls_peer_that_never_says_hello_does_not_block_the_listener(
         while n.scp.counters.tls_failures < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert n.scp.counters.tls_failures == 2
+
+
+# -- half-sent PDUs from several addresses -------------------------------------------------
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 8)]  # six more peers on loopback
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "2-workers"])
+def test_half_sent_pdus_from_six_addresses_never_lock_out_a_modality(
+        tmp_path: Path, workers: int, certs: dict[str, Path]) -> None:
+    # Deadlines long enough that the attack is in full force while the modality
+    # is served (checked below), short enough to see the node end it.
+    with node(tmp_path, workers=workers, tls=tls_settings(certs, plain=True), acse_timeout=15,
+              pdu_timeout=15) as n:
+        stalled: list[socket.socket] = []
+        try:
+            # Inside associations: half a P-DATA-TF (a C-STORE command cut short).
+            for addr in ATTACKERS:
+                for _ in range(4):
+                    try:
+                        s = rx_peer.associate(n.port, AE_TITLE, calling="MOD", source=addr)
+                    except (AssertionError, OSError):
+                        continue  # the association bounds said no
+                    s.sendall(rx_peer.pdata(rx_peer.pdv(1, 0x03, rx_peer.store_rq(
+                        1, rx_peer.CT, "1.2.3.4")))[:20])
+                    stalled.append(s)
+            associated = len(stalled)
+            # Before any association: 30 bytes of an A-ASSOCIATE-RQ, plain and TLS,
+            # six connections per address.
+            for addr in ATTACKERS:
+                for i in range(6):
+                    try:
+                        s = rx_peer.connect(n.tls_port if i % 2 else n.port, source=addr,
+                                            ssl_ctx=client_ctx(certs, "other") if i % 2 else None)
+                        s.sendall(rx_peer.associate_rq(AE_TITLE)[:30])
+                    except OSError:
+                        continue  # refused at accept (over TLS: the handshake fails)
+                    stalled.append(s)
+            # The attack holds every connection slot and every association slot
+            # that several associations per address may take.
+            # Of 16 association slots, several per address fill 12 (three addresses
+            # with four each); the last 4 go only to peers holding none (three more).
+            assert associated == 15
+            assert n.scp.limiter.connections() == 32
+            assert all(n.scp.limiter.connections(a) >= 5 for a in ATTACKERS)
+            # An allowlisted modality is served on every attempt, plain and TLS.
+            for _ in range(4):
+                assert echo(n.port).is_released  # type: ignore[attr-defined]
+                assert echo(n.tls_port, ssl_ctx=client_ctx(certs, "modality")).is_released  # type: ignore[attr-defined]
+            # Every stalled connection is ended by the node (ARTIM before an
+            # association, pdu_timeout inside one), not by the attacker.
+            for s in stalled:
+                s.settimeout(60)
+                assert rx_peer.closed_by_peer(s)
+        finally:
+            for s in stalled:
+                s.close()
+        wait_for(lambda: n.scp.limiter.connections() == 0, 30, "connections to be released")
+        assert n.scp.counters.active == 0

@@ -155,18 +155,30 @@ def test_reactor_wakeups_are_installed_and_other_sleeps_stay_plain() -> None:
 
     clock = getattr(dul, "time")  # noqa: B009 - not exported by pynetdicom
     assert isinstance(clock, _WakingTime) and getattr(association, "time") is clock  # noqa: B009
-    # Outside the reactors it is the real time module.
-    assert clock.monotonic() > 0
-    done = threading.Event()
+    # Outside the reactors every call goes to the real time module, the reactor's
+    # 1 ms sleep included: seen through a recording stand-in for it.
+    calls: list[tuple[str, float]] = []
+
+    class Recorder:
+        def sleep(self, seconds: float) -> None:
+            calls.append(("sleep", seconds))
+
+        def monotonic(self) -> float:
+            calls.append(("monotonic", 0.0))
+            return 42.0
+
+    probe = _WakingTime()
+    probe._real = Recorder()  # type: ignore[assignment]
 
     def nap() -> None:
-        clock.sleep(0.001)
-        done.set()
+        probe.sleep(0.001)  # the reactors' idle sleep, from a thread that is no reactor
+        probe.sleep(0.25)
+        assert probe.monotonic() == 42.0
 
     t = threading.Thread(target=nap)
     t.start()
     t.join(5)
-    assert done.is_set()
+    assert calls == [("sleep", 0.001), ("sleep", 0.25), ("monotonic", 0.0)]
 
 
 @pytest.mark.parametrize("assocs", [1, 3])

@@ -28,7 +28,7 @@ from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
 from agent.errors import CryptoError
 from agent.inbox import Inbox
-from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits
+from agent.ratelimit import Admitted, AuditThrottle, PeerLimiter, PeerLimits
 from agent.receive import MetaFields
 
 
@@ -53,6 +53,34 @@ def test_instance_of_a_study_completed_while_streaming_goes_to_a_follow_up(tmp_p
     assert [ib.read(v1, i) for i in v1.instances] == [b"A" * 1000]
     assert [ib.read(v2, i) for i in v2.instances] == [b"B" * (3 << 20)]
     ib.close()
+
+
+def test_a_refused_write_leaves_no_empty_study_version(tmp_path: Path) -> None:
+    ib = make_inbox(tmp_path / "inbox")
+    refused = ib.begin("1.2.3")  # opens the study's first version
+    refused.write(b"refused")
+    refused.abort()
+    assert ib.counts()["open"] == 0
+    # Two writes into one new version; one is refused while the other streams:
+    # the version goes with the refusal, the other instance lands in a new one.
+    a, b = ib.begin("1.2.4"), ib.begin("1.2.4")
+    b.write(b"kept")
+    a.abort()
+    assert ib.counts()["open"] == 0
+    receipt = ib.commit(b, sop_uid="1.2.4.1", sop_class="x", transfer_syntax="ts",
+                        calling_ae="MOD", peer="p")
+    assert ib.counts()["open"] == 1
+    rows = ib._db.execute("SELECT id FROM studies").fetchall()
+    study = ib.study(int(rows[0][0]))
+    assert [ib.read(study, i) for i in study.instances] == [b"kept"]
+    assert receipt.outcome == "stored"
+    # A version left empty by a process that died is gone after a restart.
+    crashed = ib.begin("1.2.5")
+    crashed._fh.flush()  # type: ignore[union-attr]
+    ib._db.close()  # no abort: as if killed
+    again = Inbox(tmp_path / "inbox", ib._kek, ib._pkey, ib.settings, ib.study_settings)
+    assert again.counts()["open"] == 1  # only the kept study
+    again.close()
 
 
 def test_unacknowledged_slots_are_emptied_and_reused_after_a_crash(tmp_path: Path) -> None:
@@ -84,10 +112,37 @@ def test_rate_limit_window_slides() -> None:
     assert not lim.allow_association("a")
     now[0] += 1.0
     assert lim.allow_association("a")
-    assert [lim.open_connection("a") for _ in range(3)] == [True, True, False]
-    assert lim.open_connection("b") and not lim.open_connection("c")  # total cap
-    lim.close_connection("a")
-    assert lim.open_connection("c")
+    assert [lim.admit("a", i).ok for i in range(3)] == [True, True, False]  # per peer
+    assert lim.admit("b", 0).ok
+    # Full: "c" takes the slot of the oldest connection of "a", which holds two more.
+    assert lim.admit("c", 0) == Admitted(True, ("a", 0))
+    assert lim.admit("d", 0) == Admitted(False)  # nobody holds two more than "d"
+    lim.release("b", 0)
+    assert lim.admit("d", 0).ok
+
+
+def test_a_full_listener_takes_a_slot_from_the_heaviest_peer_never_an_association() -> None:
+    lim = PeerLimiter(PeerLimits(max_connections_per_peer=6, max_connections=8,
+                                 associations_per_minute_per_peer=100))
+    for i in range(4):
+        assert lim.admit("a", i).ok and lim.admit("b", i).ok
+    lim.associated("a", 0)
+    # Full.  "c" holds nothing: the heaviest peer gives up its oldest connection
+    # without an association (a0 has one, so a1).
+    assert lim.admit("c", 0) == Admitted(True, ("a", 1))
+    assert lim.connections("a") == 3 and lim.connections() == 8
+    assert lim.admit("c", 1) == Admitted(True, ("b", 0))
+    # "c" now holds 2, "a" and "b" 3: no peer is heavier by two, nobody is displaced.
+    assert lim.admit("c", 2) == Admitted(False)
+    assert lim.admit("a", 9) == Admitted(False)
+    # An evicted connection closing later releases nothing twice.
+    lim.release("a", 1)
+    assert lim.connections() == 8
+    # Connections that carry associations are kept, whoever holds them.
+    for peer, keys in (("a", (0, 2, 3)), ("b", (1, 2, 3)), ("c", (0, 1))):
+        for key in keys:
+            lim.associated(peer, key)
+    assert lim.admit("d", 0) == Admitted(False)
 
 
 def _associate_rq_ct() -> bytes:
