@@ -75,9 +75,12 @@ def read(path: Path) -> Anchor | None:
 
 
 def write(path: Path, anchor: Anchor) -> None:
-    """Replace the anchor atomically and durably (public values: mode 0644)."""
+    """Replace the anchor atomically and durably.
+
+    Its values are public (central ops pins them), but it is 0600 like every
+    file in the state directory, so the one permission rule has no exception."""
     data = asdict(anchor)
     data["genesis_public_key"] = data.pop("genesis")
     data["replaced"] = list(anchor.replaced[-MAX_HISTORY:])
     data["v"] = FORMAT
-    write_file_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+    write_file_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), 0o600)
