@@ -102,14 +102,13 @@ def fleet_watch(
     share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group.")] = None,
 ) -> None:
     """Live table of every box under the prefix (status, health, backlog, certs, models)."""
-    from dataclasses import replace
-
-    from agent.fleet import FleetView, load_ops
+    from fleet.settings import load_ops
+    from fleet.view import FleetView
 
     try:
         s = load_ops(config)
         if share_group:
-            s = replace(s, share_group=share_group)
+            s = s.with_share_group(share_group)
         view = FleetView(s)
         view.start()
     except (EdgeAgentError, OSError) as exc:
