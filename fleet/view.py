@@ -54,7 +54,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _parse_iso(s: Any) -> float | None:
+def parse_iso(s: Any) -> float | None:
     if not isinstance(s, str) or not s:
         return None
     try:
@@ -344,7 +344,7 @@ class FleetView:
             row.last_seen = max(row.last_seen, now)
             if t.channel == "telemetry":
                 self._fold_telemetry(row, data)
-                row.telemetry_time = _parse_iso(ev.get("time"))
+                row.telemetry_time = parse_iso(ev.get("time"))
             elif t.channel == "audit":
                 self._fold_audit(row, data)
             elif t.channel == "results":
@@ -355,10 +355,9 @@ class FleetView:
                                    "findings": [m.get("finding") for m in data.get("models", [])]}
         return True
 
-    @staticmethod
-    def _fold_status(row: BoxRow, data: dict[str, Any], now: float, retained: bool) -> None:
+    def _fold_status(self, row: BoxRow, data: dict[str, Any], now: float, retained: bool) -> None:
         state = str(data.get("state", "unknown"))
-        since = _parse_iso(data.get("since"))
+        since = parse_iso(data.get("since"))
         if row.since is not None and since is not None and since < row.since:
             return  # an older status delivered late (retained after a live one)
         row.reported_state = state
@@ -369,8 +368,7 @@ class FleetView:
             row.agent_version = str(data.get("agent_version", ""))
             _fold_models(row, data.get("models"))
 
-    @staticmethod
-    def _fold_telemetry(row: BoxRow, data: dict[str, Any]) -> None:
+    def _fold_telemetry(self, row: BoxRow, data: dict[str, Any]) -> None:
         sysd = data.get("system") or {}
         pipe = data.get("pipeline") or {}
         sec = data.get("security") or {}
@@ -400,15 +398,16 @@ class FleetView:
         if data.get("models"):
             _fold_models(row, data["models"])
 
-    @staticmethod
-    def _fold_audit(row: BoxRow, data: dict[str, Any]) -> None:
+    def _fold_audit(self, row: BoxRow, data: dict[str, Any]) -> None:
         cp = data.get("checkpoint")
         if not isinstance(cp, dict):
             row.audit_events_messages += 1
             return
-        body = cp.get("body") if isinstance(cp.get("body"), dict) else {}
+        body = cp.get("body")
+        if not isinstance(body, dict):
+            return
         number, seq = body.get("checkpoint"), body.get("seq")
-        signed = _parse_iso(body.get("time"))
+        signed = parse_iso(body.get("time"))
         if not isinstance(number, int) or isinstance(number, bool):
             return
         # At least once, in order per box, but a shared subscription may hand an older
@@ -462,7 +461,7 @@ class FleetView:
             return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
 
         def ago(ts: str | None) -> str:
-            t = _parse_iso(ts)
+            t = parse_iso(ts)
             if t is None:
                 return "-"
             s = max(0.0, now - t)
