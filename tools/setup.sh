@@ -2,7 +2,8 @@
 # Set up everything the quickstart needs on a fresh Debian/Ubuntu machine:
 # system packages (only when missing), the venv, and the project in it.
 #   tools/setup.sh run    -> mosquitto (+ clients)
-#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc
+#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc,
+#                            prometheus (with promtool)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -18,6 +19,7 @@ if [ "$mode" = test ]; then
   have openssl || need+=(openssl)
   have systemd-analyze || need+=(systemd)
   [ -x /usr/sbin/Orthanc ] || need+=(orthanc)  # receive interop test and ingest bench
+  have promtool || need+=(prometheus)  # fleet exporter tests: a real Prometheus, promtool
 fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
@@ -34,6 +36,12 @@ fi
 if have systemctl && systemctl is-active --quiet orthanc 2>/dev/null; then
   systemctl stop orthanc || true
 fi
+# Prometheus likewise (the package enables a service on :9090 and a node exporter).
+for svc in prometheus prometheus-node-exporter; do
+  if have systemctl && systemctl is-active --quiet $svc 2>/dev/null; then
+    systemctl stop $svc || true
+  fi
+done
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
