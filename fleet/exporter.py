@@ -23,12 +23,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from agent.audit.events import CATALOGUE
 from agent.errors import ConfigError
+from agent.publish import diagnose, tls_context
 from fleet import metrics
 from fleet.metrics import Family
 from fleet.settings import OpsSettings
@@ -40,6 +42,7 @@ DEFAULT_LISTEN = "127.0.0.1:9464"
 # At most this many entries of one map a box names (certificates, stages, models,
 # drift, inbox states); more are dropped and counted.
 MAX_KEYS = 32
+DIAGNOSE_EVERY_S = 10.0  # while disconnected: one extra TLS connection to say why
 SECURITY_ALERT = "110113"  # ATNA EventID of the events counted per name
 
 G: Literal["gauge"] = "gauge"
@@ -411,8 +414,6 @@ def serve(s: OpsSettings, listen: str, stop: threading.Event) -> None:
     host, port = parse_listen(listen)
     exporter = FleetExporter(s)
     server = MetricsServer(exporter, host, port)
-    exporter.client.on_connect_fail = lambda _c, _u: log.warning(
-        "cannot reach the broker %s:%d; retrying", s.mqtt.host, s.mqtt.port)
     server.start()
     where = f"{host}:{server.port}" if ":" not in host else f"[{host}]:{server.port}"
     log.info("fleet exporter: metrics on http://%s/metrics; broker %s:%d, prefix %r%s",
@@ -423,18 +424,25 @@ def serve(s: OpsSettings, listen: str, stop: threading.Event) -> None:
                     "security counters are readable by whoever reaches it; put TLS and "
                     "authentication in front (docs/fleet.md)", host)
     exporter.start(wait_for_broker=True)
-    was = False
+    said, asked = "", time.monotonic()  # first look after the first connect had its chance
     try:
         while not stop.wait(1.0):
-            now = exporter.connected.is_set()
-            if now != was:
-                if now:
+            if exporter.connected.is_set():
+                if said != "connected":
                     log.info("connected to the broker; subscribed to %s",
                              ", ".join(exporter.topics()))
-                else:
-                    log.warning("not connected to the broker%s",
-                                f": {exporter.error}" if exporter.error else "")
-                was = now
+                    said = "connected"
+                continue
+            if time.monotonic() - asked < DIAGNOSE_EVERY_S:
+                continue
+            asked = time.monotonic()
+            # paho retries on its own; say why in the box's words, once per reason.
+            why = diagnose(tls_context(s.mqtt), s.mqtt.host, s.mqtt.port) or exporter.error \
+                or "no MQTT session (the broker accepts TLS; check its log and ACL)"
+            if why != said:
+                log.warning("not connected to the broker %s:%d: %s; retrying", s.mqtt.host,
+                            s.mqtt.port, why)
+                said = why
     finally:
         exporter.stop()
         server.stop()

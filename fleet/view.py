@@ -423,6 +423,7 @@ class FleetView:
         reports itself disconnected) instead of failing here."""
         m = self.s.mqtt
         if wait_for_broker:
+            self.client.reconnect_delay_set(1, 30)  # back within 30 s of the broker
             self.client.connect_async(m.host, m.port, keepalive=m.keepalive)
         else:
             self.client.connect(m.host, m.port, keepalive=m.keepalive)

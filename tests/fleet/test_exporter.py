@@ -210,3 +210,22 @@ def test_a_hostile_box_can_neither_inject_series_nor_flood_labels(box: Box) -> N
     assert "edge_agent_fleet_samples_dropped_total 4968" in samples
     assert all(len(line) < 1200 for line in samples)
     assert "\x1b" not in text and "\ud800" not in text
+
+
+def test_exporter_waits_for_the_broker_and_says_why_it_is_not_connected(box: Box) -> None:
+    """A service outlives a broker restart: before the broker is up it serves
+    ``edge_agent_fleet_broker_connected 0`` and logs why in the box's words; then it
+    connects on its own."""
+    log = box.root / "exporter.log"
+    e = Exporter(box.root / "ops.toml", log=log)
+    broker = Broker(box)
+    try:
+        assert "edge_agent_fleet_broker_connected 0" in e.scrape()
+        wait_for(lambda: "broker refused the TCP connection" in log.read_text(), 30,
+                 "the exporter to say why it is not connected")
+        broker.start()
+        e.scrape_when("edge_agent_fleet_broker_connected 1", timeout=180)
+        assert "connected to the broker; subscribed to edge/+/+/status" in log.read_text()
+    finally:
+        assert e.stop() == 0
+        broker.stop()
