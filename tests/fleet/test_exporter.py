@@ -225,7 +225,8 @@ def test_exporter_waits_for_the_broker_and_says_why_it_is_not_connected(box: Box
                  "the exporter to say why it is not connected")
         broker.start()
         e.scrape_when("edge_agent_fleet_broker_connected 1", timeout=180)
-        assert "connected to the broker; subscribed to edge/+/+/status" in log.read_text()
+        wait_for(lambda: "connected to the broker; subscribed to edge/+/+/status"
+                 in log.read_text(), 30, "the exporter to log that it is connected")
     finally:
         assert e.stop() == 0
         broker.stop()
