@@ -339,7 +339,10 @@ class Daemon:
         return {"audit_errors": a["errors"], "audit_lost": a["lost"],
                 "audit_held": a["held"], "audit_log_replaced": a["log_replaced"],
                 "audit_over_budget": a["over_budget"],
-                "audit_refusals_summarised": a["refusals_summarised"]}
+                "audit_refusals_summarised": a["refusals_summarised"],
+                # Records not yet under a signed checkpoint: with the newest published
+                # checkpoint's time, central ops see an audit anchor that is late.
+                "audit_unsigned": a["unsigned"]}
 
     def _telemetry(self) -> None:
         interval = self.cfg.telemetry.interval_seconds

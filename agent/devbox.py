@@ -56,7 +56,7 @@ class DevBox:
         }
 
 
-OPS_IDENTITIES = ("ops", "ops-sub")
+OPS_IDENTITIES = ("ops", "ops-sub", "ops-2")
 
 
 def device_acl(prefix: str, site: str, device: str) -> str:
@@ -91,9 +91,11 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "device": dict(cn=f"{DEV_SITE}.{DEV_DEVICE}", client=True),
         # Read-only central ops. The broker gives every certificate one session, so each
         # consumer running at the same time needs its own: "ops" for 'fleet watch'
-        # (ops.toml), "ops-sub" for a mosquitto_sub or a second consumer beside it.
+        # (ops.toml), "ops-sub" for a mosquitto_sub or a second consumer beside it,
+        # "ops-2" for a third (two fleet exporters sharing a group beside a watch).
         "ops": dict(cn="ops", client=True),
         "ops-sub": dict(cn="ops-sub", client=True),
+        "ops-2": dict(cn="ops-2", client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
         # The hospital's ATNA audit repository (a syslog/TLS collector) on loopback;

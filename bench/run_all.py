@@ -39,6 +39,7 @@ BENCHES = (
     ("outbox_bench", "outbox drain after an outage (100,000 messages)"),
     ("audit_bench", "audit append and verify rate"),
     ("fleet_bench", "fleet watch / MQTT fan-in"),
+    ("exporter_bench", "fleet exporter: boxes per exporter at one core"),
 )
 
 

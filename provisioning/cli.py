@@ -104,14 +104,13 @@ def fleet_watch(
     share_group: Annotated[str | None, typer.Option(help="MQTT 5 shared-subscription group.")] = None,
 ) -> None:
     """Live table of every box under the prefix (status, health, backlog, certs, models)."""
-    from dataclasses import replace
-
-    from agent.fleet import FleetView, load_ops
+    from fleet.settings import load_ops
+    from fleet.view import FleetView
 
     try:
         s = load_ops(config)
         if share_group:
-            s = replace(s, share_group=share_group)
+            s = s.with_share_group(share_group)
         view = FleetView(s)
         view.start()
     except (EdgeAgentError, OSError) as exc:
@@ -137,6 +136,39 @@ def fleet_watch(
         pass
     finally:
         view.stop()
+
+
+@fleet_app.command("exporter")
+def fleet_exporter(
+    config: Annotated[Path, typer.Option("--config", "-c", help="ops.toml with [mqtt] settings.")],
+    listen: Annotated[str, typer.Option(help="host:port of the /metrics endpoint.")]
+        = "127.0.0.1:9464",
+    share_group: Annotated[str | None, typer.Option(
+        help="MQTT 5 shared-subscription group: exporters in one group split the fleet.")]
+        = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Serve the fleet's presence, telemetry and audit anchors as Prometheus metrics."""
+    import signal
+    import threading
+
+    from agent import logs
+    from fleet.exporter import serve
+    from fleet.settings import load_ops
+
+    stop = threading.Event()
+    try:
+        logs.setup(log_level.upper())
+        s = load_ops(config)
+        if share_group:
+            s = s.with_share_group(share_group)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        serve(s, listen, stop)
+    except (EdgeAgentError, OSError) as exc:
+        raise fail(str(exc)) from None
+    except ValueError as exc:  # an unknown log level
+        raise fail(f"--log-level: {exc}") from None
 
 
 # Command groups owned by their own modules; each exposes register(app).

@@ -2,7 +2,8 @@
 # Set up everything the quickstart needs on a fresh Debian/Ubuntu machine:
 # system packages (only when missing), the venv, and the project in it.
 #   tools/setup.sh run    -> mosquitto (+ clients)
-#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc
+#   tools/setup.sh test   -> mosquitto, dcmtk, dicom3tools, gdcm tools, openssl, orthanc,
+#                            rsyslog + rsyslog-gnutls, prometheus (with promtool)
 #   tools/setup.sh deb    -> only what `make deb` needs: python3.11-venv, dpkg-dev, lintian
 #                            (no venv: the package's venv is built from packaging/requirements.lock)
 #   tools/setup.sh system -> test + deb + debootstrap (`make test-system`)
@@ -35,6 +36,7 @@ if [ "$mode" = test ] || [ "$mode" = system ]; then
   have rsyslogd || [ -x /usr/sbin/rsyslogd ] || need+=(rsyslog)
   compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null \
     || compgen -G "/usr/lib/rsyslog/lmnsd_gtls.so" >/dev/null || need+=(rsyslog-gnutls)
+  have promtool || need+=(prometheus)  # fleet exporter tests: a real Prometheus, promtool
 fi
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
@@ -53,6 +55,12 @@ fi
 if have systemctl && systemctl is-active --quiet orthanc 2>/dev/null; then
   systemctl stop orthanc || true
 fi
+# Prometheus likewise (the package enables a service on :9090 and a node exporter).
+for svc in prometheus prometheus-node-exporter; do
+  if have systemctl && systemctl is-active --quiet $svc 2>/dev/null; then
+    systemctl stop $svc || true
+  fi
+done
 
 [ "$mode" = deb ] && exit 0
 

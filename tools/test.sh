@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh test
-echo "== ruff"; .venv/bin/ruff check agent provisioning tests tools bench training
+echo "== ruff"; .venv/bin/ruff check agent provisioning fleet tests tools bench training
 echo "== mypy"; .venv/bin/mypy
 echo "== pytest"; .venv/bin/python -m pytest -q -m "not slow and not system" "$@"

@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from mqtt_helpers import harness
-from support import EDGE_AGENT, REPO, Box, Broker, wait_for
+from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
 
 from agent import cloudevents
-from agent.fleet import FleetView, load_ops
+from fleet.settings import load_ops
+from fleet.view import FleetView
 
 T0 = 1_800_000_000.0
 
@@ -47,15 +47,17 @@ def telemetry(interval: float = 10.0, **sec: Any) -> dict[str, Any]:
 def view(box: Box, group: str | None = None, identity: str = "ops") -> FleetView:
     """The fleet view of ops.toml; another ops identity for a second consumer running at
     the same time (the broker gives each certificate one session)."""
-    s = replace(load_ops(box.root / "ops.toml"), cert=box.pki / f"{identity}.pem",
-                key=box.pki / f"{identity}.key")
-    if group:
-        s = replace(s, share_group=group)
-    return FleetView(s)
+    s = load_ops(box.root / "ops.toml").with_identity(box.pki / f"{identity}.pem",
+                                                      box.pki / f"{identity}.key")
+    return FleetView(s.with_share_group(group))
 
 
 def row(v: FleetView, now: float, box: str = "st-a/ct-1") -> dict[str, Any]:
     return next(r for r in v.snapshot(now) if r["box"] == box)
+
+
+def row_or_none(v: FleetView, box: str) -> dict[str, Any] | None:
+    return next((r for r in v.snapshot() if r["box"] == box), None)
 
 
 def test_presence_staleness_health_and_alerts(box: Box) -> None:
@@ -172,3 +174,32 @@ def test_shared_subscription_splits_telemetry_but_every_consumer_sees_presence(
         a.stop()
         b.stop()
 
+
+
+def test_a_real_daemons_audit_messages_are_folded_not_rejected(box: Box, broker: Broker,
+                                                               ops: Subscriber) -> None:
+    """The box publishes two kinds on its audit topic: signed checkpoints
+    (org.edge-agent.audit.v1) and the pseudonymised events they cover
+    (org.edge-agent.audit.events.v1). Both belong there; neither may be counted as
+    a box writing outside its exact topics."""
+    set_config(box, "audit", "checkpoint_seconds", "1")
+    set_config(box, "telemetry", "interval_seconds", "1")
+    v = view(box, identity="ops-sub")  # beside the plain ops subscriber
+    v.start()
+    assert v.connected.wait(10), v.error
+    d = Daemon(box)
+    try:
+        d.start()
+        kinds = lambda: {m.json()["type"] for m in ops.on("audit")}  # noqa: E731
+        wait_for(lambda: {"org.edge-agent.audit.v1",
+                          "org.edge-agent.audit.events.v1"} <= kinds(), 60,
+                 "a checkpoint and its events from the daemon")
+        r = wait_for(lambda: v.rejected or ((row_or_none(v, "dev-site/dev-box") or {})
+                                            .get("audit_events_messages", 0) > 0
+                                            and row_or_none(v, "dev-site/dev-box")),
+                     15, "the view to take the audit messages")
+    finally:
+        d.stop()
+        v.stop()
+    assert v.rejected == 0, v.rejection_report()
+    assert r["audit_checkpoint"] >= 0 and r["audit_checkpoint_time"]

@@ -1,7 +1,8 @@
 """Central ops: a live view of every box under the topic prefix.
 
 Subscribes with the ops certificate to ``{prefix}/+/+/#`` and folds status,
-telemetry and results into one row per box.  With a share group, several ops
+telemetry, results and audit into one row per box (``edge-agent fleet watch``;
+the Prometheus exporter in fleet/exporter.py is this view plus what it serves).  With a share group, several ops
 consumers split telemetry and results (MQTT 5 ``$share/...``); status stays a
 plain subscription on every consumer because a broker never delivers retained
 messages to a shared subscription, and presence is exactly the retained part.
@@ -23,70 +24,37 @@ about; stale is how we avoid it.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cloudevents import TYPE_PREFIX
-from agent.config import BOX_NAME, SAFE_ID
-from agent.errors import ConfigError
+from agent.config import BOX_NAME
+from agent.publish import tls_context
+from fleet.settings import OpsSettings
 
 STALE_INTERVALS = 3
 DEFAULT_INTERVAL_S = 60.0
 CERT_WARN_DAYS = 30.0
 CERT_CRIT_DAYS = 7.0
-# What a box publishes: channel -> the CloudEvents kind in its ``type``.
-BOX_CHANNELS = {"status": "status", "telemetry": "telemetry", "results": "result",
-                "audit": "audit"}
+# What a box publishes: channel -> the CloudEvents kinds its ``type`` may name. The
+# audit topic carries signed checkpoints and the pseudonymised events they cover.
+BOX_CHANNELS: dict[str, tuple[str, ...]] = {
+    "status": ("status",), "telemetry": ("telemetry",), "results": ("result",),
+    "audit": ("audit", "audit.events")}
 MAX_REJECTED_TOPICS = 100  # distinct topics remembered for the report; the count is exact
-
-
-@dataclass(frozen=True)
-class OpsSettings:
-    host: str
-    port: int
-    ca: Path
-    cert: Path
-    key: Path = field(repr=False)
-    topic_prefix: str = "edge"
-    share_group: str | None = None
-
-
-def load_ops(path: Path) -> OpsSettings:
-    try:
-        data = tomllib.loads(path.read_text())
-        m = data["mqtt"]
-        base = path.parent
-
-        def p(v: str) -> Path:
-            return Path(v) if Path(v).is_absolute() else base / v
-        prefix = str(m.get("topic_prefix", "edge"))
-        if not SAFE_ID.match(prefix):
-            raise ConfigError([f"[mqtt] topic_prefix {prefix!r} must be 1-64 characters of "
-                               "A-Z a-z 0-9 _ . - (one topic segment, no MQTT wildcards)"],
-                              path=str(path))
-        return OpsSettings(str(m["host"]), int(m.get("port", 8883)), p(m["ca"]), p(m["cert"]),
-                           p(m["key"]), prefix, m.get("share_group"))
-    except FileNotFoundError:
-        raise ConfigError(["file not found"], path=str(path)) from None
-    except (KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([f"[mqtt] needs host, port, ca, cert, key ({exc})"],
-                          path=str(path)) from None
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _parse_iso(s: Any) -> float | None:
+def parse_iso(s: Any) -> float | None:
     if not isinstance(s, str) or not s:
         return None
     try:
@@ -97,6 +65,13 @@ def _parse_iso(s: Any) -> float | None:
 
 def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _fold_models(row: BoxRow, models: Any) -> None:
+    items = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+    row.models = [f"{m.get('name')}@{m.get('version')}" for m in items]
+    row.model_detail = [(str(m.get("name", "")), str(m.get("version", "")),
+                         str(m.get("sha256", ""))) for m in items]
 
 
 @dataclass(frozen=True)
@@ -139,9 +114,10 @@ def check_event(t: BoxTopic, ev: dict[str, Any]) -> str | None:
     source = ev.get("source")
     if source != t.source:
         return f"source {source!r} does not match the topic (expected {t.source!r})"
-    want = f"{TYPE_PREFIX}.{BOX_CHANNELS[t.channel]}.v1"
-    if ev.get("type") != want:
-        return f"type {ev.get('type')!r} does not belong on {t.channel} (expected {want!r})"
+    want = [f"{TYPE_PREFIX}.{kind}.v1" for kind in BOX_CHANNELS[t.channel]]
+    if ev.get("type") not in want:
+        return (f"type {ev.get('type')!r} does not belong on {t.channel} "
+                f"(expected {' or '.join(map(repr, want))})")
     data = ev.get("data")
     if not isinstance(data, dict):
         return "data is not an object"
@@ -161,6 +137,9 @@ class BoxRow:
     interval_s: float = DEFAULT_INTERVAL_S
     agent_version: str = ""
     models: list[str] = field(default_factory=list)
+    # (name, version, sha256) of the active models, as the status or telemetry says
+    model_detail: list[tuple[str, str, str]] = field(default_factory=list)
+    telemetry_time: float | None = None  # when the box took its newest sample (its clock)
     cpu: float | None = None
     mem: float | None = None
     disk_free_pct: float | None = None
@@ -175,6 +154,12 @@ class BoxRow:
     drift_alerts: int = 0
     results: int = 0
     last_result: dict[str, Any] | None = None
+    # The box's external audit anchor: its newest signed checkpoint that reached us.
+    audit_checkpoint: int | None = None
+    audit_checkpoint_seq: int | None = None
+    audit_checkpoint_time: float | None = None  # when the box signed it (its clock)
+    audit_events_messages: int = 0
+    received: dict[str, int] = field(default_factory=dict)  # messages folded, per channel
     health: str = "unknown"  # ok | warn | critical | unknown
     alerts: list[str] = field(default_factory=list)
 
@@ -234,10 +219,16 @@ class BoxRow:
         d = dict(self.__dict__)
         d["since"] = _iso(self.since) if self.since else None
         d["last_seen"] = _iso(self.last_seen) if self.last_seen else None
+        d["received"] = dict(self.received)
+        for key in ("telemetry_time", "audit_checkpoint_time"):
+            d[key] = _iso(d[key]) if d[key] else None
         return d
 
 
 class FleetView:
+    # Client id prefix; a broker that binds ids to certificates replaces it.
+    CLIENT_ID = "fleet-watch"
+
     def __init__(self, s: OpsSettings) -> None:
         self.s = s
         self.rows: dict[str, BoxRow] = {}
@@ -251,28 +242,32 @@ class FleetView:
         self.watching_since = time.time()
         # A broker that binds client ids to certificates (docs/fleet.md) replaces this with
         # the ops certificate's CN: one watch per ops certificate at a time.
-        cid = f"fleet-watch-{int(time.time() * 1000) % 10**9}"
+        cid = f"{self.CLIENT_ID}-{int(time.time() * 1000) % 10**9}"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
-        ctx = ssl.create_default_context(cafile=str(s.ca))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(s.cert), str(s.key))
-        self.client.tls_set_context(ctx)
+        # The box's own TLS rules: TLS 1.2+, the fleet CA pinned, hostname verified.
+        self.client.tls_set_context(tls_context(s.mqtt))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
 
+    # The channels besides status; a share group splits these among its consumers.
+    SHARED_CHANNELS: tuple[str, ...] = ("telemetry", "results", "audit")
+
     def topics(self) -> list[str]:
         p = self.s.topic_prefix
+        every = set(self.SHARED_CHANNELS) == set(BOX_CHANNELS) - {"status"}
         if not self.s.share_group:
-            return [f"{p}/+/+/#"]
+            # Everything, so that nested topics show up (and are rejected, and reported).
+            return [f"{p}/+/+/#"] if every else [f"{p}/+/+/{ch}" for ch in
+                                                 ("status", *self.SHARED_CHANNELS)]
         g = self.s.share_group
-        return [f"{p}/+/+/status"] + [f"$share/{g}/{p}/+/+/{ch}"
-                                      for ch in ("telemetry", "results", "audit")]
+        return [f"{p}/+/+/status"] + [f"$share/{g}/{p}/+/+/{ch}" for ch in self.SHARED_CHANNELS]
 
     def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if getattr(rc, "is_failure", False):
             self.error = f"broker refused: {rc}"
             return
+        self.error = None
         c.subscribe([(t, 1) for t in self.topics()])
         self.connected.set()
 
@@ -342,12 +337,16 @@ class FleetView:
         data: dict[str, Any] = ev["data"]
         with self.lock:
             row = self.rows.setdefault(t.box, BoxRow(t.box))
+            row.received[t.channel] = row.received.get(t.channel, 0) + 1
             if t.channel == "status":
                 self._fold_status(row, data, now, retained)
                 return True
             row.last_seen = max(row.last_seen, now)
             if t.channel == "telemetry":
                 self._fold_telemetry(row, data)
+                row.telemetry_time = parse_iso(ev.get("time"))
+            elif t.channel == "audit":
+                self._fold_audit(row, data)
             elif t.channel == "results":
                 row.results += 1
                 study = data.get("study") or {}
@@ -356,10 +355,9 @@ class FleetView:
                                    "findings": [m.get("finding") for m in data.get("models", [])]}
         return True
 
-    @staticmethod
-    def _fold_status(row: BoxRow, data: dict[str, Any], now: float, retained: bool) -> None:
+    def _fold_status(self, row: BoxRow, data: dict[str, Any], now: float, retained: bool) -> None:
         state = str(data.get("state", "unknown"))
-        since = _parse_iso(data.get("since"))
+        since = parse_iso(data.get("since"))
         if row.since is not None and since is not None and since < row.since:
             return  # an older status delivered late (retained after a live one)
         row.reported_state = state
@@ -368,11 +366,9 @@ class FleetView:
             if not retained:  # a retained status is history, not a sign of life
                 row.last_seen = max(row.last_seen, now)
             row.agent_version = str(data.get("agent_version", ""))
-            models = data.get("models") or []
-            row.models = [f"{m.get('name')}@{m.get('version')}" for m in models]
+            _fold_models(row, data.get("models"))
 
-    @staticmethod
-    def _fold_telemetry(row: BoxRow, data: dict[str, Any]) -> None:
+    def _fold_telemetry(self, row: BoxRow, data: dict[str, Any]) -> None:
         sysd = data.get("system") or {}
         pipe = data.get("pipeline") or {}
         sec = data.get("security") or {}
@@ -400,10 +396,37 @@ class FleetView:
             row.drift_alerts = sum(1 for v in drift.values()
                                    if isinstance(v, dict) and v.get("alert"))
         if data.get("models"):
-            row.models = [f"{m.get('name')}@{m.get('version')}" for m in data["models"]]
+            _fold_models(row, data["models"])
 
-    def start(self) -> None:
-        self.client.connect(self.s.host, self.s.port, keepalive=30)
+    def _fold_audit(self, row: BoxRow, data: dict[str, Any]) -> None:
+        cp = data.get("checkpoint")
+        if not isinstance(cp, dict):
+            row.audit_events_messages += 1
+            return
+        body = cp.get("body")
+        if not isinstance(body, dict):
+            return
+        number, seq = body.get("checkpoint"), body.get("seq")
+        signed = parse_iso(body.get("time"))
+        if not isinstance(number, int) or isinstance(number, bool):
+            return
+        # At least once, in order per box, but a shared subscription may hand an older
+        # checkpoint to this consumer after a newer one: keep the newest.
+        if row.audit_checkpoint is None or number >= row.audit_checkpoint:
+            row.audit_checkpoint = number
+            row.audit_checkpoint_seq = seq if isinstance(seq, int) else None
+            row.audit_checkpoint_time = signed
+
+    def start(self, *, wait_for_broker: bool = False) -> None:
+        """Connect and run the network loop in a thread. With ``wait_for_broker`` an
+        unreachable broker is retried in the background (a service keeps trying and
+        reports itself disconnected) instead of failing here."""
+        m = self.s.mqtt
+        if wait_for_broker:
+            self.client.reconnect_delay_set(1, 30)  # back within 30 s of the broker
+            self.client.connect_async(m.host, m.port, keepalive=m.keepalive)
+        else:
+            self.client.connect(m.host, m.port, keepalive=m.keepalive)
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -439,7 +462,7 @@ class FleetView:
             return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
 
         def ago(ts: str | None) -> str:
-            t = _parse_iso(ts)
+            t = parse_iso(ts)
             if t is None:
                 return "-"
             s = max(0.0, now - t)
