@@ -198,6 +198,17 @@ class ControlSettings:
     admin_group: str = "edge-agent-admin"
     auditor_group: str = "edge-agent-audit"
     operator_group: str = "edge-agent"
+    # Roles of their own (separation of duties): the privacy officer reviews quarantined
+    # instances; the local reviewer gives verdicts on flagged results.
+    privacy_group: str = "edge-agent-privacy"
+    reviewer_group: str = "edge-agent-review"
+
+
+@dataclass(frozen=True)
+class QuarantineSettings:
+    # A quarantined instance nobody released is crypto-shredded this many days after
+    # it was quarantined (its data key deleted, then its file).
+    retention_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -271,6 +282,7 @@ class Config:
     watchdog: WatchdogSettings = WatchdogSettings()
     results: ResultsSettings = ResultsSettings()
     atna: AtnaSettings = AtnaSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
 
     @property
     def topic_base(self) -> str:
@@ -419,6 +431,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
+    "quarantine",
 }
 
 
@@ -618,7 +631,13 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         admin_group=r.get("control.admin_group", str, "edge-agent-admin"),
         auditor_group=r.get("control.auditor_group", str, "edge-agent-audit"),
         operator_group=r.get("control.operator_group", str, "edge-agent"),
+        privacy_group=r.get("control.privacy_group", str, "edge-agent-privacy"),
+        reviewer_group=r.get("control.reviewer_group", str, "edge-agent-review"),
     )
+    quarantine = QuarantineSettings(retention_days=r.get(
+        "quarantine.retention_days", int, 30,
+        check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"))
+
     watchdog = WatchdogSettings(
         stage_deadline_seconds=r.get(
             "watchdog.stage_deadline_seconds", float, 120.0,
@@ -640,6 +659,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
+        quarantine=quarantine,
     )
 
 

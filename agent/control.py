@@ -3,7 +3,8 @@
 Authorization is by the kernel, not by anything the client says: SO_PEERCRED
 gives the connecting process's uid/gid, the user database turns that into a
 user name and groups, and the groups named in ``[control]`` turn those into
-roles (operator, admin, auditor).  root holds every role.  The socket file is
+roles (operator, admin, auditor, privacy,
+reviewer).  root holds every role.  The socket file is
 world-connectable on purpose: a refusal then names the role that is missing
 instead of a bare "permission denied", and every refusal is audited.
 
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.control")
 
 OPERATOR, ADMIN, AUDITOR = "operator", "admin", "auditor"
-ROLES = (OPERATOR, ADMIN, AUDITOR)
+PRIVACY, REVIEWER = "privacy", "reviewer"
+ROLES = (OPERATOR, ADMIN, AUDITOR, PRIVACY, REVIEWER)
 ANY_ROLE = frozenset(ROLES)
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 32
@@ -108,6 +110,12 @@ def roles_for(uid: int, gids: set[int], settings: ControlSettings,
         roles.add(OPERATOR)
     if settings.auditor_group in names:
         roles.add(AUDITOR)
+    # Neither implies the other nor admin: seeing quarantined pixels (PHI) and judging
+    # results are separate duties from running the box.
+    if settings.privacy_group in names:
+        roles.add(PRIVACY)
+    if settings.reviewer_group in names:
+        roles.add(REVIEWER)
     if service_uid is not None and uid == service_uid:
         roles.add(OPERATOR)  # the service account may ask its own daemon for status
     return frozenset(roles)
@@ -135,7 +143,8 @@ def local_caller(settings: ControlSettings) -> Caller:
 
 def role_group(settings: ControlSettings, role: str) -> str:
     return {OPERATOR: settings.operator_group, ADMIN: settings.admin_group,
-            AUDITOR: settings.auditor_group}[role]
+            AUDITOR: settings.auditor_group, PRIVACY: settings.privacy_group,
+            REVIEWER: settings.reviewer_group}[role]
 
 
 def denial(caller: Caller, allowed: frozenset[str], action: str,
@@ -586,7 +595,8 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
                     "failed": d.pipeline.counters["failed_studies"]},
         "outbox": {"depth": int(ob["depth"]), "bytes": int(ob["bytes"]),
                    "oldest_age_s": round(ob["oldest_age_s"], 1), "blocked": int(ob["blocked"])},
-        "quarantine": {"count": len(q), "items": q[-50:]},
+        "quarantine": {"count": len(q), "items": q[-50:],
+                       "oldest_age_s": d.quarantine.stats()["oldest_age_s"]},
         "mqtt": {"connected": st.connected, "since": round(st.since),
                  "last_error": st.last_error, "connects": st.connects,
                  "published": st.published, "refused": st.refused,
@@ -624,6 +634,7 @@ def daemon_commands(d: Daemon) -> dict[str, Command]:
         return {"reloaded": True, "models": d.engine.reload()}
 
     return {
+        **quarantine_commands(d),
         "status": Command(ANY_ROLE, "read the daemon status", status),
         "models.reload": Command(frozenset({ADMIN}), "reload models", models_reload,
                                  audited=True),
@@ -631,4 +642,94 @@ def daemon_commands(d: Daemon) -> dict[str, Command]:
         "intake.resume": Command(frozenset({ADMIN}), "resume DICOM intake", resume, audited=True),
         "audit.checkpoint": Command(frozenset({AUDITOR, ADMIN}), "sign an audit checkpoint",
                                     checkpoint, audited=True),
+    }
+
+
+def _item_id(args: Mapping[str, Any]) -> int:
+    raw = args.get("id")
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise EdgeAgentError("give the quarantined instance's id (a number from "
+                             "'edge-agent quarantine list')")
+    return raw
+
+
+def quarantine_commands(d: Daemon) -> dict[str, Command]:
+    """The privacy officer's commands; each audits what it did with the officer's name
+    and the item's pseudonymous refs (never a value from the instance)."""
+    import base64
+
+    from agent import quarantine_review as qr
+
+    privacy = frozenset({PRIVACY})
+
+    def refs(item_id: int) -> dict[str, object]:
+        try:
+            i = d.quarantine.get(item_id)
+        except EdgeAgentError:
+            return {"id": item_id}
+        return {"id": i.id, "study": i.study_key[:12], "instance": i.instance_key[:12],
+                "code": i.code}
+
+    def audited(event: str, c: Caller, item_id: int, fn: Callable[[], dict[str, Any]],
+                extra: Mapping[str, object] | None = None) -> dict[str, Any]:
+        before = refs(item_id)
+        try:
+            out = fn()
+        except EdgeAgentError as exc:
+            d.audit(event, outcome="minor_failure", user=c.user,
+                    details={**before, **(extra or {}), "refused": str(exc).split("\n")[0]})
+            raise
+        d.audit(event, user=c.user, details={**before, **(extra or {}),
+                                             **out.get("audit", {})})
+        out.pop("audit", None)
+        return out
+
+    def q_list(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        return {"items": [i.as_json(now) for i in d.quarantine.items()],
+                "retention_days": d.cfg.quarantine.retention_days,
+                "rules": [{"rule": n, "manufacturer": r.manufacturer, "model": r.model,
+                           "rows": r.rows, "columns": r.columns}
+                          for n, r in enumerate(d.cfg.deid.pixel_clean, 1)]}
+
+    def q_show(c: Caller, a: Mapping[str, Any]) -> dict[str, Any]:
+        item_id = _item_id(a)
+
+        def run() -> dict[str, Any]:
+            png = qr.render_png(d.quarantine.read(item_id))
+            return {"png": base64.b64encode(png).decode(), **refs(item_id)}
+        return audited("quarantine.viewed", c, item_id, run)
+
+    def q_release(c: Caller, a: Mapping[str, Any]) -> dict[str, Any]:
+        item_id = _item_id(a)
+        rule = a.get("rule")
+        if rule is not None and (isinstance(rule, bool) or not isinstance(rule, int)):
+            raise EdgeAgentError("--rule takes the number of a [[deid.pixel_clean]] rule")
+        attest = bool(a.get("attest_clean"))
+        how = {"attested_clean_by": c.user} if attest else {"rule": rule}
+
+        def run() -> dict[str, Any]:
+            r = qr.release(d, item_id, rule=rule, attest=attest)
+            return {"released": r.item.id, "event_id": r.event_id, "status": r.status,
+                    "how": r.how, "audit": {"event_id": r.event_id, "status": r.status}}
+        out = audited("quarantine.released", c, item_id, run, how)
+        d.audit("quarantine.purged", user=c.user, details={**how, "id": item_id,
+                                                          "why": "released"})
+        return out
+
+    def q_purge(c: Caller, a: Mapping[str, Any]) -> dict[str, Any]:
+        item_id = _item_id(a)
+
+        def run() -> dict[str, Any]:
+            d.quarantine.get(item_id)  # a clear "no such id" before anything else
+            d.quarantine.purge(item_id)
+            return {"purged": item_id, "audit": {"why": "officer"}}
+        return audited("quarantine.purged", c, item_id, run)
+
+    return {
+        "quarantine.list": Command(privacy, "list quarantined instances", q_list,
+                                   audited=True),
+        "quarantine.show": Command(privacy, "view a quarantined instance", q_show),
+        "quarantine.release": Command(privacy, "release a quarantined instance", q_release),
+        "quarantine.purge": Command(privacy, "purge a quarantined instance", q_purge),
     }

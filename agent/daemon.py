@@ -63,7 +63,11 @@ def load_recipients(paths: tuple[Path, ...]) -> tuple[x509.Certificate, ...]:
 
 
 def build_deidentifier(cfg: Config, pseudonym_key: bytes) -> Deidentifier:
-    settings = DeidSettings(
+    return Deidentifier(deid_settings(cfg), pseudonym_key)
+
+
+def deid_settings(cfg: Config) -> DeidSettings:
+    return DeidSettings(
         mode=cfg.deid.mode,
         options=cfg.deid.options,
         recipients=load_recipients(cfg.deid.recipients),
@@ -72,7 +76,6 @@ def build_deidentifier(cfg: Config, pseudonym_key: bytes) -> Deidentifier:
             for r in cfg.deid.pixel_clean
         ),
     )
-    return Deidentifier(settings, pseudonym_key)
 
 
 class Daemon:
@@ -118,7 +121,9 @@ class Daemon:
                                    beat=self._atna_beat)
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
-        self.deidentifier = build_deidentifier(cfg, self.pseudonym_key)
+        # Kept for the privacy officer's release (agent/quarantine_review.py).
+        self.deidentifier_settings = deid_settings(cfg)
+        self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key)
         self.engine = InferenceEngine(
             InferenceSettings(
                 models_dir=cfg.models.dir, state_dir=state / "models-state",
@@ -134,6 +139,7 @@ class Daemon:
                       if cfg.results.enabled else None)
         if self.links is not None:
             self.links.expire()
+        self.expire_quarantine()
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
                                  links=self.links)
@@ -332,7 +338,15 @@ class Daemon:
             "drift": self.engine.drift_report(),
             "liveness": self.watchdog.as_json(),
             "atna": self.atna_status(),
+            "quarantine": self.quarantine.stats(),
         }
+
+    def expire_quarantine(self) -> None:
+        """[quarantine] retention_days: what nobody released is crypto-shredded."""
+        for item in self.quarantine.expire(self.cfg.quarantine.retention_days):
+            self.audit("quarantine.purged", details={
+                "id": item.id, "study": item.study_key[:12], "instance": item.instance_key[:12],
+                "code": item.code, "why": "retention"})
 
     def _audit_security(self) -> dict[str, int]:
         a = self.audit_log.stats()
@@ -366,6 +380,7 @@ class Daemon:
                     self.audit_log.apply_retention()
                     if self.links is not None:
                         self.links.expire()
+                    self.expire_quarantine()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
             stage.beat(progress=True, doing="waiting for the next interval")

@@ -321,6 +321,12 @@ class Pipeline:
         )
 
     def result_payload(self, study: Study, r: InferenceResult) -> tuple[str, bytes]:
+        return self.payload_for(study.study_key, str(study.version), r)
+
+    def payload_for(self, study_key: str, version: str, r: InferenceResult,
+                    ) -> tuple[str, bytes]:
+        """The result event; ``version`` also names a released quarantined instance
+        (agent/quarantine_review.py), so its result has an id of its own."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
@@ -336,8 +342,7 @@ class Pipeline:
             "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
-        eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study.study_key,
-                                    str(study.version))
+        eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study_key, version)
         ev = cloudevents.envelope(kind="result", source=f"edge-agent/{self.cfg.site}/{self.cfg.device}",
                                   data=data, event_id=eid, subject=r.study_ref)
         return eid, cloudevents.encode(ev)

@@ -141,6 +141,13 @@ CATALOGUE: dict[str, EventKind] = {k.name: k for k in (
        "a result link was crypto-shredded (released, or past its retention)"),
     _k("results.exported", EXPORT, None, "R",
        "result objects carrying PHI were written to files by an operator", requestor="user"),
+    _k("quarantine.viewed", INSTANCES_ACCESSED, None, "R",
+       "a privacy officer rendered a quarantined instance's pixels", requestor="user"),
+    _k("quarantine.released", INSTANCES_ACCESSED, None, "U",
+       "a privacy officer released a quarantined instance (pixel-clean rule or "
+       "attestation)", requestor="user"),
+    _k("quarantine.purged", INSTANCES_ACCESSED, None, "D",
+       "a quarantined instance was crypto-shredded (officer, release or retention)"),
     _k("daemon.started", APPLICATION_ACTIVITY, APPLICATION_START, "E",
        "the daemon started"),
     _k("daemon.stopped", APPLICATION_ACTIVITY, APPLICATION_STOP, "E",

@@ -48,8 +48,9 @@ class Users:
 @pytest.fixture
 def users() -> Iterator[Users]:
     tag = secrets.token_hex(3)
-    groups = {r: f"eat-{r[:3]}-{tag}" for r in ("operator", "admin", "auditor")}
-    names = {r: f"eat-u{r[:3]}-{tag}" for r in ("operator", "admin", "auditor", "nobody")}
+    roles = ("operator", "admin", "auditor", "privacy", "reviewer")
+    groups = {r: f"eat-{r[:3]}-{tag}" for r in roles}
+    names = {r: f"eat-u{r[:3]}-{tag}" for r in (*roles, "nobody")}
     try:
         for g in groups.values():
             subprocess.run(["groupadd", g], check=True)
@@ -171,6 +172,14 @@ def test_roles_are_enforced_by_peer_credentials(running: tuple[Box, Path, Path],
     rc, out, err = run_as(u["admin"], "control", "whoami", "--socket", str(sock))
     assert rc == 0 and "admin" in out and "operator" in out
 
+    # The privacy officer's quarantine review is a role of its own: not admin's.
+    rc, out, err = run_as(u["admin"], "quarantine", "list", "--socket", str(sock))
+    assert rc == 3 and "needs the privacy role" in err and g["privacy"] in err, err
+    rc, out, err = run_as(u["privacy"], "quarantine", "list", "--socket", str(sock))
+    assert rc == 0 and "0 quarantined instance(s)" in out, err
+    rc, out, err = run_as(u["privacy"], "control", "pause", "--socket", str(sock))
+    assert rc == 3 and "needs the admin role" in err
+
     # Key rotation is checked in the CLI before any key is touched.
     rc, out, err = run_as(u["operator"], "keys", "rotate", "--config", str(shared))
     assert rc == 3 and "needs the admin role" in err and g["admin"] in err
@@ -184,10 +193,12 @@ def test_roles_are_enforced_by_peer_credentials(running: tuple[Box, Path, Path],
     assert (u["admin"], "control.intake.pause", 0) in acts
     assert (u["admin"], "control.intake.resume", 0) in acts
     assert (u["auditor"], "control.audit.checkpoint", 0) in acts
+    assert (u["privacy"], "control.quarantine.list", 0) in acts
     denied = {(user, cmd) for user, cmd, outcome in acts if outcome == 8}
     assert {(u["nobody"], "control.status"), (u["operator"], "control.intake.pause"),
             (u["auditor"], "control.intake.pause"),
-            (u["operator"], "control.audit.checkpoint")} <= denied
+            (u["operator"], "control.audit.checkpoint"),
+            (u["admin"], "control.quarantine.list")} <= denied
     assert grp.getgrnam(g["admin"]).gr_mem == [u["admin"]]
 
 

@@ -107,7 +107,8 @@ def test_sysusers_and_tmpfiles_create_account_and_private_folders(tmp_path: Path
     passwd = (root / "etc/passwd").read_text()
     groups = (root / "etc/group").read_text()
     assert re.search(r"^edge-agent:x:(\d+):(\d+):.*:/usr/sbin/nologin$", passwd, re.M)
-    for g in ("edge-agent", "edge-agent-admin", "edge-agent-audit"):
+    for g in ("edge-agent", "edge-agent-admin", "edge-agent-audit", "edge-agent-privacy",
+              "edge-agent-review"):
         assert re.search(rf"^{g}:x:\d+:", groups, re.M)
     uid = int(re.search(r"^edge-agent:x:(\d+):", passwd, re.M).group(1))  # type: ignore[union-attr]
     p = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create"], capture_output=True,

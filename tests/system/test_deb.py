@@ -189,7 +189,8 @@ def test_install_provision_upgrade_remove_purge(debs: dict[str, Built], tmp_path
     uid, gid = int(m.group(1)), int(m.group(2))
     assert 0 < uid < 1000
     groups = (root / "etc/group").read_text()
-    for g in ("edge-agent", "edge-agent-admin", "edge-agent-audit"):
+    for g in ("edge-agent", "edge-agent-admin", "edge-agent-audit", "edge-agent-privacy",
+              "edge-agent-review"):
         assert re.search(rf"^{g}:x:\d+:", groups, re.M), g
     for d in ("", "/keys", "/pki", "/models"):
         assert mode_owner(root / (STATE + d)) == (0o700, uid, gid), d
