@@ -325,7 +325,12 @@ class InferenceEngine:
             outs = model.session.run_all(np.ascontiguousarray(batch[start : start + step]),
                                          deadline - time.monotonic())
             raws.append(outs[0])
-            maps.extend(outs[1:])
+            for extra in outs[1:]:
+                if len(extra) != len(outs[0]):  # a map per image, or it cannot be placed
+                    raise ModelError(f"explanation output {model.manifest.explanation.output!r} "
+                                     f"has {len(extra)} maps for {len(outs[0])} images",
+                                     code="output-mismatch")
+                maps.append(extra)
         logits = np.concatenate(raws, axis=0)
         return activate(logits, model.manifest.decision.activation), raws, maps
 

@@ -16,7 +16,8 @@ from agent.types import DeidentifiedStudy
 from training.synth import SynthCase, to_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "models" / "lesion-demo" / "1.0.0"
+DEMO = REPO / "models" / "lesion-demo" / "1.1.0"  # the shipped demo: explains from its map
+PREVIOUS = REPO / "models" / "lesion-demo" / "1.0.0"  # shipped too: occlusion, flip spread
 DEV_PUB = REPO / "models" / "dev-publisher.pub"
 
 
@@ -59,10 +60,11 @@ def study_of(datasets: tuple[Dataset, ...], ref: str = "study-ref") -> Deidentif
 
 
 def box_with_models(box: Box, tmp_path: Path, publisher: tuple[Path, Path]) -> Path:
-    """Point the box at a models dir of its own (never the repo's) that pins both the dev
-    publisher and this test's publisher key."""
+    """Point the box at a models dir of its own (never the repo's) holding the shipped
+    1.0.0, that pins both the dev publisher and this test's publisher key (tests then
+    install 1.1.0 and up built by make_package)."""
     models = tmp_path / "box-models"
-    shutil.copytree(DEMO, models / "lesion-demo" / "1.0.0")
+    shutil.copytree(PREVIOUS, models / "lesion-demo" / PREVIOUS.name)
     set_config(box, "models", "dir", json.dumps(str(models)))
     set_config(box, "models", "publisher_keys", json.dumps([str(DEV_PUB), str(publisher[1])]))
     return models
