@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,15 @@ class Events:
 
 
 PackageMaker = Callable[..., Path]
+
+
+def with_explanation(section: str) -> Callable[[str], str]:
+    """A manifest edit (for ``make_package(edit=...)``) replacing the [explanation] table,
+    e.g. for a test model that computes no map."""
+    return lambda text: re.sub(r"\[explanation\]\n(?:[^[\n].*\n|\n)*", section + "\n", text)
+
+
+NO_EXPLANATION = with_explanation('[explanation]\nmethod = "none"\n')
 
 
 def roundtrip(ds: Dataset) -> Dataset:

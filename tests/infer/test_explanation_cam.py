@@ -6,14 +6,21 @@ without a map, and a package whose map does not fit is refused at load."""
 from __future__ import annotations
 
 import math
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 import pytest
-from infer_helpers import DEMO, DEV_PUB, REPO, Events, study
+from infer_helpers import (
+    DEMO,
+    DEV_PUB,
+    NO_EXPLANATION,
+    REPO,
+    Events,
+    study,
+    with_explanation,
+)
 from support import Box, Daemon, Subscriber, storescu
 
 from agent.infer import InferenceEngine, InferenceSettings, load_manifest
@@ -32,11 +39,6 @@ def overlap(a: Box4, b: Box4) -> int:
 def entropy_bits(p: float) -> float:
     q = min(max(p, 1e-12), 1 - 1e-12)
     return -(q * math.log2(q) + (1 - q) * math.log2(1 - q))
-
-
-def with_explanation(section: str) -> Callable[[str], str]:
-    """A manifest edit replacing the whole [explanation] table."""
-    return lambda text: re.sub(r"\[explanation\]\n(?:[^[\n].*\n|\n)*", section + "\n", text)
 
 
 def engine_on(models: Path, state: Path, keys: tuple[Path, ...],
@@ -125,7 +127,7 @@ def test_no_explanation_costs_no_pass(tmp_path: Path, make_package: Callable[...
                                       publisher: tuple[Path, Path]) -> None:
     models = tmp_path / "models"
     (models / "lesion-demo").mkdir(parents=True)
-    make_package("1.1.1", edit=with_explanation('[explanation]\nmethod = "none"\n'),
+    make_package("1.1.1", edit=NO_EXPLANATION,
                  where=models / "lesion-demo" / "1.1.1")
     eng = engine_on(models, tmp_path / "state", (publisher[1],))
     (out,), _ = eng.infer(study([make_case(5, 0, kind="ct", lesion=True)]))
