@@ -84,8 +84,18 @@ REGION_ABOVE = ("Region that drove the {label} score: {where}, x={x:d} y={y:d} "
 REGION_BELOW = ("Most suspicious region, below threshold, for the {label} score: {where}, "
                 "x={x:d} y={y:d} ({w:d}x{h:d} px); hiding it lowers the score from "
                 "{score:.2f} by {drop:.2f}.")
+# A model-provided map (explanation method "cam") says where the model looked, not what
+# hiding a region would do: its texts must not claim a score drop.
+CAM_NO_REGION = ("No region of {where} stands out in the model's map for the {label} score "
+                 "(score {score:.2f}).")
+CAM_REGION_ABOVE = ("Region that drove the {label} score: {where}, x={x:d} y={y:d} "
+                    "({w:d}x{h:d} px); the model's own map of the finding peaks there "
+                    "(score {score:.2f}).")
+CAM_REGION_BELOW = ("Most suspicious region, below threshold, for the {label} score: {where}, "
+                    "x={x:d} y={y:d} ({w:d}x{h:d} px); the model's own map of the finding "
+                    "peaks there (score {score:.2f}).")
 TEMPLATES = (REVIEW_BAND, REVIEW_UNCERTAIN, WHERE_IMAGE, WHERE_FRAME, NO_REGION, REGION_ABOVE,
-             REGION_BELOW)
+             REGION_BELOW, CAM_NO_REGION, CAM_REGION_ABOVE, CAM_REGION_BELOW)
 
 # -- the words of the result message itself -----------------------------------------
 
@@ -99,7 +109,7 @@ RESULT_KEYS = (
     "sop_instance_uid", "image_size", "bbox", "score_drop", "text", "decode", "preprocess",
     "inference", "total",
 )
-EXPLANATION_METHODS = ("occlusion", "none")
+EXPLANATION_METHODS = ("cam", "occlusion", "none")
 
 _NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
 _NUMERIC_SPECS = frozenset("bdeEfFgGn%")

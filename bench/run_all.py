@@ -34,7 +34,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 BENCHES = (
     ("ingest_bench", "DICOM ingest vs DCMTK storescp and Orthanc"),
     ("deid_bench", "de-identification vs dicognito and pydicom/deid"),
-    ("infer_bench", "inference overhead vs raw onnxruntime"),
+    ("infer_bench", "inference: explanation + uncertainty vs a bare pass, overhead vs raw "
+                    "onnxruntime"),
     ("e2e_bench", "end-to-end latency, idle CPU and memory"),
     ("outbox_bench", "outbox drain after an outage (100,000 messages)"),
     ("audit_bench", "audit append and verify rate"),

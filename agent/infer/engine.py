@@ -2,9 +2,10 @@
 
 Models are loaded once (verified, policy-checked, warmed up).  For each study
 and each applicable model: decode frames -> preprocess (pixels plus the
-manifest's attributes only) -> batched runs with test-time flips (probability
-and uncertainty) -> study aggregation -> review rule -> occlusion explanation
-on the top image -> drift aggregates -> audit.  A failing model yields a
+manifest's attributes only) -> batched runs (probability; uncertainty from the
+same run's predictive entropy, or from test-time flips) -> study aggregation ->
+review rule -> explanation of the top image (the map the model computed in the
+same run, or occlusion) -> drift aggregates -> audit.  A failing model yields a
 failure reason and an audit event; it never raises into the daemon.
 """
 
@@ -28,7 +29,7 @@ from pydicom.tag import BaseTag
 from agent import vocabulary
 from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
-from agent.infer.explain import occlusion, to_image_box
+from agent.infer.explain import Saliency, cam_region, occlusion, to_image_box
 from agent.infer.manifest import AppliesTo, Decision, Manifest
 from agent.infer.pixels import frame_count, iter_images
 from agent.infer.preprocess import preprocess
@@ -130,6 +131,24 @@ def aggregate(values: npt.NDArray[np.float64], how: str) -> float:
     return float(values.max())
 
 
+def map_channel(manifest: Manifest, shape: tuple[int, ...]) -> int | None:
+    """Which channel of an explanation output of this shape (first axis: images) holds
+    the positive label's map: None for (N, h, w), 0 for (N, 1, h, w), the positive
+    label's index for (N, labels, h, w).  Anything else raises ModelError."""
+    dec = manifest.decision
+    name = manifest.explanation.output
+    if len(shape) == 3 and min(shape[1:]) >= 1:
+        return None
+    if len(shape) == 4 and min(shape[2:]) >= 1 and shape[1] in (1, len(dec.labels)):
+        return 0 if shape[1] == 1 else dec.labels.index(dec.positive_label)
+    raise ModelError(
+        f"explanation output {name!r} has shape {list(shape)}; expected [N, H, W], "
+        f"[N, 1, H, W] or [N, {len(dec.labels)}, H, W] (one map per label)",
+        code="output-mismatch",
+        hint="export the map with one of these shapes, or use explanation.method = "
+             "\"occlusion\" in the manifest")
+
+
 def review(decision: Decision, p: float, uncertainty: float, positive: bool) -> tuple[str, ...]:
     reasons = []
     low, high = decision.review_band
@@ -167,12 +186,17 @@ class InferenceEngine:
     def _load(self, pkg: ModelPackage) -> _Loaded:
         """Open, check and warm one package's session (raises ModelError)."""
         pre = pkg.manifest.preprocessing
+        spec = pkg.manifest.explanation
         session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
                                output_name=pkg.manifest.output_name,
-                               threads=self._settings.threads)
+                               threads=self._settings.threads,
+                               extra_outputs=(spec.output,) if spec.method == "cam" else ())
         try:
             session.check_input(pre.channels, *pre.resize)
-            session.warm_up(pre.channels, *pre.resize, timeout=self._settings.timeout_seconds)
+            outs = session.warm_up(pre.channels, *pre.resize,
+                                   timeout=self._settings.timeout_seconds)
+            if spec.method == "cam":
+                map_channel(pkg.manifest, outs[1].shape)  # a wrong map refuses the model now
         except ModelError:
             session.close()
             raise
@@ -246,6 +270,10 @@ class InferenceEngine:
         """Wall time spent inside onnxruntime by the loaded sessions (benchmarks)."""
         return sum(m.session.run_seconds for m in self._models)
 
+    def images_run(self) -> int:
+        """Images fed to the loaded models so far: forward passes, whatever they were for."""
+        return sum(m.session.images_run for m in self._models)
+
     def drift_report(self) -> dict[str, object]:
         self._drift.flush()
         return self._drift.report()
@@ -287,14 +315,24 @@ class InferenceEngine:
 
     # -- one model on one study ------------------------------------------------
     def _scores(self, model: _Loaded, batch: npt.NDArray[np.float32],
-                deadline: float) -> tuple[npt.NDArray[np.float64], list[npt.NDArray[np.float32]]]:
-        raws = []
+                deadline: float) -> tuple[npt.NDArray[np.float64], list[npt.NDArray[np.float32]],
+                                          list[npt.NDArray[np.float32]]]:
+        """Probabilities, raw score outputs and (a ``cam`` model) its maps, per run."""
+        raws: list[npt.NDArray[np.float32]] = []
+        maps: list[npt.NDArray[np.float32]] = []
         step = run_batch(batch.shape[1:])
         for start in range(0, len(batch), step):
-            raws.append(model.session.run(np.ascontiguousarray(batch[start : start + step]),
-                                          deadline - time.monotonic()))
+            outs = model.session.run_all(np.ascontiguousarray(batch[start : start + step]),
+                                         deadline - time.monotonic())
+            raws.append(outs[0])
+            for extra in outs[1:]:
+                if len(extra) != len(outs[0]):  # a map per image, or it cannot be placed
+                    raise ModelError(f"explanation output {model.manifest.explanation.output!r} "
+                                     f"has {len(extra)} maps for {len(outs[0])} images",
+                                     code="output-mismatch")
+                maps.append(extra)
         logits = np.concatenate(raws, axis=0)
-        return activate(logits, model.manifest.decision.activation), raws
+        return activate(logits, model.manifest.decision.activation), raws, maps
 
     def _run(self, model: _Loaded, selected: Sequence[tuple[int, Dataset]],
              study_ref: str) -> ModelOutput:
@@ -332,7 +370,7 @@ class InferenceEngine:
         t2 = time.perf_counter()
         tta = m.uncertainty == "tta_flip"
         views = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]] if tta else [x]
-        probs, raws = self._scores(model, np.concatenate(views, axis=0), deadline)
+        probs, raws, maps = self._scores(model, np.concatenate(views, axis=0), deadline)
         probs = probs.reshape(len(views), n, -1)
         if probs.shape[-1] != len(dec.labels) and not (dec.activation == "sigmoid"
                                                        and probs.shape[-1] == 1):
@@ -356,14 +394,16 @@ class InferenceEngine:
         t3 = time.perf_counter()
 
         top = int(per_image[:, pos].argmax())
+        # The map of the top image as the model saw it (the unflipped view comes first).
+        top_map = _top_map(model.manifest, maps, top) if maps else None
         explanation = self._explain(model, x[top], float(probs[0, top, pos]), pos, where[top],
-                                    selected, deadline, p)
+                                    selected, deadline, p, top_map)
         t4 = time.perf_counter()
 
         positive = p >= dec.threshold
         reasons = review(dec, p, uncertainty, positive)
         digest = hashlib.sha256()
-        for r in raws:
+        for r in (*raws, *maps):  # the explanation map is a model output too
             digest.update(np.ascontiguousarray(r).data)  # same bytes as tobytes(), no copies
         out_hash = digest.hexdigest()
         self._drift.update(model.package.name, float(np.mean(means)), p, subgroup)
@@ -399,7 +439,7 @@ class InferenceEngine:
     def _explain(self, model: _Loaded, tensor: npt.NDArray[np.float32], base: float, pos: int,
                  where: tuple[int, int, tuple[int, int]],
                  selected: Sequence[tuple[int, Dataset]], deadline: float,
-                 study_p: float) -> dict[str, Any]:
+                 study_p: float, top_map: npt.NDArray[np.float32] | None) -> dict[str, Any]:
         spec = model.manifest.explanation
         instance, frame, shape = where
         info: dict[str, Any] = {"method": spec.method, "instance": instance, "frame": frame,
@@ -414,20 +454,53 @@ class InferenceEngine:
         def score(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
             return self._scores(model, batch, deadline)[0][:, pos]
 
-        sal = occlusion(score, tensor, base, patch=spec.patch, stride=spec.stride,
-                        keep_fraction=spec.keep_fraction, batch_size=run_batch(tensor.shape))
+        sal = saliency(model.manifest, tensor, base, score, top_map)
         label = explained_label(model.manifest)
         where_txt = (vocabulary.WHERE_FRAME.format(image=instance + 1, frame=frame + 1) if frame
                      else vocabulary.WHERE_IMAGE.format(image=instance + 1))
+        cam = spec.method == "cam"
+        if not cam:
+            info["score_drop"] = round(sal.peak_drop, 4)
         if sal.bbox is None:
-            info.update(bbox=None, score_drop=round(sal.peak_drop, 4),
-                        text=vocabulary.NO_REGION.format(where=where_txt, label=label,
-                                                         score=base))
+            template = vocabulary.CAM_NO_REGION if cam else vocabulary.NO_REGION
+            info.update(bbox=None, text=template.format(where=where_txt, label=label, score=base))
             return info
         x, y, w, h = to_image_box(sal.bbox, model.manifest.preprocessing.resize, shape)
-        template = (vocabulary.REGION_ABOVE if study_p >= model.manifest.decision.threshold
-                    else vocabulary.REGION_BELOW)
-        info.update(bbox=[x, y, w, h], score_drop=round(sal.peak_drop, 4),
+        above = study_p >= model.manifest.decision.threshold
+        if cam:
+            template = vocabulary.CAM_REGION_ABOVE if above else vocabulary.CAM_REGION_BELOW
+        else:
+            template = vocabulary.REGION_ABOVE if above else vocabulary.REGION_BELOW
+        info.update(bbox=[x, y, w, h],
                     text=template.format(label=label, where=where_txt, x=x, y=y, w=w, h=h,
                                          score=base, drop=sal.peak_drop))
         return info
+
+
+def _top_map(manifest: Manifest, maps: list[npt.NDArray[np.float32]],
+             top: int) -> npt.NDArray[np.float32]:
+    """The positive label's (h, w) map of image ``top`` from the per-run map outputs."""
+    step = len(maps[0])
+    run = maps[top // step]
+    channel = map_channel(manifest, run.shape)  # a model may change shape with the batch
+    one: npt.NDArray[np.float32] = run[top % step]
+    return one if channel is None else one[channel]
+
+
+def saliency(manifest: Manifest, tensor: npt.NDArray[np.float32], base: float,
+             score: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float64]],
+             top_map: npt.NDArray[np.float32] | None) -> Saliency:
+    """The explanation region of one model-input image, by the manifest's method: its map
+    (computed by the model in the run that scored it) or occlusion (``score`` runs the
+    occluded copies).  Shared with training/localize.py, which measures it."""
+    spec = manifest.explanation
+    if spec.method == "cam":
+        if top_map is None:  # cannot happen: the session fetches the map (checked at load)
+            raise ModelError(f"explanation output {spec.output!r} was not fetched",
+                             code="output-mismatch")
+        if base < spec.min_score:
+            return Saliency(None, 0.0)  # nothing suspicious for the map to point at
+        return cam_region(top_map, manifest.preprocessing.resize,
+                          keep_fraction=spec.keep_fraction)
+    return occlusion(score, tensor, base, patch=spec.patch, stride=spec.stride,
+                     keep_fraction=spec.keep_fraction, batch_size=run_batch(tensor.shape))

@@ -1,9 +1,16 @@
-"""Occlusion saliency: which region of the top image drove the positive score.
+"""Which region of the top image drove the positive score: two ways to a box.
 
-Occlusion needs only forward passes (no gradients), so it works for any ONNX
-model.  Every patch position is scored in batches; a pixel's saliency is the
-mean score drop of the patches covering it, and the box is the connected
-region around the peak where saliency stays above a fraction of the peak.
+* Model-provided map (``cam``): the model computes a class activation map or
+  saliency tensor inside its graph, in the same run as its scores, so the
+  explanation costs no extra forward pass.  The map is stretched to the model
+  input (bilinear) and measured against its median (the level of plain
+  background); the box is the connected region around the peak that stays
+  above a fraction of the peak's height.
+* Occlusion needs only forward passes (no gradients), so it works for any ONNX
+  model, at the price of one pass per patch.  Every patch position is scored
+  in batches; a pixel's saliency is the mean score drop of the patches
+  covering it, and the box is the connected region around the peak where
+  saliency stays above a fraction of the peak.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ _workspace = threading.local()
 @dataclass(frozen=True)
 class Saliency:
     bbox: tuple[int, int, int, int] | None  # x, y, w, h in model-input pixels
-    peak_drop: float  # largest score drop caused by hiding one patch
+    peak_drop: float  # occlusion: largest score drop caused by hiding one patch (cam: 0)
+    peak: tuple[int, int] | None = None  # x, y of the saliency peak, model-input pixels
 
 
 def _positions(size: int, patch: int, stride: int) -> list[int]:
@@ -132,12 +140,55 @@ def occlusion(score: Scorer, tensor: npt.NDArray[np.float32], base: float, *, pa
     # Below min_drop no region matters: drawing a box there would mislead.
     if peak <= 1e-6 or float(drops.max()) < min_drop:
         return Saliency(None, float(drops.max(initial=0.0)))
-    region = _component(sal >= keep_fraction * peak, np.unravel_index(int(sal.argmax()), sal.shape))
+    return _region(sal, peak, keep_fraction, float(drops.max()))
+
+
+def _region(sal: npt.NDArray[np.float64], peak: float, keep_fraction: float,
+            peak_drop: float) -> Saliency:
+    """The box of the connected region around the peak of ``sal`` above the cut."""
+    seed = np.unravel_index(int(sal.argmax()), sal.shape)
+    region = _component(sal >= keep_fraction * peak, seed)
     rows_hit = np.flatnonzero(region.any(axis=1))
     cols_hit = np.flatnonzero(region.any(axis=0))
     by, bx = int(rows_hit[0]), int(cols_hit[0])
     return Saliency((bx, by, int(cols_hit[-1]) - bx + 1, int(rows_hit[-1]) - by + 1),
-                    float(drops.max()))
+                    peak_drop, (int(seed[1]), int(seed[0])))
+
+
+@lru_cache(maxsize=16)
+def _stretch(size: int, to: int) -> npt.NDArray[np.float64]:
+    """(to, size) bilinear weights, half-pixel centres (map cell i covers input pixels
+    i*to/size .. (i+1)*to/size), edges clamped; built once per geometry."""
+    pos = np.clip((np.arange(to) + 0.5) * size / to - 0.5, 0.0, size - 1.0)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = pos - lo
+    weights = np.zeros((to, size))
+    weights[np.arange(to), lo] += 1.0 - frac
+    weights[np.arange(to), hi] += frac
+    weights.flags.writeable = False  # shared between calls
+    return weights
+
+
+def cam_region(cam: npt.NDArray[np.float32], input_shape: tuple[int, int], *,
+               keep_fraction: float) -> Saliency:
+    """Box around the peak of a model-provided map ``cam`` (h, w), in model-input pixels.
+
+    The map's median is taken as its background level: maps in logit units have
+    no natural zero, and the median stays on background as long as the hot
+    spot covers less than half the map.  A flat map (nothing above its median)
+    has no region.
+    """
+    rows, cols = input_shape
+    m = np.asarray(cam, dtype=np.float64)
+    if not np.isfinite(m).all():
+        return Saliency(None, 0.0)
+    up = _stretch(m.shape[0], rows) @ m @ _stretch(m.shape[1], cols).T
+    sal = up - float(np.median(m))
+    peak = float(sal.max())
+    if peak <= 1e-6:
+        return Saliency(None, 0.0)
+    return _region(sal, peak, keep_fraction, 0.0)
 
 
 def _component(mask: npt.NDArray[np.bool_], seed: tuple[np.intp, ...]) -> npt.NDArray[np.bool_]:

@@ -58,12 +58,24 @@ class Decision:
     aggregation: Aggregation
 
 
+ExplanationMethod = Literal["cam", "occlusion", "none"]
+EXPLANATION_METHODS: tuple[ExplanationMethod, ...] = ("cam", "occlusion", "none")
+# Which [explanation] keys each method reads; any other key is a publisher's mistake.
+_EXPLANATION_KEYS: dict[str, frozenset[str]] = {
+    "cam": frozenset({"method", "output", "keep_fraction", "min_score"}),
+    "occlusion": frozenset({"method", "patch", "stride", "keep_fraction"}),
+    "none": frozenset({"method"}),
+}
+
+
 @dataclass(frozen=True)
 class Explanation:
-    method: Literal["occlusion", "none"]
-    patch: int
-    stride: int
+    method: ExplanationMethod
+    output: str  # cam: the model output holding the map, computed in the same run ("" else)
+    patch: int  # occlusion: square side in model-input pixels
+    stride: int  # occlusion: step between squares
     keep_fraction: float  # saliency above this fraction of the peak forms the box
+    min_score: float  # cam: below this top-image score the map points at nothing
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,36 @@ def _mask(r: _Reader) -> MaskOutput | None:
     return out
 
 
+def _explanation(r: _Reader, expl: dict[str, Any]) -> Explanation:
+    """[explanation]: ``cam`` (a map the model computes in the same run, named by
+    ``output``), ``occlusion`` (one extra pass per patch) or ``none``."""
+    known = expl.get("method", "occlusion") in EXPLANATION_METHODS
+    method = r.choice(expl, "explanation", "method", EXPLANATION_METHODS, "occlusion")
+    if known:  # an unknown method already got its problem; its keys mean nothing
+        for key in sorted(set(expl) - _EXPLANATION_KEYS[method]):
+            users = [m for m, keys in _EXPLANATION_KEYS.items() if key in keys]
+            r.problems.append(f"explanation.{key} does not apply to method {method!r}"
+                              + (f" (only to {' / '.join(users)})" if users else ""))
+    output = r.get(expl, "explanation", "output", str, "")
+    if known and method == "cam" and not output:
+        r.problems.append("explanation.output is missing: method 'cam' needs the name of "
+                          "the model output that holds the map")
+    keep = r.get(expl, "explanation", "keep_fraction", float, 0.5)
+    if not 0.0 < keep <= 1.0:
+        r.problems.append(f"explanation.keep_fraction must be in (0, 1], got {keep}")
+    min_score = r.get(expl, "explanation", "min_score", float, 0.02)
+    if not 0.0 <= min_score < 1.0:
+        r.problems.append(f"explanation.min_score must be in [0, 1), got {min_score}")
+    return Explanation(
+        method=method,  # type: ignore[arg-type]
+        output=output,
+        patch=r.get(expl, "explanation", "patch", int, 16),
+        stride=r.get(expl, "explanation", "stride", int, 8),
+        keep_fraction=keep,
+        min_score=min_score,
+    )
+
+
 def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
     """Parse and validate manifest bytes (the exact bytes the signature covers)."""
     try:
@@ -277,12 +319,7 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
         ),
         uncertainty=r.choice(r.table("uncertainty"), "uncertainty", "method",  # type: ignore[arg-type]
                              ("tta_flip", "entropy"), "tta_flip"),
-        explanation=Explanation(
-            method=r.choice(expl, "explanation", "method", ("occlusion", "none"), "occlusion"),  # type: ignore[arg-type]
-            patch=r.get(expl, "explanation", "patch", int, 16),
-            stride=r.get(expl, "explanation", "stride", int, 8),
-            keep_fraction=r.get(expl, "explanation", "keep_fraction", float, 0.5),
-        ),
+        explanation=_explanation(r, expl),
         drift=DriftReference(in_edges, in_ref, out_edges, out_ref, subgroups),
         mask=_mask(r),
     )
@@ -297,6 +334,15 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
         r.problems.append("decision.review_band must be [low, high] within 0..1")
     if manifest.applies_to.min_images < 1 or manifest.applies_to.max_images < 1:
         r.problems.append("applies_to.min_images and max_images must be >= 1")
+    ex = manifest.explanation
+    if ex.method == "cam" and ex.output in (manifest.output_name, manifest.input_name):
+        r.problems.append(f"explanation.output {ex.output!r} must name the model output that "
+                          f"holds the map, not the model's input or its score output")
+    if ex.method == "occlusion" and min(ex.patch, ex.stride) < 1:
+        r.problems.append("explanation.patch and explanation.stride must be >= 1")
+    if ex.method == "occlusion" and ex.patch > min(p.resize):
+        r.problems.append(f"explanation.patch {ex.patch} is larger than the model input "
+                          f"{list(p.resize)}")
     if r.problems:
         lines = "\n".join(f"  - {p}" for p in r.problems)
         raise ModelError(

@@ -77,7 +77,8 @@ class _Watchdog:
 
 
 class ModelSession:
-    def __init__(self, path: Path, *, input_name: str, output_name: str, threads: int) -> None:
+    def __init__(self, path: Path, *, input_name: str, output_name: str, threads: int,
+                 extra_outputs: tuple[str, ...] = ()) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
@@ -100,8 +101,19 @@ class ModelSession:
                 f"but the manifest names input {input_name!r} and output {output_name!r}",
                 hint="the manifest and the ONNX file do not belong together",
             )
+        missing = [name for name in extra_outputs if name not in outputs]
+        if missing:
+            raise ModelError(
+                f"{path.name} has outputs {sorted(outputs)}, but the manifest's explanation "
+                f"names output {missing[0]!r}",
+                hint="the model must compute its explanation map as a graph output; otherwise "
+                     "use explanation.method = \"occlusion\" in the manifest",
+            )
         self.input_name = input_name
         self.output_name = output_name
+        # Fetched in the same run as the scores (a map computed inside the graph).
+        self._fetch = [output_name, *extra_outputs]
+        self.images_run = 0  # images fed to the model: what explanations cost in passes
         self.input_shape = tuple(inputs[input_name].shape)
         self._watchdog = _Watchdog()
         self._run_lock = threading.Lock()  # one armed run per watchdog
@@ -126,6 +138,12 @@ class ModelSession:
         return self._session
 
     def run(self, batch: npt.NDArray[np.float32], timeout: float) -> npt.NDArray[np.float32]:
+        """The score output of one run."""
+        return self.run_all(batch, timeout)[0]
+
+    def run_all(self, batch: npt.NDArray[np.float32],
+                timeout: float) -> tuple[npt.NDArray[np.float32], ...]:
+        """The score output and then every extra output, all from one run."""
         if timeout <= 0:
             raise ModelTimeout("inference time budget exhausted before the run started")
         options = ort.RunOptions()
@@ -133,7 +151,7 @@ class ModelSession:
             fired = self._watchdog.arm(options, timeout)
             started = time.perf_counter()
             try:
-                out = self._session.run([self.output_name], {self.input_name: batch}, options)
+                out = self._session.run(self._fetch, {self.input_name: batch}, options)
             except Exception as exc:  # noqa: BLE001 - translated at the boundary
                 if fired.is_set():
                     raise ModelTimeout(f"inference timed out after {timeout:.1f}s") from exc
@@ -141,14 +159,17 @@ class ModelSession:
                                  code="runtime-error") from exc
             finally:
                 self.run_seconds += time.perf_counter() - started
+                self.images_run += len(batch)
                 self._watchdog.disarm()
         if fired.is_set():
             # Finished in the same instant the timer fired: still over budget.
             raise ModelTimeout(f"inference timed out after {timeout:.1f}s")
-        return np.asarray(out[0], dtype=np.float32)
+        return tuple(np.asarray(o, dtype=np.float32) for o in out)
 
     def close(self) -> None:
         self._watchdog.close()
 
-    def warm_up(self, channels: int, rows: int, cols: int, timeout: float) -> None:
-        self.run(np.zeros((1, channels, rows, cols), dtype=np.float32), timeout)
+    def warm_up(self, channels: int, rows: int, cols: int,
+                timeout: float) -> tuple[npt.NDArray[np.float32], ...]:
+        """One run on a blank image; returns its outputs so the caller can check shapes."""
+        return self.run_all(np.zeros((1, channels, rows, cols), dtype=np.float32), timeout)

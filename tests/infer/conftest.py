@@ -66,5 +66,5 @@ def make_package(tmp_path: Path, publisher: tuple[Path, Path]) -> Callable[..., 
 def demo_models(tmp_path: Path) -> Path:
     """A models dir holding a copy of the shipped, dev-key-signed demo package."""
     root = tmp_path / "models"
-    shutil.copytree(DEMO, root / "lesion-demo" / "1.0.0")
+    shutil.copytree(DEMO, root / "lesion-demo" / DEMO.name)
     return root

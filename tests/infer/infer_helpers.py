@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from agent.types import DeidentifiedStudy
 from training.synth import SynthCase, to_dataset
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "models" / "lesion-demo" / "1.0.0"
+DEMO = REPO / "models" / "lesion-demo" / "1.1.0"  # the shipped demo: explains from its map
+PREVIOUS = REPO / "models" / "lesion-demo" / "1.0.0"  # shipped too: occlusion, flip spread
 DEV_PUB = REPO / "models" / "dev-publisher.pub"
 
 
@@ -34,6 +36,15 @@ class Events:
 
 
 PackageMaker = Callable[..., Path]
+
+
+def with_explanation(section: str) -> Callable[[str], str]:
+    """A manifest edit (for ``make_package(edit=...)``) replacing the [explanation] table,
+    e.g. for a test model that computes no map."""
+    return lambda text: re.sub(r"\[explanation\]\n(?:[^[\n].*\n|\n)*", section + "\n", text)
+
+
+NO_EXPLANATION = with_explanation('[explanation]\nmethod = "none"\n')
 
 
 def roundtrip(ds: Dataset) -> Dataset:
@@ -59,10 +70,11 @@ def study_of(datasets: tuple[Dataset, ...], ref: str = "study-ref") -> Deidentif
 
 
 def box_with_models(box: Box, tmp_path: Path, publisher: tuple[Path, Path]) -> Path:
-    """Point the box at a models dir of its own (never the repo's) that pins both the dev
-    publisher and this test's publisher key."""
+    """Point the box at a models dir of its own (never the repo's) holding the shipped
+    1.0.0, that pins both the dev publisher and this test's publisher key (tests then
+    install 1.1.0 and up built by make_package)."""
     models = tmp_path / "box-models"
-    shutil.copytree(DEMO, models / "lesion-demo" / "1.0.0")
+    shutil.copytree(PREVIOUS, models / "lesion-demo" / PREVIOUS.name)
     set_config(box, "models", "dir", json.dumps(str(models)))
     set_config(box, "models", "publisher_keys", json.dumps([str(DEV_PUB), str(publisher[1])]))
     return models

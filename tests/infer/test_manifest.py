@@ -33,6 +33,51 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "fix:" in message
 
 
+def _explanation(section: str) -> bytes:
+    text = (DEMO / "manifest.toml").read_text()
+    head, tail = text.split("[explanation]\n", 1)
+    return (head + section + "\n" + tail[tail.index("\n["):]).encode()
+
+
+def test_demo_explains_from_its_own_map() -> None:
+    ex = load_manifest(DEMO / "manifest.toml").explanation
+    assert ex.method == "cam" and ex.output == "cam" and 0 < ex.keep_fraction <= 1
+
+
+@pytest.mark.parametrize(("section", "needles"), [
+    ('[explanation]\nmethod = "cam"',
+     ["explanation.output is missing: method 'cam' needs the name of the model output"]),
+    ('[explanation]\nmethod = "cam"\noutput = "cam"\npatch = 12',
+     ["explanation.patch does not apply to method 'cam' (only to occlusion)"]),
+    ('[explanation]\nmethod = "occlusion"\noutput = "cam"',
+     ["explanation.output does not apply to method 'occlusion' (only to cam)"]),
+    ('[explanation]\nmethod = "gradcam"\noutput = "cam"',
+     ["explanation.method must be one of ['cam', 'occlusion', 'none'], got 'gradcam'"]),
+    ('[explanation]\nmethod = "cam"\noutput = "logits"',
+     ["explanation.output 'logits' must name the model output that holds the map"]),
+    ('[explanation]\nmethod = "cam"\noutput = "cam"\nkeep_fraction = 0\nmin_score = 1.5',
+     ["keep_fraction must be in (0, 1]", "min_score must be in [0, 1)"]),
+    ('[explanation]\nmethod = "occlusion"\npatch = 99\nstride = 0',
+     ["patch and explanation.stride must be >= 1", "patch 99 is larger than the model input"]),
+])
+def test_explanation_section_is_checked_with_clear_errors(section: str,
+                                                          needles: list[str]) -> None:
+    with pytest.raises(ModelError) as err:
+        parse_manifest(_explanation(section))
+    message = str(err.value)
+    for needle in needles:
+        assert needle in message, message
+    assert f"{len(needles)} manifest problem(s)" in message
+
+
+def test_explanation_options_parse() -> None:
+    occ = parse_manifest(_explanation('[explanation]\nmethod = "occlusion"\npatch = 12\n'
+                                      'stride = 4\nkeep_fraction = 0.5')).explanation
+    assert (occ.method, occ.patch, occ.stride, occ.output) == ("occlusion", 12, 4, "")
+    none = parse_manifest(_explanation('[explanation]\nmethod = "none"')).explanation
+    assert none.method == "none"
+
+
 def test_not_toml_is_a_clear_error() -> None:
     with pytest.raises(ModelError, match="not valid UTF-8 TOML"):
         parse_manifest(b"name = ")

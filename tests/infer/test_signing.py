@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from infer_helpers import DEMO, DEV_PUB, Events, PackageMaker
+from infer_helpers import DEMO, DEV_PUB, PREVIOUS, Events, PackageMaker
 from onnx import numpy_helper
 
 from agent.errors import ModelError
@@ -22,7 +22,7 @@ EXPECTED_STATUS = {"unsigned": "unsigned", "tampered_model": "tampered_model",
 
 def _break(models: Path, how: str, other_key: Path) -> tuple[Path, ...]:
     """Damage the installed demo package; returns the keys to pin."""
-    pkg = models / "lesion-demo" / "1.0.0"
+    pkg = models / "lesion-demo" / DEMO.name
     if how == "unsigned":
         (pkg / "manifest.toml.sig").unlink()
     elif how == "tampered_model":
@@ -41,10 +41,11 @@ def _break(models: Path, how: str, other_key: Path) -> tuple[Path, ...]:
     return (DEV_PUB,)
 
 
-def test_shipped_demo_package_verifies_with_the_dev_key() -> None:
-    reg = Registry(DEMO.parents[1], Path("/nonexistent-state"),
+@pytest.mark.parametrize("shipped", [DEMO, PREVIOUS], ids=lambda p: p.name)
+def test_shipped_demo_packages_verify_with_the_dev_key(shipped: Path) -> None:
+    reg = Registry(shipped.parents[1], Path("/nonexistent-state"),
                    publisher_keys=load_public_keys((DEV_PUB,)), environment="production")
-    pkg = reg.package("lesion-demo", "1.0.0")
+    pkg = reg.package("lesion-demo", shipped.name)
     assert pkg.verification.status == "verified"
     assert pkg.verification.sha256 == pkg.manifest.sha256
 
@@ -56,7 +57,7 @@ def test_production_refuses_with_clear_error_and_audit(
     keys = _break(demo_models, how, publisher[1])
     reg = Registry(demo_models, tmp_path / "state", publisher_keys=load_public_keys(keys),
                    environment="production", audit=events)
-    pkg = reg.package("lesion-demo", "1.0.0")
+    pkg = reg.package("lesion-demo", DEMO.name)
     assert pkg.verification.status == EXPECTED_STATUS[how]
     with pytest.raises(ModelError) as err:
         enforce(pkg, "production", events)
@@ -103,10 +104,10 @@ def test_install_refuses_unsigned_package_in_production(
 
 
 def test_signature_file_garbage_is_reported_not_raised(demo_models: Path, tmp_path: Path) -> None:
-    sig = demo_models / "lesion-demo" / "1.0.0" / "manifest.toml.sig"
+    sig = demo_models / "lesion-demo" / DEMO.name / "manifest.toml.sig"
     sig.write_text("ed25519 abc not-base64!!\n")
     reg = Registry(demo_models, tmp_path / "s", publisher_keys=load_public_keys((DEV_PUB,)))
-    assert reg.package("lesion-demo", "1.0.0").verification.status in ("bad_signature",
+    assert reg.package("lesion-demo", DEMO.name).verification.status in ("bad_signature",
                                                                          "unpinned_key")
-    shutil.rmtree(demo_models / "lesion-demo" / "1.0.0")
+    shutil.rmtree(demo_models / "lesion-demo" / DEMO.name)
     assert reg.versions("lesion-demo") == []

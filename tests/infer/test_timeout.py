@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from infer_helpers import Events, PackageMaker, study
+from infer_helpers import NO_EXPLANATION, Events, PackageMaker, study
 from onnx import TensorProto, helper
 
 from agent.infer import InferenceEngine, InferenceSettings
@@ -85,7 +85,9 @@ def test_engine_reports_timeout_as_failure_and_goes_on(
         tmp_path: Path, make_package: PackageMaker, publisher: tuple[Path, Path],
         events: Events) -> None:
     models = tmp_path / "models"
-    make_package("0.0.1", onnx=slow_model(), where=models / "lesion-demo" / "0.0.1")
+    # The slow model computes no explanation map: its manifest says so.
+    make_package("0.0.1", onnx=slow_model(), where=models / "lesion-demo" / "0.0.1",
+                 edit=NO_EXPLANATION)
     engine = InferenceEngine(InferenceSettings(models, tmp_path / "state",
                                                environment="production",
                                                publisher_keys=(publisher[1],),
