@@ -32,6 +32,7 @@ from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
+from agent.inbound import Inbound
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.keyrotate import hold_state_lock
@@ -155,7 +156,10 @@ class Daemon:
                                   on_stored=lambda _r: self._work.set(),
                                   accepting=self._intake.is_set, receipts=self.audit_log,
                                   hold=self.audit_log.intake_hold)
+        # Inbound topics (verdicts, deployments): their stages register handlers here.
+        self.inbound = Inbound(cfg.topic_base)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
+                                   inbound=self.inbound,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d),
                                    liveness=self.liveness)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.crypto import write_secret_file
+from agent.inbound import INBOUND_CHANNELS, OUTBOUND_CHANNELS
 from agent.pki import issue, load_cert, load_key, make_ca, write_pair
 
 DEV_SITE = "dev-site"
@@ -60,8 +61,17 @@ OPS_IDENTITIES = ("ops", "ops-sub", "ops-2")
 
 
 def device_acl(prefix: str, site: str, device: str) -> str:
-    """The ACL entry of one box: its certificate name may write under its own prefix only."""
-    return f"user {site}.{device}\ntopic write {prefix}/{site}/{device}/#\n"
+    """The ACL entry of one box: it writes its own outbound topics and reads its inbound ones.
+
+    Channels are listed one by one rather than as ``{base}/#``: mosquitto ACLs only
+    grant, so a wildcard write grant would let a box (or a stolen box certificate)
+    forge its own verdicts and deployment documents.
+    """
+    base = f"{prefix}/{site}/{device}"
+    lines = [f"user {site}.{device}"]
+    lines += [f"topic write {base}/{ch}" for ch in OUTBOUND_CHANNELS]
+    lines += [f"topic read {base}/{ch}" for ch in INBOUND_CHANNELS]
+    return "\n".join(lines) + "\n"
 
 
 def _secret(path: Path) -> None:
@@ -178,7 +188,7 @@ checkpoint_seconds = 30
 
     acl = root / "mosquitto.acl"
     acl.write_text(
-        "# device: only its own prefix\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
+        "# device: writes its own outbound topics, reads its own inbound ones\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
         "# central ops: read everything under the prefix, write nothing\n"
         + "".join(f"user {cn}\ntopic read edge/#\n" for cn in OPS_IDENTITIES)
     )

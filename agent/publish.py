@@ -45,6 +45,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent import egress, faults
 from agent.config import SAFE_ID, Config, MqttSettings
 from agent.errors import ConfigError, TransportError
+from agent.inbound import Inbound
 from agent.liveness import Liveness, Stage
 from agent.outbox import Outbox
 
@@ -392,8 +393,10 @@ class Publisher:
         offline: Callable[[], dict[str, Any]],
         on_alert: Callable[[str, dict[str, object]], None] | None = None,
         liveness: Liveness | None = None,
+        inbound: Inbound | None = None,
     ) -> None:
         self.cfg = config
+        self.inbound = inbound
         self._liveness = liveness
         self._stage: Stage | None = None
         self.s = config.mqtt
@@ -484,10 +487,37 @@ class Publisher:
                     self._status_mids.add(info.mid)
             else:
                 log.error("birth status withheld: %s", hit)
+            self._subscribe_inbound(client)
             self._connected_evt.set()
             log.info("mqtt connected to %s:%d as %s", self.s.host, self.s.port, self.identity)
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_connect handler failed")
+
+    def _subscribe_inbound(self, client: mqtt.Client) -> None:
+        # Every CONNACK, not only the first: the broker keeps the subscriptions of our
+        # persistent session, but a broker that lost its state (or a new session) has none.
+        subs = self.inbound.subscriptions() if self.inbound is not None else []
+        if subs:
+            client.subscribe(subs)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: list[ReasonCode],
+                      _p: Any = None) -> None:
+        try:
+            for rc in codes:
+                if rc.is_failure:
+                    # An ACL that does not let the box read its own inbound topics: verdicts
+                    # and deployments would never arrive; say so loudly.
+                    self.state.last_error = f"broker refused an inbound subscription: {rc}"
+                    self._alert("security.alert", {"reason": "broker refused subscription",
+                                                    "reason_code": int(rc.value)})
+                    log.error("broker refused an inbound subscription: %s", rc)
+        except Exception:  # noqa: BLE001
+            log.exception("mqtt on_subscribe handler failed")
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        # Inbound.dispatch never raises; paho acknowledges a QoS 1 message after this returns.
+        if self.inbound is not None:
+            self.inbound.dispatch(message.topic, message.payload, retained=bool(message.retain))
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                        _p: Any = None) -> None:
@@ -545,6 +575,8 @@ class Publisher:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
         c.max_inflight_messages_set(self.s.inflight + 2)  # + birth/offline status
         c.max_queued_messages_set(0)
         will = json.dumps(self._offline(), separators=(",", ":")).encode()

@@ -157,7 +157,7 @@ class InferenceResult:
     latency_ms: float
 
 
-Channel = Literal["results", "telemetry", "audit", "status"]
+Channel = Literal["results", "telemetry", "audit", "status", "jobs"]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 from support import EDGE_AGENT, REPO, Box, free_port, set_config, wait_for, wait_port
 
 from agent.crypto import write_secret_file
+from agent.devbox import device_acl
 from agent.pki import issue, load_cert, load_key, write_pair
 
 RULES = REPO / "fleet" / "prometheus" / "edge-agent.rules.yml"
@@ -41,7 +42,7 @@ def add_box(box: Box, device: str) -> Box:
     for name in ("pseudonym", "kek", "audit_signing"):
         write_secret_file(keys / f"{name}.key", os.urandom(32).hex().encode())
     acl = root / "mosquitto.acl"
-    acl.write_text(acl.read_text() + f"\nuser dev-site.{device}\ntopic write edge/dev-site/{device}/#\n")
+    acl.write_text(acl.read_text() + "\n" + device_acl("edge", "dev-site", device))
     conf = root / f"{device}.toml"
     shutil.copy(box.config, conf)
     port = free_port()

@@ -24,6 +24,7 @@ from support import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
 from agent import cloudevents
 from agent import config as cfgmod
 from agent.crypto import KeyEncryptionKey
+from agent.inbound import Inbound
 from agent.outbox import Outbox
 from agent.pki import PrivateKey, issue, load_cert, load_key, make_ca, write_pair
 from agent.publish import Publisher
@@ -154,7 +155,7 @@ class Harness:
 
 
 @contextmanager
-def harness(box: Box, *, start: bool = True) -> Iterator[Harness]:
+def harness(box: Box, *, start: bool = True, inbound: Inbound | None = None) -> Iterator[Harness]:
     cfg = cfgmod.load(box.config)
     outbox = Outbox(box.root / "harness-outbox.db", KeyEncryptionKey.from_file(cfg.keys.kek),
                     10**8)
@@ -171,7 +172,7 @@ def harness(box: Box, *, start: bool = True) -> Iterator[Harness]:
                                         "device": cfg.device, "models": []})
 
     pub = Publisher(cfg, outbox, birth=lambda: status(True), offline=lambda: status(False),
-                    on_alert=lambda e, d: alerts.append((e, d)))
+                    on_alert=lambda e, d: alerts.append((e, d)), inbound=inbound)
     h = Harness(box, cfg, outbox, pub, alerts)
     if start:
         pub.start()

@@ -40,6 +40,9 @@ def add_box(box: Box, broker: Broker, site: str, device: str) -> tuple[Path, Pat
     k, c = issue(*dev_ca(box), f"{site}.{device}", client=True)
     cert, key = write_cert(box.root / "fleet", f"{site}.{device}", k, c)
     acl = box.root / "mosquitto.acl"
+    # The wide grant of earlier ACLs (and of sites that still use `pattern write
+    # edge/+/%u/#`): the fleet view must hold even where the broker lets a box write
+    # deeper topics under its own prefix.
     acl.write_text(acl.read_text()
                    + f"\nuser {site}.{device}\ntopic write edge/{site}/{device}/#\n")
     broker.stop()
