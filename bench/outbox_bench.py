@@ -36,6 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent import cloudevents  # noqa: E402
 from agent import config as agent_config  # noqa: E402
 from agent.crypto import KeyEncryptionKey  # noqa: E402
 from agent.devbox import provision_dev  # noqa: E402
@@ -84,22 +85,35 @@ class Counter:
 
 
 _WORDS = ("lesion", "probability", "0.8731", "review", "model", "slice", "42", "mm", "ok")
+# A study's identifying values as the pipeline collects them for the egress guard
+# (agent/deid/engine.py): the name and its components, ids, dates, the study UID and
+# the UIDs of its instances.  Every message is checked against them, as in production.
+_UID_ROOT = "1.2.840.113619.2.55.3.604688119.971"
+GUARD = PhiFingerprint(frozenset({
+    "Bench^Patricia^Quinn", "Bench", "Patricia", "Quinn", "PID-0012345", "19610203",
+    "ACC20260001", "General Hospital Radiology", "Referrer^Robert", "Referrer", "Robert",
+    f"{_UID_ROOT}.1", *(f"{_UID_ROOT}.1.{k}" for k in range(40)),
+}))
 
 
 def _payload(i: int, size: int) -> bytes:
-    # Word-like padding, as in a real result; a single-letter run of this length
-    # hits the egress guard's slow path (see docs/benchmarks.md).
+    """A result-shaped CloudEvent (what the guard parses), ``size`` bytes of word-like
+    free text in it; a single-letter run of that length was the guard's slow path."""
     pad = " ".join(_WORDS[(i + k) % len(_WORDS)] for k in range(size // 6))[:size]
-    body = {"specversion": "1.0", "id": f"bench-{i:08d}", "type": "org.edge-agent.result.v1",
-            "source": "edge-agent/dev-site/dev-box", "data": {"pad": pad}}
-    return json.dumps(body, separators=(",", ":")).encode()
+    data = {"study": {"ref": f"2.25.{10**30 + i}", "patient_ref": f"{i:016x}"},
+            "status": "ok", "models": [{"name": "lesion", "version": "1.1.0",
+                                        "finding": "lesion", "confidence": 0.8731,
+                                        "needs_review": False, "explanation": {"text": pad}}]}
+    ev = cloudevents.envelope(kind="result", source="edge-agent/dev-site/dev-box", data=data,
+                              event_id=cloudevents.stable_id("outbox-bench", str(i)))
+    return cloudevents.encode(ev)
 
 
 def _fill(ob: Outbox, n: int, size: int, tag: str) -> float:
     t0 = time.perf_counter()
     batch = 1000
     for start in range(0, n, batch):
-        ob.enqueue_many("results", [(f"{tag}-{i}", _payload(i, size), PhiFingerprint())
+        ob.enqueue_many("results", [(f"{tag}-{i}", _payload(i, size), GUARD)
                                     for i in range(start, min(n, start + batch))])
     return time.perf_counter() - t0
 
@@ -117,6 +131,9 @@ def _outbox_drain(cfg: agent_config.Config, state: Path, kek: KeyEncryptionKey, 
     while ob.stats()["depth"] > 0:
         time.sleep(0.02)
     drain_s = time.perf_counter() - t0
+    if pub.state.blocked_phi:
+        raise RuntimeError(f"the egress guard blocked {pub.state.blocked_phi} bench messages: "
+                           "the bench payload is not a valid result")
     sub.done.wait(60)
     pub.stop(drain_timeout=2)
     ob.close()
