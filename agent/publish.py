@@ -47,6 +47,7 @@ from agent.config import SAFE_ID, Config, MqttSettings
 from agent.errors import ConfigError, TransportError
 from agent.inbound import Inbound
 from agent.liveness import Liveness, Stage
+from agent.mqttloop import Wakeup, step
 from agent.outbox import Outbox
 
 log = logging.getLogger("edge_agent.publish")
@@ -54,6 +55,9 @@ log = logging.getLogger("edge_agent.publish")
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 CONNACK_TIMEOUT = 15.0
+# The longest the loop sleeps when neither the broker nor the outbox has anything for
+# it: it beats the watchdog, keeps the connection alive and flushes batched acks.
+IDLE_WAKE_S = 1.0
 
 
 class _NamedContext(ssl.SSLContext):
@@ -417,6 +421,10 @@ class Publisher:
         self._connected_evt = threading.Event()
         self._got_connack = False
         self._attempt_error = ""
+        # Woken by the broker's socket, by every enqueue and by stop (agent/mqttloop.py).
+        self._wake = Wakeup()
+        outbox.on_enqueue(self._wake.set)
+        self._acks: list[int] = []  # seqs PUBACKed during one network step, acked together
 
     # -- topics -------------------------------------------------------------
 
@@ -438,6 +446,7 @@ class Publisher:
         while time.time() < deadline and self.state.connected and self.outbox.stats()["depth"] > 0:
             time.sleep(0.05)
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=drain_timeout + 5)
 
@@ -560,7 +569,9 @@ class Publisher:
                 log.error("broker refused message seq=%d on %s: %s (kept in the blocked table)",
                           seq, self.cfg.topic_base, rc)
             else:
-                self.outbox.ack(seq)
+                # Acknowledged in the outbox with the rest of this network step's
+                # PUBACKs (_session), before the next peek.
+                self._acks.append(seq)
                 self.state.published += 1
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_publish handler failed")
@@ -618,6 +629,7 @@ class Publisher:
             self._sleep_backoff(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
         self._client = None
+        self._wake.close()
 
     def _sleep_backoff(self, base: float) -> None:
         # Full jitter: a fleet reconnecting after a broker restart spreads out.
@@ -629,11 +641,24 @@ class Publisher:
             self._beat(doing="waiting to reconnect")
             self._stop.wait(min(left, 5.0))
 
+    def _apply_acks(self) -> None:
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self.outbox.ack_many(acks)
+
     def _session(self, client: mqtt.Client) -> None:
+        try:
+            self._session_loop(client)
+        finally:
+            self._apply_acks()  # PUBACKs that came with a disconnect still count
+
+    def _session_loop(self, client: mqtt.Client) -> None:
         deadline = time.monotonic() + CONNACK_TIMEOUT
         while not self._stop.is_set():
             self._beat(doing="in session with the broker")
-            rc = client.loop(timeout=0.05)
+            # Wakes on PUBACKs, on a new outbox message and on stop; no polling.
+            rc = step(client, self._wake, IDLE_WAKE_S if self._got_connack else 0.25)
+            self._apply_acks()
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 if not self._got_connack:
                     self._attempt_error = (
@@ -664,8 +689,10 @@ class Publisher:
             after = self._last_seq
         if room <= 0:
             return
-        for msg in self.outbox.peek(after, room):
-            hit = egress.check(msg.payload, msg.guard, made_at=msg.created_at)
+        msgs = self.outbox.peek(after, room)
+        # The whole window checked in one pass (agent/guardscan.py).
+        hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
+        for msg, hit in zip(msgs, hits, strict=True):
             with self._lock:
                 self._last_seq = msg.seq
             if hit is not None:
