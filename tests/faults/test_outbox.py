@@ -295,3 +295,43 @@ def test_batched_acks_hide_at_once_and_a_crash_only_redelivers(
     # result-0's delete was flushed; result-1's was not: delivered again, same id.
     assert [m.event_id for m in ob.peek(0, 100)] == [f"result-{i}" for i in range(1, 5)]
     ob.close()
+
+
+def test_depth_counted_in_memory_matches_the_table(tmp_path: Path,
+                                                   kek: KeyEncryptionKey) -> None:
+    """stats() counts the depth in memory (no scan of a long backlog): after every kind
+    of change it must equal what the table holds, minus what is acknowledged."""
+    db = tmp_path / "o.db"
+    ob = Outbox(db, kek, 60_000, min_free_bytes=0)
+
+    def check() -> None:
+        with sqlite3.connect(db) as c:
+            rows = c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        assert ob.stats()["depth"] == rows - len(ob._acked)
+
+    for i in range(40):
+        ob.enqueue("telemetry", f"t{i}", b"t" * 600)  # over budget: old samples dropped
+        check()
+    assert ob.enqueue("results", *result(1)) and not ob.enqueue("results", *result(1))
+    check()
+    ob.enqueue_many("audit", [(f"a{i}", b"{}", PhiFingerprint()) for i in range(10)])
+    check()
+    with pytest.raises(OutOfResources):  # a failed transaction rolls the count back too
+        ob.enqueue_many("results", [(f"big{i}", b"x" * 5000, PhiFingerprint())
+                                    for i in range(20)])
+    check()
+    msgs = ob.peek(0, 1000)
+    ob.ack_many([m.seq for m in msgs[:7]] + [msgs[0].seq])  # a repeat counts once
+    check()
+    ob.ack(msgs[7].seq)
+    ob.block(msgs[8].seq, "test")
+    ob.block(msgs[0].seq, "acknowledged already: not blocked")
+    check()
+    ob.flush_acks()
+    check()
+    depth = ob.stats()["depth"]
+    assert depth == len(msgs) - 9
+    ob.close()
+    ob = Outbox(db, kek, 60_000, min_free_bytes=0)
+    assert ob.stats()["depth"] == depth
+    ob.close()
