@@ -44,7 +44,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import egress, faults
 from agent.config import SAFE_ID, Config, MqttSettings
-from agent.errors import ConfigError, TransportError
+from agent.errors import ConfigError, EdgeAgentError, TransportError
 from agent.inbound import Inbound
 from agent.liveness import Liveness, Stage
 from agent.mqttloop import Wakeup, step
@@ -644,7 +644,12 @@ class Publisher:
     def _apply_acks(self) -> None:
         if self._acks:
             acks, self._acks = self._acks, []
-            self.outbox.ack_many(acks)
+            try:
+                self.outbox.ack_many(acks)
+            except EdgeAgentError as exc:
+                # As when each PUBACK was acked in its callback: the session goes on; a
+                # message whose ack did not stick is delivered again, same id.
+                log.error("outbox: could not record %d acknowledgements: %s", len(acks), exc)
 
     def _session(self, client: mqtt.Client) -> None:
         try:
