@@ -55,6 +55,7 @@ DEFAULT_MIN_FREE = 16 * 2**20
 WAL_PAGES = 1024  # 4 MiB with the default reserve
 ACK_BATCH = 256
 ACK_FLUSH_S = 0.2
+PEEKED_MAX = 4096  # sizes of peeked rows kept for their acks
 GUARD_CACHE = 64  # decoded guard headers kept: the messages of one study share theirs
 
 _SCHEMA = """
@@ -107,6 +108,9 @@ class Outbox:
         # The sealed guard header of a study's messages, decoded once: the same
         # PhiFingerprint object, whose compiled matcher the egress guard caches.
         self._guards: dict[bytes, PhiFingerprint] = {}
+        # (size, channel) of rows handed out by peek, so that their ack needs no look-up;
+        # a row deleted otherwise (coalesced, dropped, blocked) leaves it at once.
+        self._peeked: dict[int, tuple[int, str]] = {}
         try:
             self._db = sqlite3.connect(private_db(path), check_same_thread=False,
                                        isolation_level=None)
@@ -277,6 +281,8 @@ class Outbox:
 
     def _delete_rows(self, db: sqlite3.Connection, rows: list[tuple[int, int]]) -> None:
         db.executemany("DELETE FROM messages WHERE seq=?", [(s,) for s, _ in rows])
+        for s, _ in rows:
+            self._peeked.pop(s, None)
         freed = sum(size for _, size in rows)
         self._bytes -= freed
         self._n -= len(rows)
@@ -327,6 +333,11 @@ class Outbox:
                     "WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after_seq, limit + hidden)).fetchall()
                 rows = [r for r in rows if int(r[0]) not in self._acked][:limit]
+                # Noted while the lock holds, so a delete that follows finds the note
+                # (the size column is len(body)).
+                if len(self._peeked) > PEEKED_MAX:
+                    self._peeked.clear()  # leftovers of dropped sessions: looked up instead
+                self._peeked.update((int(r[0]), (len(r[3]), str(r[2]))) for r in rows)
         except sqlite3.Error as exc:
             raise _translate(exc, "read") from None
         out: list[OutboxMessage] = []
@@ -351,7 +362,9 @@ class Outbox:
             todo = sorted({s for s in seqs if s not in self._acked})
             if not todo:
                 return
-            rows: list[tuple[int, int, str]] = []
+            rows = [(s, *self._peeked.pop(s)) for s in todo if s in self._peeked]
+            known = {r[0] for r in rows}
+            todo = [s for s in todo if s not in known]
             try:
                 for i in range(0, len(todo), 500):  # SQLite's bound-parameter limit
                     part = todo[i:i + 500]
@@ -413,6 +426,7 @@ class Outbox:
         if seq in self._acked:
             return
         with self._tx("block") as db:
+            self._peeked.pop(seq, None)
             row = db.execute(
                 "SELECT event_id, channel, body, size FROM messages WHERE seq=?", (seq,)
             ).fetchone()
