@@ -150,13 +150,11 @@ def _joined(texts: Sequence[str]) -> tuple[str, list[int]]:
     return SEP.join(texts), starts
 
 
-# The ASCII characters str.split() splits on, other than a single space.
-_ODD_SPACE = ("  ", "\t", "\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
-
-
 def norm(s: str) -> str:
     """Whitespace-normalised lower case: how values and texts are compared."""
-    if s.isascii() and not any(c in s for c in _ODD_SPACE):
+    # Every ASCII character str.split() splits on other than the space (tab, newline,
+    # \x0b-\x0d, \x1c-\x1f) is a control character, so not printable.
+    if s.isascii() and s.isprintable() and "  " not in s:
         # Already single-spaced (most texts): the same result without a list of words.
         return s.strip(" ").lower()
     return " ".join(s.strip().lower().split())
