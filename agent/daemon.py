@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, control, faults, liveness, metrics, sdnotify, telemetry
+from agent import __version__, control, faults, liveness, sdnotify
 from agent.audit import AuditLog
 from agent.audit.atna import AtnaSender
 from agent.config import Config
@@ -35,13 +35,14 @@ from agent.errors import ConfigError, EdgeAgentError, OutOfResources
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.keyrotate import hold_state_lock
-from agent.outbox import Outbox
 from agent.pipeline import Pipeline
-from agent.publish import Publisher
 from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
 from agent.results.link import LinkStore
+from agent.uplink import cloudevents, metrics, telemetry
+from agent.uplink.outbox import Outbox
+from agent.uplink.publish import Publisher
 
 log = logging.getLogger("edge_agent.daemon")
 
@@ -113,7 +114,7 @@ class Daemon:
             peer_key=self.pseudonym_key,
         )
         # The full records (PHI included) to the hospital's ATNA audit repository: the
-        # audit log is its durable outbox (agent/audit/atna.py, agent/egresspolicy.py).
+        # audit log is its durable outbox (agent/audit/atna.py, agent/uplink/egresspolicy.py).
         self.atna: AtnaSender | None = None
         if cfg.atna.enabled:
             self.atna = AtnaSender(cfg, state / "audit" / "audit.db", self.kek,

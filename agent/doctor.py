@@ -258,7 +258,7 @@ def check_broker(cfg: Config, timeout: float) -> Iterator[Check]:
     if running is not None:
         yield running
         return
-    publish = importlib.import_module("agent.publish")
+    publish = importlib.import_module("agent.uplink.publish")
     probe: Callable[..., tuple[bool, str]] | None = getattr(publish, "probe", None)
     if probe is None:
         yield _warn(name, "this build has no MQTT probe", "upgrade edge-agent")

@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent import cloudevents
 from agent.audit import AuditLog
 from agent.config import Config
 from agent.crypto import (
@@ -45,9 +44,10 @@ from agent.crypto import (
 )
 from agent.errors import CryptoError, EdgeAgentError, OutOfResources, StorageError
 from agent.inbox import Inbox
-from agent.outbox import Outbox
 from agent.quarantine import Quarantine
 from agent.results.link import LinkStore
+from agent.uplink import cloudevents
+from agent.uplink.outbox import Outbox
 
 LOCK_NAME = "daemon.lock"
 

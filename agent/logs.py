@@ -16,7 +16,7 @@ import sys
 import threading
 from types import TracebackType
 
-from agent.egress import ScrubFilter
+from agent.uplink.egress import ScrubFilter
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators (some
 # viewers break lines on them).

@@ -23,14 +23,12 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from agent import cloudevents, egress, vocabulary
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine
 from agent.liveness import Beat, no_beat
-from agent.outbox import Outbox
 from agent.quarantine import Quarantine
 from agent.results.link import LinkStore, Originals
 from agent.types import (
@@ -43,6 +41,8 @@ from agent.types import (
     ReceivedInstance,
     Study,
 )
+from agent.uplink import cloudevents, egress, vocabulary
+from agent.uplink.outbox import Outbox
 
 log = logging.getLogger("edge_agent.pipeline")
 
@@ -333,7 +333,7 @@ class Pipeline:
                 "instances_received": r.instances_received,
                 "instances_processed": r.instances_processed,
                 # Rule codes with their fixed descriptions, never the box-local reason:
-                # no text derived from the instance leaves the box (agent/vocabulary.py).
+                # no text derived from the instance leaves the box (agent/uplink/vocabulary.py).
                 "quarantined": [_quarantine_json(q) for q in r.quarantined],
             },
             "status": r.status,

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS items (
 
 
 def reason_code(reason: str) -> str:
-    """The fixed vocabulary code of a stored reason (agent/vocabulary.py QUARANTINE)."""
+    """The fixed vocabulary code of a stored reason (agent/uplink/vocabulary.py QUARANTINE)."""
     if reason.startswith("cannot de-identify"):
         return "not-deidentifiable"
     return burnedin.reason_code(reason)

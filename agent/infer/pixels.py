@@ -28,7 +28,7 @@ from pydicom.valuerep import IS, DSfloat
 from agent import pixelbound
 from agent.errors import ModelError
 from agent.infer.preprocess import ImageInput
-from agent.vocabulary import transfer_syntax_keyword
+from agent.uplink.vocabulary import transfer_syntax_keyword
 
 # Where enhanced multi-frame objects keep per-frame technical attributes.
 _FUNCTIONAL_GROUPS = {

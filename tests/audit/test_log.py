@@ -304,7 +304,7 @@ def test_full_disk_never_raises_and_recovers(tmp_path: Path) -> None:
 def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> None:
     import jsonschema  # a dev dependency (pyproject [dev]): never skipped
 
-    from agent import cloudevents, egress
+    from agent.uplink import cloudevents, egress
 
     schema = json.loads((REPO / "docs" / "schemas" / "audit.schema.json").read_text())
     log = ab.open()

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule, burnedin
 from agent.deid.pseudonym import Pseudonymizer
-from agent.vocabulary import QUARANTINE
+from agent.uplink.vocabulary import QUARANTINE
 
 US_RULE = PixelCleanRule(
     manufacturer="G.E. Medical Systems",

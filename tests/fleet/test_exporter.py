@@ -18,7 +18,7 @@ from fleet_helpers import Exporter, Prometheus, add_box, ops_config, publish_as,
 from pydicom.data import get_testdata_file
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
 
-from agent import cloudevents
+from agent.uplink import cloudevents
 from fleet.exporter import FAMILIES
 
 GROUP = "exporters"

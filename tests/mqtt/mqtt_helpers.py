@@ -21,13 +21,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from support import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
 
-from agent import cloudevents
 from agent import config as cfgmod
 from agent.crypto import KeyEncryptionKey
-from agent.outbox import Outbox
 from agent.pki import PrivateKey, issue, load_cert, load_key, make_ca, write_pair
-from agent.publish import Publisher
 from agent.types import PhiFingerprint
+from agent.uplink import cloudevents
+from agent.uplink.outbox import Outbox
+from agent.uplink.publish import Publisher
 
 
 def dev_ca(box: Box) -> tuple[PrivateKey, Any]:

@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from mqtt_helpers import Collector
 from support import REPO, Box, Broker, Daemon, set_config, wait_for
 
-from agent import cloudevents, egress, vocabulary
 from agent import config as cfgmod
 from agent.audit import tail
 from agent.crypto import KeyEncryptionKey
 from agent.deid import Deidentifier, DeidSettings
-from agent.outbox import Outbox
 from agent.types import PhiFingerprint
+from agent.uplink import cloudevents, egress, vocabulary
+from agent.uplink.outbox import Outbox
 
 NAME = "Müller^Zebulon"
 PID = "PID-55-CANARY"

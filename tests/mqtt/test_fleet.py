@@ -14,7 +14,7 @@ from typing import Any
 from mqtt_helpers import harness
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
 
-from agent import cloudevents
+from agent.uplink import cloudevents
 from fleet.settings import load_ops
 from fleet.view import FleetView
 

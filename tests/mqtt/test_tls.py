@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
 
 from agent import config as cfgmod
-from agent import publish
 from agent.errors import ConfigError
 from agent.pki import issue, load_cert, load_key
+from agent.uplink import publish
 
 
 def settings(box: Box) -> cfgmod.MqttSettings:

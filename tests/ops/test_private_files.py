@@ -23,8 +23,8 @@ from support import Box, Broker, Daemon, Subscriber, wait_for
 
 from agent.audit.store import connect
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.outbox import Outbox
 from agent.quarantine import Quarantine
+from agent.uplink.outbox import Outbox
 
 
 def mode(p: Path) -> int:

@@ -42,11 +42,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import egress, faults
+from agent import faults
 from agent.config import SAFE_ID, Config, MqttSettings
 from agent.errors import ConfigError, TransportError
 from agent.liveness import Liveness, Stage
-from agent.outbox import Outbox
+from agent.uplink import egress
+from agent.uplink.outbox import Outbox
 
 log = logging.getLogger("edge_agent.publish")
 

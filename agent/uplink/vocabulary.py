@@ -8,7 +8,7 @@ two harmless words once they are in a sentence.  Texts with numbers in them
 (review reasons, explanations) are made from the templates below and nothing
 else.
 
-The egress guard (agent/egress.py) exempts exactly these words from its study
+The egress guard (agent/uplink/egress.py) exempts exactly these words from its study
 value check: a fixed string is ours however it coincides with a patient's name
 ("none", "rule", "frame"), and a template's fixed parts likewise; the holes of
 a template are still checked.  Words that come from configuration or a signed

@@ -16,7 +16,7 @@ What is checked, for a CloudEvent (everything we publish is one):
   ``time`` for the StudyDate would block most of a department's results.
   ``subject`` and any other attribute are checked like ``data``;
 * in ``data``, every string (keys included) and number is a value.  The box's
-  own words (agent/vocabulary.py: rule codes, fixed descriptions, words fixed
+  own words (agent/uplink/vocabulary.py: rule codes, fixed descriptions, words fixed
   by configuration or a signed model manifest, standard DICOM UID keywords and
   standard UIDs) are ours however they coincide with a name ("options: none"
   and a patient NONE^BOB); a text made from a vocabulary template is checked
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent import cloudevents, vocabulary
 from agent.types import PhiFingerprint
+from agent.uplink import cloudevents, vocabulary
 
 # Patterns that never belong in what we publish: DICOM person names
 # (Family^Given), US SSNs, and the UID roots real equipment uses (our own

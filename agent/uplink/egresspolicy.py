@@ -5,7 +5,7 @@ protected health information (docs/threat-model.md, docs/hipaa.md):
 
 * **central ops over MQTT**: never PHI.  De-identified results, the
   pseudonymised audit projection and aggregate telemetry only; the egress
-  guard (agent/egress.py) checks every payload before it is sent.
+  guard (agent/uplink/egress.py) checks every payload before it is sent.
 * **the hospital's ATNA audit repository** (``[atna]``): the complete local
   audit records, PHI included by design (who accessed which patient's data is
   what the hospital's security office audits).  Only to the one collector an
