@@ -760,7 +760,7 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from None
-    from agent import credentials  # here, not at the top: credentials imports this module
+    from agent.identity import credentials  # here, not at the top: credentials imports this module
 
     # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
     return credentials.apply(parse(data, p))

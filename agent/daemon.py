@@ -3,7 +3,7 @@
 Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
 studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
 ``atna`` (the audit log to the hospital's audit repository, when configured),
-``watchdog`` (feeds systemd only while every stage beats, see agent/liveness.py).
+``watchdog`` (feeds systemd only while every stage beats, see agent/ops/liveness.py).
 SIGTERM/SIGINT stop intake first, let the current study finish, drain the
 outbox for a bounded time, publish the offline status and exit 0.  Studies
 still open stay open on disk and resume on the next start.
@@ -25,16 +25,17 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, control, faults, liveness, sdnotify
+from agent import __version__
 from agent.audit import AuditLog
 from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
+from agent.identity.keyrotate import hold_state_lock
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine, InferenceSettings
-from agent.keyrotate import hold_state_lock
+from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
 from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
@@ -390,7 +391,7 @@ class Daemon:
     _LIVENESS_PERIOD = 5.0
 
     def _watchdog(self) -> None:
-        """Feed systemd's watchdog only while every stage is live (agent/liveness.py)."""
+        """Feed systemd's watchdog only while every stage is live (agent/ops/liveness.py)."""
         interval = sdnotify.watchdog_interval()
         period = min(interval, self._LIVENESS_PERIOD) if interval else self._LIVENESS_PERIOD
         while not self._stop.is_set():

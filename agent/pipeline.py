@@ -28,7 +28,7 @@ from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
 from agent.inbox import Inbox
 from agent.infer import InferenceEngine
-from agent.liveness import Beat, no_beat
+from agent.ops.liveness import Beat, no_beat
 from agent.quarantine import Quarantine
 from agent.results.link import LinkStore, Originals
 from agent.types import (
@@ -171,7 +171,7 @@ class Pipeline:
         self.cfg = cfg
         # [results] enabled: the encrypted link back into each original study.
         self.links = links
-        # The assembler's liveness heartbeat (agent/liveness.py): a study of many
+        # The assembler's liveness heartbeat (agent/ops/liveness.py): a study of many
         # instances must not look like a hang.
         self.beat: Beat = beat or no_beat
         self.inbox = inbox

@@ -18,12 +18,12 @@ from typing import Annotated, Any
 import typer
 
 from agent import config as cfgmod
-from agent import control
 from agent.audit import records_between, tail, verify, write_atna_xml, write_jsonl
 from agent.audit.cli import CliEvent, db_path, record_cli
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.errors import AccessDenied, AuditError, EdgeAgentError
+from agent.ops import control
 
 audit_app = typer.Typer(help="Verify, export and read the audit trail.", no_args_is_help=True)
 

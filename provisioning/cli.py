@@ -80,7 +80,7 @@ def provision_dev(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Create (idempotently) a throwaway development box with a local mTLS broker config."""
-    from agent.devbox import provision_dev as make
+    from agent.ops.devbox import provision_dev as make
 
     try:
         box = make(state_dir, dicom_port=dicom_port, mqtt_port=mqtt_port, models_dir=models_dir,

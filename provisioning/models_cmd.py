@@ -20,11 +20,11 @@ from typing import Annotated, Literal, cast
 
 import typer
 
-from agent import control
 from agent.config import Config
 from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 from agent.infer.registry import Environment, ModelPackage, Registry, enforce
 from agent.infer.signing import load_public_keys
+from agent.ops import control
 
 ModelsDirOpt = Annotated[Path | None, typer.Option("--models-dir", help="installed model packages")]
 StateDirOpt = Annotated[
@@ -179,7 +179,7 @@ def _audit(cfg: Config, action: str, *, outcome: str = "success",
            change: dict[str, object] | None = None, error: str | None = None) -> None:
     """Record the change in the box's audit log with the Unix user (and the sudo user)."""
     from agent.audit.cli import CliEvent, record_cli
-    from agent.identity import give_tree, owner_of
+    from agent.identity.certificates import give_tree, owner_of
 
     events = []
     if change is not None:

@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from agent import control
 from agent.config import Config, ControlSettings
 from agent.errors import AccessDenied, ConfigError, EdgeAgentError
+from agent.ops import control
 
 ConfigOpt = Annotated[
     Path | None,
@@ -186,12 +186,12 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     try:
-        mod = importlib.import_module("agent.keyrotate")
+        mod = importlib.import_module("agent.identity.keyrotate")
     except ModuleNotFoundError as exc:
-        if exc.name != "agent.keyrotate":
+        if exc.name != "agent.identity.keyrotate":
             raise
         raise _fail("key rotation is not available in this build "
-                    "(agent.keyrotate is missing)") from None
+                    "(agent.identity.keyrotate is missing)") from None
     try:
         result = mod.rotate_keys(cfg, user=control.user_name(os.getuid()))
     except EdgeAgentError as exc:
@@ -229,7 +229,7 @@ def provision_init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create the box keys, a device key and CSR for the fleet CA, and a config."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         r = identity.init(device_id, site, state_dir, config_path=config, mqtt_host=mqtt_host,
@@ -261,7 +261,7 @@ def _write_error(exc: OSError) -> EdgeAgentError:
 
 
 def _identity_ctx(config: Path | None) -> tuple[Config, Path]:
-    from agent import identity
+    from agent.identity import certificates as identity
 
     cfg = _load(config)
     _require_admin(cfg.control, "change the device identity")
@@ -275,7 +275,7 @@ def provision_install_cert(
     config: ConfigOpt = None,
 ) -> None:
     """Check chain, key match, validity and clientAuth usage, then install (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     loaded: Config | None = None
     try:
@@ -313,7 +313,7 @@ def provision_rotate_cert(
         "--new", help="discard a pending CSR and make another")] = False,
 ) -> None:
     """New device key + CSR beside the working identity; install-cert switches (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         cfg, pki = _identity_ctx(config)
@@ -358,7 +358,7 @@ def doctor(
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
     ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
     Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
-    from agent import doctor as doc
+    from agent.ops import doctor as doc
 
     report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))
     typer.echo(json.dumps(doc.as_json(report), indent=2) if as_json else doc.render(report))

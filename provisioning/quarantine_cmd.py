@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from agent import control
 from agent.errors import AccessDenied, EdgeAgentError
+from agent.ops import control
 from provisioning.ops_cmd import ConfigOpt, JsonOpt, SocketOpt, _fail, _socket_path
 
 app = typer.Typer(help="Privacy officer: review quarantined instances.", no_args_is_help=True)

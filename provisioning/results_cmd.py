@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from agent import control
 from agent.errors import AccessDenied, EdgeAgentError
+from agent.ops import control
 
 results_app = typer.Typer(help="Result objects for the original study (SR, GSPS, key image).",
                           no_args_is_help=True)

@@ -45,7 +45,7 @@ from typing import Any
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, write_file_atomic
 from agent.errors import AuditError, EdgeAgentError, TransportError
-from agent.liveness import Beat, no_beat
+from agent.ops.liveness import Beat, no_beat
 from agent.uplink import egresspolicy
 
 from . import fhir, syslog

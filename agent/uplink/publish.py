@@ -42,10 +42,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import faults
 from agent.config import SAFE_ID, Config, MqttSettings
 from agent.errors import ConfigError, TransportError
-from agent.liveness import Liveness, Stage
+from agent.ops import faults
+from agent.ops.liveness import Liveness, Stage
 from agent.uplink import egress
 from agent.uplink.outbox import Outbox
 

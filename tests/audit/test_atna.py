@@ -31,7 +31,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
 
-from agent.pki import issue, make_ca, write_pair
+from agent.identity.pki import issue, make_ca, write_pair
 
 pytestmark = pytest.mark.skipif(
     not rsyslog.available() or shutil.which("echoscu") is None,

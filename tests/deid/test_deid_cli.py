@@ -13,7 +13,7 @@ from deid_support import KEY, Recipient, sample_path
 from typer.testing import CliRunner
 
 from agent.crypto import write_secret_file
-from agent.devbox import provision_dev
+from agent.ops.devbox import provision_dev
 from provisioning import deid_cmd
 
 

@@ -28,7 +28,7 @@ from support import (
 
 from agent import config as agent_config
 from agent.errors import EdgeAgentError
-from agent.keyrotate import install_new_kek, old_kek_path, rotate_keys
+from agent.identity.keyrotate import install_new_kek, old_kek_path, rotate_keys
 
 RESULT_LINE = re.compile(r"-> result ([0-9a-f-]{36})")
 

@@ -17,7 +17,7 @@ from typing import Any
 from support import EDGE_AGENT, REPO, Box, free_port, set_config, wait_for, wait_port
 
 from agent.crypto import write_secret_file
-from agent.pki import issue, load_cert, load_key, write_pair
+from agent.identity.pki import issue, load_cert, load_key, write_pair
 
 RULES = REPO / "fleet" / "prometheus" / "edge-agent.rules.yml"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
 
-from agent import control
+from agent.ops import control
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
 from rx_support import big_instance, ct_files, dcmtk  # noqa: E402

@@ -23,7 +23,7 @@ from support import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
 
 from agent import config as cfgmod
 from agent.crypto import KeyEncryptionKey
-from agent.pki import PrivateKey, issue, load_cert, load_key, make_ca, write_pair
+from agent.identity.pki import PrivateKey, issue, load_cert, load_key, make_ca, write_pair
 from agent.types import PhiFingerprint
 from agent.uplink import cloudevents
 from agent.uplink.outbox import Outbox

@@ -23,7 +23,7 @@ import pytest
 from mqtt_helpers import daemon_mqtt, dev_ca, harness, mqtt_client, publish_acked, write_cert
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, set_config, wait_for
 
-from agent.pki import issue
+from agent.identity.pki import issue
 from agent.uplink import cloudevents
 
 ACCEPTED = (0x00, 0x10)  # success, and success with "no matching subscribers"

@@ -22,7 +22,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from support import REPO, Box, Broker, Daemon, free_port, set_config, wait_for
 
-from agent.pki import issue
+from agent.identity.pki import issue
 from agent.uplink import metrics
 
 SCHEMAS = REPO / "docs" / "schemas"

@@ -27,7 +27,7 @@ from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
 
 from agent import config as cfgmod
 from agent.errors import ConfigError
-from agent.pki import issue, load_cert, load_key
+from agent.identity.pki import issue, load_cert, load_key
 from agent.uplink import publish
 
 

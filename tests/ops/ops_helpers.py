@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from support import EDGE_AGENT, REPO
 
-from agent.pki import PrivateKey, cert_pem
+from agent.identity.pki import PrivateKey, cert_pem
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

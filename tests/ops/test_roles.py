@@ -30,7 +30,7 @@ import pytest
 from ops_helpers import cli
 from support import Box, Broker, Daemon, set_config, wait_for
 
-from agent import control
+from agent.ops import control
 
 # Root is an environment, not a package: without it the test is skipped (CI runs as root).
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the "

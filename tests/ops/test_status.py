@@ -10,7 +10,7 @@ import subprocess
 
 from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
 
-from agent.pki import issue, load_cert, load_key, write_pair
+from agent.identity.pki import issue, load_cert, load_key, write_pair
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -135,7 +135,7 @@ def check_permissions(cfg: Config) -> Iterator[Check]:
 
 
 def check_certificate(cfg: Config) -> Iterator[Check]:
-    from agent import identity
+    from agent.identity import certificates as identity
 
     name = "certificate"
     try:
@@ -183,7 +183,7 @@ def check_clock(cfg: Config) -> Iterator[Check]:
 
 
 def _daemon_alive(cfg: Config) -> bool:
-    from agent import control
+    from agent.ops import control
 
     try:
         control.request(cfg.control.socket, "whoami", timeout=3.0)
@@ -225,7 +225,7 @@ def _daemon_link(cfg: Config) -> Check | None:
     The broker gives the box's certificate exactly one session (it binds the client id to
     the certificate name), so a probe with that certificate would take the daemon's
     session over: while the daemon runs, its link is the one to report."""
-    from agent import control
+    from agent.ops import control
 
     if not _daemon_alive(cfg):
         return None

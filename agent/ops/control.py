@@ -44,10 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__, credentials
+from agent import __version__
 from agent.config import ControlSettings
 from agent.errors import AccessDenied, EdgeAgentError
-from agent.liveness import Liveness, Stage
+from agent.identity import credentials
+from agent.ops.liveness import Liveness, Stage
 from agent.uplink import telemetry
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.crypto import write_secret_file
-from agent.pki import issue, load_cert, load_key, make_ca, write_pair
+from agent.identity.pki import issue, load_cert, load_key, make_ca, write_pair
 
 DEV_SITE = "dev-site"
 DEV_DEVICE = "dev-box"
@@ -23,7 +23,7 @@ DEV_CALLING = ("STORESCU", "FINDSCU", "ECHOSCU", "PYNETDICOM", "ORTHANC", "MODAL
 
 
 def repo_models_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass(frozen=True)

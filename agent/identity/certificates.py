@@ -32,7 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.crypto import fsync_dir, write_file_atomic, write_secret_file
 from agent.errors import CryptoError, EdgeAgentError
-from agent.pki import PrivateKey, key_pem, load_key, new_key
+from agent.identity.pki import PrivateKey, key_pem, load_key, new_key
 
 SERVICE_USER = "edge-agent"
 WARN_DAYS = 30
