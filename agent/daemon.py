@@ -33,14 +33,14 @@ from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
 from agent.identity.keyrotate import hold_state_lock
-from agent.inbox import Inbox
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
-from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
 from agent.results.link import LinkStore
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
 from agent.uplink import cloudevents, metrics, telemetry
 from agent.uplink.outbox import Outbox
 from agent.uplink.publish import Publisher
@@ -123,7 +123,7 @@ class Daemon:
                                    beat=self._atna_beat)
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
-        # Kept for the privacy officer's release (agent/quarantine_review.py).
+        # Kept for the privacy officer's release (agent/store/quarantine_review.py).
         self.deidentifier_settings = deid_settings(cfg)
         self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key)
         self.engine = InferenceEngine(

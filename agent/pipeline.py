@@ -26,11 +26,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
-from agent.inbox import Inbox
 from agent.infer import InferenceEngine
 from agent.ops.liveness import Beat, no_beat
-from agent.quarantine import Quarantine
 from agent.results.link import LinkStore, Originals
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -326,7 +326,7 @@ class Pipeline:
     def payload_for(self, study_key: str, version: str, r: InferenceResult,
                     ) -> tuple[str, bytes]:
         """The result event; ``version`` also names a released quarantined instance
-        (agent/quarantine_review.py), so its result has an id of its own."""
+        (agent/store/quarantine_review.py), so its result has an id of its own."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,

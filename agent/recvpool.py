@@ -57,7 +57,6 @@ from typing import Any
 from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
 from agent.dicomtls import listen_error
-from agent.inbox import Inbox, StoreReceipt
 from agent.ops.liveness import Stage
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
 from agent.receive import (
@@ -69,6 +68,7 @@ from agent.receive import (
     audit_refused,
     install_streaming,
 )
+from agent.store.inbox import Inbox, StoreReceipt
 
 log = logging.getLogger("edge_agent.receive")
 

@@ -43,9 +43,9 @@ from agent.crypto import (
     write_secret_file,
 )
 from agent.errors import CryptoError, EdgeAgentError, OutOfResources, StorageError
-from agent.inbox import Inbox
-from agent.quarantine import Quarantine
 from agent.results.link import LinkStore
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
 from agent.uplink import cloudevents
 from agent.uplink.outbox import Outbox
 

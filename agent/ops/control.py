@@ -660,7 +660,7 @@ def quarantine_commands(d: Daemon) -> dict[str, Command]:
     and the item's pseudonymous refs (never a value from the instance)."""
     import base64
 
-    from agent import quarantine_review as qr
+    from agent.store import quarantine_review as qr
 
     privacy = frozenset({PRIVACY})
 

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.inbox import Inbox
+from agent.store.inbox import Inbox
 
 QUIET = 5.0
 

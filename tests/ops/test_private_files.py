@@ -23,7 +23,7 @@ from support import Box, Broker, Daemon, Subscriber, wait_for
 
 from agent.audit.store import connect
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.quarantine import Quarantine
+from agent.store.quarantine import Quarantine
 from agent.uplink.outbox import Outbox
 
 

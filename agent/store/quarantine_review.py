@@ -13,7 +13,7 @@ and the audit record names the officer and the attestation.  An encapsulated
 document cannot be attested (its content is not pixels).  Once the result is durable
 in the outbox the item is crypto-shredded.
 
-``purge``: crypto-shred the item (agent/quarantine.py).
+``purge``: crypto-shred the item (agent/store/quarantine.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image
 from agent.deid import Deidentifier, PixelCleanRule, burnedin
 from agent.errors import DeidError, EdgeAgentError
 from agent.pipeline import parse_instance
-from agent.quarantine import Item, Quarantine
+from agent.store.quarantine import Item, Quarantine
 from agent.types import DeidentifiedStudy, InferenceResult, PhiFingerprint
 
 if TYPE_CHECKING:

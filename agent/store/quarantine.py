@@ -1,7 +1,7 @@
 """Quarantine: instances that must not go on (possible burned-in text, corrupt).
 
 They are kept sealed (AES-256-GCM) with the reason, for a privacy officer to review
-(agent/quarantine_review.py); they are never published.  Each item has a data key of
+(agent/store/quarantine_review.py); they are never published.  Each item has a data key of
 its own, wrapped by the KEK and stored in its index row: purging an item (officer's
 ``purge``, retention, or after a ``release``) deletes that row under
 ``secure_delete`` and so makes the sealed file unrecoverable even if a copy of it
