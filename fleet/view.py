@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import BOX_NAME
 from agent.uplink.cloudevents import TYPE_PREFIX
-from agent.uplink.publish import tls_context
+from agent.uplink.mqtt_tls import tls_context
 from fleet.settings import OpsSettings
 
 STALE_INTERVALS = 3

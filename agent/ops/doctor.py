@@ -258,8 +258,8 @@ def check_broker(cfg: Config, timeout: float) -> Iterator[Check]:
     if running is not None:
         yield running
         return
-    publish = importlib.import_module("agent.uplink.publish")
-    probe: Callable[..., tuple[bool, str]] | None = getattr(publish, "probe", None)
+    mqtt_tls = importlib.import_module("agent.uplink.mqtt_tls")
+    probe: Callable[..., tuple[bool, str]] | None = getattr(mqtt_tls, "probe", None)
     if probe is None:
         yield _warn(name, "this build has no MQTT probe", "upgrade edge-agent")
         return
