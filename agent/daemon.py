@@ -45,7 +45,7 @@ from agent.uplink import cloudevents, metrics, telemetry
 from agent.uplink.outbox import Outbox
 from agent.uplink.publish import Publisher
 
-log = logging.getLogger("edge_agent.daemon")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

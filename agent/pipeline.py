@@ -44,7 +44,7 @@ from agent.types import (
 from agent.uplink import cloudevents, egress, vocabulary
 from agent.uplink.outbox import Outbox
 
-log = logging.getLogger("edge_agent.pipeline")
+log = logging.getLogger(__name__)
 
 AuditFn = Callable[..., None]
 

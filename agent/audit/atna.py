@@ -52,7 +52,7 @@ from . import fhir, syslog
 from .export import RecordRef, atna_message
 from .store import Row, Store, connect, iso, open_record
 
-log = logging.getLogger("edge_agent.atna")
+log = logging.getLogger(__name__)
 
 BATCH = 200  # records per write
 BATCH_BYTES = 1 << 20

@@ -54,7 +54,7 @@ from agent.uplink import telemetry
 if TYPE_CHECKING:
     from agent.daemon import Daemon
 
-log = logging.getLogger("edge_agent.control")
+log = logging.getLogger(__name__)
 
 OPERATOR, ADMIN, AUDITOR = "operator", "admin", "auditor"
 PRIVACY, REVIEWER = "privacy", "reviewer"

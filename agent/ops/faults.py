@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 
-log = logging.getLogger("edge_agent.faults")
+log = logging.getLogger(__name__)
 
 MODE_VAR = "EDGE_AGENT_TEST_MODE"
 FAULTS_VAR = "EDGE_AGENT_TEST_FAULTS"

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-log = logging.getLogger("edge_agent.liveness")
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 Probe = Callable[[], str | None]  # a reason when the stage is not live, else None

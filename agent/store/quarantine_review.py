@@ -35,7 +35,7 @@ from agent.types import DeidentifiedStudy, InferenceResult, PhiFingerprint
 if TYPE_CHECKING:
     from agent.daemon import Daemon
 
-log = logging.getLogger("edge_agent.quarantine")
+log = logging.getLogger(__name__)
 
 MAX_PNG_SIDE = 4096  # larger frames are scaled down: a look, not a diagnostic copy
 

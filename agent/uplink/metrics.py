@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-log = logging.getLogger("edge_agent.metrics")
+log = logging.getLogger(__name__)
 
 PREFIX = "edge_agent"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from agent.config import Config
 
-log = logging.getLogger("edge_agent.telemetry")
+log = logging.getLogger(__name__)
 
 _START = time.time()
 CERT_WARN_DAYS = 30.0
