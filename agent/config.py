@@ -20,6 +20,8 @@ from typing import Any, Literal, TypeVar, cast
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+# MQTT over TLS (IANA); [mqtt] port of a box and of ops.toml (fleet/settings.py).
+MQTT_TLS_PORT = 8883
 
 # Identities end up in MQTT topics and client ids: a safe alphabet keeps one box
 # from reaching into another's topics ("+", "#", "/" are MQTT syntax).
@@ -294,7 +296,7 @@ T = TypeVar("T")
 _MISSING = object()
 
 
-def _default(cls: type, name: str) -> Any:
+def field_default(cls: type, name: str) -> Any:
     """The default of a settings field: the dataclasses above are the one place a
     default is written down; the parser and docs/configuration.md follow them."""
     for f in dataclasses.fields(cls):
@@ -360,7 +362,7 @@ class _Reader:
     def field(self, cls: type, key: str, kind: type[T] | tuple[type, ...], *,
               check: Callable[[Any], str | None] | None = None, allowed: str = "") -> T:
         """``key`` ("section.name"), defaulting to the ``name`` field default of ``cls``."""
-        return self.get(key, kind, _default(cls, key.rsplit(".", 1)[1]), check=check,
+        return self.get(key, kind, field_default(cls, key.rsplit(".", 1)[1]), check=check,
                         allowed=allowed)
 
     def path(self, key: str, default: str | None | object = _MISSING) -> Path | None:
@@ -589,7 +591,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     bad = [o for o in opts if o not in DEID_OPTIONS]
     if bad:
         r.problems.append(f"[deid.options] unknown option(s) {bad}; allowed: {', '.join(DEID_OPTIONS)}")
-    mode = r.choice("deid.mode", ("strip", "encrypt"), _default(DeidConfig, "mode"))
+    mode = r.choice("deid.mode", ("strip", "encrypt"), field_default(DeidConfig, "mode"))
     recips = r.get("deid.recipients", list, [])
     recipients = tuple((base / p) if not Path(p).is_absolute() else Path(p) for p in recips if isinstance(p, str))
     if mode == "encrypt" and not recipients:
@@ -617,7 +619,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     )
     mqtt = MqttSettings(
         host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
-        port=r.get("mqtt.port", int, 8883, check=_port),
+        port=r.get("mqtt.port", int, MQTT_TLS_PORT, check=_port),
         ca=r.require_path("mqtt.ca"),
         cert=r.require_path("mqtt.cert"),
         key=r.require_path("mqtt.key"),
@@ -626,7 +628,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         keepalive=r.field(MqttSettings, "mqtt.keepalive", int, check=_positive),
         session_expiry_seconds=r.field(MqttSettings, "mqtt.session_expiry_seconds", int, check=_positive),
         inflight=r.field(MqttSettings, "mqtt.inflight", int, check=_positive),
-        crl=r.path("mqtt.crl", _default(MqttSettings, "crl")),
+        crl=r.path("mqtt.crl", field_default(MqttSettings, "crl")),
         tls_server_name=r.get("mqtt.tls_server_name", (str, type(None)), None),
     )
     telemetry = TelemetrySettings(
@@ -712,7 +714,7 @@ def _atna_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool)
 
 def _atna(r: _Reader) -> AtnaSettings:
     enabled = r.field(AtnaSettings, "atna.enabled", bool)
-    fmt = r.choice("atna.format", ATNA_FORMATS, _default(AtnaSettings, "format"))
+    fmt = r.choice("atna.format", ATNA_FORMATS, field_default(AtnaSettings, "format"))
     facility: int | str = r.field(AtnaSettings, "atna.facility", (int, str), check=_facility,
                                   allowed="a syslog facility number 0-23 or name like 'authpriv'")
     host = r.field(AtnaSettings, "atna.host", str)
@@ -720,9 +722,9 @@ def _atna(r: _Reader) -> AtnaSettings:
         enabled=enabled,
         host=host,
         port=r.field(AtnaSettings, "atna.port", int, check=_port),
-        ca_file=r.path("atna.ca_file", _default(AtnaSettings, "ca_file")),
-        cert_file=r.path("atna.cert_file", _default(AtnaSettings, "cert_file")),
-        key_file=r.path("atna.key_file", _default(AtnaSettings, "key_file")),
+        ca_file=r.path("atna.ca_file", field_default(AtnaSettings, "ca_file")),
+        cert_file=r.path("atna.cert_file", field_default(AtnaSettings, "cert_file")),
+        key_file=r.path("atna.key_file", field_default(AtnaSettings, "key_file")),
         format=cast(Literal["dicom-xml", "fhir-json"], fmt),
         app_name=r.field(AtnaSettings, "atna.app_name", str,
                        check=lambda v: None if APP_NAME.match(v) else
