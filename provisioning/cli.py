@@ -17,6 +17,7 @@ import typer
 
 from agent import __version__
 from agent.errors import EdgeAgentError
+from provisioning.options import ConfigOpt, fail
 
 app = typer.Typer(
     name="edge-agent",
@@ -29,18 +30,6 @@ provision_app = typer.Typer(help="Set up a box's identity, keys and config.", no
 fleet_app = typer.Typer(help="Central ops: watch the fleet over MQTT.", no_args_is_help=True)
 app.add_typer(provision_app, name="provision")
 app.add_typer(fleet_app, name="fleet")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
-                                        "or $EDGE_AGENT_CONFIG)"),
-]
-
-
-def fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
 
 @app.command()
 def version() -> None:

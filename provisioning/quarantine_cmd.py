@@ -15,7 +15,9 @@ import typer
 
 from agent.errors import AccessDenied, EdgeAgentError
 from agent.ops import control
-from provisioning.ops_cmd import ConfigOpt, JsonOpt, SocketOpt, _fail, _socket_path
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt
+from provisioning.options import fail as _fail
+from provisioning.options import socket_path as _socket_path
 
 app = typer.Typer(help="Privacy officer: review quarantined instances.", no_args_is_help=True)
 IdArg = Annotated[int, typer.Argument(help="the id from 'edge-agent quarantine list'")]
