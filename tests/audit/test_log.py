@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from audit_helpers import BOX, AuditBox, fill
 
 import agent.audit.log as audit_log_module
 from agent.audit import CATALOGUE, AuditLog, kind_of, records_between, verify
 from agent.config import AuditSettings
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AuditError
+from tests.helpers.audit import BOX, AuditBox, fill
 
 DAY = 86_400_000_000
 BASE = 1_790_000_000_000_000  # 2026-09-21

@@ -12,9 +12,12 @@ import threading
 
 import psutil
 import pytest
-from fault_support import SentStudy, check_nothing_lost, results, send
 from pydicom.uid import generate_uid
-from support import (
+
+from agent import config as agent_config
+from agent.errors import EdgeAgentError
+from agent.identity.keyrotate import install_new_kek, old_kek_path, rotate_keys
+from tests.helpers import (
     EDGE_AGENT,
     REPO,
     Box,
@@ -25,10 +28,7 @@ from support import (
     set_config,
     wait_for,
 )
-
-from agent import config as agent_config
-from agent.errors import EdgeAgentError
-from agent.identity.keyrotate import install_new_kek, old_kek_path, rotate_keys
+from tests.helpers.faults import SentStudy, check_nothing_lost, results, send
 
 RESULT_LINE = re.compile(r"-> result ([0-9a-f-]{36})")
 

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_helpers import (
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import config as cfgmod
+from agent.errors import ConfigError
+from agent.identity.pki import issue, load_cert, load_key
+from agent.uplink import mqtt_tls
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
+from tests.helpers.mqtt import (
     alt_broker,
     daemon_mqtt,
     expired_device,
@@ -22,13 +29,6 @@ from mqtt_helpers import (
     point_config_at,
     write_cert,
 )
-from paho.mqtt.enums import CallbackAPIVersion
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
-
-from agent import config as cfgmod
-from agent.errors import ConfigError
-from agent.identity.pki import issue, load_cert, load_key
-from agent.uplink import mqtt_tls
 
 
 def settings(box: Box) -> cfgmod.MqttSettings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from support import REPO
+from tests.helpers import REPO
 
 SOURCE = (REPO / "agent" / "config.py").read_text()
 DOC = (REPO / "docs" / "configuration.md").read_text()

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, Box, Broker, Subscriber, storescu, wait_port
+
+from tests.helpers import REPO, Box, Broker, Subscriber, storescu, wait_port
 
 UNIT_DIR = REPO / "systemd"
 UNIT = UNIT_DIR / "edge-agent.service"

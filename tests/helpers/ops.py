@@ -9,9 +9,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from support import EDGE_AGENT, REPO
 
 from agent.identity.pki import PrivateKey, cert_pem
+from tests.helpers import EDGE_AGENT, REPO
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import free_port, wait_port
+from tests.helpers import free_port, wait_port
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 GTLS = [Path(p) for p in ("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so",

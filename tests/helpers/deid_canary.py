@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 
 import pydicom
-from deid_support import sample_path
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset
@@ -19,6 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from agent.deid.rules import tag_int
 from agent.deid.table import TABLE
+from tests.helpers.deid import sample_path
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1077.1.1"
 SERIES_UID = "1.2.826.0.1.3680043.10.1077.1.2"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from support import Box, set_config
 
 from agent.types import DeidentifiedStudy
+from tests.helpers import Box, set_config
 from training.synth import SynthCase, to_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,13 +8,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,7 +20,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.waiting import free_port, wait_for, wait_port
+
+REPO = Path(__file__).resolve().parents[2]
 EDGE_AGENT = [sys.executable, "-m", "provisioning.cli"]
 
 # Programs the tests talk to, and the Debian package of each ('tools/setup.sh test'
@@ -64,7 +63,7 @@ def missing(what: str, fix: str) -> NoReturn:
 
 def find_peer(name: str) -> str | None:
     if name not in PEERS:
-        raise KeyError(f"unknown test peer {name!r}: add it to tests/support.py PEERS")
+        raise KeyError(f"unknown test peer {name!r}: add it to tests/helpers/peers.py PEERS")
     found = shutil.which(name)
     if found:
         return found
@@ -82,33 +81,6 @@ def require_peer(name: str) -> str:
         missing(f"test peer {name}",
                 f"apt-get install {PEERS[name]}, or run tools/setup.sh test")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.3)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 @dataclass

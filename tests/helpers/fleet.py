@@ -14,10 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support import EDGE_AGENT, REPO, Box, free_port, set_config, wait_for, wait_port
-
 from agent.crypto import write_secret_file
 from agent.identity.pki import issue, load_cert, load_key, write_pair
+from tests.helpers import EDGE_AGENT, REPO, Box, free_port, set_config, wait_for, wait_port
 
 RULES = REPO / "fleet" / "prometheus" / "edge-agent.rules.yml"
 

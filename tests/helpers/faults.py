@@ -4,29 +4,25 @@ the "nothing lost" checks of DESIGN.md."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import pydicom
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import Box, Subscriber
 
 from agent.crypto import load_key_file
 from agent.deid.pseudonym import Pseudonymizer
+from tests.helpers.dicom import make_instance
+from tests.helpers.peers import Box, Subscriber
 
 CANARY_NAME = "Faultcanary^Wilhelmina"
 CANARY_ID = "PID-FAULT-4471"
 CANARY_ACC = "ACC-FAULT-5521"
 CANARY_BIRTH = "19290311"
-
-_CT = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-
 
 @dataclass
 class SentStudy:
@@ -39,17 +35,9 @@ class SentStudy:
 
 
 def ct_instance(study_uid: str, series_uid: str, number: int) -> pydicom.Dataset:
-    ds = copy.deepcopy(_CT)
-    ds.PatientName = CANARY_NAME
-    ds.PatientID = CANARY_ID
-    ds.AccessionNumber = CANARY_ACC
-    ds.PatientBirthDate = CANARY_BIRTH
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.InstanceNumber = number
-    return ds
+    return make_instance(CANARY_NAME, study_uid, series_uid, PatientID=CANARY_ID,
+                         AccessionNumber=CANARY_ACC, PatientBirthDate=CANARY_BIRTH,
+                         InstanceNumber=number)
 
 
 def send(box: Box, study: SentStudy, n: int, *, aet: str = "PYNETDICOM") -> int:
