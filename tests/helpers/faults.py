@@ -5,7 +5,11 @@ the "nothing lost" checks of DESIGN.md."""
 from __future__ import annotations
 
 import json
+import os
+import random
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +23,33 @@ from agent.deid.pseudonym import Pseudonymizer
 from tests.helpers.dicom import make_instance
 from tests.helpers.peers import Box, Subscriber
 
+# A randomised round (kill -9 at random points) runs with a fresh seed, printed and
+# attached to its failure; setting this variable replays that exact round.
+SEED_ENV = "EDGE_AGENT_TEST_SEED"
+
 CANARY_NAME = "Faultcanary^Wilhelmina"
 CANARY_ID = "PID-FAULT-4471"
 CANARY_ACC = "ACC-FAULT-5521"
 CANARY_BIRTH = "19290311"
+
+def round_seed() -> int:
+    """The seed of a randomised round: ``$EDGE_AGENT_TEST_SEED`` when set (a replay),
+    else a fresh one.  Printed, so that the captured output of a failure shows it."""
+    raw = os.environ.get(SEED_ENV, "").strip()
+    seed = int(raw) if raw else random.randrange(1 << 30)
+    print(f"random seed {seed} (replay: {SEED_ENV}={seed})")
+    return seed
+
+
+@contextmanager
+def seed_noted(seed: int) -> Iterator[None]:
+    """Whatever fails inside says which seed replays it."""
+    try:
+        yield
+    except BaseException as exc:
+        exc.add_note(f"random seed {seed}; replay with {SEED_ENV}={seed}")
+        raise
+
 
 @dataclass
 class SentStudy:
