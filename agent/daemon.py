@@ -412,6 +412,22 @@ class Daemon:
         self._work.set()
         self._telemetry_now.set()
 
+    @property
+    def intake(self) -> str:
+        """"open", "paused" (by an operator) or "stopping" (what ``edge-agent status`` shows)."""
+        if self._stop.is_set():
+            return "stopping"
+        return "open" if self._intake.is_set() else "paused"
+
+    def pause_intake(self) -> None:
+        """New associations are refused until ``resume_intake`` (``edge-agent control pause``)."""
+        self._intake.clear()
+
+    def resume_intake(self) -> None:
+        if self._stop.is_set():
+            raise EdgeAgentError("the daemon is stopping; intake stays closed")
+        self._intake.set()
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)

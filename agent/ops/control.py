@@ -573,15 +573,11 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
                     if live["watchdog"] != "off" else
                     "nothing restarts it: run the daemon under systemd, or restart it")
             warnings.append(f"stage {name} is stuck: {stage['reason']}; {then}")
-    if d._stop.is_set():
-        intake = "stopping"
-    else:
-        intake = "open" if d._intake.is_set() else "paused"
     return {
         "agent_version": __version__,
         "site": cfg.site, "device": cfg.device, "environment": cfg.environment,
         "pid": os.getpid(), "uptime_s": round(time.time() - d.started_at),
-        "intake": intake,
+        "intake": d.intake,
         "dicom": {
             "listen": f"{cfg.dicom.host}:{cfg.dicom.port}", "ae_title": cfg.dicom.ae_title,
             # 0: received in the daemon's own process
@@ -618,13 +614,11 @@ def daemon_commands(d: Daemon) -> dict[str, Command]:
         return daemon_status(d)
 
     def pause(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
-        d._intake.clear()
+        d.pause_intake()
         return {"intake": "paused"}
 
     def resume(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
-        if d._stop.is_set():
-            raise EdgeAgentError("the daemon is stopping; intake stays closed")
-        d._intake.set()
+        d.resume_intake()
         return {"intake": "open"}
 
     def checkpoint(_c: Caller, _a: Mapping[str, Any]) -> dict[str, Any]:
