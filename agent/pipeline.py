@@ -23,6 +23,7 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from agent import dicomraw
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
@@ -128,12 +129,12 @@ def _detach_pixels(ds: pydicom.Dataset) -> RawDataElement | None:
     element walk would read it in) and leave an empty stand-in, so the de-identifier
     still sees an image.  Only when the pixels cannot matter to it: no burned-in-text
     risk, hence no quarantine or pixel-clean decision that needs them."""
-    elem = ds._dict.get(PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    elem = dicomraw.raw(ds, PIXEL_DATA)  # the raw element, without reading it
     if not isinstance(elem, RawDataElement) or elem.value is not None or elem.length == 0:
         return None
     if burnedin.burned_in_risk(ds) is not None:
         return None
-    ds._dict[PIXEL_DATA] = elem._replace(value=b"", length=0)  # noqa: SLF001
+    dicomraw.elements(ds)[PIXEL_DATA] = elem._replace(value=b"", length=0)
     return elem
 
 
@@ -141,13 +142,13 @@ def _reattach_pixels(out: pydicom.Dataset, placeholder: object, elem: RawDataEle
                      buf: bytearray) -> bool:
     """Put the deferred Pixel Data back into the de-identified dataset, readable through a
     window of ``buf``; zero the rest of ``buf`` (the original header) first."""
-    if out._dict.get(PIXEL_DATA) is not placeholder:  # noqa: SLF001
+    if dicomraw.raw(out, PIXEL_DATA) is not placeholder:
         return False  # the de-identifier did something with the element: not ours to undo
     start = elem.value_tell - data_element_offset_to_value(elem.is_implicit_VR, str(elem.VR))
     end = elem.value_tell + elem.length
     buf[:start] = bytes(start)
     buf[end:] = bytes(len(buf) - end)
-    out._dict[PIXEL_DATA] = elem  # noqa: SLF001
+    dicomraw.elements(out)[PIXEL_DATA] = elem
     out.buffer = PlainView(buf, window=(start, end))
     out.filename = None
     out.fileobj_type = PlainView
@@ -226,7 +227,7 @@ class Pipeline:
             try:
                 ds = parse_view(buf)
                 pixels = _detach_pixels(ds)
-                placeholder = ds._dict.get(PIXEL_DATA)  # noqa: SLF001
+                placeholder = dicomraw.raw(ds, PIXEL_DATA)
                 captured = Originals.read(ds) if originals is not None else None
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from agent import pixelbound
+from agent import dicomraw, pixelbound
 from agent.deid.settings import PixelCleanRule
 from agent.uplink.vocabulary import QUARANTINE
 
@@ -49,7 +49,7 @@ def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
     """
     vr = _PEEKED.get(keyword)
     if vr is not None:
-        elem = ds._dict.get(_PEEK_TAGS[keyword])
+        elem = dicomraw.raw(ds, _PEEK_TAGS[keyword])
         if elem is None:
             return default
         if isinstance(elem, RawDataElement) and elem.VR in (None, vr):

@@ -24,8 +24,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import UID
+
+from agent import dicomraw
 
 # -- why an instance was not processed (result: study.quarantined[].code) ----------
 
@@ -134,7 +135,7 @@ _COMPILED = tuple(_compile(t) for t in TEMPLATES)
 
 def _standard_uid_words() -> frozenset[str]:
     """Keywords of the UIDs the DICOM standard defines (transfer syntaxes, SOP classes)."""
-    return frozenset(UID(uid).keyword for uid in UID_dictionary if UID(uid).keyword)
+    return frozenset(UID(uid).keyword for uid in dicomraw.standard_uids() if UID(uid).keyword)
 
 
 _FIXED = frozenset({
@@ -153,7 +154,7 @@ def allow(words: Iterable[str]) -> None:
 
 def is_standard_uid(text: str) -> bool:
     """Whether ``text`` is a UID the DICOM standard itself defines: public, never PHI."""
-    return text in UID_dictionary
+    return text in dicomraw.standard_uids()
 
 
 def is_fixed(text: str) -> bool:
@@ -181,6 +182,6 @@ def transfer_syntax_keyword(uid: object) -> str:
     while a raw UID string from an instance is whatever the sender put there.
     """
     u = UID(str(uid))
-    if u not in UID_dictionary:
+    if u not in dicomraw.standard_uids():
         return ""
-    return u.keyword if UID_dictionary[u][1] == "Transfer Syntax" else ""
+    return u.keyword if dicomraw.standard_uids()[u][1] == "Transfer Syntax" else ""
