@@ -16,7 +16,8 @@ from typing import Any
 
 from agent.crypto import write_secret_file
 from agent.identity.pki import issue, load_cert, load_key, write_pair
-from tests.helpers import EDGE_AGENT, REPO, Box, free_port, set_config, wait_for, wait_port
+from tests.helpers.peers import EDGE_AGENT, REPO, Box, set_config
+from tests.helpers.waiting import free_port, wait_for, wait_port
 
 RULES = REPO / "fleet" / "prometheus" / "edge-agent.rules.yml"
 

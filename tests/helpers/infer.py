@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from agent.types import DeidentifiedStudy
-from tests.helpers import Box, set_config
+from tests.helpers.peers import Box, set_config
 from training.synth import SynthCase, to_dataset
 
 REPO = Path(__file__).resolve().parents[2]

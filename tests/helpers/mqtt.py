@@ -27,7 +27,8 @@ from agent.types import PhiFingerprint
 from agent.uplink import cloudevents
 from agent.uplink.outbox import Outbox
 from agent.uplink.publish import Publisher
-from tests.helpers import EDGE_AGENT, REPO, Box, Broker, free_port, wait_for
+from tests.helpers.peers import EDGE_AGENT, REPO, Box, Broker
+from tests.helpers.waiting import free_port, wait_for
 
 
 def dev_ca(box: Box) -> tuple[PrivateKey, Any]:
@@ -57,7 +58,7 @@ def other_ca_device(out: Path, cn: str = "dev-site.dev-box") -> tuple[Path, Path
 
 def point_config_at(box: Box, **paths: Path | str) -> None:
     """Rewrite [mqtt] keys of the box's agent.toml (paths absolute)."""
-    from tests.helpers import set_config
+    from tests.helpers.peers import set_config
 
     for k, v in paths.items():
         set_config(box, "mqtt", k, json.dumps(str(v)) if not isinstance(v, int) else str(v))

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.identity.pki import PrivateKey, cert_pem
-from tests.helpers import EDGE_AGENT, REPO
+from tests.helpers.peers import EDGE_AGENT, REPO
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -13,11 +13,10 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import free_port, wait_port
+from tests.helpers.waiting import free_port, wait_for, wait_port
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 GTLS = [Path(p) for p in ("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so",
@@ -127,12 +126,13 @@ input(type="imtcp" address="127.0.0.1" port="{self.port}" ruleset="atna")
 
     def wait_for(self, pred: object, timeout: float, what: str) -> list[SyslogMessage]:
         assert callable(pred)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+
+        def matched() -> list[SyslogMessage] | None:
             msgs = self.messages()
-            if pred(msgs):
-                return msgs
-            time.sleep(0.2)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}; "
-                           f"{len(self.messages())} message(s) received; rsyslogd said:\n"
-                           f"{self.log_text()[-1500:]}")
+            return msgs if pred(msgs) else None
+
+        try:
+            return list(wait_for(matched, timeout, what, step=0.2))
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; {len(self.messages())} message(s) received; rsyslogd "
+                               f"said:\n{self.log_text()[-1500:]}") from None
