@@ -143,7 +143,7 @@ def run_daemon(root: Root, tmp: Path) -> str:
     """A dev box provisioned by the installed CLI, the installed daemon serving it: a
     C-STORE from DCMTK storescu on the host becomes a result (de-identification and
     onnxruntime inference from the package's venv)."""
-    from test_e2e import make_study
+    from tests.test_e2e import make_study
 
     shutil.copytree(REPO / "models", root / "tmp/models")
     dicom, mqtt = free_port(), free_port()
