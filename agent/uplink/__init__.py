@@ -8,6 +8,6 @@ CloudEvents envelope (``cloudevents``) and the fixed vocabulary of reasons
 endpoint (``metrics``).
 
 May import: agent.config, agent.errors, agent.crypto, agent.fileperm, agent.types,
-agent.ops (liveness, faults). Must not import the DICOM node, agent.store or
+agent.dicomraw (the standard UID table), agent.ops (liveness, faults). Must not import the DICOM node, agent.store or
 agent.pipeline: stages hand it frozen messages, it never reaches back.
 """
