@@ -7,6 +7,7 @@ the directory of the config file, so a provisioned box folder is relocatable.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -19,6 +20,8 @@ from typing import Any, Literal, TypeVar, cast
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+# MQTT over TLS (IANA); [mqtt] port of a box and of ops.toml (fleet/settings.py).
+MQTT_TLS_PORT = 8883
 
 # Identities end up in MQTT topics and client ids: a safe alphabet keeps one box
 # from reaching into another's topics ("+", "#", "/" are MQTT syntax).
@@ -293,6 +296,17 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+def field_default(cls: type, name: str) -> Any:
+    """The default of a settings field: the dataclasses above are the one place a
+    default is written down; the parser and docs/configuration.md follow them."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise KeyError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name}")
+
+
 class _Reader:
     """Pulls typed values out of nested TOML tables, collecting every problem."""
 
@@ -344,6 +358,12 @@ class _Reader:
                 self.problems.append(f"[{key}] = {value!r}: {msg}")
                 return cast(T, default if default is not _MISSING else None)
         return cast(T, value)
+
+    def field(self, cls: type, key: str, kind: type[T] | tuple[type, ...], *,
+              check: Callable[[Any], str | None] | None = None, allowed: str = "") -> T:
+        """``key`` ("section.name"), defaulting to the ``name`` field default of ``cls``."""
+        return self.get(key, kind, field_default(cls, key.rsplit(".", 1)[1]), check=check,
+                        allowed=allowed)
 
     def path(self, key: str, default: str | None | object = _MISSING) -> Path | None:
         raw = self.get(key, str, default)
@@ -555,23 +575,23 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         tls=tls,
     )
     study = StudySettings(
-        quiet_seconds=r.get("study.quiet_seconds", float, 30.0, check=_positive),
-        max_instances=r.get("study.max_instances", int, 5000, check=_positive),
-        max_bytes=r.get("study.max_bytes", int, 8 * 1024**3, check=_positive),
-        max_age_seconds=r.get("study.max_age_seconds", float, 3600.0, check=_positive),
-        max_process_instance_bytes=r.get("study.max_process_instance_bytes", int, 2 * 1024**3,
+        quiet_seconds=r.field(StudySettings, "study.quiet_seconds", float, check=_positive),
+        max_instances=r.field(StudySettings, "study.max_instances", int, check=_positive),
+        max_bytes=r.field(StudySettings, "study.max_bytes", int, check=_positive),
+        max_age_seconds=r.field(StudySettings, "study.max_age_seconds", float, check=_positive),
+        max_process_instance_bytes=r.field(StudySettings, "study.max_process_instance_bytes", int,
                                          check=_positive),
     )
     inbox = InboxSettings(
-        max_bytes=r.get("inbox.max_bytes", int, 50 * 1024**3, check=_positive),
-        min_free_bytes=r.get("inbox.min_free_bytes", int, 2 * 1024**3,
+        max_bytes=r.field(InboxSettings, "inbox.max_bytes", int, check=_positive),
+        min_free_bytes=r.field(InboxSettings, "inbox.min_free_bytes", int,
                              check=lambda v: None if v >= 0 else "must be >= 0"),
     )
     opts = r.get("deid.options", list, [])
     bad = [o for o in opts if o not in DEID_OPTIONS]
     if bad:
         r.problems.append(f"[deid.options] unknown option(s) {bad}; allowed: {', '.join(DEID_OPTIONS)}")
-    mode = r.choice("deid.mode", ("strip", "encrypt"), "strip")
+    mode = r.choice("deid.mode", ("strip", "encrypt"), field_default(DeidConfig, "mode"))
     recips = r.get("deid.recipients", list, [])
     recipients = tuple((base / p) if not Path(p).is_absolute() else Path(p) for p in recips if isinstance(p, str))
     if mode == "encrypt" and not recipients:
@@ -593,60 +613,57 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             (base / p) if not Path(p).is_absolute() else Path(p)
             for p in r.get("models.publisher_keys", list, []) if isinstance(p, str)
         ),
-        threads=r.get("models.threads", int, 1, check=_positive),
-        timeout_seconds=r.get("models.timeout_seconds", float, 60.0, check=_positive),
-        drift_min_studies=r.get("models.drift_min_studies", int, 10, check=_positive),
+        threads=r.field(ModelSettings, "models.threads", int, check=_positive),
+        timeout_seconds=r.field(ModelSettings, "models.timeout_seconds", float, check=_positive),
+        drift_min_studies=r.field(ModelSettings, "models.drift_min_studies", int, check=_positive),
     )
     mqtt = MqttSettings(
         host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
-        port=r.get("mqtt.port", int, 8883, check=_port),
+        port=r.get("mqtt.port", int, MQTT_TLS_PORT, check=_port),
         ca=r.require_path("mqtt.ca"),
         cert=r.require_path("mqtt.cert"),
         key=r.require_path("mqtt.key"),
-        topic_prefix=r.get("mqtt.topic_prefix", str, "edge", check=_safe_id),
+        topic_prefix=r.field(MqttSettings, "mqtt.topic_prefix", str, check=_safe_id),
         client_id=r.get("mqtt.client_id", (str, type(None)), None),
-        keepalive=r.get("mqtt.keepalive", int, 30, check=_positive),
-        session_expiry_seconds=r.get("mqtt.session_expiry_seconds", int, 7 * 24 * 3600, check=_positive),
-        inflight=r.get("mqtt.inflight", int, 32, check=_positive),
-        crl=r.path("mqtt.crl", None),
+        keepalive=r.field(MqttSettings, "mqtt.keepalive", int, check=_positive),
+        session_expiry_seconds=r.field(MqttSettings, "mqtt.session_expiry_seconds", int, check=_positive),
+        inflight=r.field(MqttSettings, "mqtt.inflight", int, check=_positive),
+        crl=r.path("mqtt.crl", field_default(MqttSettings, "crl")),
         tls_server_name=r.get("mqtt.tls_server_name", (str, type(None)), None),
     )
     telemetry = TelemetrySettings(
-        interval_seconds=r.get("telemetry.interval_seconds", float, 60.0, check=_positive),
-        prometheus_port=r.get("telemetry.prometheus_port", int, 0, check=_port_or_zero),
+        interval_seconds=r.field(TelemetrySettings, "telemetry.interval_seconds", float, check=_positive),
+        prometheus_port=r.field(TelemetrySettings, "telemetry.prometheus_port", int, check=_port_or_zero),
     )
     audit = AuditSettings(
-        checkpoint_every=r.get("audit.checkpoint_every", int, 100, check=_positive),
-        checkpoint_seconds=r.get("audit.checkpoint_seconds", float, 300.0, check=_positive),
-        retention_days=r.get("audit.retention_days", int, 2190, check=_positive),
-        max_bytes=r.get("audit.max_bytes", int, 5 * 1024**3, check=_positive),
-        min_retention_days=r.get("audit.min_retention_days", int, 90,
+        checkpoint_every=r.field(AuditSettings, "audit.checkpoint_every", int, check=_positive),
+        checkpoint_seconds=r.field(AuditSettings, "audit.checkpoint_seconds", float, check=_positive),
+        retention_days=r.field(AuditSettings, "audit.retention_days", int, check=_positive),
+        max_bytes=r.field(AuditSettings, "audit.max_bytes", int, check=_positive),
+        min_retention_days=r.field(AuditSettings, "audit.min_retention_days", int,
                                  check=lambda v: None if v >= 0 else "must be 0 or more"),
-        summary_seconds=r.get("audit.summary_seconds", float, 60.0, check=_positive),
-        max_queue=r.get("audit.max_queue", int, 10_000, check=_positive),
+        summary_seconds=r.field(AuditSettings, "audit.summary_seconds", float, check=_positive),
+        max_queue=r.field(AuditSettings, "audit.max_queue", int, check=_positive),
     )
-    outbox = OutboxSettings(max_bytes=r.get("outbox.max_bytes", int, 2 * 1024**3, check=_positive))
+    outbox = OutboxSettings(max_bytes=r.field(OutboxSettings, "outbox.max_bytes", int, check=_positive))
     control = ControlSettings(
         socket=r.require_path("control.socket", str(state_dir / "control.sock")),
-        admin_group=r.get("control.admin_group", str, "edge-agent-admin"),
-        auditor_group=r.get("control.auditor_group", str, "edge-agent-audit"),
-        operator_group=r.get("control.operator_group", str, "edge-agent"),
-        privacy_group=r.get("control.privacy_group", str, "edge-agent-privacy"),
-        reviewer_group=r.get("control.reviewer_group", str, "edge-agent-review"),
+        admin_group=r.field(ControlSettings, "control.admin_group", str),
+        auditor_group=r.field(ControlSettings, "control.auditor_group", str),
+        operator_group=r.field(ControlSettings, "control.operator_group", str),
+        privacy_group=r.field(ControlSettings, "control.privacy_group", str),
+        reviewer_group=r.field(ControlSettings, "control.reviewer_group", str),
     )
-    quarantine = QuarantineSettings(retention_days=r.get(
-        "quarantine.retention_days", int, 30,
+    quarantine = QuarantineSettings(retention_days=r.field(QuarantineSettings, "quarantine.retention_days", int,
         check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"))
 
     watchdog = WatchdogSettings(
-        stage_deadline_seconds=r.get(
-            "watchdog.stage_deadline_seconds", float, 120.0,
+        stage_deadline_seconds=r.field(WatchdogSettings, "watchdog.stage_deadline_seconds", float,
             check=lambda v: None if 1 <= v <= 86400 else "must be between 1 and 86400 seconds"),
     )
     results = ResultsSettings(
-        enabled=r.get("results.enabled", bool, False),
-        link_retention_days=r.get(
-            "results.link_retention_days", int, 14,
+        enabled=r.field(ResultsSettings, "results.enabled", bool),
+        link_retention_days=r.field(ResultsSettings, "results.link_retention_days", int,
             check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
     )
     atna = _atna(r)
@@ -696,25 +713,25 @@ def _atna_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool)
 
 
 def _atna(r: _Reader) -> AtnaSettings:
-    enabled = r.get("atna.enabled", bool, False)
-    fmt = r.choice("atna.format", ATNA_FORMATS, "dicom-xml")
-    facility: int | str = r.get("atna.facility", (int, str), 10, check=_facility,
+    enabled = r.field(AtnaSettings, "atna.enabled", bool)
+    fmt = r.choice("atna.format", ATNA_FORMATS, field_default(AtnaSettings, "format"))
+    facility: int | str = r.field(AtnaSettings, "atna.facility", (int, str), check=_facility,
                                   allowed="a syslog facility number 0-23 or name like 'authpriv'")
-    host = r.get("atna.host", str, "")
+    host = r.field(AtnaSettings, "atna.host", str)
     settings = AtnaSettings(
         enabled=enabled,
         host=host,
-        port=r.get("atna.port", int, 6514, check=_port),
-        ca_file=r.path("atna.ca_file", None),
-        cert_file=r.path("atna.cert_file", None),
-        key_file=r.path("atna.key_file", None),
+        port=r.field(AtnaSettings, "atna.port", int, check=_port),
+        ca_file=r.path("atna.ca_file", field_default(AtnaSettings, "ca_file")),
+        cert_file=r.path("atna.cert_file", field_default(AtnaSettings, "cert_file")),
+        key_file=r.path("atna.key_file", field_default(AtnaSettings, "key_file")),
         format=cast(Literal["dicom-xml", "fhir-json"], fmt),
-        app_name=r.get("atna.app_name", str, "edge-agent",
+        app_name=r.field(AtnaSettings, "atna.app_name", str,
                        check=lambda v: None if APP_NAME.match(v) else
                        "must be 1-48 printable ASCII characters without spaces (RFC 5424 APP-NAME)"),
         facility=SYSLOG_FACILITIES[facility] if isinstance(facility, str) else int(facility),
         server_name=r.get("atna.server_name", (str, type(None)), None),
-        connect_timeout_seconds=r.get("atna.connect_timeout_seconds", float, 10.0,
+        connect_timeout_seconds=r.field(AtnaSettings, "atna.connect_timeout_seconds", float,
                                       check=lambda v: None if 0 < v <= 300 else
                                       "must be between 0 and 300 seconds"),
     )
@@ -760,7 +777,7 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from None
-    from agent import credentials  # here, not at the top: credentials imports this module
+    from agent.identity import credentials  # here, not at the top: credentials imports this module
 
     # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
     return credentials.apply(parse(data, p))

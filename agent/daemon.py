@@ -3,7 +3,7 @@
 Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
 studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
 ``atna`` (the audit log to the hospital's audit repository, when configured),
-``watchdog`` (feeds systemd only while every stage beats, see agent/liveness.py).
+``watchdog`` (feeds systemd only while every stage beats, see agent/ops/liveness.py).
 SIGTERM/SIGINT stop intake first, let the current study finish, drain the
 outbox for a bounded time, publish the offline status and exit 0.  Studies
 still open stay open on disk and resume on the next start.
@@ -25,26 +25,28 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, control, faults, liveness, metrics, sdnotify, telemetry
+from agent import __version__
 from agent.audit import AuditLog
 from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
-from agent.inbound import Inbound
-from agent.inbox import Inbox
+from agent.identity.keyrotate import hold_state_lock
 from agent.infer import InferenceEngine, InferenceSettings
-from agent.keyrotate import hold_state_lock
-from agent.outbox import Outbox
+from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
-from agent.publish import Publisher
-from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
 from agent.results.link import LinkStore
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
+from agent.uplink import cloudevents, metrics, telemetry
+from agent.uplink.inbound import Inbound
+from agent.uplink.outbox import Outbox
+from agent.uplink.publish import Publisher
 
-log = logging.getLogger("edge_agent.daemon")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Daemon:
             peer_key=self.pseudonym_key,
         )
         # The full records (PHI included) to the hospital's ATNA audit repository: the
-        # audit log is its durable outbox (agent/audit/atna.py, agent/egresspolicy.py).
+        # audit log is its durable outbox (agent/audit/atna.py, agent/uplink/egresspolicy.py).
         self.atna: AtnaSender | None = None
         if cfg.atna.enabled:
             self.atna = AtnaSender(cfg, state / "audit" / "audit.db", self.kek,
@@ -122,7 +124,7 @@ class Daemon:
                                    beat=self._atna_beat)
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
-        # Kept for the privacy officer's release (agent/quarantine_review.py).
+        # Kept for the privacy officer's release (agent/store/quarantine_review.py).
         self.deidentifier_settings = deid_settings(cfg)
         self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key)
         self.engine = InferenceEngine(
@@ -393,7 +395,7 @@ class Daemon:
     _LIVENESS_PERIOD = 5.0
 
     def _watchdog(self) -> None:
-        """Feed systemd's watchdog only while every stage is live (agent/liveness.py)."""
+        """Feed systemd's watchdog only while every stage is live (agent/ops/liveness.py)."""
         interval = sdnotify.watchdog_interval()
         period = min(interval, self._LIVENESS_PERIOD) if interval else self._LIVENESS_PERIOD
         while not self._stop.is_set():
@@ -413,6 +415,22 @@ class Daemon:
         self._stop.set()
         self._work.set()
         self._telemetry_now.set()
+
+    @property
+    def intake(self) -> str:
+        """"open", "paused" (by an operator) or "stopping" (what ``edge-agent status`` shows)."""
+        if self._stop.is_set():
+            return "stopping"
+        return "open" if self._intake.is_set() else "paused"
+
+    def pause_intake(self) -> None:
+        """New associations are refused until ``resume_intake`` (``edge-agent control pause``)."""
+        self._intake.clear()
+
+    def resume_intake(self) -> None:
+        if self._stop.is_set():
+            raise EdgeAgentError("the daemon is stopping; intake stays closed")
+        self._intake.set()
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -54,7 +54,7 @@ class ModelError(EdgeAgentError):
     """A model package is invalid, unsigned, tampered or failed to run.
 
     ``code`` names the failure in the fixed vocabulary a result publishes
-    (agent/vocabulary.py FAILURE); the message is for the box's log only.
+    (agent/uplink/vocabulary.py FAILURE); the message is for the box's log only.
     """
 
     code = "model-error"

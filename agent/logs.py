@@ -16,7 +16,7 @@ import sys
 import threading
 from types import TracebackType
 
-from agent.egress import ScrubFilter
+from agent.uplink.egress import ScrubFilter
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators (some
 # viewers break lines on them).
@@ -41,13 +41,13 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
         return
     name = args.thread.name if args.thread is not None else "?"
     exc = (args.exc_type, args.exc_value, args.exc_traceback)
-    logging.getLogger("edge_agent").error("thread %s stopped by an uncaught exception", name,
+    logging.getLogger(__name__).error("thread %s stopped by an uncaught exception", name,
                                           exc_info=exc)  # type: ignore[arg-type]
 
 
 def _process_exception(exc_type: type[BaseException], exc: BaseException,
                        tb: TracebackType | None) -> None:
-    logging.getLogger("edge_agent").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+    logging.getLogger(__name__).critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 def setup(level: str = "INFO", process: str = "") -> None:

@@ -23,16 +23,15 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from agent import cloudevents, egress, vocabulary
+from agent import dicomraw
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
-from agent.inbox import Inbox
 from agent.infer import InferenceEngine
-from agent.liveness import Beat, no_beat
-from agent.outbox import Outbox
-from agent.quarantine import Quarantine
+from agent.ops.liveness import Beat, no_beat
 from agent.results.link import LinkStore, Originals
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -43,8 +42,10 @@ from agent.types import (
     ReceivedInstance,
     Study,
 )
+from agent.uplink import cloudevents, egress, vocabulary
+from agent.uplink.outbox import Outbox
 
-log = logging.getLogger("edge_agent.pipeline")
+log = logging.getLogger(__name__)
 
 AuditFn = Callable[..., None]
 
@@ -128,12 +129,12 @@ def _detach_pixels(ds: pydicom.Dataset) -> RawDataElement | None:
     element walk would read it in) and leave an empty stand-in, so the de-identifier
     still sees an image.  Only when the pixels cannot matter to it: no burned-in-text
     risk, hence no quarantine or pixel-clean decision that needs them."""
-    elem = ds._dict.get(PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    elem = dicomraw.raw(ds, PIXEL_DATA)  # the raw element, without reading it
     if not isinstance(elem, RawDataElement) or elem.value is not None or elem.length == 0:
         return None
     if burnedin.burned_in_risk(ds) is not None:
         return None
-    ds._dict[PIXEL_DATA] = elem._replace(value=b"", length=0)  # noqa: SLF001
+    dicomraw.elements(ds)[PIXEL_DATA] = elem._replace(value=b"", length=0)
     return elem
 
 
@@ -141,13 +142,13 @@ def _reattach_pixels(out: pydicom.Dataset, placeholder: object, elem: RawDataEle
                      buf: bytearray) -> bool:
     """Put the deferred Pixel Data back into the de-identified dataset, readable through a
     window of ``buf``; zero the rest of ``buf`` (the original header) first."""
-    if out._dict.get(PIXEL_DATA) is not placeholder:  # noqa: SLF001
+    if dicomraw.raw(out, PIXEL_DATA) is not placeholder:
         return False  # the de-identifier did something with the element: not ours to undo
     start = elem.value_tell - data_element_offset_to_value(elem.is_implicit_VR, str(elem.VR))
     end = elem.value_tell + elem.length
     buf[:start] = bytes(start)
     buf[end:] = bytes(len(buf) - end)
-    out._dict[PIXEL_DATA] = elem  # noqa: SLF001
+    dicomraw.elements(out)[PIXEL_DATA] = elem
     out.buffer = PlainView(buf, window=(start, end))
     out.filename = None
     out.fileobj_type = PlainView
@@ -171,7 +172,7 @@ class Pipeline:
         self.cfg = cfg
         # [results] enabled: the encrypted link back into each original study.
         self.links = links
-        # The assembler's liveness heartbeat (agent/liveness.py): a study of many
+        # The assembler's liveness heartbeat (agent/ops/liveness.py): a study of many
         # instances must not look like a hang.
         self.beat: Beat = beat or no_beat
         self.inbox = inbox
@@ -226,7 +227,7 @@ class Pipeline:
             try:
                 ds = parse_view(buf)
                 pixels = _detach_pixels(ds)
-                placeholder = ds._dict.get(PIXEL_DATA)  # noqa: SLF001
+                placeholder = dicomraw.raw(ds, PIXEL_DATA)
                 captured = Originals.read(ds) if originals is not None else None
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
@@ -326,14 +327,14 @@ class Pipeline:
     def payload_for(self, study_key: str, version: str, r: InferenceResult,
                     ) -> tuple[str, bytes]:
         """The result event; ``version`` also names a released quarantined instance
-        (agent/quarantine_review.py), so its result has an id of its own."""
+        (agent/store/quarantine_review.py), so its result has an id of its own."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
                 "instances_received": r.instances_received,
                 "instances_processed": r.instances_processed,
                 # Rule codes with their fixed descriptions, never the box-local reason:
-                # no text derived from the instance leaves the box (agent/vocabulary.py).
+                # no text derived from the instance leaves the box (agent/uplink/vocabulary.py).
                 "quarantined": [_quarantine_json(q) for q in r.quarantined],
             },
             "status": r.status,

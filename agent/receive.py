@@ -72,8 +72,8 @@ from agent.dicomtls import (
 )
 from agent.dimsestream import StoreStream
 from agent.errors import OutOfResources, StorageError
-from agent.inbox import Inbox, PendingWrite, StoreReceipt
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
+from agent.store.inbox import Inbox, PendingWrite, StoreReceipt
 
 log = logging.getLogger("edge_agent.receive")
 

@@ -57,8 +57,7 @@ from typing import Any
 from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
 from agent.dicomtls import listen_error
-from agent.inbox import Inbox, StoreReceipt
-from agent.liveness import Stage
+from agent.ops.liveness import Stage
 from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
 from agent.receive import (
     AuditFn,
@@ -69,6 +68,7 @@ from agent.receive import (
     audit_refused,
     install_streaming,
 )
+from agent.store.inbox import Inbox, StoreReceipt
 
 log = logging.getLogger("edge_agent.receive")
 
@@ -181,7 +181,7 @@ class ReceivePool:
         self._thread: threading.Thread | None = None
         self._refusals = AuditThrottle()
         # Set by the daemon before start: the dispatcher beats its liveness stage, and a
-        # worker silent for this long is replaced (agent/liveness.py).
+        # worker silent for this long is replaced (agent/ops/liveness.py).
         self.stage: Stage | None = None
         self.silent_after = 120.0
 

@@ -28,10 +28,10 @@ from pydicom import config as pydicom_config
 from agent import logs
 from agent.dicomtls import EdgeAssociationServer, server_context
 from agent.errors import EdgeAgentError
-from agent.inbox import Inbox
 from agent.ratelimit import PeerLimiter, PeerLimits
 from agent.receive import ReceiveCounters, StorageSCP, Verdict
 from agent.recvpool import Handoff, WorkerInit, recv_msg, send_msg
+from agent.store.inbox import Inbox
 
 log = logging.getLogger("edge_agent.receive")
 

@@ -61,7 +61,7 @@ class QuarantineNote:
     """Why one instance was not processed.
 
     ``reason`` is for the box (quarantine store, local audit, log); a result publishes
-    only ``code`` and its fixed description (agent/vocabulary.py QUARANTINE).
+    only ``code`` and its fixed description (agent/uplink/vocabulary.py QUARANTINE).
     """
 
     instance_key: str
@@ -74,7 +74,7 @@ class ModelFailure:
     """Why a model gave no output for a study.
 
     ``detail`` (which may quote a library's message) stays on the box; a result
-    publishes the model, ``code`` with its fixed description (agent/vocabulary.py
+    publishes the model, ``code`` with its fixed description (agent/uplink/vocabulary.py
     FAILURE) and, for undecodable pixels, the standard keyword of the transfer syntax.
     """
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests" / "receive"))
 
 from orthanc import Orthanc  # noqa: E402
 
-from agent.devbox import provision_dev  # noqa: E402
+from agent.ops.devbox import provision_dev  # noqa: E402
 from bench.common import free_port, set_config, wait_port  # noqa: E402
 
 OUT = REPO / "bench" / "out"

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from agent.audit.events import CATALOGUE
 from agent.errors import ConfigError
-from agent.publish import diagnose, tls_context
+from agent.uplink.mqtt_tls import diagnose, tls_context
 from fleet import metrics
 from fleet.metrics import Family
 from fleet.settings import OpsSettings

@@ -33,9 +33,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloudevents import TYPE_PREFIX
 from agent.config import BOX_NAME
-from agent.publish import tls_context
+from agent.uplink.cloudevents import TYPE_PREFIX
+from agent.uplink.mqtt_tls import tls_context
 from fleet.settings import OpsSettings
 
 STALE_INTERVALS = 3

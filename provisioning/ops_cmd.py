@@ -11,62 +11,24 @@ from typing import Annotated, Any
 
 import typer
 
-from agent import control
-from agent.config import Config, ControlSettings
-from agent.errors import AccessDenied, ConfigError, EdgeAgentError
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
-                                        "or $EDGE_AGENT_CONFIG)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-SocketOpt = Annotated[
-    Path | None,
-    typer.Option("--socket", help="control socket (default: [control] socket from the config, "
-                                  f"else {control.DEFAULT_SOCKET})"),
-]
+from agent.config import Config
+from agent.errors import AccessDenied, EdgeAgentError
+from agent.ops import control
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt, record, record_quietly
+from provisioning.options import fail as _fail
+from provisioning.options import load_config as _load
+from provisioning.options import require_admin as _require_admin
+from provisioning.options import socket_path as _socket_path
 
 keys_app = typer.Typer(help="Box key management.", no_args_is_help=True)
 control_app = typer.Typer(help="Admin actions on the running daemon.", no_args_is_help=True)
 
 
-def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
-
-def _load(config: Path | None) -> Config:
-    from agent import config as cfgmod
-
-    return cfgmod.load(config)
-
-
-def _socket_path(config: Path | None, socket: Path | None) -> Path:
-    """--socket wins; else the config's; an operator who cannot read the config (0640
-    root:edge-agent is typical) still reaches the default socket."""
-    if socket is not None:
-        return socket
-    try:
-        return _load(config).control.socket
-    except ConfigError:
-        if config is not None:
-            raise
-        return control.DEFAULT_SOCKET
-
-
 def _audit(cfg: Config, event: str, *, outcome: str = "success",
            details: dict[str, object]) -> None:
-    """Record a CLI action with the Unix user (and the sudo user behind root)."""
-    from agent.audit.cli import CliEvent, record_cli
+    from agent.audit.cli import CliEvent
 
-    record_cli(cfg, [CliEvent(event, details, outcome)], user=control.user_name(os.getuid()))
-
-
-def _require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:
-    caller = control.local_caller(cfg_control)
-    control.require(caller, frozenset({control.ADMIN}), action, cfg_control)
-    return caller
+    record(cfg, [CliEvent(event, details, outcome)])
 
 
 # -- status / control ---------------------------------------------------------------
@@ -186,12 +148,12 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     try:
-        mod = importlib.import_module("agent.keyrotate")
+        mod = importlib.import_module("agent.identity.keyrotate")
     except ModuleNotFoundError as exc:
-        if exc.name != "agent.keyrotate":
+        if exc.name != "agent.identity.keyrotate":
             raise
         raise _fail("key rotation is not available in this build "
-                    "(agent.keyrotate is missing)") from None
+                    "(agent.identity.keyrotate is missing)") from None
     try:
         result = mod.rotate_keys(cfg, user=control.user_name(os.getuid()))
     except EdgeAgentError as exc:
@@ -203,10 +165,9 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 
 def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
-    try:
-        _audit(cfg, "cli.action", outcome=outcome, details=details)
-    except EdgeAgentError as exc:
-        typer.echo(f"warning: could not audit the action: {exc}", err=True)
+    from agent.audit.cli import CliEvent
+
+    record_quietly(cfg, [CliEvent("cli.action", details, outcome)], "the action")
 
 
 # -- provision --------------------------------------------------------------------------
@@ -229,7 +190,7 @@ def provision_init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create the box keys, a device key and CSR for the fleet CA, and a config."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         r = identity.init(device_id, site, state_dir, config_path=config, mqtt_host=mqtt_host,
@@ -261,7 +222,7 @@ def _write_error(exc: OSError) -> EdgeAgentError:
 
 
 def _identity_ctx(config: Path | None) -> tuple[Config, Path]:
-    from agent import identity
+    from agent.identity import certificates as identity
 
     cfg = _load(config)
     _require_admin(cfg.control, "change the device identity")
@@ -275,7 +236,7 @@ def provision_install_cert(
     config: ConfigOpt = None,
 ) -> None:
     """Check chain, key match, validity and clientAuth usage, then install (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     loaded: Config | None = None
     try:
@@ -313,7 +274,7 @@ def provision_rotate_cert(
         "--new", help="discard a pending CSR and make another")] = False,
 ) -> None:
     """New device key + CSR beside the working identity; install-cert switches (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         cfg, pki = _identity_ctx(config)
@@ -333,10 +294,9 @@ def provision_rotate_cert(
 
 
 def _audit_event(cfg: Config, event: str, details: dict[str, object]) -> None:
-    try:
-        _audit(cfg, event, details=details)
-    except EdgeAgentError as exc:
-        typer.echo(f"warning: could not audit {event}: {exc}", err=True)
+    from agent.audit.cli import CliEvent
+
+    record_quietly(cfg, [CliEvent(event, details)], event)
 
 
 def _provision_app(app: typer.Typer) -> typer.Typer:
@@ -358,7 +318,7 @@ def doctor(
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
     ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
     Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
-    from agent import doctor as doc
+    from agent.ops import doctor as doc
 
     report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))
     typer.echo(json.dumps(doc.as_json(report), indent=2) if as_json else doc.render(report))

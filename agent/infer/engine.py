@@ -26,7 +26,6 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from agent import vocabulary
 from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
 from agent.infer.explain import Saliency, cam_region, occlusion, to_image_box
@@ -37,6 +36,7 @@ from agent.infer.registry import ModelPackage, Registry, enforce, safe_audit
 from agent.infer.session import ModelSession
 from agent.infer.signing import load_public_keys
 from agent.types import DeidentifiedStudy, ModelFailure, ModelOutput
+from agent.uplink import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def explained_label(manifest: Manifest) -> str:
 
 def manifest_words(manifest: Manifest) -> list[str]:
     """What a result may say that the signed manifest fixed: name, version, labels,
-    findings (agent/vocabulary.py: the egress guard does not take these for study text)."""
+    findings (agent/uplink/vocabulary.py: the egress guard does not take these for study text)."""
     dec = manifest.decision
     return [manifest.name, manifest.version, *dec.labels, dec.positive_finding,
             dec.negative_finding, explained_label(manifest)]

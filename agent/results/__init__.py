@@ -1,0 +1,9 @@
+"""Result objects written back into the original study: the encrypted link from a
+study's pseudonym to its originals (``link``), and the SR (TID 1500), presentation
+state, key image and segmentation built from a result (``build`` and one module per
+object).  See docs/models.md.
+
+May import: agent.crypto, agent.errors, agent.types, agent.infer.manifest.  The
+objects carry original identifiers (they go back into the hospital's study), so
+nothing here publishes over MQTT.
+"""

@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from audit_helpers import BOX, AuditBox, fill
 
 import agent.audit.log as audit_log_module
 from agent.audit import CATALOGUE, AuditLog, kind_of, records_between, verify
 from agent.config import AuditSettings
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AuditError
+from tests.helpers.audit import BOX, AuditBox, fill
 
 DAY = 86_400_000_000
 BASE = 1_790_000_000_000_000  # 2026-09-21
@@ -304,7 +304,7 @@ def test_full_disk_never_raises_and_recovers(tmp_path: Path) -> None:
 def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> None:
     import jsonschema  # a dev dependency (pyproject [dev]): never skipped
 
-    from agent import cloudevents, egress
+    from agent.uplink import cloudevents, egress
 
     schema = json.loads((REPO / "docs" / "schemas" / "audit.schema.json").read_text())
     log = ab.open()

@@ -26,11 +26,11 @@ from typing import Any
 import jsonschema
 import psutil
 import pytest
-from fault_support import SentStudy, send
 from pydicom.uid import generate_uid
-from support import EDGE_AGENT, REPO, Box, Broker, Subscriber, audit_events, set_config, wait_for
 
-from agent import faults
+from agent.ops import faults
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Subscriber, audit_events, set_config, wait_for
+from tests.helpers.faults import SentStudy, send
 
 # Short, so that a hang shows within the test; every loop beats far more often.
 DEADLINE = 8

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_helpers import Exporter, Prometheus, add_box, ops_config, publish_as, tool
 from pydicom.data import get_testdata_file
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
 
-from agent import cloudevents
+from agent.uplink import cloudevents
 from fleet.exporter import FAMILIES
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
+from tests.helpers.fleet import Exporter, Prometheus, add_box, ops_config, publish_as, tool
 
 GROUP = "exporters"
 

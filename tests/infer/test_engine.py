@@ -10,10 +10,10 @@ from pathlib import Path
 import jsonschema
 import pydicom
 import pytest
-from infer_helpers import DEMO, DEV_PUB, REPO, Events, study, study_of
 from pydicom.data import get_testdata_file
 
 from agent.infer import InferenceEngine, InferenceSettings, load_manifest
+from tests.helpers.infer import DEMO, DEV_PUB, REPO, Events, study, study_of
 from training.synth import SCANNERS, make_case
 
 Box = tuple[int, int, int, int]

@@ -24,9 +24,9 @@ from support import require_peer
 
 from agent.config import DicomSettings, DicomTls, InboxSettings, PeerRule, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.inbox import Inbox
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
+from agent.store.inbox import Inbox
 
 AE_TITLE = "EDGE_AGENT"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)

@@ -18,8 +18,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from rx_support import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
-from agent import pki
 from agent.config import DicomTls, InboxSettings, PeerRule
+from agent.identity import pki
 
 HOSTILE = "127.0.0.5"  # another loopback address: a different peer to the node
 

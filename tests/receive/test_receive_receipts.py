@@ -17,8 +17,8 @@ from rx_support import ct_files, dcmtk, node, wait_for
 from agent.audit import AuditLog, records_between, verify
 from agent.config import AuditSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key, write_secret_file
-from agent.inbox import Inbox, StoreReceipt
 from agent.receive import ReceiptDrainer, _install_wakeups, _WakingTime
+from agent.store.inbox import Inbox, StoreReceipt
 
 ALL_TIME = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 

@@ -27,9 +27,9 @@ from agent import dimsefast
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
 from agent.errors import CryptoError
-from agent.inbox import Inbox
 from agent.ratelimit import Admitted, AuditThrottle, PeerLimiter, PeerLimits
 from agent.receive import MetaFields
+from agent.store.inbox import Inbox
 
 
 def make_inbox(root: Path) -> Inbox:

@@ -20,7 +20,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from debroot import Root, codename, root_tar  # noqa: E402
-from support import REPO, free_port, storescu, wait_for, wait_port  # noqa: E402
+from tests.helpers import REPO, free_port, storescu, wait_for, wait_port
+from tests.helpers.debroot import Root, codename, root_tar
 
 SUITE = codename()
 pytestmark = [
@@ -146,7 +143,7 @@ def run_daemon(root: Root, tmp: Path) -> str:
     """A dev box provisioned by the installed CLI, the installed daemon serving it: a
     C-STORE from DCMTK storescu on the host becomes a result (de-identification and
     onnxruntime inference from the package's venv)."""
-    from test_e2e import make_study
+    from tests.test_e2e import make_study
 
     shutil.copytree(REPO / "models", root / "tmp/models")
     dicom, mqtt = free_port(), free_port()
