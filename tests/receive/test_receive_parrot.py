@@ -242,9 +242,6 @@ def test_query_retrieve_contexts_are_refused_at_negotiation(n: Node) -> None:
         assert p.read().kind == parrot.RELEASE_RP
 
 
-# The pynetdicom-based node: its storage service class fails on the request
-# (AttributeError in its thread) and the association is aborted by the service user.
-@pytest.mark.xfail(strict=True, reason="pynetdicom-based node aborts instead of 0x0211")
 @pytest.mark.parametrize("request_kind", ["c-find", "c-move"])
 def test_a_request_we_do_not_serve_gets_0211_and_the_association_goes_on(
         n: Node, request_kind: str) -> None:
