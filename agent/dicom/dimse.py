@@ -16,7 +16,10 @@ time (we negotiate no asynchronous operations window):
   (unrecognised operation) once its data set is in;
 * whatever cannot be framed as a response (a malformed PDV, a command set that
   cannot be read, a response although we sent no request, a fragment out of
-  order) is a ``Breach``: the acceptor aborts the association.
+  order) is a ``Breach``: the acceptor aborts the association.  (A service that
+  sends requests of its own on the association, e.g. Storage Commitment's
+  N-EVENT-REPORT, would add a table of pending requests here and route their
+  responses to it.)
 
 Handlers never raise into the acceptor (a failure is answered 0x0110).
 May import pydicom, agent.dicom.negotiation and agent.dicom.status.

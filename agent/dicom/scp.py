@@ -81,7 +81,6 @@ class ReceiveCounters:
     by_peer: dict[str, int] = field(default_factory=dict)
 
 
-
 # -- journaled receipt records -------------------------------------------------------
 
 
@@ -325,17 +324,19 @@ class StoreDecisions:
             if exc.status == STATUS_OUT_OF_RESOURCES:
                 with self.lock:
                     self.counters.out_of_resources += 1
-            return self._fail(exc.status, exc.reason, addr, ae_title)
+            return self.refuse_instance(exc.status, exc.reason, addr, ae_title)
         except OutOfResources as exc:
             with self.lock:
                 self.counters.out_of_resources += 1
-            return self._fail(STATUS_OUT_OF_RESOURCES, str(exc).splitlines()[0], addr, ae_title)
+            return self.refuse_instance(STATUS_OUT_OF_RESOURCES, str(exc).splitlines()[0], addr,
+                                        ae_title)
         except StorageError as exc:
-            return self._fail(STATUS_OUT_OF_RESOURCES, f"storage failed: {exc}", addr, ae_title)
+            return self.refuse_instance(STATUS_OUT_OF_RESOURCES, f"storage failed: {exc}", addr,
+                                        ae_title)
         except Exception as exc:  # noqa: BLE001 - never raise into the acceptor
             log.exception("C-STORE handler failed")
-            return self._fail(STATUS_PROCESSING_FAILURE, f"internal error ({type(exc).__name__})",
-                              addr, ae_title)
+            return self.refuse_instance(STATUS_PROCESSING_FAILURE,
+                                        f"internal error ({type(exc).__name__})", addr, ae_title)
         ref = receipt.instance.instance_key[:12]
         with self.lock:
             if receipt.outcome == "duplicate":
@@ -362,7 +363,8 @@ class StoreDecisions:
                    details={"calling_ae": ae_title, "status": "aborted",
                             "reason": f"association aborted: {why}"})
 
-    def _fail(self, status: int, why: str, addr: str, ae_title: str) -> int:
+    def refuse_instance(self, status: int, why: str, addr: str, ae_title: str) -> int:
+        """Count, audit and log an instance answered with failure ``status``."""
         with self.lock:
             self.counters.instances_failed += 1
         self.audit("instance.received", outcome="minor_failure", source=addr,
@@ -388,7 +390,7 @@ class _AssociationStore:
                                           self.peer)
 
     def refused(self, status: int, why: str) -> int:
-        return self._owner._fail(status, why, self.peer, self.calling_ae)
+        return self._owner.refuse_instance(status, why, self.peer, self.calling_ae)
 
     def aborted(self, why: str) -> None:
         self._owner.aborted(why, self.peer, self.calling_ae)

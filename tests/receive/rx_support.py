@@ -97,7 +97,7 @@ class EventJournal:
 @contextmanager
 def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
          inbox: InboxSettings | None = None, receipts: Any = None, workers: int = 1,
-         **dicom: Any) -> Iterator[Node]:
+         registry: Any = None, **dicom: Any) -> Iterator[Node]:
     port = free_port()
     tls_port = free_port()
     tls = dicom.pop("tls", None)
@@ -129,7 +129,7 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
         scp = ReceivePool(settings, ib, init, audit=audit,
                           receipts=receipts if receipts is not None else EventJournal(events, lock))
     else:
-        scp = LocalNode(settings, ib, audit=audit, receipts=receipts)
+        scp = LocalNode(settings, ib, audit=audit, receipts=receipts, registry=registry)
     scp.start()
     try:
         yield Node(scp, ib, port, tls_port, events, lock)

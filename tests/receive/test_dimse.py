@@ -291,3 +291,67 @@ def test_a_peer_breaking_a_message_is_aborted_and_nothing_is_kept(
         used = [p for p in (n.inbox.root / "files" / "slots").rglob("*")
                 if p.is_file() and p.stat().st_size > 0]
         assert len(used) == 1
+
+
+# -- the registry of other services ------------------------------------------------------
+
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+
+
+def test_a_registered_handler_gets_its_request_and_data_set_and_its_reply_goes_back(
+        tmp_path: Path) -> None:
+    """The extension point for services beyond C-STORE/C-ECHO (here an N-ACTION on
+    Storage Commitment, as later work would add): offered at negotiation, the
+    request and its data set reach the handler, its status and reply data set
+    reach the peer; a handler that fails is answered 0x0110 and the association
+    goes on."""
+    import parrot
+    from pydicom.dataset import Dataset
+
+    from agent.dicom.dimse import DimseReply, DimseRequest, default_registry
+
+    seen: list[tuple[int, str, str]] = []
+
+    def commit(req: DimseRequest) -> DimseReply:
+        assert req.data_set is not None
+        if req.data_set.TransactionUID == "1.2.3.999":
+            raise RuntimeError("handler bug")
+        seen.append((req.command_field, req.context.abstract_syntax, req.data_set.TransactionUID))
+        reply = Dataset()
+        reply.TransactionUID = req.data_set.TransactionUID
+        return DimseReply(0x0000, reply, sop_instance="1.2.840.10008.1.20.1.1")
+
+    registry = default_registry()
+    registry.register(0x0130, STORAGE_COMMITMENT, commit)
+
+    def n_action(message_id: int, transaction: str) -> list[bytes]:
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        cmd = parrot.command(0x0130, message_id, STORAGE_COMMITMENT, has_data=True)
+        return [parrot.pdata(parrot.pdv(5, 0x03, cmd)),
+                parrot.pdata(parrot.pdv(5, 0x02, parrot_data(ds)))]
+
+    def parrot_data(ds: Dataset) -> bytes:
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, True
+        write_dataset(buf, ds)
+        return buf.getvalue()
+
+    contexts = (*parrot.CT_AND_ECHO, (5, STORAGE_COMMITMENT, (parrot.IMPLICIT_LE,)))
+    with node(tmp_path, registry=registry) as n, parrot.Parrot(n.port) as p:
+        ac = p.associate(AE_TITLE, contexts=contexts)
+        assert ac.context_results() == {1: 0, 3: 0, 5: 0}
+        p.send(*n_action(1, "1.2.3.4"))
+        rsp = p.read()
+        assert rsp.command_and_status() == (0x8130, 0x0000)
+        assert rsp.dimse()[0x0800] != b"\x01\x01"  # a data set follows
+        data = p.read()
+        assert data.kind == parrot.P_DATA_TF and data.body[5] == 0x02  # last data fragment
+        assert b"1.2.3.4" in data.body
+        p.send(*n_action(2, "1.2.3.999"))
+        assert p.read().command_and_status() == (0x8130, 0x0110)
+        p.send(parrot.pdata(parrot.pdv(3, 0x03, parrot.echo_rq(3))))
+        assert p.read().command_and_status() == (0x8030, 0x0000)
+        p.send(parrot.release_rq())
+        assert p.read().kind == parrot.RELEASE_RP
+    assert seen == [(0x0130, STORAGE_COMMITMENT, "1.2.3.4")]
