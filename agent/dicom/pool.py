@@ -290,11 +290,7 @@ class ReceivePool:
             own = self._own
             total["connections_refused"] += own.connections_refused
             total["tls_failures"] += own.tls_failures
-        out = ReceiveCounters()
-        for k in _COUNTER_FIELDS:
-            setattr(out, k, total[k])
-        out.by_peer = by_peer
-        return out
+        return ReceiveCounters(**{k: total[k] for k in _COUNTER_FIELDS}, by_peer=by_peer)
 
     def _collect(self, w: _Worker) -> None:
         """Keep a stopped worker's totals (its process is gone, its counts stay)."""
