@@ -57,7 +57,8 @@ def async_window(invoked: int, performed: int) -> bytes:
 
 def associate_rq(called: str, calling: str = "PARROT",
                  contexts: Sequence[Context] = CT_AND_ECHO, *, max_pdu: int = 65536,
-                 extra_user_items: bytes = b"", version: int = 1) -> bytes:
+                 extra_user_items: bytes = b"", version: int = 1,
+                 app_context: str = "1.2.840.10008.3.1.1.1") -> bytes:
     pcs = b"".join(
         item(0x20, bytes([cid, 0, 0, 0]) + item(0x30, abstract.encode())
              + b"".join(item(0x40, ts.encode()) for ts in syntaxes))
@@ -65,7 +66,7 @@ def associate_rq(called: str, calling: str = "PARROT",
     user = item(0x50, item(0x51, struct.pack(">I", max_pdu)) + item(0x52, b"1.2.826.0.1.1")
                 + extra_user_items)
     body = (struct.pack(">HH", version, 0) + called.ljust(16).encode()
-            + calling.ljust(16).encode() + b"\0" * 32 + item(0x10, b"1.2.840.10008.3.1.1.1")
+            + calling.ljust(16).encode() + b"\0" * 32 + item(0x10, app_context.encode())
             + pcs + user)
     return pdu(ASSOCIATE_RQ, body)
 

@@ -90,6 +90,17 @@ def test_unsupported_protocol_version_is_rejected_permanently(n: Node) -> None:
     still_serving(n)
 
 
+def test_another_application_context_is_rejected_permanently(n: Node) -> None:
+    with Parrot(n.port) as p:
+        p.send(parrot.associate_rq(AE_TITLE, app_context="1.2.3.4.5"))
+        r = p.read()
+        assert r.kind == parrot.ASSOCIATE_RJ
+        # rejected-permanent; service user; application-context-name-not-supported.
+        assert tuple(r.body[1:4]) == (1, 1, 2)
+        assert p.ended()
+    still_serving(n)
+
+
 def test_half_associate_rq_then_silence_is_closed_at_artim(n: Node) -> None:
     threads = threading.active_count()
     with Parrot(n.port) as p:
