@@ -98,8 +98,8 @@ class DicomSettings:
     # (the A-ASSOCIATE-RQ: within acse_timeout, the ARTIM timer); also bounds a send.
     pdu_timeout: float = 30.0
     max_instance_bytes: int = 2 * 1024**3
-    workers: int = 1
-    fast_store: bool = True
+    # 0: one receive process per CPU core (auto_workers); resolved when the config loads.
+    workers: int = 0
     tls: DicomTls = DicomTls()
 
 
@@ -552,26 +552,31 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     )
     if tls.enabled and not (tls.cert and tls.key and tls.ca):
         r.problems.append("[dicom.tls] enabled = true needs cert, key and ca paths")
+    d = DicomSettings()  # the defaults, defined once
     dicom = DicomSettings(
-        host=r.get("dicom.host", str, "0.0.0.0"),
-        port=r.get("dicom.port", int, 11112, check=_port),
-        ae_title=r.get("dicom.ae_title", str, "EDGE_AGENT", check=_ae),
+        host=r.get("dicom.host", str, d.host),
+        port=r.get("dicom.port", int, d.port, check=_port),
+        ae_title=r.get("dicom.ae_title", str, d.ae_title, check=_ae),
         peers=_peers(r),
-        max_pdu=r.get("dicom.max_pdu", int, 1048576,
+        max_pdu=r.get("dicom.max_pdu", int, d.max_pdu,
                       check=lambda v: None if 4096 <= v <= 16 * 1024**2 else "must be 4096..16777216"),
-        max_associations=r.get("dicom.max_associations", int, 16, check=_positive),
-        max_associations_per_peer=r.get("dicom.max_associations_per_peer", int, 4, check=_positive),
+        max_associations=r.get("dicom.max_associations", int, d.max_associations,
+                               check=_positive),
+        max_associations_per_peer=r.get("dicom.max_associations_per_peer", int,
+                                        d.max_associations_per_peer, check=_positive),
         associations_per_minute_per_peer=r.get(
-            "dicom.associations_per_minute_per_peer", int, 120, check=_positive),
-        acse_timeout=r.get("dicom.acse_timeout", float, 30.0, check=_positive),
-        dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
-        network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
-        pdu_timeout=r.get("dicom.pdu_timeout", float, 30.0, check=_positive),
-        max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
+            "dicom.associations_per_minute_per_peer", int, d.associations_per_minute_per_peer,
+            check=_positive),
+        acse_timeout=r.get("dicom.acse_timeout", float, d.acse_timeout, check=_positive),
+        dimse_timeout=r.get("dicom.dimse_timeout", float, d.dimse_timeout, check=_positive),
+        network_timeout=r.get("dicom.network_timeout", float, d.network_timeout,
+                              check=_positive),
+        pdu_timeout=r.get("dicom.pdu_timeout", float, d.pdu_timeout, check=_positive),
+        max_instance_bytes=r.get("dicom.max_instance_bytes", int, d.max_instance_bytes,
+                                 check=_positive),
         workers=auto_workers(r.get(
-            "dicom.workers", int, 0,
+            "dicom.workers", int, d.workers,
             check=lambda v: None if 0 <= v <= 32 else "must be between 0 (auto) and 32")),
-        fast_store=r.get("dicom.fast_store", bool, True),
         tls=tls,
     )
     study = StudySettings(

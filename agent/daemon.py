@@ -1,6 +1,7 @@
 """The daemon: wires the stages together and owns their threads.
 
-Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
+Threads: the DICOM node's (``dicom-accept`` and one per association, or the
+receive workers' ``dicom-dispatch``; ``dicom-receipts``), ``assembler`` (closes quiet
 studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
 ``atna`` (the audit log to the hospital's audit repository, when configured),
 ``watchdog`` (feeds systemd only while every stage beats, see agent/ops/liveness.py).
@@ -31,13 +32,13 @@ from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.dicom.node import DicomNode, LocalNode
+from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
 from agent.identity.keyrotate import hold_state_lock
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
-from agent.receive import StorageSCP
-from agent.recvpool import ReceivePool, WorkerInit
 from agent.results.link import LinkStore
 from agent.store.inbox import Inbox
 from agent.store.quarantine import Quarantine
@@ -146,7 +147,7 @@ class Daemon:
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
                                  links=self.links)
-        self.scp: StorageSCP | ReceivePool
+        self.scp: DicomNode
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
                                    on_stored=lambda _r: self._work.set(),
@@ -154,7 +155,7 @@ class Daemon:
         else:
             # Workers journal their audit records in the inbox (durable), so only the
             # in-process node feeds the audit queue and needs its hold.
-            self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
+            self.scp = LocalNode(cfg.dicom, self.inbox, audit=self.audit,
                                   on_stored=lambda _r: self._work.set(),
                                   accepting=self._intake.is_set, receipts=self.audit_log,
                                   hold=self.audit_log.intake_hold)
@@ -470,21 +471,19 @@ class Daemon:
 
     def _start_receive(self) -> None:
         """Start the DICOM node; its stage is live while the threads it started run
-        (pynetdicom's accept loops, the receipt drainer) and, with receive workers,
-        while the dispatcher beats."""
+        (its accept loop, the receipt drainer) and, with receive workers, while the
+        dispatcher beats."""
         before = set(threading.enumerate())
         started: list[threading.Thread] = []
-        pool = isinstance(self.scp, ReceivePool)
         stage = self.liveness.stage(
-            "receive", self.deadline if pool else None,
+            "receive", self.deadline if self.scp.beats else None,
             probe=lambda: liveness.threads_alive(started, "DICOM receive")())
-        if isinstance(self.scp, ReceivePool):
-            self.scp.stage = stage
-            self.scp.silent_after = self.deadline
+        self.scp.supervise(stage, self.deadline)
         self.scp.start()
         # By name: a control client that happens to connect now is not the receive node's.
         started.extend(t for t in threading.enumerate()
-                       if t not in before and t.name.startswith("dicom"))
+                       if t not in before and t.name in ("dicom-accept", "dicom-dispatch",
+                                                         "dicom-receipts"))
 
     def _burst(self) -> None:
         self.inbox.complete_all()

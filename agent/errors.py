@@ -86,7 +86,3 @@ class AuditError(EdgeAgentError):
 class ResultError(EdgeAgentError):
     """A result object (SR, presentation state, key image, SEG) could not be built."""
 
-
-class InstallError(EdgeAgentError):
-    """The installed software differs from what this release was built and tested
-    with (a library version, or a patch of it that did not take effect)."""

@@ -119,7 +119,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """Receive worker processes of the daemon (direct children running agent.recvworker)."""
+    """Receive worker processes of the daemon (direct children running agent.dicom.worker)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -129,7 +129,7 @@ def children(pid: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and b"agent.recvworker" in cmd:
+        if int(stat[1]) == pid and b"agent.dicom.worker" in cmd:
             out.append(int(entry.name))
     return out
 

@@ -581,7 +581,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "dicom": {
             "listen": f"{cfg.dicom.host}:{cfg.dicom.port}", "ae_title": cfg.dicom.ae_title,
             # 0: received in the daemon's own process
-            "receive_workers": int(getattr(d.scp, "workers_alive", 0)),
+            "receive_workers": d.scp.workers_alive,
             "associations_active": r.active,
             "associations_accepted": r.associations_accepted,
             "associations_rejected": r.associations_rejected,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 # The inbound channels the box subscribes to, and the outbound ones it may write;
-# the broker ACL (agent/devbox.py, docs/fleet.md) is written from these.
+# the broker ACL (agent/ops/devbox.py, docs/fleet.md) is written from these.
 INBOUND_CHANNELS = ("review", "deployments")
 OUTBOUND_CHANNELS = ("status", "results", "telemetry", "audit", "jobs")
 

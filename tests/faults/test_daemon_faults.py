@@ -128,7 +128,7 @@ def _kill9_rounds_seeded(box: Box, broker: Broker, rounds: int, rng: random.Rand
 def receive_workers(d: Daemon) -> list[psutil.Process]:
     assert d.proc is not None
     return [c for c in psutil.Process(d.proc.pid).children()
-            if "agent.recvworker" in " ".join(c.cmdline())]
+            if "agent.dicom.worker" in " ".join(c.cmdline())]
 
 
 def alive(p: psutil.Process) -> bool:

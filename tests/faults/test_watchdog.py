@@ -208,7 +208,7 @@ def test_a_hung_stage_stops_the_watchdog_and_is_named(
 
 def worker_pids(daemon_pid: int) -> list[int]:
     kids = psutil.Process(daemon_pid).children()
-    return [p.pid for p in kids if "agent.recvworker" in " ".join(p.cmdline())]
+    return [p.pid for p in kids if "agent.dicom.worker" in " ".join(p.cmdline())]
 
 
 def test_a_silent_receive_worker_is_replaced_and_the_watchdog_stays_fed(

@@ -19,9 +19,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from agent.deid import Deidentifier, DeidSettings
+from agent.dicom.header import Header, _fast_header, parse_header, pydicom_header
+from agent.dicom.status import Refused
 from agent.errors import DeidError
 from agent.pipeline import parse_instance
-from agent.receive import Header, Refused, _fast_header, parse_header, pydicom_header
 from tests.helpers.dicom import sample
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

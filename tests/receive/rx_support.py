@@ -1,4 +1,4 @@
-"""DICOM node for receive tests: a real StorageSCP over a real Inbox, listening on a
+"""DICOM node for receive tests: a real DICOM node over a real Inbox, listening on a
 free loopback port, in this process (``workers=1``) or in receive worker processes
 behind a ReceivePool (``workers=N``); peers are real (DCMTK, pynetdicom, raw sockets)."""
 
@@ -20,13 +20,13 @@ import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from support import require_peer
 
 from agent.config import DicomSettings, DicomTls, InboxSettings, PeerRule, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.receive import StorageSCP
-from agent.recvpool import ReceivePool, WorkerInit
+from agent.dicom.node import DicomNode, LocalNode
+from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.store.inbox import Inbox
+from tests.helpers import require_peer
 
 AE_TITLE = "EDGE_AGENT"
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -54,7 +54,7 @@ def free_port() -> int:
 
 @dataclasses.dataclass
 class Node:
-    scp: StorageSCP | ReceivePool
+    scp: DicomNode
     inbox: Inbox
     port: int
     tls_port: int
@@ -97,7 +97,7 @@ class EventJournal:
 @contextmanager
 def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
          inbox: InboxSettings | None = None, receipts: Any = None, workers: int = 1,
-         **dicom: Any) -> Iterator[Node]:
+         registry: Any = None, **dicom: Any) -> Iterator[Node]:
     port = free_port()
     tls_port = free_port()
     tls = dicom.pop("tls", None)
@@ -120,7 +120,7 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
         with lock:
             events.append((name, dict(kw)))
 
-    scp: StorageSCP | ReceivePool
+    scp: DicomNode
     if workers > 1:
         def init(index: int) -> WorkerInit:
             return WorkerInit(index, settings, tmp / "inbox", inbox_settings, study, kek, pkey,
@@ -129,7 +129,7 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
         scp = ReceivePool(settings, ib, init, audit=audit,
                           receipts=receipts if receipts is not None else EventJournal(events, lock))
     else:
-        scp = StorageSCP(settings, ib, audit=audit, receipts=receipts)
+        scp = LocalNode(settings, ib, audit=audit, receipts=receipts, registry=registry)
     scp.start()
     try:
         yield Node(scp, ib, port, tls_port, events, lock)

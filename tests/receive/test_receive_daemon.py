@@ -13,7 +13,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from rx_support import big_instance, ct_files, dcmtk
-from support import Box, Broker, Daemon, Subscriber, set_config, wait_for
+
+from tests.helpers import Box, Broker, Daemon, Subscriber, set_config, wait_for
 
 
 def send(port: int, ae_title: str, files: list[Path], acked: list[Path],

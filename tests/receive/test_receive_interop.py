@@ -16,8 +16,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from rx_support import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
 from agent.config import PeerRule
+from agent.dicom.status import STATUS_OUT_OF_RESOURCES
 from agent.errors import StorageError
-from agent.receive import STATUS_OUT_OF_RESOURCES
 
 needs_dcmtk = pytest.mark.peer("storescu", "echoscu")
 

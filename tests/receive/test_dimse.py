@@ -1,6 +1,6 @@
-"""C-STOREs served from the PDU stream (agent/dimsestream.py): its codec against
-pynetdicom's, the stored bytes against the pynetdicom path's, and peers that
-split, merge or break messages."""
+"""DIMSE on the P-DATA stream (agent/dicom/dimse.py): its codec against
+pynetdicom's, the stored bytes against what was sent, and peers that split,
+merge or break messages."""
 
 from __future__ import annotations
 
@@ -24,15 +24,14 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from rx_support import AE_TITLE, ct_files, dcmtk, node, wait_for
 from test_receive_limits import read_pdu
 
-from agent import dimsefast
-from agent.dimsestream import (
+from agent.dicom.dimse import (
     StoreRequest,
     command_pdus,
     decode_store_rq,
+    encode_response,
     encode_store_rsp,
     iter_pdvs,
 )
-from agent.receive import StorageSCP
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -49,10 +48,7 @@ def pynetdicom_pdus(msg: Any, context_id: int, max_pdu: int) -> list[bytes]:
 
 @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC210, 0xC211, 0xB007])
 @pytest.mark.parametrize("max_pdu", [0, 16384, 64])
-def test_store_response_is_byte_identical_to_pynetdicoms(
-        monkeypatch: pytest.MonkeyPatch, status: int, max_pdu: int) -> None:
-    # pydicom's general encoder, not dimsefast's, is the reference.
-    monkeypatch.setattr(dimse_messages, "encode", dimsefast._real_encode)
+def test_store_response_is_byte_identical_to_pynetdicoms(status: int, max_pdu: int) -> None:
     for sop_instance in ("1.2.3.4", "1.2.3.45", generate_uid()):
         for message_id in (1, 7, 65535):
             rsp = C_STORE()
@@ -81,6 +77,20 @@ def store_rq_command(message_id: int, sop_instance: str, *, sop_class: str = CT,
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     return bytes(dimse_messages.encode(msg.command_set, True, True))
+
+
+def test_echo_response_is_byte_identical_to_pynetdicoms() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RSP
+
+    for status in (0x0000, 0x0211):
+        rsp = C_ECHO()
+        rsp.MessageIDBeingRespondedTo = 9
+        rsp.AffectedSOPClassUID = Verification
+        rsp.Status = status
+        msg = C_ECHO_RSP()
+        msg.primitive_to_message(rsp)
+        ours = encode_response(0x8030, 9, status, sop_class=str(Verification))
+        assert command_pdus(1, ours, 16384) == pynetdicom_pdus(msg, 1, 16384)
 
 
 def echo_rq_command(message_id: int) -> bytes:
@@ -163,28 +173,28 @@ def send_with_pynetdicom(port: int, files: list[Path], *, max_pdu: int) -> list[
 
 
 @pytest.mark.parametrize("max_pdu", [4096, 1 << 20], ids=["fragmented", "one-pdu"])
-def test_direct_path_stores_the_same_bytes_as_pynetdicoms(tmp_path: Path, max_pdu: int) -> None:
+def test_stored_bytes_are_the_data_sets_sent(tmp_path: Path, max_pdu: int) -> None:
     files = ct_files(tmp_path / "in", 4)
-    results = {}
-    for fast in (True, False):
-        with node(tmp_path / f"fast-{fast}", fast_store=fast, max_pdu=max_pdu) as n:
-            assert send_with_pynetdicom(n.port, files, max_pdu=max_pdu) == [0] * 4
-            assert isinstance(n.scp, StorageSCP)
-            # The direct path served every C-STORE, or none when switched off.
-            assert n.scp.direct_stores == (4 if fast else 0)
-            results[fast] = stored_bytes(n)
-            assert len(n.audited("instance.received")) == 4
-    assert results[True] == results[False]
-    assert len(results[True]) == 4
+    with node(tmp_path / "n", max_pdu=max_pdu) as n:
+        assert send_with_pynetdicom(n.port, files, max_pdu=max_pdu) == [0] * 4
+        stored = stored_bytes(n)
+        assert len(n.audited("instance.received")) == 4
+    sent = {str(pydicom.dcmread(f).SOPInstanceUID): dataset_bytes(f)[1] for f in files}
+    assert len(stored) == 4
+    for raw in stored:
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        # The data set after the file meta is byte for byte the one sent.
+        meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+        assert raw[meta_end:] == sent[str(ds.SOPInstanceUID)]
+        assert ds.file_meta.TransferSyntaxUID == EXPLICIT_LE
 
 
-def test_dcmtk_storescu_is_served_directly(tmp_path: Path) -> None:
+def test_dcmtk_storescu_is_served(tmp_path: Path) -> None:
     files = ct_files(tmp_path / "in", 3)
     with node(tmp_path) as n:
         r = dcmtk("storescu", "-aet", "MOD", "-aec", AE_TITLE, "127.0.0.1", str(n.port),
                   *map(str, files))
         assert r.returncode == 0, r.stderr
-        assert isinstance(n.scp, StorageSCP) and n.scp.direct_stores == 3
         assert sorted(pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID for b in stored_bytes(n)) \
             == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
 
@@ -240,7 +250,7 @@ def test_a_pdu_ending_one_message_and_starting_another_is_split(tmp_path: Path) 
     uid, data = dataset_bytes(files[0])
     with node(tmp_path) as n, ct_association(n.port) as s:
         # One PDU: the whole C-STORE (command, data set in two fragments) and then
-        # a C-ECHO-RQ, which pynetdicom must receive on its own.
+        # a C-ECHO-RQ: two messages, two responses.
         half = len(data) // 2
         s.sendall(pdata(pdv(1, 3, store_rq_command(1, uid)), pdv(1, 0, data[:half]),
                         pdv(1, 2, data[half:]), pdv(3, 3, echo_rq_command(2))))
@@ -249,7 +259,6 @@ def test_a_pdu_ending_one_message_and_starting_another_is_split(tmp_path: Path) 
         assert sorted(response_status(b) for _, b in answers) == [(0x8001, 0), (0x8030, 0)]
         s.sendall(b"\x05\x00" + struct.pack(">L", 4) + b"\0" * 4)  # A-RELEASE-RQ
         assert read_pdu(s)[0] == 0x06
-        assert isinstance(n.scp, StorageSCP) and n.scp.direct_stores == 1
         assert n.stored() == 1
 
 
@@ -282,3 +291,67 @@ def test_a_peer_breaking_a_message_is_aborted_and_nothing_is_kept(
         used = [p for p in (n.inbox.root / "files" / "slots").rglob("*")
                 if p.is_file() and p.stat().st_size > 0]
         assert len(used) == 1
+
+
+# -- the registry of other services ------------------------------------------------------
+
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+
+
+def test_a_registered_handler_gets_its_request_and_data_set_and_its_reply_goes_back(
+        tmp_path: Path) -> None:
+    """The extension point for services beyond C-STORE/C-ECHO (here an N-ACTION on
+    Storage Commitment, as later work would add): offered at negotiation, the
+    request and its data set reach the handler, its status and reply data set
+    reach the peer; a handler that fails is answered 0x0110 and the association
+    goes on."""
+    import parrot
+    from pydicom.dataset import Dataset
+
+    from agent.dicom.dimse import DimseReply, DimseRequest, default_registry
+
+    seen: list[tuple[int, str, str]] = []
+
+    def commit(req: DimseRequest) -> DimseReply:
+        assert req.data_set is not None
+        if req.data_set.TransactionUID == "1.2.3.999":
+            raise RuntimeError("handler bug")
+        seen.append((req.command_field, req.context.abstract_syntax, req.data_set.TransactionUID))
+        reply = Dataset()
+        reply.TransactionUID = req.data_set.TransactionUID
+        return DimseReply(0x0000, reply, sop_instance="1.2.840.10008.1.20.1.1")
+
+    registry = default_registry()
+    registry.register(0x0130, STORAGE_COMMITMENT, commit)
+
+    def n_action(message_id: int, transaction: str) -> list[bytes]:
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        cmd = parrot.command(0x0130, message_id, STORAGE_COMMITMENT, has_data=True)
+        return [parrot.pdata(parrot.pdv(5, 0x03, cmd)),
+                parrot.pdata(parrot.pdv(5, 0x02, parrot_data(ds)))]
+
+    def parrot_data(ds: Dataset) -> bytes:
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, True
+        write_dataset(buf, ds)
+        return buf.getvalue()
+
+    contexts = (*parrot.CT_AND_ECHO, (5, STORAGE_COMMITMENT, (parrot.IMPLICIT_LE,)))
+    with node(tmp_path, registry=registry) as n, parrot.Parrot(n.port) as p:
+        ac = p.associate(AE_TITLE, contexts=contexts)
+        assert ac.context_results() == {1: 0, 3: 0, 5: 0}
+        p.send(*n_action(1, "1.2.3.4"))
+        rsp = p.read()
+        assert rsp.command_and_status() == (0x8130, 0x0000)
+        assert rsp.dimse()[0x0800] != b"\x01\x01"  # a data set follows
+        data = p.read()
+        assert data.kind == parrot.P_DATA_TF and data.body[5] == 0x02  # last data fragment
+        assert b"1.2.3.4" in data.body
+        p.send(*n_action(2, "1.2.3.999"))
+        assert p.read().command_and_status() == (0x8130, 0x0110)
+        p.send(parrot.pdata(parrot.pdv(3, 0x03, parrot.echo_rq(3))))
+        assert p.read().command_and_status() == (0x8030, 0x0000)
+        p.send(parrot.release_rq())
+        assert p.read().kind == parrot.RELEASE_RP
+    assert seen == [(0x0130, STORAGE_COMMITMENT, "1.2.3.4")]

@@ -1,11 +1,14 @@
-"""A receive worker process (see agent/recvpool.py): runs the associations of the
-connections the daemon hands it, with the same StorageSCP as the in-process node.
+"""A receive worker process (see agent.dicom.pool): runs the acceptor on each
+connection the daemon hands it, one thread per connection, with the same store
+decisions as the in-process node; the association bounds are asked of the
+daemon (a ``Verdict``), which sees every worker's associations.
 
-    python -m agent.recvworker CHANNEL_FD PARENT_PID
+    python -m agent.dicom.worker CHANNEL_FD PARENT_PID
 
 Started by the daemon only.  Everything it needs arrives over the channel; it
 exits when the channel closes (the daemon stopped or died) and is killed with
-the daemon by ``PR_SET_PDEATHSIG``.
+the daemon by ``PR_SET_PDEATHSIG``.  May import agent.store.inbox, agent.logs and
+agent.dicom.*.
 """
 
 from __future__ import annotations
@@ -21,19 +24,19 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from pydicom import config as pydicom_config
 
 from agent import logs
-from agent.dicomtls import EdgeAssociationServer, server_context
+from agent.dicom.admission import PeerLimiter, PeerLimits, Verdict
+from agent.dicom.dimse import default_registry
+from agent.dicom.node import acceptor_settings, serve_connection, tls_context
+from agent.dicom.pool import Handoff, WorkerInit, recv_msg, send_msg
+from agent.dicom.scp import ReceiveCounters, StoreDecisions
 from agent.errors import EdgeAgentError
-from agent.ratelimit import PeerLimiter, PeerLimits
-from agent.receive import ReceiveCounters, StorageSCP, Verdict
-from agent.recvpool import Handoff, WorkerInit, recv_msg, send_msg
 from agent.store.inbox import Inbox
 
-log = logging.getLogger("edge_agent.receive")
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 COUNTERS_EVERY = 0.2
@@ -53,25 +56,6 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)  # the daemon died before prctl took effect
 
 
-class HandedServer(EdgeAssociationServer):
-    """An association server without a socket of its own: connections arrive
-    from the daemon, already counted against the peer limits there."""
-
-    edge_done: Any
-
-    def server_bind(self) -> None:
-        return None
-
-    def server_activate(self) -> None:
-        return None
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.edge_done(client_address)
-
-
 class Worker:
     def __init__(self, chan: socket.socket, init: WorkerInit) -> None:
         self.chan = chan
@@ -87,30 +71,17 @@ class Worker:
         self._accepting = True
         self.inbox = Inbox(init.inbox_root, init.kek, init.pseudonym_key, init.inbox, init.study,
                            worker=init.index)
-        self.scp = StorageSCP(init.dicom, self.inbox, audit=self._audit,
-                              accepting=lambda: self._accepting, journal_receipts=True,
-                              admission=self._admission, on_ended=self._ended)
-        self.servers: dict[bool, HandedServer] = {}
-        unlimited = PeerLimiter(PeerLimits(1 << 30, 1 << 30, 1 << 30))
-        s = init.dicom
-        for tls in ([False] if not s.tls.enabled or s.tls.plain_listener else []) + (
-                [True] if s.tls.enabled else []):
-            ctx = None
-            if tls:
-                assert s.tls.cert is not None and s.tls.key is not None and s.tls.ca is not None
-                ctx = server_context(s.tls.cert, s.tls.key, s.tls.ca,
-                                     require_client_cert=s.tls.require_client_cert)
-            server = self.scp.ae.make_server(
-                (s.host, s.tls.port if tls else s.port), evt_handlers=self.scp.handlers(),
-                server_class=HandedServer)
-            assert isinstance(server, HandedServer)
-            server.configure(limiter=unlimited, tls=ctx, handshake_timeout=s.acse_timeout,
-                             pdu_timeout=s.pdu_timeout, on_refused=self.scp._refused_connection,
-                             owner=self.scp)
-            server.edge_done = self._done
-            self.servers[tls] = server
+        # Connections arrive counted against the peer limits by the daemon.
+        self.decisions = StoreDecisions(
+            init.dicom, self.inbox, audit=self._audit,
+            limiter=PeerLimiter(PeerLimits(1 << 30, 1 << 30, 1 << 30)),
+            accepting=lambda: self._accepting, journal_receipts=True,
+            admission=self._admission, on_ended=self._ended)
+        self.registry = default_registry()
+        self.settings = acceptor_settings(init.dicom)
+        self.tls = tls_context(init.dicom)
 
-    # -- StorageSCP hooks ----------------------------------------------------------
+    # -- StoreDecisions hooks ----------------------------------------------------------
 
     def _audit(self, event: str, *, outcome: str = "success", user: str | None = None,
                source: str | None = None, details: Mapping[str, object] | None = None,
@@ -153,8 +124,7 @@ class Worker:
             self._ended_ids.add(cid)
         self._send(("ended", cid))
 
-    def _done(self, client_address: Any) -> None:
-        key = (str(client_address[0]), int(client_address[1]))
+    def _done(self, key: tuple[str, int]) -> None:
         with self._lock:
             cid = self._conn_ids.pop(key, None)
             self._ended_ids.discard(cid or 0)
@@ -186,10 +156,9 @@ class Worker:
                 last, sent = now, time.monotonic()
 
     def _counters(self) -> dict[str, object]:
-        with self.scp._lock:
-            c = self.scp.counters
-            out: dict[str, object] = {f.name: getattr(c, f.name) for f in _FIELDS}
-            out["by_peer"] = dict(c.by_peer)
+        c = self.decisions.snapshot()
+        out: dict[str, object] = {f.name: getattr(c, f.name) for f in _FIELDS}
+        out["by_peer"] = dict(c.by_peer)
         return out
 
     def run(self) -> int:
@@ -224,15 +193,22 @@ class Worker:
 
     def _take(self, h: Handoff, fd: int) -> None:
         sock = socket.socket(fileno=fd)
-        server = self.servers.get(h.tls)
-        if server is None or not self._accepting:
+        if (h.tls and self.tls is None) or not self._accepting:
             sock.close()
             self._send(("closed", h.conn_id))
             return
         with self._lock:
             self._conn_ids[h.address] = h.conn_id
             self._socks[h.conn_id] = sock.dup()
-        server.process_request(sock, h.address)
+        threading.Thread(target=self._serve, args=(sock, h.address, h.tls),
+                         name="dicom-association", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, address: tuple[str, int], tls: bool) -> None:
+        try:
+            serve_connection(sock, address, self.tls if tls else None, self.settings,
+                             self.decisions, self.registry)
+        finally:
+            self._done(address)
 
     def _evict(self, cid: int) -> None:
         with self._lock:
@@ -246,9 +222,8 @@ class Worker:
         self._accepting = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.scp._lock:
-                if self.scp.counters.active == 0:
-                    break
+            if self.decisions.snapshot().active == 0:
+                break
             time.sleep(0.05)
         self._send(("counters", self._counters()))
         self.inbox.close()
@@ -257,7 +232,7 @@ class Worker:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
-        print("usage: python -m agent.recvworker CHANNEL_FD PARENT_PID (started by the daemon)",
+        print("usage: python -m agent.dicom.worker CHANNEL_FD PARENT_PID (started by the daemon)",
               file=sys.stderr)
         return 2
     die_with_parent(int(argv[2]))
@@ -278,7 +253,7 @@ def main(argv: list[str]) -> int:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     try:
         worker = Worker(chan, init)
-    except EdgeAgentError as exc:  # e.g. the node's hooks did not take (InstallError)
+    except EdgeAgentError as exc:  # e.g. the TLS certificate cannot be loaded
         log.error("receive worker %d cannot start: %s", init.index, exc)
         return 2
     code = worker.run()

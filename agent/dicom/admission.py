@@ -1,4 +1,8 @@
-"""Per-peer admission limits for the DICOM listener.
+"""Who may connect and associate: per-peer admission limits for the DICOM listener.
+
+Owns: the connection and association bounds, the association rate, the
+throttle on refusal log lines, and ``Verdict`` (the main process's answer to a
+receive worker).  Imports nothing of the node.
 
 Two independent bounds, both keyed by the peer's IP address:
 
@@ -18,16 +22,19 @@ closed this way, and peers of equal share never displace each other.
 Associations have a fair share of their own (``association_limit``): the last
 quarter of them is kept for peers that hold none.
 
-Thread safe: pynetdicom runs one thread per connection.
+Thread safe: the node runs one thread per connection.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -174,3 +181,25 @@ def association_limit(held: int, total: int, *, per_peer: int, max_total: int) -
     if held and total >= max_total - association_reserve(max_total):
         return "the remaining associations are kept for peers that hold none"
     return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the association bounds say about an association request."""
+
+    rate_ok: bool  # within the peer's associations-per-minute
+    limit: str | None  # why the association bounds refuse it, or None
+
+
+AuditFn = Callable[..., None]
+
+
+def audit_refused(audit: AuditFn, throttle: AuditThrottle, peer: str, why: str) -> None:
+    """Audit a connection refused before any association; log it throttled per peer.
+
+    Every refusal goes to the audit log, which counts repeats into summary
+    records (agent/audit/summary.py): throttling here lost them uncounted."""
+    audit("association.rejected", outcome="minor_failure", source=peer,
+          details={"reason": why})
+    if throttle.due(peer, why):
+        log.warning("refused connection from %s: %s", peer, why)

@@ -1,12 +1,13 @@
 """Receive worker processes: concurrent associations on every core.
 
+Owns the main-process half of receiving in worker processes (a ``DicomNode``).
 Python runs one thread at a time per process, and receiving a C-STORE is
-mostly Python (pynetdicom, pydicom), so one process tops out at one core
-however many modalities send at once.  With ``[dicom] workers = N > 1`` the
-daemon keeps the listening sockets and the admission decisions, and hands each
-accepted connection to one of N worker processes (``agent/recvworker.py``),
-which run the association exactly as the in-process node does and commit into
-the same inbox index (SQLite in WAL mode serialises their transactions).
+mostly Python, so one process tops out at one core however many modalities
+send at once.  With ``[dicom] workers = N > 1`` the daemon keeps the listening
+sockets and the admission decisions, and hands each accepted connection to one
+of N worker processes (agent.dicom.worker), which run the acceptor on it
+exactly as the in-process node does and commit into the same inbox index
+(SQLite in WAL mode serialises their transactions).
 
 What stays in the main process, so that it holds across workers:
 
@@ -34,6 +35,8 @@ worker runs.
 
 Channel: one ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair per worker, pickled
 tuples (both ends are this program), connections passed with ``SCM_RIGHTS``.
+May import agent.config, agent.crypto, agent.store.inbox, agent.ops.liveness and
+agent.dicom.{admission, scp, transport}.
 """
 
 from __future__ import annotations
@@ -56,25 +59,25 @@ from typing import Any
 
 from agent.config import DicomSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey
-from agent.dicomtls import listen_error
-from agent.ops.liveness import Stage
-from agent.ratelimit import AuditThrottle, PeerLimiter, PeerLimits, association_limit
-from agent.receive import (
+from agent.dicom import transport as tp
+from agent.dicom.admission import (
     AuditFn,
-    ReceiptDrainer,
-    ReceiptLog,
-    ReceiveCounters,
+    AuditThrottle,
+    PeerLimiter,
+    PeerLimits,
     Verdict,
+    association_limit,
     audit_refused,
-    install_streaming,
 )
+from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters
+from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
 
-log = logging.getLogger("edge_agent.receive")
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 16
 _RESTART_BACKOFF = (0.2, 1.0, 5.0)
-# A worker reports at least every 5 s (recvworker.COUNTERS_HEARTBEAT); silence is
+# A worker reports at least every 5 s (worker.COUNTERS_HEARTBEAT); silence is
 # judged over three of those at least, so a busy machine does not look hung.
 _SILENT_FLOOR = 15.0
 _COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
@@ -135,7 +138,10 @@ class _Worker:
 
 
 class ReceivePool:
-    """The main-process half: listeners, admission, hand-off, supervision."""
+    """The main-process half: listeners, admission, hand-off, supervision
+    (agent.dicom.node.DicomNode)."""
+
+    beats = True
 
     def __init__(
         self,
@@ -149,9 +155,6 @@ class ReceivePool:
         receipts: ReceiptLog | None = None,
     ) -> None:
         self.s = settings
-        # The workers run pynetdicom with the node's hooks: refuse to listen here
-        # already when they would not take effect (same installation).
-        install_streaming()
         self.inbox = inbox
         inbox.share_with_workers()
         self._init = init
@@ -206,16 +209,7 @@ class ReceivePool:
                  self.s.port, self.s.ae_title, self.s.workers)
 
     def _listen(self, port: int, *, tls: bool) -> None:
-        family = socket.AF_INET6 if ":" in self.s.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.s.host, port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise listen_error(self.s.host, port, exc) from None
-        sock.setblocking(False)
+        sock = tp.listen(self.s.host, port)
         self._listeners.append((sock, tls))
         self._sel.register(sock, selectors.EVENT_READ, ("listen", tls))
 
@@ -265,6 +259,16 @@ class ReceivePool:
             sock.close()
         self._listeners = []
 
+    def supervise(self, stage: Stage, silent_after: float) -> None:
+        """Set before start: the dispatcher beats ``stage``, and a worker silent for
+        ``silent_after`` seconds is replaced (agent/ops/liveness.py)."""
+        self.stage = stage
+        self.silent_after = silent_after
+
+    def drain_receipts(self, *, idle: bool = False) -> int:
+        assert self.drainer is not None
+        return self.drainer.drain(idle=idle)
+
     # -- counters ---------------------------------------------------------------
 
     @property
@@ -286,11 +290,7 @@ class ReceivePool:
             own = self._own
             total["connections_refused"] += own.connections_refused
             total["tls_failures"] += own.tls_failures
-        out = ReceiveCounters()
-        for k in _COUNTER_FIELDS:
-            setattr(out, k, total[k])
-        out.by_peer = by_peer
-        return out
+        return ReceiveCounters(**{k: total[k] for k in _COUNTER_FIELDS}, by_peer=by_peer)
 
     def _collect(self, w: _Worker) -> None:
         """Keep a stopped worker's totals (its process is gone, its counts stay)."""
@@ -306,7 +306,7 @@ class ReceivePool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.recvworker", str(child.fileno()), str(os.getpid())],
+                [sys.executable, "-m", "agent.dicom.worker", str(child.fileno()), str(os.getpid())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
                 cwd=str(Path(__file__).resolve().parents[1]),
             )
@@ -438,7 +438,7 @@ class ReceivePool:
 
     def _evict(self, peer: str, cid: object) -> None:
         """Close a connection without an association whose slot went to another
-        peer (fair share, see agent/ratelimit.py); its worker reports it closed."""
+        peer (fair share, see agent.dicom.admission); its worker reports it closed."""
         entry = self._conns.get(cid) if isinstance(cid, int) else None
         if entry is not None:
             with contextlib.suppress(OSError):
