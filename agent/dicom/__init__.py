@@ -13,4 +13,10 @@ storage SCP behind it, built on pynetdicom's public PDU and negotiation code.
     node        the node's interface, and the node that receives in-process
     pool        receive worker processes (main-process half)
     worker      a receive worker process
+
+May import: agent.config, agent.errors, agent.crypto, agent.logs, agent.pixelbound,
+agent.store (the inbox it streams into), agent.ops (liveness). Must not import the
+uplink, deid, infer, results, audit (audit records leave through callbacks and the
+inbox's receipt journal) or the wiring (daemon, pipeline): the node hands received
+instances on, it never reaches forward.
 """

@@ -11,8 +11,7 @@ from pathlib import Path
 from tests.helpers import REPO
 
 # The DICOM node: what receives C-STOREs (being rebuilt into a package of its own).
-DICOM_NODE = ("agent.receive", "agent.recvpool", "agent.recvworker", "agent.dicomtls",
-              "agent.dimsestream", "agent.dimsefast", "agent.hookcheck", "agent.ratelimit")
+DICOM_NODE = ("agent.dicom",)
 WIRING = ("agent.daemon", "agent.pipeline")
 
 # importer prefix -> prefixes it must not import (module-exact exceptions below)
@@ -28,6 +27,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "agent.audit": ("agent.store", "agent.deid", "agent.infer", "agent.results",
                     *DICOM_NODE, *WIRING),
     "agent.identity": (*DICOM_NODE, *WIRING),
+    "agent.dicom": ("agent.uplink", "agent.deid", "agent.infer", "agent.results", "agent.audit",
+                    "agent.identity", *WIRING),
     "agent.errors": ("agent.",),
     "agent.types": ("agent.",),
     "agent.dicomraw": ("agent.",),
