@@ -32,7 +32,7 @@ from agent.infer import InferenceEngine
 from agent.liveness import Beat, no_beat
 from agent.outbox import Outbox
 from agent.quarantine import Quarantine
-from agent.results.link import LinkStore, Originals
+from agent.results.link import LinkStore, Originals, has_sr
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -183,7 +183,8 @@ class Pipeline:
         self.latencies_ms: list[float] = []
         # Fixed by configuration before any study: the guard must not read them as study
         # text ("options: none" and a patient called NONE^BOB).
-        vocabulary.allow([deidentifier.describe(), *cfg.deid.options])
+        vocabulary.allow([deidentifier.describe(), *cfg.deid.options,
+                          *(d.name for d in cfg.results.destinations)])
         self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
 
     # -- stages ------------------------------------------------------------------
@@ -342,6 +343,11 @@ class Pipeline:
             "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
+        if self.cfg.results.enabled and self.cfg.results.destinations and has_sr(r):
+            # Where the result objects go (names only); the final states follow in a
+            # result.delivery event (agent/results/delivery.py).
+            data["delivered_to"] = [{"destination": d.name, "state": "queued"}
+                                    for d in self.cfg.results.destinations]
         eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study_key, version)
         ev = cloudevents.envelope(kind="result", source=f"edge-agent/{self.cfg.site}/{self.cfg.device}",
                                   data=data, event_id=eid, subject=r.study_ref)

@@ -129,7 +129,7 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
         settings = replace(d.deidentifier_settings, pixel_clean=())
         how = "attested"
     try:
-        outcome = Deidentifier(settings, d.pseudonym_key).deidentify(ds)
+        outcome = Deidentifier(settings, d.pseudonym_key, d.pseudonymizer).deidentify(ds)
     except DeidError as exc:
         raise ReleaseRefused(f"the instance cannot be de-identified: {exc}",
                              hint="purge it with 'edge-agent quarantine purge'") from None

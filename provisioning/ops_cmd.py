@@ -99,6 +99,13 @@ def _print_status(s: dict[str, Any]) -> None:
         lines.append(f"atna:          {link} to {atna['collector']} ({atna['format']}), "
                      f"{atna['sent']} sent, {atna['backlog']} waiting"
                      + (f", last error: {atna['last_error']}" if atna["last_error"] else ""))
+    for name, r in (s.get("results_delivery") or {}).items():
+        code = f", last error {r['last_error_code']}" if r.get("last_error_code") else ""
+        why = f" ({r['last_error']})" if r.get("last_error") and r.get("depth") else ""
+        lines.append(f"pacs {name}:".ljust(15) + f"{r['depth']} queued "
+                     f"({r['awaiting_commitment']} awaiting commitment, oldest "
+                     f"{r['oldest_age_s']} s), {r['confirmed']} confirmed, "
+                     f"{r['dead_letter']} dead-lettered{code}{why}")
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
     lines += _liveness_lines(s.get("liveness"))
