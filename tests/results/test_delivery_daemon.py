@@ -188,3 +188,54 @@ def test_a_destination_down_then_back_gets_everything_once_per_uid_across_kill9(
     states = {s["data"]["study"]["ref"]: s["data"]["delivered_to"][0]["state"]  # type: ignore[index]
               for s in summaries}
     assert set(states.values()) == {"confirmed"} and len(states) == 2
+
+
+def test_refusing_and_aborting_destinations(tmp_path: Path, box: Box, broker: object,
+                                            ops: Subscriber) -> None:
+    """0xA700 (out of resources) is retried until stored; 0xC000 (cannot understand) is
+    dead-lettered at once, never re-sent, and keeps the link; an abort is retried."""
+    from delivery_support import ScriptedPeer
+
+    busy = ScriptedPeer("BUSY", lambda n: 0xA700 if n < 2 else 0).start()
+    broken = ScriptedPeer("BROKEN", lambda n: 0xC000).start()
+    flaky = ScriptedPeer("FLAKY", lambda n: None if n == 0 else 0).start()
+    enable_delivery(box)
+    for name, peer in (("busy", busy), ("broken", broken), ("flaky", flaky)):
+        add_destination(box, name, peer.aet, peer.port)
+    daemon = Daemon(box)
+    daemon.start()
+    originals = original_study(tmp_path / "study")
+    try:
+        assert storescu(box.dicom_port, list(originals.files)).returncode == 0
+        msgs = ops.wait("results", 2, timeout=180)
+        status = _status(box)
+    finally:
+        daemon.stop()
+        for p in (busy, broken, flaky):
+            p.stop()
+    (summary,) = _kinds([m.json() for m in msgs], "result.delivery")
+    assert summary["data"]["delivered_to"] == [  # type: ignore[index]
+        {"destination": "busy", "state": "confirmed", "objects": 3, "confirmed": 3},
+        {"destination": "broken", "state": "dead-letter", "objects": 3, "confirmed": 0},
+        {"destination": "flaky", "state": "confirmed", "objects": 3, "confirmed": 3}]
+    # Retried with the same SOP Instance UIDs, stored once each.
+    assert len(busy.requests) == 5 and set(busy.requests) == set(busy.stored)
+    assert len(busy.stored) == 3
+    assert len(flaky.requests) == 4 and set(flaky.requests) == set(flaky.stored)
+    # Refused for good: each object asked once, never again.
+    assert len(broken.requests) == 3 and len(set(broken.requests)) == 3
+    rd = status["results_delivery"]
+    assert isinstance(rd, dict)
+    assert rd["broken"]["dead_letter"] == 3 and rd["broken"]["last_error_code"] == "0xC000"
+    assert any("broken" in w and "dead-lettered" in w for w in status["warnings"])  # type: ignore[attr-defined]
+    audit = audit_events(box, 2000)
+    refused = [e for e in audit if e["event"] == "results.sent"
+               and e["details"]["destination"] == "broken"]
+    assert len(refused) == 3
+    assert all(e["details"]["status"] == "0xC000" and e["details"]["result"] == "refused"
+               for e in refused)
+    retried = [e for e in audit if e["event"] == "results.sent"
+               and e["details"]["destination"] == "busy" and e["details"]["result"] == "retry"]
+    assert [e["details"]["status"] for e in retried] == ["0xA700", "0xA700"]
+    # Not every destination confirmed: the link is kept (until its retention).
+    assert not [e for e in audit if e["event"] == "results.link_shredded"]
