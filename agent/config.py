@@ -879,10 +879,10 @@ def _destinations(r: _Reader) -> tuple[ResultDestination, ...]:
         if None not in (ae, host, port) and (ae, host, port) in peers:
             r.problems.append(f"[{where}] {ae}@{host}:{port} is configured twice; fix: "
                               "keep one entry (list every kind it takes in its kinds)")
-        if len(r.problems) > before:
-            continue
         names.add(name)
         peers.add((ae, host, port))
+        if len(r.problems) > before:
+            continue
         out.append(ResultDestination(
             name=name, ae_title=ae, host=host, port=port,
             kinds=frozenset(RESULT_KINDS[k] for k in kinds_raw),

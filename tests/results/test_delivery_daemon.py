@@ -13,7 +13,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 from delivery_support import StoreSCP, add_destination, enable_delivery
 from results_support import (
@@ -32,6 +34,7 @@ from support import (
     Subscriber,
     audit_events,
     free_port,
+    set_config,
     storescu,
     wait_for,
 )
@@ -40,6 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
 from orthanc import Orthanc  # noqa: E402
 
 pytestmark = [pytest.mark.peer("storescu", "storescp", "Orthanc")]
+
+
+def _validator(name: str) -> Any:
+    schema = json.loads((REPO / "docs" / "schemas" / name).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def _status(box: Box) -> dict[str, object]:
@@ -63,6 +73,7 @@ def test_results_reach_orthanc_and_storescp_in_the_original_study(
             pacs.upload(f)
         (study_id,) = pacs.get("/studies")
         enable_delivery(box)
+        set_config(box, "telemetry", "interval_seconds", "1")
         add_destination(box, "pacs", pacs.aet, pacs.dicom)
         add_destination(box, "archive", scp.aet, scp.port, kinds='["sr"]')
         daemon = Daemon(box)
@@ -123,6 +134,17 @@ def test_results_reach_orthanc_and_storescp_in_the_original_study(
     assert isinstance(rd, dict)
     assert rd["pacs"]["depth"] == 0 and rd["pacs"]["confirmed"] == 3
     assert rd["archive"]["confirmed"] == 1 and rd["archive"]["dead_letter"] == 0
+
+    # The messages keep their published shapes (docs/schemas/).
+    for name, msgs_of in (("result", [result]), ("delivery", [summary])):
+        check = _validator(f"{name}.schema.json")
+        for ev in msgs_of:
+            check.validate(ev["data"])
+    telemetry_check = _validator("telemetry.schema.json")
+    samples = [m.json() for m in ops.messages if m.topic.endswith("/telemetry")]
+    for ev in samples:
+        telemetry_check.validate(ev)
+    assert any(ev["data"].get("results_delivery", {}).get("pacs") for ev in samples)
 
     # Canary sweep: PHI reached the PACS (above) and nowhere else.
     canaries = [PATIENT_NAME, PATIENT_ID, ACCESSION, BIRTH, REFERRING, originals.study_uid,
