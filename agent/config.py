@@ -801,6 +801,11 @@ def _results(r: _Reader) -> ResultsSettings:
     if settings.retry_max_seconds < settings.retry_min_seconds:
         r.problems.append("[results.retry_max_seconds] is smaller than retry_min_seconds; "
                           "fix: make it at least as large")
+    if settings.dead_letter_hours > settings.link_retention_days * 24:
+        # A queued object is a copy of the link's PHI: it must not outlive the link.
+        r.problems.append(f"[results.dead_letter_hours] = {settings.dead_letter_hours:g} is "
+                          f"longer than link_retention_days ({settings.link_retention_days} "
+                          "days); fix: lower it or keep links longer")
     if settings.destinations and not enabled:
         r.problems.append("[[results.destinations]] are configured but [results] enabled = "
                           "false: nothing would be sent; fix: set [results] enabled = true or "

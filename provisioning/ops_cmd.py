@@ -363,7 +363,8 @@ def doctor(
         help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
-    ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
+    ATNA audit repository (real mTLS, when configured), PACS destinations (C-ECHO),
+    models, disk, spool and audit.
     Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
     from agent import doctor as doc
 
