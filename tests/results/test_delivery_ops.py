@@ -22,7 +22,6 @@ from support import (
     audit_events,
     free_port,
     storescu,
-    wait_for,
 )
 
 from agent.crypto import KeyEncryptionKey, random_key
