@@ -223,7 +223,8 @@ class Delivery:
             if everything or not summary:
                 # Confirmed everywhere, or nothing to send: the link has done its work.
                 released = self.links.release(ref, version)
-            self._publish_summary(ref, version, delivered)
+            if summary:  # a result without objects promised no delivery: nothing to say
+                self._publish_summary(ref, version, delivered)
             self.queue.mark_reported(ref, version, released)
             n += 1
         return n

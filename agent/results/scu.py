@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
@@ -125,14 +125,13 @@ class Link:
         ae.maximum_pdu_size = MAX_PDU
         for uid in sorted(sop_classes):
             ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ext: list[Any] = []
         if commitment:
+            # Default roles: we are the SCU, the PACS the SCP, and an SCP may send its
+            # N-EVENT-REPORT on this association (PS3.4 J.3.3) without role selection.
+            # (A report on a NEW association is proposed by the PACS with the SCP role.)
             ae.add_requested_context(StorageCommitmentPushModel,
                                      [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-            # We also act as SCP for the report, when the PACS sends it on this association.
-            ext.append(build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True))
         self._ae = ae
-        self._ext = ext
         self.assoc: Association | None = None
         self.error = ""
 
@@ -147,11 +146,11 @@ class Link:
         if ctx is not None:
             tls = (ctx, dest.tls.server_name or dest.host)
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay),
-                               (evt.EVT_N_EVENT_REPORT, self._report)]
+                               (evt.EVT_N_EVENT_REPORT, self._report),
+                               (evt.EVT_DIMSE_SENT, self._sent)]
         try:
             assoc = self._ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                                       ext_neg=self._ext or None, tls_args=tls,
-                                       evt_handlers=handlers)
+                                       tls_args=tls, evt_handlers=handlers)
         except (OSError, ValueError, RuntimeError) as exc:
             self.error = f"cannot connect ({type(exc).__name__})"
             return False
@@ -220,20 +219,26 @@ class Link:
             return False
         return self._reported.wait(seconds)
 
-    def _report(self, event: evt.Event) -> int:
-        """N-EVENT-REPORT on our association: hand it over, answer Success."""
+    def _report(self, event: evt.Event) -> tuple[int, None]:
+        """N-EVENT-REPORT on our association: hand it over, answer Success (pynetdicom
+        takes (status, Event Reply) from this handler)."""
         try:
             report = event.event_information
             if not isinstance(report, Dataset):
-                return 0x0110
+                return 0x0110, None
             tx, ok, failed = parse_report(report)
             if self._on_report is not None and tx:
                 self._on_report(tx, ok, failed)
-            self._reported.set()
-            return 0x0000
+            return 0x0000, None
         except Exception:  # noqa: BLE001 - never raise into pynetdicom
             log.exception("storage commitment report on the send association not handled")
-            return 0x0110
+            return 0x0110, None
+
+    def _sent(self, event: evt.Event) -> None:
+        """Our answer to a report has gone out: now the association may be released
+        (releasing earlier would leave the PACS without its N-EVENT-REPORT-RSP)."""
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            self._reported.set()
 
     def close(self) -> None:
         if self.assoc is not None:

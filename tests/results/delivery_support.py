@@ -13,7 +13,10 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from support import Box, free_port, require_peer, set_config, wait_port
 
 
@@ -119,3 +122,56 @@ class ScriptedPeer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class CommittingPeer(ScriptedPeer):
+    """A PACS that stores everything and answers a storage commitment request with its
+    N-EVENT-REPORT on the SAME association (PS3.4 J.3.3 allows either way); objects
+    whose UID is in ``refuse`` are reported in the Failed SOP Sequence once."""
+
+    def __init__(self, aet: str, refuse: set[str] | None = None) -> None:
+        super().__init__(aet, lambda n: 0)
+        self._ae.add_supported_context(StorageCommitmentPushModel)
+        self.refuse = set(refuse or ())
+        self.actions: list[tuple[str, list[str]]] = []  # (transaction UID, SOP UIDs)
+        self.report_status: list[int] = []
+
+    def _action(self, event: evt.Event) -> tuple[int, None]:
+        req = event.action_information
+        tx = str(req.TransactionUID)
+        refs = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
+                for i in req.ReferencedSOPSequence]
+        self.actions.append((tx, [u for _, u in refs]))
+        assoc = event.assoc
+
+        def report() -> None:
+            ds = Dataset()
+            ds.TransactionUID = tx
+            ok, bad = [], []
+            for cls, uid in refs:
+                item = Dataset()
+                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, uid
+                if uid in self.refuse:
+                    item.FailureReason = 0x0110
+                    bad.append(item)
+                    self.refuse.discard(uid)
+                else:
+                    ok.append(item)
+            if ok:
+                ds.ReferencedSOPSequence = ok
+            if bad:
+                ds.FailedSOPSequence = bad
+            status, _ = assoc.send_n_event_report(ds, 2 if bad else 1,
+                                                  StorageCommitmentPushModel,
+                                                  "1.2.840.10008.1.20.1.1")
+            self.report_status.append(int(status.Status) if status else -1)
+
+        # After our N-ACTION response has gone out.
+        threading.Timer(0.2, report).start()
+        return 0x0000, None
+
+    def start(self) -> CommittingPeer:
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)])
+        return self

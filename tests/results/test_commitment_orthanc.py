@@ -52,12 +52,12 @@ class ReportAcceptor:
         self._ae = ae
         self._server: Any = None
 
-    def _report(self, event: evt.Event) -> int:
+    def _report(self, event: evt.Event) -> tuple[int, None]:
         tx, ok, failed = parse_report(event.event_information)
         self.reports.append((tx, ok, failed))
         self.answers.append(delivery_mod.commitment_result(tx, ok, failed))
         self.got.set()
-        return 0x0000
+        return 0x0000, None
 
     def start(self) -> ReportAcceptor:
         self._server = self._ae.start_server(("127.0.0.1", self.port), block=False,
