@@ -111,6 +111,7 @@ class Delivery:
             d.name: {"sent": 0, "failed": 0, "dead": 0, "committed": 0}
             for d in self.destinations}
         self._subjects: dict[tuple[str, int], dict[str, str]] = {}
+        self._planned: set[tuple[str, int]] = set()  # saves a query per held link and round
 
     def __repr__(self) -> str:
         return f"Delivery(<{len(self.destinations)} destinations>)"
@@ -169,10 +170,15 @@ class Delivery:
         if not self.destinations:
             return 0
         n = 0
+        if len(self._planned) > 100_000:
+            self._planned.clear()  # a cache: the queue's plans table is the truth
         for ref, version, _exp in self.links.held():
             if self._stop.is_set():
                 break
+            if (ref, version) in self._planned:
+                continue
             if self.queue.planned(ref, version):
+                self._planned.add((ref, version))
                 continue
             try:
                 rec = self.links.get(ref, version)
@@ -195,6 +201,7 @@ class Delivery:
                                                  str(obj.dataset.SOPClassUID),
                                                  obj.sop_instance_uid, data))
             added = self.queue.plan(ref, version, rows)
+            self._planned.add((ref, version))
             log.info("study %s v%d: %d result object(s) queued for %d destination(s)", ref,
                      version, added, len({r.destination for r in rows}))
             n += 1

@@ -28,7 +28,6 @@ delivery summary was published.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
 from agent.errors import EdgeAgentError, OutOfResources, StorageError
+from agent.fileperm import private_db
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,9 @@ class DeliveryQueue:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # never briefly world-readable
-            os.close(fd)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            # 0600 before sqlite writes a byte, its -wal/-shm side files too.
+            self._db = sqlite3.connect(private_db(path), check_same_thread=False,
+                                       isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             # A final row's key is deleted: its freed pages are zeroed, not left behind.
