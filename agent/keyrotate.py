@@ -30,6 +30,7 @@ import getpass
 import os
 import sqlite3
 from collections.abc import Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,6 +80,11 @@ def _exclusive(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def exclusive_state(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The state directory with no daemon running on it (``keys shred-vault`` too)."""
+    return _exclusive(state_dir)
 
 
 def old_kek_path(kek_path: Path) -> Path:

@@ -209,6 +209,36 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                "\n".join(f"{k}: {v}" for k, v in dict(result).items()))
 
 
+@keys_app.command("shred-vault")
+def keys_shred_vault(
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="really shred it")] = False,
+) -> None:
+    """Crypto-shred the pseudonym vault ([deid] pseudonyms = "vault"): every mapping
+    from an original to its code becomes unrecoverable; later studies get new codes.
+    Admin; the daemon must be stopped; audited."""
+    from agent.crypto import KeyEncryptionKey
+    from agent.deid.vault import shred_vault
+
+    try:
+        cfg = _load(config)
+        _require_admin(cfg.control, "shred the pseudonym vault")
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if not yes:
+        raise _fail("shredding the pseudonym vault cannot be undone: the same patient gets "
+                    "new codes from now on; run again with --yes")
+    try:
+        n = shred_vault(cfg.state_dir, KeyEncryptionKey.from_file(cfg.keys.kek))
+    except EdgeAgentError as exc:
+        _audit_quietly(cfg, {"command": "keys.shred-vault"}, outcome="serious_failure")
+        raise _fail(exc) from None
+    _audit_quietly(cfg, {"command": "keys.shred-vault", "codes": n})
+    typer.echo(f"pseudonym vault shredded: {n} code(s) unrecoverable")
+
+
 def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
     try:
         _audit(cfg, "cli.action", outcome=outcome, details=details)

@@ -80,8 +80,9 @@ def render() -> str:
         "range) and kept consistent through an encrypted local map "
         "(`<state_dir>/deid/vault.db`, codes sealed under a data key wrapped by the box KEK, "
         "indexed by an HMAC of the original so the file names no original value). The "
-        "published code is not derived from any identifier. Shredding the map's key makes "
-        "every mapping unrecoverable; later studies then get new codes.",
+        "published code is not derived from any identifier. `edge-agent keys shred-vault --yes` "
+        "(admin, daemon stopped, audited) deletes the map's key and codes: every mapping is "
+        "unrecoverable and later studies get new codes.",
         "",
         "Which one: **keyed** needs no state and gives the same codes on every box that shares "
         "the pseudonym key (a fleet that links a patient across boxes, a rebuilt box), and a "

@@ -37,7 +37,7 @@ from agent.crypto import (
     unseal,
 )
 from agent.deid.pseudonym import DATE_SHIFT_MIN_DAYS, DATE_SHIFT_SPAN_DAYS, Pseudonymizer
-from agent.errors import StorageError
+from agent.errors import EdgeAgentError, StorageError
 from agent.fileperm import private_db
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,23 @@ class PseudonymVault:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def shred_vault(state_dir: Path, kek: KeyEncryptionKey) -> int:
+    """``edge-agent keys shred-vault``: with the daemon stopped, crypto-shred the map;
+    returns how many codes it held."""
+    from agent.keyrotate import exclusive_state  # the CLI's path only
+
+    path = state_dir / "deid" / "vault.db"
+    if not path.exists():
+        raise EdgeAgentError("this box has no pseudonym vault",
+                             hint='it exists once [deid] pseudonyms = "vault" processed a study')
+    with exclusive_state(state_dir):
+        vault = PseudonymVault(path, kek)
+        try:
+            return vault.shred()
+        finally:
+            vault.close()
 
 
 class VaultPseudonymizer(Pseudonymizer):

@@ -175,8 +175,13 @@ def test_a_destination_down_then_back_gets_everything_once_per_uid_across_kill9(
         waiting = wait_for(lambda: (s := _status(box)["results_delivery"]["archive"])["depth"]
                            == 3 and s["last_error"] and s, 60, "the queue to hold 3 objects")
         assert waiting["confirmed"] == 0 and waiting["consecutive_failures"] >= 1
-        # kill -9 while the objects wait: the queue is on disk.
+        # kill -9 while the objects wait: the queue is on disk.  A KEK rotation while
+        # the box is down re-wraps the queued objects' keys.
         daemon.kill9()
+        rotated = subprocess.run([*EDGE_AGENT, "keys", "rotate", "--config", str(box.config)],
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert rotated.returncode == 0, rotated.stderr
+        assert "results_queue: 3" in rotated.stdout
         daemon = Daemon(box)
         daemon.start()
         assert storescu(box.dicom_port, list(second.files)).returncode == 0

@@ -63,3 +63,18 @@ def test_vault_codes_are_random_consistent_and_survive_rotation(
     assert rotated.returncode == 0, rotated.stderr
     c = _send(box, ops, list(third.files), 3)
     assert c["study"]["patient_ref"] == a["study"]["patient_ref"]  # type: ignore[index]
+
+    # Crypto-shredding the map (daemon stopped, admin, confirmed) ends the linkage:
+    # the same patient gets a new code from then on.
+    unconfirmed = subprocess.run([*EDGE_AGENT, "keys", "shred-vault", "--config",
+                                  str(box.config)], cwd=REPO, capture_output=True, text=True,
+                                 timeout=120)
+    assert unconfirmed.returncode == 2 and "--yes" in unconfirmed.stderr
+    shred = subprocess.run([*EDGE_AGENT, "keys", "shred-vault", "--yes", "--config",
+                            str(box.config)], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert shred.returncode == 0, shred.stderr
+    assert "pseudonym vault shredded" in shred.stdout
+    fourth = original_study(tmp_path / "d", seed=8)
+    d = _send(box, ops, list(fourth.files), 4)
+    assert d["study"]["patient_ref"] != a["study"]["patient_ref"]  # type: ignore[index]
