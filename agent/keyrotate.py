@@ -25,12 +25,12 @@ while it runs; rotation takes it exclusively or refuses.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import os
 import sqlite3
 from collections.abc import Iterator
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
