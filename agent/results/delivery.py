@@ -105,6 +105,10 @@ class Delivery:
             d for d in cfg.results.destinations if d.name in allowed)
         self._fails: dict[str, int] = {d.name: 0 for d in self.destinations}
         self._connected: dict[str, bool] = {d.name: False for d in self.destinations}
+        # Not before this time (monotonic is not needed: a wall-clock jump only moves a
+        # retry): an unreachable destination is not dialled again for its commitment
+        # requests either until its backoff ran out.
+        self._not_before: dict[str, float] = {d.name: 0.0 for d in self.destinations}
         self._wake: dict[str, threading.Event] = {d.name: threading.Event()
                                                   for d in self.destinations}
         self.counters: dict[str, dict[str, int]] = {
@@ -286,6 +290,8 @@ class Delivery:
         if not egresspolicy.may_send_phi(self.cfg, "dicom", dest.host, dest.port,
                                          ae_title=dest.ae_title):
             return 0  # defence in depth: the destinations were filtered at start
+        if (now if now is not None else time.time()) < self._not_before[dest.name]:
+            return 0
         items = self.queue.due(dest.name, now)
         commit: list[Item] = []
         if dest.storage_commitment:
@@ -302,6 +308,7 @@ class Delivery:
             self._unreachable(dest, items, link.error)
             return 0
         self._connected[dest.name] = True
+        self._not_before[dest.name] = 0.0
         stored = 0
         try:
             for i, it in enumerate(items):
@@ -394,6 +401,7 @@ class Delivery:
         self._fails[dest.name] += 1
         at = time.time() + backoff(self._fails[dest.name], self.settings.retry_min_seconds,
                                    self.settings.retry_max_seconds)
+        self._not_before[dest.name] = at
         n = self.queue.defer(dest.name, why, at)
         self.counters[dest.name]["failed"] += 1
         log.warning("%s (%s:%d): %s; %d object(s) wait, next try in %.0f s", dest.name,
