@@ -191,7 +191,15 @@ class Delivery:
                           version, exc)
                 self.queue.plan(ref, version, [])
                 continue
-            objects, skipped = build_all(self.issuer, rec)
+            try:
+                objects, skipped = build_all(self.issuer, rec)
+            except Exception as exc:  # noqa: BLE001 - a library's message may quote a value
+                # Not planned, not released: the link stays for `results preview` and its
+                # retention; tried again after a restart.
+                log.error("study %s v%d: result objects could not be built (%s); not "
+                          "delivered", ref, version, type(exc).__name__)
+                self._planned.add((ref, version))
+                continue
             for why in skipped:
                 log.info("study %s v%d: %s", ref, version, why)
             rows = []
