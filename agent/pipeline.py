@@ -325,9 +325,10 @@ class Pipeline:
         return self.payload_for(study.study_key, str(study.version), r)
 
     def payload_for(self, study_key: str, version: str, r: InferenceResult,
-                    ) -> tuple[str, bytes]:
+                    *, linked: bool = True) -> tuple[str, bytes]:
         """The result event; ``version`` also names a released quarantined instance
-        (agent/quarantine_review.py), so its result has an id of its own."""
+        (agent/quarantine_review.py), so its result has an id of its own.  ``linked``:
+        the study's link is written, so its objects will be delivered (delivered_to)."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
@@ -343,7 +344,7 @@ class Pipeline:
             "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
-        if self.cfg.results.enabled and self.cfg.results.destinations and has_sr(r):
+        if linked and self.links is not None and self.cfg.results.destinations and has_sr(r):
             # Where the result objects go (names only); the final states follow in a
             # result.delivery event (agent/results/delivery.py).
             data["delivered_to"] = [{"destination": d.name, "state": "queued"}
