@@ -158,6 +158,11 @@ class Link:
             if assoc.is_rejected:
                 self.error = "association rejected by the destination (check its AE title " \
                              "and that it knows this box's AE title and address)"
+            elif dest.tls.enabled:
+                # pynetdicom reports a failed handshake as an abort or a failed connect.
+                self.error = ("destination not reachable, or the TLS handshake failed (its "
+                              "certificate not signed by tls.ca or not naming tls.server_name/"
+                              "host, or our client certificate refused)")
             elif assoc.is_aborted:
                 self.error = "association aborted by the destination"
             else:

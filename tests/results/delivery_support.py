@@ -27,10 +27,11 @@ def enable_delivery(box: Box, **results: str) -> None:
         set_config(box, "results", k, v)
 
 
-def add_destination(box: Box, name: str, ae_title: str, port: int, **extra: str) -> None:
+def add_destination(box: Box, name: str, ae_title: str, port: int, *,
+                    host: str = "127.0.0.1", **extra: str) -> None:
     """Append one [[results.destinations]] entry (values are TOML source text)."""
     lines = ["", "[[results.destinations]]", f'name = "{name}"', f'ae_title = "{ae_title}"',
-             'host = "127.0.0.1"', f"port = {port}"]
+             f'host = "{host}"', f"port = {port}"]
     lines += [f"{k} = {v}" for k, v in extra.items()]
     with box.config.open("a") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -46,7 +47,9 @@ def dcmtk_storescp() -> str:
 class StoreSCP:
     """DCMTK storescp writing every reception to its own file (+uf)."""
 
-    def __init__(self, root: Path, aet: str = "STORESCP", port: int | None = None) -> None:
+    def __init__(self, root: Path, aet: str = "STORESCP", port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        self.tls = tls  # (key, certificate, CA that must sign the client's certificate)
         self.root = root
         self.out = root / "received"
         self.out.mkdir(parents=True, exist_ok=True)
@@ -56,8 +59,13 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         env = dict(os.environ, TCP_NODELAY="1")
+        tls: list[str] = []
+        if self.tls is not None:
+            key, cert, ca = self.tls
+            tls = ["+tls", str(key), str(cert), "+cf", str(ca), "-rc"]
         self.proc = subprocess.Popen(
-            [dcmtk_storescp(), "-aet", self.aet, "+uf", "-od", str(self.out), str(self.port)],
+            [dcmtk_storescp(), "-aet", self.aet, *tls, "+uf", "-od", str(self.out),
+             str(self.port)],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "storescp.log", "ab"))
         wait_port(self.port)
         return self

@@ -22,6 +22,7 @@ from support import (
     audit_events,
     free_port,
     storescu,
+    wait_for,
 )
 
 from agent.crypto import KeyEncryptionKey, random_key
@@ -114,3 +115,48 @@ def test_backoff_grows_jittered_and_bounded() -> None:
         base = min(300.0, 5.0 * 2 ** (n - 1))
         assert base / 2 <= w <= base
     assert len({round(w, 6) for w in waits}) == len(waits)  # jittered, not lockstep
+
+
+def test_dicom_tls_destination_with_client_certificate(
+        tmp_path: Path, box: Box, broker: object, ops: Subscriber) -> None:
+    """DICOM TLS towards storescp, which requires our client certificate: delivered.
+    The same peer under a CA the box was not told to trust: nothing is sent."""
+    from agent import pki
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    ca_key, ca = pki.make_ca()
+    (d / "ca.pem").write_bytes(pki.cert_pem(ca))
+    paths = {}
+    for stem, cn, kw in (("pacs", "pacs", {"server": True, "dns": ("localhost",),
+                                           "ips": ("127.0.0.1",)}),
+                         ("box", "edge-box", {"client": True})):
+        key, cert = pki.issue(ca_key, ca, cn, **kw)  # type: ignore[arg-type]
+        paths[stem] = pki.write_pair(d, stem, key, cert)
+    rogue_key, rogue = pki.make_ca("rogue CA")
+    (d / "rogue.pem").write_bytes(pki.cert_pem(rogue))
+    secure = StoreSCP(tmp_path / "secure", aet="SECURE",
+                      tls=(paths["pacs"][0], paths["pacs"][1], d / "ca.pem")).start()
+    enable_delivery(box)
+    tls = {"tls.enabled": "true", "tls.cert": f'"{paths["box"][1]}"',
+           "tls.key": f'"{paths["box"][0]}"'}
+    add_destination(box, "secure", secure.aet, secure.port, kinds='["sr"]',
+                    **tls, **{"tls.ca": f'"{d / "ca.pem"}"'})
+    add_destination(box, "untrusted", secure.aet, secure.port, kinds='["sr"]',
+                    host="localhost", **tls, **{"tls.ca": f'"{d / "rogue.pem"}"'})
+    daemon = Daemon(box)
+    daemon.start()
+    try:
+        assert storescu(box.dicom_port, list(original_study(tmp_path / "s").files)
+                        ).returncode == 0
+        ops.wait("results", 1, timeout=180)
+        got = wait_for(lambda: secure.received(), 120, "the SR over TLS")
+        status = wait_for(lambda: (s := json.loads(_cli(box, "status", "--json").stdout))
+                          ["results_delivery"]["untrusted"]["consecutive_failures"] and s, 60,
+                          "the untrusted destination to fail")
+    finally:
+        daemon.stop()
+        secure.stop()
+    assert [str(ds.Modality) for ds in got] == ["SR"]  # one SR: the untrusted one sent none
+    u = status["results_delivery"]["untrusted"]
+    assert u["confirmed"] == 0 and u["depth"] == 1 and "TLS handshake failed" in u["last_error"]
