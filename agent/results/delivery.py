@@ -46,7 +46,6 @@ from agent.results.scu import Link, new_transaction_uid
 log = logging.getLogger(__name__)
 
 AuditFn = Callable[..., None]
-BeatFn = Callable[..., None]
 
 # States in the published summary (docs/schemas/delivery.schema.json).
 QUEUED, CONFIRMED, DEAD, NOTHING = vocabulary.DELIVERY_STATES
@@ -87,7 +86,7 @@ class Delivery:
     """The planner, the senders and the finisher for one daemon."""
 
     def __init__(self, cfg: Config, links: LinkStore, queue: DeliveryQueue, issuer: Issuer,
-                 outbox: Outbox, audit: AuditFn, *, beat: BeatFn | None = None) -> None:
+                 outbox: Outbox, audit: AuditFn) -> None:
         self.cfg = cfg
         self.settings = cfg.results
         self.links = links
@@ -95,7 +94,6 @@ class Delivery:
         self.issuer = issuer
         self.outbox = outbox
         self._audit = audit
-        self._beat = beat
         self._stop = threading.Event()
         self._plan_now = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -105,9 +103,8 @@ class Delivery:
             d for d in cfg.results.destinations if d.name in allowed)
         self._fails: dict[str, int] = {d.name: 0 for d in self.destinations}
         self._connected: dict[str, bool] = {d.name: False for d in self.destinations}
-        # Not before this time (monotonic is not needed: a wall-clock jump only moves a
-        # retry): an unreachable destination is not dialled again for its commitment
-        # requests either until its backoff ran out.
+        # An unreachable destination is not dialled again (not even for commitment
+        # requests) before its backoff ran out.
         self._not_before: dict[str, float] = {d.name: 0.0 for d in self.destinations}
         self._wake: dict[str, threading.Event] = {d.name: threading.Event()
                                                   for d in self.destinations}
