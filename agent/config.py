@@ -131,6 +131,9 @@ class PixelCleanConfig:
 @dataclass(frozen=True)
 class DeidConfig:
     mode: Literal["strip", "encrypt"] = "strip"
+    # keyed: HMAC of the original under the box key; vault: random tokens kept in an
+    # encrypted local map (docs/deid.md, "Pseudonyms: keyed or vault").
+    pseudonyms: Literal["keyed", "vault"] = "keyed"
     options: frozenset[str] = frozenset()
     recipients: tuple[Path, ...] = ()
     pixel_clean: tuple[PixelCleanConfig, ...] = ()
@@ -253,14 +256,58 @@ class AtnaSettings:
     connect_timeout_seconds: float = 10.0
 
 
+# Result object kinds a destination may take (agent/results/common.py names the key
+# image "sc", its SOP class: Secondary Capture).
+RESULT_KINDS: dict[str, str] = {"sr": "sr", "gsps": "gsps", "keyimage": "sc", "seg": "seg"}
+
+
+@dataclass(frozen=True)
+class DestinationTls:
+    """DICOM TLS (PS3.15 B.1) towards one destination; the box's client certificate."""
+
+    enabled: bool = False
+    ca: Path | None = None  # the only trust anchor for the destination's certificate
+    cert: Path | None = None
+    key: Path | None = field(default=None, repr=False)
+    server_name: str | None = None  # the name its certificate carries, when not the host
+
+
+@dataclass(frozen=True)
+class ResultDestination:
+    """One ``[[results.destinations]]`` entry: a PACS (or router) that takes results."""
+
+    name: str  # our label: telemetry, status, the MQTT delivered_to summary (never PHI)
+    ae_title: str
+    host: str
+    port: int
+    kinds: frozenset[str] = frozenset(RESULT_KINDS.values())  # internal kinds: sr gsps sc seg
+    storage_commitment: bool = False
+    release_after: Literal["commitment", "success"] = "success"
+    tls: DestinationTls = DestinationTls()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
 @dataclass(frozen=True)
 class ResultsSettings:
-    # Writing results back into the original study (agent/results/).  Off until the
-    # delivery side exists: with it off nothing is captured and nothing is stored.
+    # Writing results back into the original study (agent/results/).  Off by default:
+    # with it off nothing is captured, stored or sent.
     enabled: bool = False
     # The encrypted link from a study's pseudonym to its originals is shredded once
     # released, and at the latest this many days after it was written.
     link_retention_days: int = 14
+    destinations: tuple[ResultDestination, ...] = ()
+    # Delivery: retries back off from retry_min to retry_max seconds (jittered); an
+    # object not confirmed this many hours after it was queued is dead-lettered.
+    retry_min_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+    dead_letter_hours: float = 72.0
+    # A commitment request unanswered for this long is asked again.
+    commitment_timeout_seconds: float = 600.0
+    # How long the association stays open after N-ACTION for a report on it.
+    commitment_wait_seconds: float = 5.0
+    connect_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -603,6 +650,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         r.problems.append("[deid.recipients] mode = 'encrypt' needs at least one recipient certificate path")
     deid = DeidConfig(
         mode=cast(Literal["strip", "encrypt"], mode),
+        pseudonyms=cast(Literal["keyed", "vault"],
+                        r.choice("deid.pseudonyms", ("keyed", "vault"), "keyed")),
         options=frozenset(o for o in opts if o in DEID_OPTIONS),
         recipients=recipients,
         pixel_clean=_pixel_clean(r),
@@ -666,11 +715,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         stage_deadline_seconds=r.field(WatchdogSettings, "watchdog.stage_deadline_seconds", float,
             check=lambda v: None if 1 <= v <= 86400 else "must be between 1 and 86400 seconds"),
     )
-    results = ResultsSettings(
-        enabled=r.field(ResultsSettings, "results.enabled", bool),
-        link_retention_days=r.field(ResultsSettings, "results.link_retention_days", int,
-            check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
-    )
+    results = _results(r)
     atna = _atna(r)
     _unknown_keys(data, r)
     if r.problems:
@@ -752,12 +797,151 @@ def _atna(r: _Reader) -> AtnaSettings:
     return settings
 
 
+def _range(lo: float, hi: float, unit: str) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g} {unit}"
+
+
+def _results(r: _Reader) -> ResultsSettings:
+    enabled = r.get("results.enabled", bool, False)
+    settings = ResultsSettings(
+        enabled=enabled,
+        link_retention_days=r.get("results.link_retention_days", int, 14,
+                                  check=_range(1, 3650, "days")),
+        destinations=_destinations(r),
+        retry_min_seconds=r.get("results.retry_min_seconds", float, 5.0,
+                                check=_range(0.1, 3600, "seconds")),
+        retry_max_seconds=r.get("results.retry_max_seconds", float, 300.0,
+                                check=_range(1, 86400, "seconds")),
+        dead_letter_hours=r.get("results.dead_letter_hours", float, 72.0,
+                                check=_range(0.001, 24 * 365, "hours")),
+        commitment_timeout_seconds=r.get("results.commitment_timeout_seconds", float, 600.0,
+                                         check=_range(1, 7 * 86400, "seconds")),
+        commitment_wait_seconds=r.get("results.commitment_wait_seconds", float, 5.0,
+                                      check=_range(0, 300, "seconds")),
+        connect_timeout_seconds=r.get("results.connect_timeout_seconds", float, 10.0,
+                                      check=_range(0.1, 300, "seconds")),
+    )
+    if settings.retry_max_seconds < settings.retry_min_seconds:
+        r.problems.append("[results.retry_max_seconds] is smaller than retry_min_seconds; "
+                          "fix: make it at least as large")
+    if settings.dead_letter_hours > settings.link_retention_days * 24:
+        # A queued object is a copy of the link's PHI: it must not outlive the link.
+        r.problems.append(f"[results.dead_letter_hours] = {settings.dead_letter_hours:g} is "
+                          f"longer than link_retention_days ({settings.link_retention_days} "
+                          "days); fix: lower it or keep links longer")
+    if settings.destinations and not enabled:
+        r.problems.append("[[results.destinations]] are configured but [results] enabled = "
+                          "false: nothing would be sent; fix: set [results] enabled = true or "
+                          "remove the destinations")
+    return settings
+
+
+_DEST_KEYS = ("name", "ae_title", "host", "port", "kinds", "storage_commitment",
+              "release_after", "tls")
+_DEST_TLS_KEYS = ("enabled", "ca", "cert", "key", "server_name")
+
+
+def _destinations(r: _Reader) -> tuple[ResultDestination, ...]:
+    """``[[results.destinations]]``: every problem of every entry is reported."""
+    raw = r._lookup("results.destinations")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("[results.destinations] must be an array of tables "
+                          "([[results.destinations]])")
+        return ()
+    out: list[ResultDestination] = []
+    names: set[str] = set()
+    peers: set[tuple[str, str, int]] = set()
+    for i, e in enumerate(raw):
+        where = f"results.destinations[{i}]"
+        if not isinstance(e, dict):
+            r.problems.append(f"[{where}] must be a table with name, ae_title, host and port")
+            continue
+        before = len(r.problems)
+        sub = _Reader(e, r.base)
+
+        def need(key: str, kind: type, check: Callable[[Any], str | None] | None,
+                 allowed: str, sub: _Reader = sub) -> Any:
+            return sub.get(key, kind, check=check, allowed=allowed)
+
+        name = need("name", str, _safe_id, "a short label like 'pacs' (A-Z a-z 0-9 _ . -)")
+        ae = need("ae_title", str, _ae, "the destination's AE title")
+        host = need("host", str, lambda v: None if v.strip() else "must not be empty",
+                    "the destination's host name or address")
+        port = need("port", int, _port, "its DICOM port")
+        kinds_raw = sub.get("kinds", list, list(RESULT_KINDS))
+        bad = [k for k in kinds_raw if k not in RESULT_KINDS]
+        if bad or not kinds_raw:
+            sub.problems.append(f"[kinds] = {kinds_raw!r}: must list some of "
+                                f"{', '.join(RESULT_KINDS)}")
+        commitment = sub.get("storage_commitment", bool, False)
+        release = sub.choice("release_after", ("commitment", "success"),
+                             "commitment" if commitment else "success")
+        if release == "commitment" and not commitment:
+            sub.problems.append("[release_after] = 'commitment' needs storage_commitment = true "
+                                "(without it, use 'success')")
+        tls = DestinationTls(
+            enabled=sub.get("tls.enabled", bool, False), ca=sub.path("tls.ca", None),
+            cert=sub.path("tls.cert", None), key=sub.path("tls.key", None),
+            server_name=sub.get("tls.server_name", (str, type(None)), None))
+        if tls.enabled:
+            for key, p, what, secret in (
+                    ("tls.ca", tls.ca, "CA certificate(s) that sign the destination's "
+                                       "certificate", False),
+                    ("tls.cert", tls.cert, "box's client certificate", False),
+                    ("tls.key", tls.key, "box's client private key", True)):
+                _tls_file(sub, key, p, what, secret=secret)
+        unknown = set(e) - set(_DEST_KEYS)
+        tls_raw = e.get("tls", {})
+        if isinstance(tls_raw, dict):
+            unknown |= {f"tls.{k}" for k in set(tls_raw) - set(_DEST_TLS_KEYS)}
+        if unknown:
+            sub.problems.append(f"unknown key(s) {sorted(unknown)}; allowed: "
+                                f"{', '.join(_DEST_KEYS)}, tls.{{{', '.join(_DEST_TLS_KEYS)}}}")
+        r.problems.extend(f"[{where}.{p[1:]}" if p.startswith("[") else f"[{where}] {p}"
+                          for p in sub.problems)
+        if name is not None and name in names:
+            r.problems.append(f"[{where}.name] = {name!r} is used by two destinations; "
+                              "fix: give each its own name")
+        if None not in (ae, host, port) and (ae, host, port) in peers:
+            r.problems.append(f"[{where}] {ae}@{host}:{port} is configured twice; fix: "
+                              "keep one entry (list every kind it takes in its kinds)")
+        names.add(name)
+        peers.add((ae, host, port))
+        if len(r.problems) > before:
+            continue
+        out.append(ResultDestination(
+            name=name, ae_title=ae, host=host, port=port,
+            kinds=frozenset(RESULT_KINDS[k] for k in kinds_raw),
+            storage_commitment=commitment,
+            release_after=cast(Literal["commitment", "success"], release), tls=tls))
+    return tuple(out)
+
+
+def _tls_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool) -> None:
+    if p is None:
+        r.problems.append(f"[{key}] is required when tls.enabled = true (the path of the {what})")
+        return
+    try:
+        st = p.stat()
+    except OSError as exc:
+        r.problems.append(f"[{key}] {p}: {exc.strerror or exc}; give the path of the {what}")
+        return
+    if not p.is_file():
+        r.problems.append(f"[{key}] {p} is not a file; give the path of the {what}")
+    elif secret and st.st_mode & 0o077:
+        r.problems.append(f"[{key}] {p} is readable by group or others (mode "
+                          f"{st.st_mode & 0o777:o}); fix: chmod 600 {p}")
+
+
 def _unknown_keys(data: dict[str, Any], r: _Reader) -> None:
     """Report typos: every leaf key that validation never looked at."""
     def walk(node: dict[str, Any], prefix: str) -> None:
         for k, v in node.items():
             key = f"{prefix}{k}"
-            if key in {"dicom.peers", "deid.pixel_clean"} or prefix == "" and k not in _KNOWN_TOP:
+            if key in {"dicom.peers", "deid.pixel_clean", "results.destinations"} \
+                    or prefix == "" and k not in _KNOWN_TOP:
                 continue
             if isinstance(v, dict):
                 walk(v, key + ".")

@@ -32,6 +32,8 @@ from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.deid.pseudonym import Pseudonymizer
+from agent.deid.vault import PseudonymVault, VaultPseudonymizer
 from agent.dicom.node import DicomNode, LocalNode
 from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
@@ -39,7 +41,10 @@ from agent.identity.keyrotate import hold_state_lock
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
+from agent.results.common import Issuer
+from agent.results.delivery import Delivery
 from agent.results.link import LinkStore
+from agent.results.queue import DeliveryQueue
 from agent.store.inbox import Inbox
 from agent.store.quarantine import Quarantine
 from agent.uplink import cloudevents, metrics, telemetry
@@ -127,7 +132,14 @@ class Daemon:
         self.quarantine = Quarantine(state / "quarantine", self.kek)
         # Kept for the privacy officer's release (agent/store/quarantine_review.py).
         self.deidentifier_settings = deid_settings(cfg)
-        self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key)
+        # [deid] pseudonyms = "vault": random codes kept in an encrypted local map.
+        self.vault: PseudonymVault | None = None
+        self.pseudonymizer: Pseudonymizer | None = None
+        if cfg.deid.pseudonyms == "vault":
+            self.vault = PseudonymVault(state / "deid" / "vault.db", self.kek)
+            self.pseudonymizer = VaultPseudonymizer(self.pseudonym_key, self.vault)
+        self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key,
+                                         self.pseudonymizer)
         self.engine = InferenceEngine(
             InferenceSettings(
                 models_dir=cfg.models.dir, state_dir=state / "models-state",
@@ -143,6 +155,12 @@ class Daemon:
                       if cfg.results.enabled else None)
         if self.links is not None:
             self.links.expire()
+        # [[results.destinations]]: the durable C-STORE queue into the PACS.
+        self.delivery: Delivery | None = None
+        if self.links is not None and cfg.results.destinations:
+            self.delivery = Delivery(
+                cfg, self.links, DeliveryQueue(state / "results" / "delivery.db", self.kek),
+                Issuer(cfg.site, cfg.device, self.pseudonym_key), self.outbox, self.audit)
         self.expire_quarantine()
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
@@ -299,6 +317,8 @@ class Daemon:
             faults.hang_point("assembler")
             try:
                 self.pipeline.process(study)
+                if self.delivery is not None:
+                    self.delivery.wake()
                 n += 1
                 self._assembler_beat(progress=True, doing="processing a study")
             except OutOfResources as exc:
@@ -346,6 +366,7 @@ class Daemon:
             "liveness": self.watchdog.as_json(),
             "atna": self.atna_status(),
             "quarantine": self.quarantine.stats(),
+            "results_delivery": self.delivery.stats() if self.delivery is not None else {},
         }
 
     def expire_quarantine(self) -> None:
@@ -444,6 +465,8 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self.control.start()
+        if self.delivery is not None:
+            self.delivery.start()
         if not self.opts.burst:
             try:
                 self._start_receive()
@@ -511,11 +534,17 @@ class Daemon:
         self.publisher.stop(drain_timeout=5.0)
         if self.metrics is not None:
             self.metrics.stop()
+        if self.delivery is not None:
+            self.delivery.stop()  # what is not sent waits in its queue for the next start
         self.engine.close()
         self.audit_log.close()
         self.inbox.close()
         self.quarantine.close()
         self.outbox.close()
+        if self.delivery is not None:
+            self.delivery.queue.close()
+        if self.vault is not None:
+            self.vault.close()
         if self.links is not None:
             self.links.close()
         os.close(self._state_lock)

@@ -29,7 +29,7 @@ from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
 from agent.infer import InferenceEngine
 from agent.ops.liveness import Beat, no_beat
-from agent.results.link import LinkStore, Originals
+from agent.results.link import LinkStore, Originals, has_sr
 from agent.store.inbox import Inbox
 from agent.store.quarantine import Quarantine
 from agent.types import (
@@ -184,7 +184,8 @@ class Pipeline:
         self.latencies_ms: list[float] = []
         # Fixed by configuration before any study: the guard must not read them as study
         # text ("options: none" and a patient called NONE^BOB).
-        vocabulary.allow([deidentifier.describe(), *cfg.deid.options])
+        vocabulary.allow([deidentifier.describe(), *cfg.deid.options,
+                          *(d.name for d in cfg.results.destinations)])
         self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
 
     # -- stages ------------------------------------------------------------------
@@ -325,9 +326,10 @@ class Pipeline:
         return self.payload_for(study.study_key, str(study.version), r)
 
     def payload_for(self, study_key: str, version: str, r: InferenceResult,
-                    ) -> tuple[str, bytes]:
+                    *, linked: bool = True) -> tuple[str, bytes]:
         """The result event; ``version`` also names a released quarantined instance
-        (agent/store/quarantine_review.py), so its result has an id of its own."""
+        (agent/store/quarantine_review.py), so its result has an id of its own.  ``linked``:
+        the study's link is written, so its objects will be delivered (delivered_to)."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
@@ -343,6 +345,11 @@ class Pipeline:
             "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
+        if linked and self.links is not None and self.cfg.results.destinations and has_sr(r):
+            # Where the result objects go (names only); the final states follow in a
+            # result.delivery event (agent/results/delivery.py).
+            data["delivered_to"] = [{"destination": d.name, "state": "queued"}
+                                    for d in self.cfg.results.destinations]
         eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study_key, version)
         ev = cloudevents.envelope(kind="result", source=f"edge-agent/{self.cfg.site}/{self.cfg.device}",
                                   data=data, event_id=eid, subject=r.study_ref)

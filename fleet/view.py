@@ -45,7 +45,7 @@ CERT_CRIT_DAYS = 7.0
 # What a box publishes: channel -> the CloudEvents kinds its ``type`` may name. The
 # audit topic carries signed checkpoints and the pseudonymised events they cover.
 BOX_CHANNELS: dict[str, tuple[str, ...]] = {
-    "status": ("status",), "telemetry": ("telemetry",), "results": ("result",),
+    "status": ("status",), "telemetry": ("telemetry",), "results": ("result", "result.delivery"),
     "audit": ("audit", "audit.events")}
 MAX_REJECTED_TOPICS = 100  # distinct topics remembered for the report; the count is exact
 
@@ -347,6 +347,12 @@ class FleetView:
                 row.telemetry_time = parse_iso(ev.get("time"))
             elif t.channel == "audit":
                 self._fold_audit(row, data)
+            elif t.channel == "results" and str(ev.get("type", "")).startswith(
+                    "org.edge-agent.result.delivery."):
+                # Where the objects of an earlier result went (no new result).
+                if row.last_result and row.last_result.get("study") == \
+                        (data.get("study") or {}).get("ref"):
+                    row.last_result["delivered_to"] = data.get("delivered_to")
             elif t.channel == "results":
                 row.results += 1
                 study = data.get("study") or {}

@@ -61,6 +61,13 @@ def _print_status(s: dict[str, Any]) -> None:
         lines.append(f"atna:          {link} to {atna['collector']} ({atna['format']}), "
                      f"{atna['sent']} sent, {atna['backlog']} waiting"
                      + (f", last error: {atna['last_error']}" if atna["last_error"] else ""))
+    for name, r in (s.get("results_delivery") or {}).items():
+        code = f", last error {r['last_error_code']}" if r.get("last_error_code") else ""
+        why = f" ({r['last_error']})" if r.get("last_error") and r.get("depth") else ""
+        lines.append(f"pacs {name}:".ljust(15) + f"{r['depth']} queued "
+                     f"({r['awaiting_commitment']} awaiting commitment, oldest "
+                     f"{r['oldest_age_s']} s), {r['confirmed']} confirmed, "
+                     f"{r['dead_letter']} dead-lettered{code}{why}")
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
     lines += _liveness_lines(s.get("liveness"))
@@ -162,6 +169,36 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     _audit_quietly(cfg, {"command": "keys.rotate"})
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else
                "\n".join(f"{k}: {v}" for k, v in dict(result).items()))
+
+
+@keys_app.command("shred-vault")
+def keys_shred_vault(
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="really shred it")] = False,
+) -> None:
+    """Crypto-shred the pseudonym vault ([deid] pseudonyms = "vault"): every mapping
+    from an original to its code becomes unrecoverable; later studies get new codes.
+    Admin; the daemon must be stopped; audited."""
+    from agent.crypto import KeyEncryptionKey
+    from agent.deid.vault import shred_vault
+
+    try:
+        cfg = _load(config)
+        _require_admin(cfg.control, "shred the pseudonym vault")
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
+    if not yes:
+        raise _fail("shredding the pseudonym vault cannot be undone: the same patient gets "
+                    "new codes from now on; run again with --yes")
+    try:
+        n = shred_vault(cfg.state_dir, KeyEncryptionKey.from_file(cfg.keys.kek))
+    except EdgeAgentError as exc:
+        _audit_quietly(cfg, {"command": "keys.shred-vault"}, outcome="serious_failure")
+        raise _fail(exc) from None
+    _audit_quietly(cfg, {"command": "keys.shred-vault", "codes": n})
+    typer.echo(f"pseudonym vault shredded: {n} code(s) unrecoverable")
 
 
 def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
@@ -316,7 +353,8 @@ def doctor(
         help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
-    ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
+    ATNA audit repository (real mTLS, when configured), PACS destinations (C-ECHO),
+    models, disk, spool and audit.
     Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
     from agent.ops import doctor as doc
 

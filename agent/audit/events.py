@@ -139,6 +139,13 @@ CATALOGUE: dict[str, EventKind] = {k.name: k for k in (
        "the encrypted link from a study's pseudonym to its originals was stored"),
     _k("results.link_shredded", INSTANCES_ACCESSED, None, "D",
        "a result link was crypto-shredded (released, or past its retention)"),
+    _k("results.sent", INSTANCES_TRANSFERRED, None, "R",
+       "a result object was sent to a PACS destination with C-STORE (every attempt, with "
+       "its outcome: stored, retry, refused, unreachable, dead-letter)",
+       box_role=ROLE_SOURCE),
+    _k("results.committed", INSTANCES_TRANSFERRED, None, "R",
+       "a PACS destination answered a storage commitment request for a result object",
+       box_role=ROLE_SOURCE),
     _k("results.exported", EXPORT, None, "R",
        "result objects carrying PHI were written to files by an operator", requestor="user"),
     _k("quarantine.viewed", INSTANCES_ACCESSED, None, "R",

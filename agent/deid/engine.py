@@ -267,10 +267,12 @@ class _Instance:
 class Deidentifier:
     """Applies the configured profile; one instance per settings and key."""
 
-    def __init__(self, settings: DeidSettings, pseudonym_key: bytes) -> None:
+    def __init__(self, settings: DeidSettings, pseudonym_key: bytes,
+                 pseudonymizer: Pseudonymizer | None = None) -> None:
         settings.validate()
         self._settings = settings
-        self._pseudo = Pseudonymizer(pseudonym_key)
+        # Keyed (HMAC) by default; vault mode hands in agent/deid/vault.py's.
+        self._pseudo = pseudonymizer or Pseudonymizer(pseudonym_key)
         opts = settings.options
         self._opts = opts
         self._rules: dict[int, Resolved] = {}
@@ -318,7 +320,9 @@ class Deidentifier:
     # ------------------------------------------------------------------ public
     def describe(self) -> str:
         opts = ", ".join(sorted(self._opts)) or "none"
-        return f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
+        vault = "; pseudonyms: vault" if self._pseudo.kind == "vault" else ""
+        return (f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; "
+                f"options: {opts}{vault}")
 
     def method_text(self) -> str:
         """DeidentificationMethod value: short enough for one LO value (64 chars)."""

@@ -25,6 +25,7 @@ while it runs; rotation takes it exclusively or refuses.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import os
@@ -81,6 +82,11 @@ def _exclusive(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def exclusive_state(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """The state directory with no daemon running on it (``keys shred-vault`` too)."""
+    return _exclusive(state_dir)
+
+
 def old_kek_path(kek_path: Path) -> Path:
     return kek_path.with_name(kek_path.name + ".old")
 
@@ -125,6 +131,7 @@ def _rewrap_stores(cfg: Config, ring: KeyEncryptionKey,
             counts["results_links"] = links.rewrap(ring, new)
         finally:
             links.close()
+    counts.update(_rewrap_results_extra(state, ring, new))
     source = f"edge-agent/{cfg.site}/{cfg.device}"
 
     def publish(data: dict[str, object]) -> None:
@@ -165,6 +172,51 @@ def _check_only_new(cfg: Config, new: KeyEncryptionKey) -> None:
             links.close()
         if stale:
             raise CryptoError(f"result links still have data keys wrapped by KEK {sorted(stale)}")
+    _check_results_extra(state, new)
+
+
+def _rewrap_results_extra(state: Path, ring: KeyEncryptionKey,
+                          new: KeyEncryptionKey) -> dict[str, int]:
+    """The delivery queue and the pseudonym vault (agent/results/queue.py,
+    agent/deid/vault.py): also when turned off since, so what they hold stays readable."""
+    from agent.deid.vault import PseudonymVault
+    from agent.results.queue import DeliveryQueue
+
+    counts: dict[str, int] = {}
+    queue_db = state / "results" / "delivery.db"
+    if queue_db.exists():
+        q = DeliveryQueue(queue_db, ring)
+        try:
+            counts["results_queue"] = q.rewrap(ring, new)
+        finally:
+            q.close()
+    vault_db = state / "deid" / "vault.db"
+    if vault_db.exists():
+        v = PseudonymVault(vault_db, ring)
+        try:
+            counts["pseudonym_vault"] = v.rewrap(new)
+        finally:
+            v.close()
+    return counts
+
+
+def _check_results_extra(state: Path, new: KeyEncryptionKey) -> None:
+    from agent.deid.vault import PseudonymVault
+    from agent.results.queue import DeliveryQueue
+
+    queue_db = state / "results" / "delivery.db"
+    if queue_db.exists():
+        q = DeliveryQueue(queue_db, new)
+        try:
+            stale = q.wrapped_by() - {new.id}
+        finally:
+            q.close()
+        if stale:
+            raise CryptoError(f"the results queue still has data keys wrapped by KEK "
+                              f"{sorted(stale)}")
+    vault_db = state / "deid" / "vault.db"
+    if vault_db.exists():
+        PseudonymVault(vault_db, new).close()  # opens only when its key unwraps under new
 
 
 def rotate_keys(cfg: Config, *, user: str | None = None) -> dict[str, int]:

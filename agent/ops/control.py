@@ -566,6 +566,9 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         warnings.append(f"ATNA collector {atna['collector']} not connected: "
                         f"{atna['last_error'] or 'connecting'}; {atna['backlog']} audit "
                         "record(s) wait in the audit log")
+    delivery = d.delivery.stats() if d.delivery is not None else {}
+    if d.delivery is not None:
+        warnings.extend(d.delivery.warnings())
     live = d.watchdog.as_json()
     for name, stage in live["stages"].items():
         if stage["stuck"]:
@@ -604,6 +607,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "audit": {**d.audit_log.stats(), "errors": d.audit_log.errors},
         "liveness": live,
         "atna": atna,
+        "results_delivery": delivery,
         "secrets": credentials.sources(cfg),
         "warnings": warnings,
     }

@@ -285,6 +285,17 @@ def check_atna(cfg: Config) -> Iterator[Check]:
                     "collector's log (docs/audit.md, 'To the hospital's audit repository')")
 
 
+def check_results(cfg: Config) -> Iterator[Check]:
+    """Each [[results.destinations]] PACS: a real association and C-ECHO."""
+    if not cfg.results.enabled:
+        return
+    from agent.results.probe import probe
+
+    for dest in cfg.results.destinations:
+        ok, why, fix = probe(cfg, dest)
+        yield _ok("results", why) if ok else _fail("results", why, fix)
+
+
 def check_models(cfg: Config) -> Iterator[Check]:
     from agent.infer.registry import Registry
     from agent.infer.signing import load_public_keys
@@ -433,6 +444,7 @@ def run(config_path: Path | None = None, *, broker_timeout: float = 10.0,
         ("dicom-port", lambda: check_dicom_port(cfg)),
         ("broker", lambda: check_broker(cfg, broker_timeout)),
         ("atna", lambda: check_atna(cfg)),
+        ("results", lambda: check_results(cfg)),
         ("models", lambda: check_models(cfg)),
         ("disk", lambda: check_disk(cfg)),
         ("spool", lambda: check_spool(cfg)),

@@ -129,7 +129,7 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
         settings = replace(d.deidentifier_settings, pixel_clean=())
         how = "attested"
     try:
-        outcome = Deidentifier(settings, d.pseudonym_key).deidentify(ds)
+        outcome = Deidentifier(settings, d.pseudonym_key, d.pseudonymizer).deidentify(ds)
     except DeidError as exc:
         raise ReleaseRefused(f"the instance cannot be de-identified: {exc}",
                              hint="purge it with 'edge-agent quarantine purge'") from None
@@ -146,7 +146,7 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
     phi = PhiFingerprint(frozenset(outcome.phi))
     result: InferenceResult = d.pipeline.infer(dstudy)
     eid, payload = d.pipeline.payload_for(item.study_key, f"released:{item.instance_key}",
-                                          result)
+                                          result, linked=False)  # no link: not delivered
     d.outbox.enqueue("results", eid, payload, phi)
     q.purge(item_id)  # the result is durable: the original goes
     return Released(item, eid, result.status, how)

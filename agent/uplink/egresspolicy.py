@@ -11,6 +11,12 @@ protected health information (docs/threat-model.md, docs/hipaa.md):
   what the hospital's security office audits).  Only to the one collector an
   operator configured, only over mutual TLS with its certificate verified
   against the configured CA (not the system trust store) and its host name.
+* **the hospital's PACS** (``[[results.destinations]]``, only with ``[results]
+  enabled``): result objects written into the original study carry the patient
+  and study modules by design (agent/results/).  Only to a destination an
+  operator configured by AE title, host and port; DICOM TLS with the configured
+  CA when the destination sets ``tls.enabled``.  The MQTT result only names the
+  destination and its delivery state.
 
 A sender that would carry PHI asks here for its destination instead of reading
 the configuration itself, so "where may PHI go" has one answer.
@@ -25,7 +31,7 @@ from typing import Literal
 from agent.config import Config
 from agent.errors import ConfigError
 
-PhiKind = Literal["atna"]
+PhiKind = Literal["atna", "dicom"]
 
 # Central ops (MQTT) never receives PHI: the guard blocks any payload that has some.
 MQTT_MAY_CARRY_PHI = False
@@ -38,11 +44,17 @@ class PhiDestination:
     kind: PhiKind
     host: str
     port: int
-    ca_file: Path  # the only trust anchor for its certificate
+    ca_file: Path  # the only trust anchor for its certificate (when tls)
     server_name: str  # the name its certificate must carry
     why: str
+    name: str = ""  # a DICOM destination's label
+    ae_title: str = ""  # a DICOM destination's called AE title
+    tls: bool = True  # False: a DICOM destination on plain TCP (inside the hospital)
 
     def describe(self) -> str:
+        if self.kind == "dicom":
+            tls = "TLS" if self.tls else "plain"
+            return f"PACS {self.name} {self.ae_title}@{self.host}:{self.port} ({tls})"
         return f"{self.kind} collector {self.host}:{self.port}"
 
 
@@ -57,6 +69,16 @@ def phi_destinations(cfg: Config) -> tuple[PhiDestination, ...]:
             server_name=a.server_name or a.host,
             why="IHE ATNA Record Audit Event (ITI-20): complete audit records for the "
                 "hospital's audit repository, mutual TLS"))
+    r = cfg.results
+    if r.enabled:
+        for d in r.destinations:
+            out.append(PhiDestination(
+                kind="dicom", host=d.host, port=d.port,
+                ca_file=d.tls.ca if d.tls.enabled and d.tls.ca else Path(),
+                server_name=d.tls.server_name or d.host, name=d.name, ae_title=d.ae_title,
+                tls=d.tls.enabled,
+                why="result objects (SR, presentation state, key image, SEG) written into "
+                    "the original study, C-STORE"))
     return tuple(out)
 
 
@@ -69,7 +91,10 @@ def destination(cfg: Config, kind: PhiKind) -> PhiDestination:
                        f"no PHI may be sent to a {kind} destination"], path=str(cfg.path))
 
 
-def may_send_phi(cfg: Config, kind: PhiKind, host: str, port: int) -> bool:
-    """Whether PHI may go to ``host:port`` as ``kind`` (the sender checks before it connects)."""
+def may_send_phi(cfg: Config, kind: PhiKind, host: str, port: int, *,
+                 ae_title: str | None = None) -> bool:
+    """Whether PHI may go to ``host:port`` as ``kind`` (the sender checks before it
+    connects); a DICOM destination also by its AE title."""
     return any(d.kind == kind and d.host == host and d.port == port
+               and (ae_title is None or d.ae_title == ae_title)
                for d in phi_destinations(cfg))

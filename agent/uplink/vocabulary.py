@@ -108,8 +108,10 @@ RESULT_KEYS = (
     "sha256", "labels", "finding", "confidence", "uncertainty", "needs_review",
     "review_reasons", "explanation", "timings_ms", "instances_used", "frame",
     "sop_instance_uid", "image_size", "bbox", "score_drop", "text", "decode", "preprocess",
-    "inference", "total",
+    "inference", "total", "delivered_to", "destination", "state", "objects", "confirmed",
 )
+# delivered_to[].state: where a result's objects are on their way into the PACS.
+DELIVERY_STATES = ("queued", "confirmed", "dead-letter", "nothing-to-send")
 EXPLANATION_METHODS = ("cam", "occlusion", "none")
 
 _NUMBER = r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
@@ -140,7 +142,7 @@ def _standard_uid_words() -> frozenset[str]:
 
 _FIXED = frozenset({
     *QUARANTINE, *QUARANTINE.values(), *FAILURE, *FAILURE.values(), REVIEW_POSITIVE,
-    NO_EXPLANATION, *STATUSES, *RESULT_KEYS, *EXPLANATION_METHODS,
+    NO_EXPLANATION, *STATUSES, *RESULT_KEYS, *EXPLANATION_METHODS, *DELIVERY_STATES,
 }) | _standard_uid_words()
 _allowed: set[str] = set()
 _allowed_lock = threading.Lock()

@@ -37,12 +37,14 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "inference.failed model.refused model.changed message.published egress.blocked "
              "security.alert config.loaded cli.action key.rotated cert.changed audit.exported "
              "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
-             "results.link_written results.link_shredded results.exported "
+             "results.link_written results.link_shredded results.sent results.committed "
+             "results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
              "daemon.started daemon.stopped").split()
     assert sorted(CATALOGUE) == sorted(names)
     assert kind_of("instance.received").event_id.code == "110104"
     assert kind_of("egress.blocked").event_id.code == "110113"
+    assert kind_of("results.sent").event_id.code == "110104"
     assert kind_of("no.such.event").event_id.code == "110100"
 
 

@@ -32,6 +32,7 @@ EDGE_AGENT = [sys.executable, "-m", "provisioning.cli"]
 # nothing.
 PEERS: dict[str, str] = {
     "storescu": "dcmtk",
+    "storescp": "dcmtk",
     "echoscu": "dcmtk",
     "dcmcjpeg": "dcmtk",
     "dcmcjpls": "dcmtk",
