@@ -43,6 +43,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "agent.store.quarantine_review": ("agent.pipeline", "agent.daemon"),
     # the fixed words a quarantine reason, finding or failure may use
     "agent.deid.burnedin": ("agent.uplink.vocabulary",),
+    # the vault's map is shredded under the same exclusive state lock as key rotation
+    "agent.deid.vault": ("agent.identity.keyrotate",),
+    # the delivery stage: the one place PHI-bearing objects leave (egresspolicy decides
+    # where), and its PHI-free summary (result.delivery) goes to the outbox
+    "agent.results.delivery": ("agent.uplink.cloudevents", "agent.uplink.egresspolicy",
+                               "agent.uplink.outbox", "agent.uplink.vocabulary"),
     "agent.infer.engine": ("agent.uplink.vocabulary",),
     "agent.infer.pixels": ("agent.uplink.vocabulary",),
     "agent.crypto": ("agent.errors",),

@@ -9,11 +9,10 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from delivery_support import add_destination, enable_delivery
-
 from agent import config
 from agent.uplink import egresspolicy
 from tests.helpers import EDGE_AGENT, REPO, Box, set_config
+from tests.helpers.delivery import add_destination, enable_delivery
 
 
 def _load(box: Box) -> config.Config:

@@ -17,7 +17,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-from delivery_support import StoreSCP, add_destination, enable_delivery
 
 from tests.helpers import (
     EDGE_AGENT,
@@ -31,6 +30,7 @@ from tests.helpers import (
     storescu,
     wait_for,
 )
+from tests.helpers.delivery import StoreSCP, add_destination, enable_delivery
 from tests.helpers.results import (
     ACCESSION,
     BIRTH,
@@ -222,7 +222,7 @@ def test_refusing_and_aborting_destinations(tmp_path: Path, box: Box, broker: ob
                                             ops: Subscriber) -> None:
     """0xA700 (out of resources) is retried until stored; 0xC000 (cannot understand) is
     dead-lettered at once, never re-sent, and keeps the link; an abort is retried."""
-    from delivery_support import ScriptedPeer
+    from tests.helpers.delivery import ScriptedPeer
 
     busy = ScriptedPeer("BUSY", lambda n: 0xA700 if n < 2 else 0).start()
     broken = ScriptedPeer("BROKEN", lambda n: 0xC000).start()
@@ -274,7 +274,7 @@ def test_commitment_on_the_same_association_releases_only_committed_objects(
     """release_after = commitment: an object is confirmed by the report, not by its
     C-STORE Success; one the PACS reports as failed is sent again (same UID) and
     committed on the next request."""
-    from delivery_support import CommittingPeer
+    from tests.helpers.delivery import CommittingPeer
 
     originals = original_study(tmp_path / "study")
     peer = CommittingPeer("COMMITPACS")

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from delivery_support import ScriptedPeer, StoreSCP, add_destination, enable_delivery
 
 from agent.crypto import KeyEncryptionKey, random_key
 from agent.results.delivery import backoff
@@ -27,6 +26,7 @@ from tests.helpers import (
     storescu,
     wait_for,
 )
+from tests.helpers.delivery import ScriptedPeer, StoreSCP, add_destination, enable_delivery
 from tests.helpers.results import original_study
 
 pytestmark = [pytest.mark.peer("storescu", "storescp")]
