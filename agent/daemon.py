@@ -43,6 +43,7 @@ from agent.quarantine import Quarantine
 from agent.receive import StorageSCP
 from agent.recvpool import ReceivePool, WorkerInit
 from agent.results.link import LinkStore
+from agent.review.service import ReviewService
 
 log = logging.getLogger("edge_agent.daemon")
 
@@ -141,9 +142,13 @@ class Daemon:
         if self.links is not None:
             self.links.expire()
         self.expire_quarantine()
+        # Flagged results wait here for reviewers' verdicts (agent/review/).
+        self.review = ReviewService(cfg, self.kek, self.engine.manifest_of, self.audit,
+                                    wake=self._telemetry_now.set)
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
                                  links=self.links)
+        self.pipeline.on_result = self.review.record
         self.scp: StorageSCP | ReceivePool
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
@@ -158,6 +163,7 @@ class Daemon:
                                   hold=self.audit_log.intake_hold)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
+        self.inbound.register("review", self.review.on_message)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    inbound=self.inbound,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
@@ -343,6 +349,8 @@ class Daemon:
             "liveness": self.watchdog.as_json(),
             "atna": self.atna_status(),
             "quarantine": self.quarantine.stats(),
+            "review": self.review.telemetry(),
+            "performance": self.review.performance(),
         }
 
     def expire_quarantine(self) -> None:
@@ -373,6 +381,7 @@ class Daemon:
                 return
             stage.beat(doing="sending telemetry")
             try:
+                self.review.tick()
                 data = self.telemetry_data()
                 ev = cloudevents.envelope(kind="telemetry", source=self._source(), data=data)
                 self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
@@ -385,6 +394,7 @@ class Daemon:
                     if self.links is not None:
                         self.links.expire()
                     self.expire_quarantine()
+                    self.review.expire()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
             stage.beat(progress=True, doing="waiting for the next interval")
@@ -498,6 +508,7 @@ class Daemon:
         self.audit_log.close()
         self.inbox.close()
         self.quarantine.close()
+        self.review.close()
         self.outbox.close()
         if self.links is not None:
             self.links.close()
