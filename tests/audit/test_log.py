@@ -39,6 +39,7 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
              "results.link_written results.link_shredded results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
+             "review.verdict review.viewed review.escalated performance.alert "
              "daemon.started daemon.stopped").split()
     assert sorted(CATALOGUE) == sorted(names)
     assert kind_of("instance.received").event_id.code == "110104"
