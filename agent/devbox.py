@@ -203,8 +203,10 @@ checkpoint_seconds = 30
     acl = root / "mosquitto.acl"
     acl.write_text(
         "# device: writes its own outbound topics, reads its own inbound ones\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
-        "# central ops: read everything under the prefix, write nothing\n"
-        + "".join(f"user {cn}\ntopic read edge/#\n" for cn in OPS_IDENTITIES)
+        "# central ops: read everything under the prefix except verdicts in transit (a\n"
+        "# reviewer's note is for the box only), write nothing\n"
+        + "".join(f"user {cn}\ntopic deny edge/+/+/review\ntopic read edge/#\n"
+                  for cn in OPS_IDENTITIES)
         + "# reviewers: write verdicts to the review topics, read nothing\n"
         + "".join(reviewer_acl("edge", cn) for cn in REVIEWER_IDENTITIES)
     )

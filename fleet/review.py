@@ -146,7 +146,8 @@ def _flagged_of(ev: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def collect(s: OpsSettings, box: str, *, wait: float, until: int | None = None,
-            cache: Path | None = None) -> list[dict[str, Any]]:
+            cache: Path | None = None,
+            on_ready: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Flagged results of ``box`` (site/device) seen within ``wait`` seconds (or until
     ``until`` are known), merged with the cache; those the box acknowledged as
     reviewed are left out.  Oldest first."""
@@ -174,6 +175,8 @@ def collect(s: OpsSettings, box: str, *, wait: float, until: int | None = None,
     try:
         if not ready.wait(15) or errors:
             raise TransportError(errors[0] if errors else "could not subscribe within 15 s")
+        if on_ready is not None:
+            on_ready()
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             with got.lock:
@@ -213,9 +216,17 @@ def _write_cache(cache: Path, items: dict[str, dict[str, Any]]) -> None:
     os.replace(tmp, cache)
 
 
+def forget(cache: Path, result_id: str) -> None:
+    """Drop a reviewed result from the list's cache."""
+    items = _read_cache(cache)
+    if items.pop(result_id, None) is not None:
+        _write_cache(cache, items)
+
+
 def submit(s: OpsSettings, reviewer: Reviewer, box: str, result_id: str, verdict: str, *,
            model: str | None = None, corrected_label: str | None = None,
-           note: str | None = None, wait_ack: float = 30.0) -> dict[str, Any]:
+           note: str | None = None, wait_ack: float = 30.0,
+           cache: Path | None = None) -> dict[str, Any]:
     """Publish a verdict with the reviewer certificate; wait for the box's acknowledgement
     (``wait_ack`` 0: do not wait).  Raises EdgeAgentError when the broker refuses it."""
     ev = verdicts.build(reviewer=reviewer.name, box=box, result_id=result_id, verdict=verdict,
@@ -273,6 +284,10 @@ def submit(s: OpsSettings, reviewer: Reviewer, box: str, result_id: str, verdict
             while not acks and time.monotonic() < deadline:
                 time.sleep(0.1)
             out["ack"] = acks[0] if acks else None
+            done = acks and (acks[0].get("outcome") == "accepted"
+                             or acks[0].get("code") == "already-reviewed")
+            if done and cache is not None:
+                forget(cache, result_id)
         return out
     finally:
         if watcher is not None:

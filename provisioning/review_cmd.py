@@ -198,15 +198,22 @@ def _ops(config: Path, cert: Path | None, key: Path | None) -> Any:
     return s.with_identity(cert, key) if cert is not None and key is not None else s
 
 
+def _default_cache(box: str) -> Path:
+    return Path.home() / ".cache" / "edge-agent" / f"review-{box.replace('/', '-')}.json"
+
+
+CacheOpt = Annotated[Path | None, typer.Option(
+    help="file that keeps flagged results seen earlier (results are not retained by the "
+         "broker); default ~/.cache/edge-agent/review-SITE-DEVICE.json")]
+
+
 @fleet_review.command("list")
 def fleet_review_list(
     config: OpsConfig, box: BoxOpt,
     wait: Annotated[float, typer.Option(help="seconds to listen for new results")] = 10.0,
     until: Annotated[int | None, typer.Option(
         help="stop listening once this many flagged results are known")] = None,
-    cache: Annotated[Path | None, typer.Option(
-        help="file that keeps flagged results seen earlier (results are not retained by the "
-             "broker); default ~/.cache/edge-agent/review-SITE-DEVICE.json")] = None,
+    cache: CacheOpt = None,
     watch_cert: WatchCert = None, watch_key: WatchKey = None, as_json: JsonOpt = False,
 ) -> None:
     """Flagged results of a box that have no verdict yet (de-identified: the result as
@@ -214,9 +221,10 @@ def fleet_review_list(
     from fleet.review import collect
 
     s = _ops(config, watch_cert, watch_key)
-    path = cache or Path.home() / ".cache" / "edge-agent" / f"review-{box.replace('/', '-')}.json"
+    path = cache or _default_cache(box)
     try:
-        items = collect(s, box, wait=wait, until=until, cache=path)
+        items = collect(s, box, wait=wait, until=until, cache=path,
+                        on_ready=lambda: typer.echo(f"listening for results of {box}", err=True))
     except (EdgeAgentError, OSError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -251,6 +259,7 @@ def fleet_review_submit(
         = None,
     wait_ack: Annotated[float, typer.Option(help="seconds to wait for the box's "
                                                  "acknowledgement (0: do not wait)")] = 30.0,
+    cache: CacheOpt = None,
     watch_cert: WatchCert = None, watch_key: WatchKey = None, as_json: JsonOpt = False,
 ) -> None:
     """Send a verdict with a reviewer certificate and show the box's acknowledgement.
@@ -264,7 +273,8 @@ def fleet_review_submit(
     try:
         who = load_reviewer(config, cert, key, name)
         out = submit(s, who, box, result, verdict, model=model,
-                     corrected_label=corrected_label, note=note, wait_ack=wait_ack)
+                     corrected_label=corrected_label, note=note, wait_ack=wait_ack,
+                     cache=cache or _default_cache(box))
     except (EdgeAgentError, OSError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
@@ -284,7 +294,9 @@ def fleet_review_submit(
 
 
 def register(root: typer.Typer) -> None:
-    from provisioning.cli import fleet_app
-
     root.add_typer(app, name="review")
-    fleet_app.add_typer(fleet_review, name="review")
+    # The root's own 'fleet' group (not an import of provisioning.cli: run as
+    # 'python -m provisioning.cli' that would be a second copy of the module).
+    for group in root.registered_groups:
+        if group.name == "fleet" and group.typer_instance is not None:
+            group.typer_instance.add_typer(fleet_review, name="review")

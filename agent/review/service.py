@@ -178,12 +178,14 @@ class ReviewService:
 
     def _refused(self, exc: VerdictRefused, m: verdicts.VerdictMessage | None, *, via: str,
                  reviewer: str) -> None:
-        details: dict[str, object] = {"refused": exc.code, "via": via}
+        details: dict[str, object] = {"refused": exc.code, "via": via,
+                                      "verdict_id": exc.verdict_id, "result_id": exc.result_id}
         if m is not None:
             details |= self._details(m, via)
         self._audit("review.verdict", outcome="minor_failure", user=reviewer,
                     source=_source(via, reviewer), details=details)
-        self._ack(m.verdict_id if m else None, m.result_id if m else None, "refused", exc.code)
+        self._ack(m.verdict_id if m else exc.verdict_id, m.result_id if m else exc.result_id,
+                  "refused", exc.code)
         with self._lock:
             self.counters["refused"] += 1
         log.warning("verdict refused via %s: %s", via, exc.code)

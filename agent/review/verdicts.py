@@ -14,6 +14,7 @@ name it, never the message's text.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,9 +43,20 @@ REFUSALS: dict[str, str] = {
 }
 
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _uuid_or_none(v: Any) -> str | None:
+    """Only a UUID is echoed back in an acknowledgement, never other sender text."""
+    return v if isinstance(v, str) and _UUID.match(v) else None
+
+
 class VerdictRefused(EdgeAgentError):
-    def __init__(self, code: str, detail: str = "") -> None:
+    def __init__(self, code: str, detail: str = "", *, verdict_id: str | None = None,
+                 result_id: str | None = None) -> None:
         self.code = code
+        self.verdict_id = verdict_id
+        self.result_id = result_id
         super().__init__(f"verdict refused ({code}): {REFUSALS.get(code, code)}"
                          + (f": {detail}" if detail else ""))
 
@@ -85,15 +97,18 @@ def parse(payload: bytes, box: str) -> VerdictMessage:
         raise VerdictRefused("malformed") from None
     if not isinstance(ev, dict):
         raise VerdictRefused("malformed")
+    raw_data = ev.get("data")
+    vid = _uuid_or_none(ev.get("id"))
+    rid = _uuid_or_none(raw_data.get("result_id")) if isinstance(raw_data, dict) else None
     source = ev.get("source")
     if isinstance(source, str) and not source.startswith(SOURCE_PREFIX):
-        raise VerdictRefused("wrong-role")
+        raise VerdictRefused("wrong-role", verdict_id=vid, result_id=rid)
     problems = schema_problems(ev)
     if problems:
-        raise VerdictRefused("invalid", "; ".join(problems[:5]))
+        raise VerdictRefused("invalid", "; ".join(problems[:5]), verdict_id=vid, result_id=rid)
     data: dict[str, Any] = ev["data"]
     if data["box"] != box:
-        raise VerdictRefused("wrong-box")
+        raise VerdictRefused("wrong-box", verdict_id=vid, result_id=rid)
     return VerdictMessage(
         verdict_id=str(ev["id"]), reviewer=str(source)[len(SOURCE_PREFIX):],
         result_id=str(data["result_id"]), box=box, model=data.get("model"),
