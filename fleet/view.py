@@ -74,7 +74,7 @@ def _perf_alert(a: dict[str, Any]) -> str:
     span = (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 and all(isinstance(x, int | float)
                                                                  for x in ci) else "?")
     why = (f"below {a.get('threshold')}" if a.get("kind") == "below-threshold"
-           else f"apart from the rest ({a.get('rest')})")
+           else f"below the rest ({a.get('rest')})")
     return (f"{a.get('model')} {a.get('version')} {a.get('subgroup')} {a.get('metric')} "
             f"95% CI {span} {why} ({a.get('window_days')} d)")
 

@@ -17,8 +17,10 @@ Alerts (on published cells only):
 
 * ``below-threshold``: a subgroup's (or the whole model's) interval lies wholly
   below the manifest's acceptance threshold for that metric;
-* ``gap``: a subgroup's interval is further than ``gap`` from the interval of
-  all other verdicts of the same model version (the rest), either way.
+* ``gap``: a subgroup's interval lies wholly below the interval of all other
+  verdicts of the same model version (the rest), by more than ``gap``.  One-sided
+  on purpose: with two subgroups a two-sided rule would flag the better one too,
+  and the question governance asks is which subgroup the model serves worse.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ class Alert:
         where = f"{self.model} {self.version} {self.subgroup} ({self.window_days} d)"
         if self.kind == "below-threshold":
             return f"{where}: {self.metric} 95% CI {ci} below threshold {self.threshold}"
-        return f"{where}: {self.metric} 95% CI {ci} differs from the rest ({self.rest:.2f})"
+        return f"{where}: {self.metric} 95% CI {ci} below the rest ({self.rest:.2f})"
 
 
 def _tally(rows: Iterable[Joined]) -> dict[tuple[str, str], _Version]:
@@ -223,7 +225,7 @@ def report(rows_by_window: Mapping[int, list[Joined]], *, k: int,
                         alerts.append(Alert(name, version, days, f"{attr}={val}", metric,
                                             "below-threshold", p.value, (p.low, p.high),
                                             threshold=limit))
-                    elif r.n and abs(interval_gap(p, r)) > gap:
+                    elif r.n and interval_gap(p, r) > gap:
                         alerts.append(Alert(name, version, days, f"{attr}={val}", metric, "gap",
                                             p.value, (p.low, p.high), rest=r.value))
     return {"k": k, "gap": gap, "computed_at": round(time.time()),
