@@ -59,7 +59,8 @@ def review_commands(d: Daemon) -> dict[str, Command]:
                 "alerts": [x for x in section["alerts"] if x.get("model") == name]}
 
     cmds = {
-        "review.list": Command(reviewer, "list results waiting for review", r_list),
+        "review.list": Command(reviewer, "list results waiting for review", r_list,
+                               audited=True),
         "review.show": Command(reviewer, "view a result for review", r_show),
         # Audited by the review stage itself, with the verdict (review.verdict).
         "review.submit": Command(reviewer, "give a verdict on a result", r_submit),
