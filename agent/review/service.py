@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 AuditFn = Callable[..., None]
 ManifestOf = Callable[[str, str], Manifest | None]
 MAX_ACKS = 100  # acknowledgements kept for the next telemetry; older ones are dropped
-# Performance is recomputed when verdicts arrive, else at most this often (windows roll).
-PERFORMANCE_EVERY = 3600.0
+# Published performance changes only in steps of at least k new verdicts, or once a day
+# (the windows roll): a reviewer who sends one verdict and watches the counts must not
+# learn the subgroup (age band, sex, scanner) of that one result from the increment.
+PERFORMANCE_EVERY = 86400.0
 
 
 class ReviewService:
@@ -58,7 +60,7 @@ class ReviewService:
         self._acks: deque[dict[str, Any]] = deque(maxlen=MAX_ACKS)
         self.counters = {"accepted": 0, "ignored": 0, "refused": 0, "record_failures": 0}
         self._perf: tuple[dict[str, Any], list[performance.Alert]] | None = None
-        self._perf_key: tuple[int, int] = (-1, -1)
+        self._perf_at: tuple[int, int] = (0, -1)  # (accepted verdicts, day) it was computed at
         self._alerted: set[tuple[str, ...]] = set()
 
     # -- results in ----------------------------------------------------------------
@@ -153,7 +155,6 @@ class ReviewService:
         self._ack(m.verdict_id, m.result_id, "accepted", None)
         with self._lock:
             self.counters["accepted"] += 1
-            self._perf_key = (-1, -1)
         log.info("verdict %s on result %s (%s) taken via %s", m.verdict, m.result_id[:8],
                  rec.model, via)
         return {"accepted": True, "result_id": rec.result_id, "model": rec.model,
@@ -257,7 +258,8 @@ class ReviewService:
         now = now or time.time()
         with self._lock:
             key = (self.counters["accepted"], int(now // PERFORMANCE_EVERY))
-            if self._perf is not None and key == self._perf_key:
+            if (self._perf is not None and key[1] == self._perf_at[1]
+                    and key[0] - self._perf_at[0] < self.settings.min_verdicts):
                 return self._perf[0]
         rows = list(self.store.joined(now - max(self.settings.windows_days) * 86400.0))
         by_window = {d: [j for j in rows if j.verdict.at >= now - d * 86400.0]
@@ -278,7 +280,7 @@ class ReviewService:
                             details=a.as_json())
                 log.warning("performance alert: %s", a.sentence())
         with self._lock:
-            self._perf, self._perf_key = (section, alerts), key
+            self._perf, self._perf_at = (section, alerts), key
         return section
 
     def expire(self) -> int:
