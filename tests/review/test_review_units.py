@@ -150,3 +150,17 @@ def test_review_durations_and_the_seed_hook_is_for_dev_test_mode_only(
     assert seed.armed("development") and not seed.armed("production")
     monkeypatch.delenv("EDGE_AGENT_TEST_MODE")
     assert not seed.armed("development")
+
+
+def test_manifest_acceptance_thresholds_are_parsed_and_checked() -> None:
+    from agent.errors import ModelError
+    from agent.infer.manifest import parse_manifest
+
+    text = (REPO / "models" / "lesion-demo" / "1.1.0" / "manifest.toml").read_text()
+    assert parse_manifest(text.encode()).acceptance == ()
+    good = parse_manifest((text + "\n[acceptance]\nsensitivity = 0.9\nppv = 1\n").encode())
+    assert dict(good.acceptance) == {"sensitivity": 0.9, "ppv": 1.0}
+    with pytest.raises(ModelError) as exc:
+        parse_manifest((text + "\n[acceptance]\nrecall = 0.9\nnpv = 1.5\n").encode())
+    assert "acceptance.recall is not a metric" in str(exc.value)
+    assert "acceptance.npv must be a number in (0, 1]" in str(exc.value)
