@@ -63,7 +63,11 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
              str(tmp_path / "cache.json"), "--json"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert listing.stderr is not None
-        assert "listening" in listing.stderr.readline()
+        for line in listing.stderr:  # subscribed: the results to come will be seen
+            if "listening" in line:
+                break
+        else:
+            raise AssertionError(f"fleet review list never listened: {listing.stdout.read()}")
         send_studies(box.dicom_port, NAMES)
         results = [m.json() for m in ops.wait("results", len(NAMES), timeout=120)]
         for r in results:
