@@ -37,10 +37,10 @@ from support import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, set
 NAMES = ["Verdict^Alpha", "Verdict^Bravo", "Verdict^Charlie"]
 
 
-def _forged(box: Box, stem: str, result_id: str) -> int:
+def _forged(box: Box, stem: str, ev: dict[str, object]) -> int:
     c = mqtt_client(box, box.pki / f"{stem}.pem", box.pki / f"{stem}.key", f"forger-{stem}")
     try:
-        return publish_acked(c, f"{TOPIC}/review", json.dumps(verdict(result_id)).encode())
+        return publish_acked(c, f"{TOPIC}/review", json.dumps(ev).encode())
     finally:
         c.loop_stop()
         c.disconnect()
@@ -76,9 +76,12 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
             assert "subgroup" not in m  # quasi-identifiers stay on the box
         ids = [r["id"] for r in sorted(results, key=lambda r: r["time"])]
 
-        # Forged verdicts: the box's own certificate and a (read-only) ops certificate.
-        assert _forged(box, "device", ids[0]) == 0x87
-        assert _forged(box, "ops-sub", ids[1]) == 0x87
+        # The same verdict from the box's own certificate and from an ops certificate:
+        # refused by the broker. (Sent later by the reviewer it is accepted, not ignored
+        # as a replay: the forged copies never reached the box.)
+        v = verdict(ids[1], "agreed")
+        assert _forged(box, "device", v) == 0x87
+        assert _forged(box, "ops-sub", v) == 0x87
 
         # An unknown result id, from a real reviewer: refused by the box, acknowledged.
         reviewer = ReviewerClient(box)
@@ -121,7 +124,6 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
         assert [f["result_id"] for f in left] == ids[1:]
 
         # The same verdict again is ignored; a different one later is refused.
-        v = verdict(ids[1], "agreed")
         assert reviewer.send(v) == 0
         assert ack_of(ops, v["id"])["outcome"] == "accepted"
         assert reviewer.send(v) == 0
