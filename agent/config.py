@@ -218,6 +218,37 @@ class QuarantineSettings:
 
 
 @dataclass(frozen=True)
+class ReviewSettings:
+    """Human review of flagged results and the performance measured from it
+    (agent/review/, docs/configuration.md [review])."""
+
+    # A flagged result without a verdict after this long raises an escalation alert.
+    escalate_after_seconds: float = 86400.0
+    # k: a subgroup with fewer verdicts is merged into "other", or suppressed.
+    min_verdicts: int = 20
+    # Rolling windows (days of verdicts) the performance is computed over.
+    windows_days: tuple[int, ...] = (30, 90)
+    # A subgroup whose interval lies further than this from the rest's is an alert.
+    gap: float = 0.1
+    # Results and verdicts older than this are deleted (at least the longest window).
+    retention_days: int = 365
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(value: Any) -> float | None:
+    """Seconds from a number or a string with a unit: 90, "90s", "30m", "4h", "2d"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)] if m else None
+
+
+@dataclass(frozen=True)
 class WatchdogSettings:
     # A stage (assembler, publisher, receive, telemetry, control) that shows neither
     # progress nor an idle heartbeat for this long is stuck: systemd's watchdog is
@@ -333,6 +364,7 @@ class Config:
     results: ResultsSettings = ResultsSettings()
     atna: AtnaSettings = AtnaSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    review: ReviewSettings = ReviewSettings()
 
     @property
     def topic_base(self) -> str:
@@ -498,7 +530,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine",
+    "quarantine", "review",
 }
 
 
@@ -717,6 +749,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     )
     results = _results(r)
     atna = _atna(r)
+    review = _review(r)
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -726,7 +759,37 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine,
+        quarantine=quarantine, review=review,
+    )
+
+
+def _review(r: _Reader) -> ReviewSettings:
+    raw: object = r.get("review.escalate_after", (int, float, str), 86400.0,
+                allowed="seconds, or a number with s, m, h or d (\"4h\")")
+    escalate = duration_seconds(raw)
+    if escalate is None or escalate <= 0:
+        r.problems.append(f"[review.escalate_after] = {raw!r}: must be a positive duration "
+                          "(seconds, or a number with s, m, h or d, e.g. \"4h\")")
+        escalate = 86400.0
+    windows = r.get("review.windows_days", list, [30, 90])
+    if (not windows or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 3650
+                               for w in windows)):
+        r.problems.append(f"[review.windows_days] = {windows!r}: must be a list of whole "
+                          "numbers of days between 1 and 3650")
+        windows = [30, 90]
+    retention = r.get("review.retention_days", int, 365,
+                      check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days")
+    if retention < max(windows):
+        r.problems.append(f"[review.retention_days] = {retention}: must be at least the longest "
+                          f"window in [review.windows_days] ({max(windows)})")
+    return ReviewSettings(
+        escalate_after_seconds=escalate,
+        min_verdicts=r.get("review.min_verdicts", int, 20,
+                           check=lambda v: None if 2 <= v <= 10000 else "must be between 2 and 10000"),
+        windows_days=tuple(sorted(set(windows))),
+        gap=r.get("review.gap", float, 0.1,
+                  check=lambda v: None if 0 <= v < 1 else "must be at least 0 and below 1"),
+        retention_days=retention,
     )
 
 

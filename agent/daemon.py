@@ -45,6 +45,7 @@ from agent.results.common import Issuer
 from agent.results.delivery import Delivery
 from agent.results.link import LinkStore
 from agent.results.queue import DeliveryQueue
+from agent.review.service import ReviewService
 from agent.store.inbox import Inbox
 from agent.store.quarantine import Quarantine
 from agent.uplink import cloudevents, metrics, telemetry
@@ -162,9 +163,13 @@ class Daemon:
                 cfg, self.links, DeliveryQueue(state / "results" / "delivery.db", self.kek),
                 Issuer(cfg.site, cfg.device, self.pseudonym_key), self.outbox, self.audit)
         self.expire_quarantine()
+        # Flagged results wait here for reviewers' verdicts (agent/review/).
+        self.review = ReviewService(cfg, self.kek, self.engine.manifest_of, self.audit,
+                                    wake=self._telemetry_now.set)
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
                                  links=self.links)
+        self.pipeline.on_result = self.review.record
         self.scp: DicomNode
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
@@ -179,6 +184,7 @@ class Daemon:
                                   hold=self.audit_log.intake_hold)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
+        self.inbound.register("review", self.review.on_message)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    inbound=self.inbound,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
@@ -367,6 +373,8 @@ class Daemon:
             "atna": self.atna_status(),
             "quarantine": self.quarantine.stats(),
             "results_delivery": self.delivery.stats() if self.delivery is not None else {},
+            "review": self.review.telemetry(),
+            "performance": self.review.performance(),
         }
 
     def expire_quarantine(self) -> None:
@@ -397,6 +405,7 @@ class Daemon:
                 return
             stage.beat(doing="sending telemetry")
             try:
+                self.review.tick()
                 data = self.telemetry_data()
                 ev = cloudevents.envelope(kind="telemetry", source=self._source(), data=data)
                 self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
@@ -409,6 +418,7 @@ class Daemon:
                     if self.links is not None:
                         self.links.expire()
                     self.expire_quarantine()
+                    self.review.expire()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
             stage.beat(progress=True, doing="waiting for the next interval")
@@ -540,6 +550,7 @@ class Daemon:
         self.audit_log.close()
         self.inbox.close()
         self.quarantine.close()
+        self.review.close()
         self.outbox.close()
         if self.delivery is not None:
             self.delivery.queue.close()

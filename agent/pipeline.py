@@ -187,6 +187,9 @@ class Pipeline:
         vocabulary.allow([deidentifier.describe(), *cfg.deid.options,
                           *(d.name for d in cfg.results.destinations)])
         self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
+        # Called with each result's event id once it is durable in the outbox, before the
+        # study is marked done (the review stage remembers what a verdict joins with).
+        self.on_result: Callable[[str, InferenceResult], None] | None = None
 
     # -- stages ------------------------------------------------------------------
 
@@ -369,6 +372,8 @@ class Pipeline:
         # hashes) and each failure itself; the pipeline audits the study outcome.
         eid, payload = self.result_payload(study, result)
         self.outbox.enqueue("results", eid, payload, phi)
+        if self.on_result is not None:
+            self.on_result(eid, result)
         if self.links is not None and originals is not None:
             # Before mark_done deletes the originals; a crash before it reprocesses.
             self.links.record(dstudy, result, originals)
@@ -403,4 +408,5 @@ def _model_json(m: ModelOutput) -> dict[str, Any]:
     d = asdict(m)
     d["review_reasons"] = list(m.review_reasons)
     del d["sources"]  # box-local positions, for the result objects (agent/results/)
+    del d["subgroup"]  # quasi-identifiers: box-local, for the review store (agent/review/)
     return d

@@ -139,6 +139,10 @@ class ModelOutput:
     # result objects written back into the study reference their originals.  Box-local,
     # not part of the published result.
     sources: tuple[int, ...] = ()
+    # The subgroup attributes the manifest names (drift.subgroup_attributes), as read
+    # from the de-identified instance: quasi-identifiers for the review store
+    # (agent/review/), box-local and never published.
+    subgroup: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

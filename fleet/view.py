@@ -67,6 +67,18 @@ def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _perf_alert(a: dict[str, Any]) -> str:
+    """One line per performance alert: model, version, subgroup, metric and why."""
+    raw = a.get("ci95")
+    ci: list[Any] = raw if isinstance(raw, list) else []
+    span = (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 and all(isinstance(x, int | float)
+                                                                 for x in ci) else "?")
+    why = (f"below {a.get('threshold')}" if a.get("kind") == "below-threshold"
+           else f"below the rest ({a.get('rest')})")
+    return (f"{a.get('model')} {a.get('version')} {a.get('subgroup')} {a.get('metric')} "
+            f"95% CI {span} {why} ({a.get('window_days')} d)")
+
+
 def _fold_models(row: BoxRow, models: Any) -> None:
     items = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
     row.models = [f"{m.get('name')}@{m.get('version')}" for m in items]
@@ -152,6 +164,12 @@ class BoxRow:
     tls_failures: int = 0
     rejected_associations: int = 0
     drift_alerts: int = 0
+    # Flagged results waiting for a verdict; overdue: past the box's escalate_after.
+    review_waiting: int | None = None
+    review_oldest_s: float | None = None
+    review_overdue: int = 0
+    # The box's performance alerts (aggregates; subgroups of at least k verdicts only).
+    performance_alerts: list[str] = field(default_factory=list)
     results: int = 0
     last_result: dict[str, Any] | None = None
     # The box's external audit anchor: its newest signed checkpoint that reached us.
@@ -206,6 +224,15 @@ class BoxRow:
         if self.drift_alerts:
             warn = True
             alerts.append(f"model drift on {self.drift_alerts} model(s)")
+        if self.review_overdue:
+            warn = True
+            alerts.append(f"review: {self.review_overdue} flagged result(s) overdue "
+                          f"(oldest {(self.review_oldest_s or 0) / 3600:.1f} h)")
+        if self.performance_alerts:
+            warn = True
+            alerts.extend(f"performance: {a}" for a in self.performance_alerts[:3])
+            if len(self.performance_alerts) > 3:
+                alerts.append(f"performance: {len(self.performance_alerts) - 3} more alert(s)")
         if self.tls_failures or self.rejected_associations:
             warn = True
         self.state = state
@@ -403,6 +430,17 @@ class FleetView:
                                    if isinstance(v, dict) and v.get("alert"))
         if data.get("models"):
             _fold_models(row, data["models"])
+        review = data.get("review")
+        if isinstance(review, dict):
+            w = review.get("waiting")
+            row.review_waiting = w if isinstance(w, int) and not isinstance(w, bool) else None
+            row.review_oldest_s = _f(review.get("oldest_age_s"))
+            over = review.get("overdue")
+            row.review_overdue = over if isinstance(over, int) and not isinstance(over, bool) else 0
+        perf = data.get("performance")
+        if isinstance(perf, dict) and isinstance(perf.get("alerts"), list):
+            row.performance_alerts = [_perf_alert(a) for a in perf["alerts"]
+                                      if isinstance(a, dict)]
 
     def _fold_audit(self, row: BoxRow, data: dict[str, Any]) -> None:
         cp = data.get("checkpoint")

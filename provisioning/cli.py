@@ -162,7 +162,7 @@ def fleet_exporter(
 
 # Command groups owned by their own modules; each exposes register(app).
 for _mod in ("deid_cmd", "models_cmd", "audit_cmd", "ops_cmd", "results_cmd",
-             "quarantine_cmd"):
+             "quarantine_cmd", "review_cmd"):
     try:
         _m = importlib.import_module(f"provisioning.{_mod}")
     except ModuleNotFoundError as _exc:

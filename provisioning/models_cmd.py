@@ -299,6 +299,9 @@ def rollback(name: str, config: ConfigOpt = None, models_dir: ModelsDirOpt = Non
 
 
 def register(app: typer.Typer) -> None:
+    from provisioning.review_cmd import models_performance
+
+    models_app.command("performance")(models_performance)
     app.add_typer(models_app, name="models")
 
 

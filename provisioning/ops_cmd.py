@@ -51,6 +51,10 @@ def _print_status(s: dict[str, Any]) -> None:
         f"quarantine:    {q['count']} instance(s)",
     ]
     lines += [f"  - study {i['study']} instance {i['instance']}: {i['reason']}" for i in q["items"]]
+    rv = s.get("review") or {}
+    if rv:
+        lines.append(f"review:        {rv.get('waiting', 0)} flagged result(s) waiting, "
+                     f"{rv.get('overdue', 0)} overdue (oldest {rv.get('oldest_age_s', 0)} s)")
     mqtt = "connected" if m["connected"] else "DISCONNECTED"
     lines.append(f"mqtt:          {mqtt} to {m['broker']}, {m['published']} published"
                  + (f", last error: {m['last_error']}" if m["last_error"] else ""))

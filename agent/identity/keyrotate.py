@@ -132,6 +132,16 @@ def _rewrap_stores(cfg: Config, ring: KeyEncryptionKey,
         finally:
             links.close()
     counts.update(_rewrap_results_extra(state, ring, new))
+    review_db = state / "review" / "review.db"
+    if review_db.exists():
+        from agent.review.store import ReviewStore
+
+        review = ReviewStore(review_db, ring)
+        try:
+            review.rewrap(new)
+            counts["review"] = 1
+        finally:
+            review.close()
     source = f"edge-agent/{cfg.site}/{cfg.device}"
 
     def publish(data: dict[str, object]) -> None:
@@ -163,6 +173,11 @@ def _check_only_new(cfg: Config, new: KeyEncryptionKey) -> None:
             raise CryptoError(f"inbox still has data keys wrapped by KEK {sorted(stale)}")
     Outbox(state / "outbox" / "outbox.db", new, cfg.outbox.max_bytes).close()
     Quarantine(state / "quarantine", new).close()
+    review_db = state / "review" / "review.db"
+    if review_db.exists():
+        from agent.review.store import ReviewStore
+
+        ReviewStore(review_db, new).close()
     links_db = state / "results" / "links.db"
     if links_db.exists():
         links = LinkStore(links_db, new)

@@ -274,6 +274,14 @@ class InferenceEngine:
         """Images fed to the loaded models so far: forward passes, whatever they were for."""
         return sum(m.session.images_run for m in self._models)
 
+    def manifest_of(self, name: str, version: str) -> Manifest | None:
+        """The manifest of a loaded model version (the review stage reads its decision
+        labels and acceptance thresholds)."""
+        for m in self._models:
+            if m.package.name == name and m.package.version == version:
+                return m.manifest
+        return None
+
     def drift_report(self) -> dict[str, object]:
         self._drift.flush()
         return self._drift.report()
@@ -427,6 +435,7 @@ class InferenceEngine:
             },
             instances_used=len({w[0] for w in where}),
             sources=tuple(sorted({w[0] for w in where})),
+            subgroup=tuple(sorted(subgroup.items())),
         )
         safe_audit(self._audit, "inference.done", {
             "model": result.name, "version": result.version, "sha256": result.sha256,

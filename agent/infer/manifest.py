@@ -116,6 +116,9 @@ class Manifest:
     explanation: Explanation
     drift: DriftReference
     mask: MaskOutput | None = None  # absent: no SEG for this model
+    # [acceptance]: the least each metric may be, measured from reviewers' verdicts on
+    # the box (agent/review/performance.py); absent: no threshold alerts for this model.
+    acceptance: tuple[tuple[str, float], ...] = ()
 
 
 class _Reader:
@@ -322,6 +325,7 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
         explanation=_explanation(r, expl),
         drift=DriftReference(in_edges, in_ref, out_edges, out_ref, subgroups),
         mask=_mask(r),
+        acceptance=_acceptance(r),
     )
     p = manifest.preprocessing
     if p.channels not in (1, 3):
@@ -354,3 +358,22 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
 
 def load_manifest(path: Path) -> Manifest:
     return parse_manifest(path.read_bytes(), source=str(path))
+
+
+ACCEPTANCE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "agreement")
+
+
+def _acceptance(r: _Reader) -> tuple[tuple[str, float], ...]:
+    """[acceptance] metric = lowest acceptable value (0 < v <= 1), per metric."""
+    if "acceptance" not in r.data:
+        return ()
+    tbl = r.table("acceptance")
+    out: list[tuple[str, float]] = []
+    for key, value in sorted(tbl.items()):
+        if key not in ACCEPTANCE_METRICS:
+            r.problems.append(f"acceptance.{key} is not a metric ({', '.join(ACCEPTANCE_METRICS)})")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            r.problems.append(f"acceptance.{key} must be a number in (0, 1]")
+        else:
+            out.append((str(key), float(value)))
+    return tuple(out)

@@ -569,6 +569,10 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
     delivery = d.delivery.stats() if d.delivery is not None else {}
     if d.delivery is not None:
         warnings.extend(d.delivery.warnings())
+    review = d.review.backlog()
+    if review["overdue"]:
+        warnings.append(f"{review['overdue']} flagged result(s) waited longer than [review] "
+                        f"escalate_after for a verdict: see 'edge-agent review list'")
     live = d.watchdog.as_json()
     for name, stage in live["stages"].items():
         if stage["stuck"]:
@@ -608,6 +612,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "liveness": live,
         "atna": atna,
         "results_delivery": delivery,
+        "review": review,
         "secrets": credentials.sources(cfg),
         "warnings": warnings,
     }
@@ -633,8 +638,11 @@ def daemon_commands(d: Daemon) -> dict[str, Command]:
         # Raises ModelError (old set kept) when the new set does not load.
         return {"reloaded": True, "models": d.engine.reload()}
 
+    from agent.review.commands import review_commands
+
     return {
         **quarantine_commands(d),
+        **review_commands(d),
         "status": Command(ANY_ROLE, "read the daemon status", status),
         "models.reload": Command(frozenset({ADMIN}), "reload models", models_reload,
                                  audited=True),

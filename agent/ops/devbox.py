@@ -58,6 +58,18 @@ class DevBox:
 
 
 OPS_IDENTITIES = ("ops", "ops-sub", "ops-2")
+# Reviewers: certificates that may write verdicts to the boxes' review topics and do
+# nothing else (no read, no other topic): a reviewer reads flagged results through
+# central ops' view ('fleet review list', an ops certificate).
+REVIEWER_IDENTITIES = ("reviewer",)
+
+
+def reviewer_acl(prefix: str, cn: str, boxes: str = "+/+") -> str:
+    """The ACL entry of one reviewer certificate: write on review topics only.
+
+    ``boxes`` is ``site/device`` of one box, or ``+/+`` for every box under the prefix
+    (mosquitto matches the wildcards per level, so no other channel is reachable)."""
+    return f"user {cn}\ntopic write {prefix}/{boxes}/review\n"
 
 
 def device_acl(prefix: str, site: str, device: str) -> str:
@@ -106,6 +118,8 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "ops": dict(cn="ops", client=True),
         "ops-sub": dict(cn="ops-sub", client=True),
         "ops-2": dict(cn="ops-2", client=True),
+        # A central reviewer: writes verdicts to the review topics, nothing else.
+        "reviewer": dict(cn="reviewer", client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
         # The hospital's ATNA audit repository (a syslog/TLS collector) on loopback;
@@ -189,8 +203,12 @@ checkpoint_seconds = 30
     acl = root / "mosquitto.acl"
     acl.write_text(
         "# device: writes its own outbound topics, reads its own inbound ones\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
-        "# central ops: read everything under the prefix, write nothing\n"
-        + "".join(f"user {cn}\ntopic read edge/#\n" for cn in OPS_IDENTITIES)
+        "# central ops: read everything under the prefix except verdicts in transit (a\n"
+        "# reviewer's note is for the box only), write nothing\n"
+        + "".join(f"user {cn}\ntopic deny edge/+/+/review\ntopic read edge/#\n"
+                  for cn in OPS_IDENTITIES)
+        + "# reviewers: write verdicts to the review topics, read nothing\n"
+        + "".join(reviewer_acl("edge", cn) for cn in REVIEWER_IDENTITIES)
     )
     conf = root / "mosquitto.conf"
     conf.write_text(f"""\
@@ -227,6 +245,12 @@ ca = "{pki / "ca.pem"}"
 cert = "{pki / "ops.pem"}"
 key = "{pki / "ops.key"}"
 topic_prefix = "edge"
+
+# 'edge-agent fleet review submit': verdicts are sent with the reviewer certificate
+# (the broker lets only the reviewer role write review topics).
+[reviewer]
+cert = "{pki / "reviewer.pem"}"
+key = "{pki / "reviewer.key"}"
 """)
     return DevBox(root=root, config=config, mosquitto_conf=conf, ops_config=ops,
                   dicom_port=dicom_port, mqtt_port=mqtt_port, ca=pki / "ca.pem",

@@ -148,5 +148,7 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
     eid, payload = d.pipeline.payload_for(item.study_key, f"released:{item.instance_key}",
                                           result, linked=False)  # no link: not delivered
     d.outbox.enqueue("results", eid, payload, phi)
+    if d.pipeline.on_result is not None:  # a flagged result waits for review like any other
+        d.pipeline.on_result(eid, result)
     q.purge(item_id)  # the result is durable: the original goes
     return Released(item, eid, result.status, how)

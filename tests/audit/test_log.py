@@ -40,6 +40,7 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "results.link_written results.link_shredded results.sent results.committed "
              "results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
+             "review.verdict review.viewed review.escalated performance.alert "
              "daemon.started daemon.stopped").split()
     assert sorted(CATALOGUE) == sorted(names)
     assert kind_of("instance.received").event_id.code == "110104"
