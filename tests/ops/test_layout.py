@@ -27,6 +27,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "agent.audit": ("agent.store", "agent.deid", "agent.infer", "agent.results",
                     *DICOM_NODE, *WIRING),
     "agent.identity": (*DICOM_NODE, *WIRING),
+    "agent.review": ("agent.store", "agent.deid", "agent.results", "agent.uplink.publish",
+                     "agent.uplink.outbox", *DICOM_NODE, *WIRING),
     "agent.dicom": ("agent.uplink", "agent.deid", "agent.infer", "agent.results", "agent.audit",
                     "agent.identity", *WIRING),
     "agent.errors": ("agent.",),
@@ -41,6 +43,9 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 ALLOWED: dict[str, tuple[str, ...]] = {
     # re-runs a quarantined item through the pipeline's parser and the daemon's parts
     "agent.store.quarantine_review": ("agent.pipeline", "agent.daemon"),
+    # control commands typed against the daemon they act on (TYPE_CHECKING imports)
+    "agent.review.commands": ("agent.daemon",),
+    "agent.review.seed": ("agent.daemon",),
     # the fixed words a quarantine reason, finding or failure may use
     "agent.deid.burnedin": ("agent.uplink.vocabulary",),
     # the vault's map is shredded under the same exclusive state lock as key rotation
