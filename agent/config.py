@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from agent.errors import ConfigError
+from agent.deploy import settings as deploy_settings
+from agent.deploy.settings import DeploySettings
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
@@ -283,6 +285,7 @@ class Config:
     results: ResultsSettings = ResultsSettings()
     atna: AtnaSettings = AtnaSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    deploy: DeploySettings = DeploySettings()
 
     @property
     def topic_base(self) -> str:
@@ -431,7 +434,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine",
+    "quarantine", "deploy",
 }
 
 
@@ -650,6 +653,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
     )
     atna = _atna(r)
+    deploy = deploy_settings.parse(r)
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -659,7 +663,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine,
+        quarantine=quarantine, deploy=deploy,
     )
 
 
@@ -763,4 +767,6 @@ def load(path: Path | None = None) -> Config:
     from agent import credentials  # here, not at the top: credentials imports this module
 
     # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
-    return credentials.apply(parse(data, p))
+    from agent.deploy import overlay  # changes applied by approved deployments
+
+    return credentials.apply(parse(overlay.apply(data, p), p))

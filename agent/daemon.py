@@ -31,6 +31,7 @@ from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.deploy.runner import DeployStage, Hooks
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
 from agent.inbound import Inbound
 from agent.inbox import Inbox
@@ -163,6 +164,14 @@ class Daemon:
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d),
                                    liveness=self.liveness)
+        # Signed deployments from central ops (agent/deploy/): documents and chunks arrive
+        # on {base}/deployments, job states leave on {base}/jobs.
+        self.deploy = DeployStage(cfg, Hooks(
+            emit=self._emit_job, audit=self.audit, registry=lambda: self.engine.registry,
+            reload=self.engine.reload, status_changed=self._republish_status,
+            latencies=lambda: list(self.pipeline.latencies_ms),
+            drift=self.engine.drift_report))
+        self.inbound.register("deployments", self.deploy.on_message)
         self.certs = telemetry.CertWatch.for_config(cfg)
         self.certs.check()  # an expiring certificate is logged at start, not after an interval
         port = cfg.telemetry.prometheus_port
@@ -180,6 +189,9 @@ class Daemon:
               phi: Mapping[str, str] | None = None) -> None:
         self.audit_log.record(event, outcome=outcome, user=user, source=source, details=details,
                               phi=phi)
+        deploy = getattr(self, "deploy", None)  # health gates of a deployment's soak
+        if deploy is not None and details is not None:
+            deploy.observe(event, dict(details))
 
     def _worker_init(self, index: int) -> WorkerInit:
         cfg = self.cfg
@@ -215,7 +227,21 @@ class Daemon:
             "agent_version": __version__,
             "site": self.cfg.site, "device": self.cfg.device,
             "models": self.engine.active_models() if online else [],
+            "deployment": self.deploy.status(),
+            "labels": self.cfg.deploy.label_map(),
         })
+
+    def _emit_job(self, data: dict[str, Any]) -> None:
+        ev = cloudevents.envelope(kind="job", source=self._source(), data=data)
+        self.outbox.enqueue("jobs", ev["id"], cloudevents.encode(ev))
+
+    def _republish_status(self) -> None:
+        """The retained status again, through the outbox: it shows the deployment now."""
+        try:
+            ev = self._status(True)
+            self.outbox.enqueue("status", ev["id"], cloudevents.encode(ev))
+        except Exception:  # noqa: BLE001 - the next birth carries it anyway
+            log.exception("could not enqueue the status")
 
     def _listening(self) -> str:
         return f"listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}"
@@ -425,6 +451,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self.control.start()
+        self.deploy.start()
         if not self.opts.burst:
             try:
                 self._start_receive()
@@ -484,6 +511,7 @@ class Daemon:
         for t in threads:
             t.join(timeout=30)
         self.control.stop()
+        self.deploy.stop()
         self.audit("daemon.stopped", details={"pending_outbox": int(self.outbox.stats()["depth"])})
         try:
             self.audit_log.checkpoint()

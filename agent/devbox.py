@@ -58,6 +58,14 @@ class DevBox:
 
 
 OPS_IDENTITIES = ("ops", "ops-sub", "ops-2")
+# Central ops' rollout tool: writes signed documents and package chunks to the boxes'
+# deployments topics, reads their job states and presence; nothing else.
+DEPLOYER = "deployer"
+
+
+def deployer_acl(prefix: str) -> str:
+    return (f"user {DEPLOYER}\ntopic write {prefix}/+/+/deployments\n"
+            f"topic read {prefix}/+/+/jobs\ntopic read {prefix}/+/+/status\n")
 
 
 def device_acl(prefix: str, site: str, device: str) -> str:
@@ -106,6 +114,8 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "ops": dict(cn="ops", client=True),
         "ops-sub": dict(cn="ops-sub", client=True),
         "ops-2": dict(cn="ops-2", client=True),
+        # Writes deployment documents and package chunks (docs/fleet.md, "Deployments").
+        DEPLOYER: dict(cn=DEPLOYER, client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
         # The hospital's ATNA audit repository (a syslog/TLS collector) on loopback;
@@ -191,6 +201,8 @@ checkpoint_seconds = 30
         "# device: writes its own outbound topics, reads its own inbound ones\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
         "# central ops: read everything under the prefix, write nothing\n"
         + "".join(f"user {cn}\ntopic read edge/#\n" for cn in OPS_IDENTITIES)
+        + "# central ops' rollouts: write deployments topics, read job states and presence\n"
+        + deployer_acl("edge")
     )
     conf = root / "mosquitto.conf"
     conf.write_text(f"""\
@@ -226,6 +238,16 @@ port = {mqtt_port}
 ca = "{pki / "ca.pem"}"
 cert = "{pki / "ops.pem"}"
 key = "{pki / "ops.key"}"
+topic_prefix = "edge"
+""")
+    (root / "deploy.toml").write_text(f"""\
+# Central-ops rollouts as the deployer ('edge-agent fleet deploy --config {root / "deploy.toml"}').
+[mqtt]
+host = "localhost"
+port = {mqtt_port}
+ca = "{pki / "ca.pem"}"
+cert = "{pki / "deployer.pem"}"
+key = "{pki / "deployer.key"}"
 topic_prefix = "edge"
 """)
     return DevBox(root=root, config=config, mosquitto_conf=conf, ops_config=ops,

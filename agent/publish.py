@@ -49,6 +49,10 @@ from agent.inbound import Inbound
 from agent.liveness import Liveness, Stage
 from agent.outbox import Outbox
 
+# Status and job state are retained: the latest of each is what a consumer that
+# subscribes later must see (presence; a deployment's progress).
+RETAINED_CHANNELS = frozenset({"status", "jobs"})
+
 log = logging.getLogger("edge_agent.publish")
 
 BACKOFF_MIN = 0.5
@@ -677,7 +681,8 @@ class Publisher:
                           "outbox's blocked table", msg.channel, msg.event_id, hit.kind)
                 continue
             faults.hang_point("publisher")
-            info = client.publish(self.topic(msg.channel), msg.payload, qos=1)
+            info = client.publish(self.topic(msg.channel), msg.payload, qos=1,
+                                  retain=msg.channel in RETAINED_CHANNELS)
             self._beat(progress=True, doing="publishing")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 with self._lock:
