@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from agent.errors import ConfigError
 from agent.deploy import settings as deploy_settings
 from agent.deploy.settings import DeploySettings
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 

@@ -149,13 +149,21 @@ def fleet_rollback(
 
     try:
         ops = load_ops(config)
-        jobs = collect(load_ops(observer) if observer else ops, wait)
+        seen = collect(load_ops(observer) if observer else ops, wait, ("jobs", "status"))
         boxes: dict[str, list[str]] = {}
         highest = 0
-        for (site, device, _c), d in jobs.items():
-            if isinstance(d.get("revision"), int):
-                highest = max(highest, d["revision"])
-            if d.get("deployment") == deployment and d.get("state") != "refused":
+        for (site, device, channel), d in seen.items():
+            # The latest job state, or the deployment the retained status says is active
+            # (a refused document later is the latest job but changed nothing).
+            current = d.get("deployment") if channel == "status" else d
+            if not isinstance(current, dict):
+                continue
+            rev = current.get("revision")
+            if isinstance(rev, int) and not isinstance(rev, bool):
+                highest = max(highest, rev)
+            name = current.get("id") if channel == "status" else current.get("deployment")
+            if (name == deployment and current.get("state") != "refused"
+                    and device not in boxes.get(site, [])):
                 boxes.setdefault(site, []).append(device)
         if not boxes:
             raise EdgeAgentError(f"no box reports deployment {deployment!r}",

@@ -246,7 +246,7 @@ class DeployStage:
         if data.get("deployment") != job["id"] or data.get("revision") != job["revision"]:
             return  # for an older job (a late retransmission): not ours any more
         with self._lock:
-            dl = self._downloads.get(str(data.get("package")))
+            dl = self._download_of(str(data.get("package")))
             index = data.get("index")
             if dl is None or not isinstance(index, int) or isinstance(index, bool):
                 return
@@ -303,7 +303,14 @@ class DeployStage:
             if dep.action == "rollback":
                 self._operator_rollback(dep, job)
                 return
-            self.state.update(phase="downloading" if dep.packages else "verified")
+            # What runs now, recorded before anything is installed: a model without an
+            # explicit choice runs its highest installed version, which the new package
+            # would silently become.
+            registry = self.hooks.registry()
+            self.state.update(phase="downloading" if dep.packages else "verified",
+                              previous={p.name: registry.active_version(p.name)
+                                        for p in dep.packages},
+                              config_previous=overlay.read(self.cfg.state_dir))
             self._wake.set()
         elif phase == "downloading":
             self._download(dep, job)
@@ -315,12 +322,9 @@ class DeployStage:
     def _download(self, dep: Deployment, job: dict[str, Any]) -> None:
         for ref in dep.packages:
             with self._lock:
-                dl = self._downloads.get(ref.sha256)
+                dl = self._download_of(ref.sha256, dep)
                 if dl is None:
-                    dl = self._downloads[ref.sha256] = Download(self.folder / "downloads", ref)
-                    if dl.have:
-                        log.info("deployment %s: resuming %s at chunk %d of %d", dep.id,
-                                 ref.name, dl.have, dl.total)
+                    return
                 bad = self._bad_chunks if self._bad_chunks > MAX_BAD_CHUNKS else 0
                 if not dl.complete and not bad:
                     stalled = (time.monotonic() - self._requested_at
@@ -355,6 +359,22 @@ class DeployStage:
                     packages=[f"{p.name} {p.version} {p.sha256[:12]}" for p in dep.packages])
         self._wake.set()
 
+    def _download_of(self, sha256: str, dep: Deployment | None = None) -> Download | None:
+        """The download of one package of the current job (opened, and after a restart
+        recovered from its part file, by whichever thread needs it first)."""
+        dl = self._downloads.get(sha256)
+        if dl is not None:
+            return dl
+        dep = dep or self._document()
+        ref = next((p for p in dep.packages if p.sha256 == sha256), None) if dep else None
+        if ref is None:
+            return None
+        dl = self._downloads[sha256] = Download(self.folder / "downloads", ref)
+        if dl.have:
+            log.info("deployment %s: resuming %s at chunk %d of %d", dep.id if dep else "?",
+                     ref.name, dl.have, dl.total)
+        return dl
+
     def _install(self, name: str, version: str, tar: Path) -> None:
         """Unpack, verify (publisher signature + pinned key + model sha256), install."""
         registry = self.hooks.registry()
@@ -376,10 +396,6 @@ class DeployStage:
 
     def _activate(self, dep: Deployment, job: dict[str, Any]) -> None:
         registry = self.hooks.registry()
-        if "previous" not in job:  # recorded before anything changes (a crash re-enters here)
-            previous = {p.name: registry.active_version(p.name) for p in dep.packages}
-            job = self.state.update(previous=previous,
-                                    config_previous=overlay.read(self.cfg.state_dir))
         try:
             for p in dep.packages:
                 registry.activate(p.name, p.version)
