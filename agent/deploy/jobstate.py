@@ -92,6 +92,11 @@ class JobState:
             with doc.open("rb") as fh:
                 os.fsync(fh.fileno())
             replaced = self.job
+            if replaced is not None:
+                # Unfinished, it goes to the history anyway: a rollback document for it
+                # must still find what it replaced.
+                replaced.update(outcome="superseded", superseded_by=int(job["revision"]))
+                self.data["history"] = [*self.data["history"], replaced][-HISTORY:]
             self.data["last_revision"] = int(job["revision"])
             self.data["last_digest"] = str(job["digest"])
             self.data["job"] = job

@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from support import EDGE_AGENT, REPO, Box, set_config, wait_for
 
-from agent.deploy.document import sign
+from agent.deploy.document import iso, sign
 from agent.infer.signing import file_sha256, sign_manifest
 
 MODEL = "deploy-test"
@@ -214,19 +214,24 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 def document(ident: str, revision: int, boxes: list[str], *, site: str = "dev-site",
              version: str = "2.0.0", canary: list[str] | None = None,
              waves: list[list[str]] | None = None, soak: float = 3,
-             hours: float = 2, chunk_size: int | None = None) -> dict[str, Any]:
+             hours: float = 2, chunk_size: int | None = None,
+             config: dict[str, Any] | None = None) -> dict[str, Any]:
     """A deployment spec (packages by name and version; ``fleet sign`` resolves them)."""
     pkg: dict[str, Any] = {"name": MODEL, "version": version}
     if chunk_size:
         pkg["chunk_size"] = chunk_size
     now = time.time()
-    from agent.deploy.document import iso
-    return {"id": ident, "revision": revision, "issued": iso(now), "expires": iso(now + hours * 3600),
+    doc: dict[str, Any] = {
+            "id": ident, "revision": revision, "issued": iso(now),
+            "expires": iso(now + hours * 3600),
             "target": {"site": site, "boxes": boxes}, "packages": [pkg],
             "rollout": {"canary": canary if canary is not None else boxes[:1],
                         "waves": waves if waves is not None else [boxes[1:]] if boxes[1:] else [],
                         "soak_seconds": soak, "wave_timeout_seconds": 600},
             "gates": {"max_inference_errors": 0}}
+    if config:
+        doc["config"] = config
+    return doc
 
 
 class Central:

@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from deploy_helpers import (
     MODEL,
@@ -45,6 +46,7 @@ from support import (
     wait_for,
 )
 
+from agent.config import load as load_config
 from fleet.deploy import package_ref
 
 pytestmark = pytest.mark.peer("mosquitto")
@@ -131,7 +133,8 @@ def test_two_wave_rollout_offline_box_refusals_and_rollback(
 
         spec = write_spec(tmp_path / "release.json", document(
             "rel-2", 5, ["dev-box", "box-2", "box-3"], canary=["dev-box"],
-            waves=[["box-2"], ["box-3"]], soak=3, chunk_size=4096))
+            waves=[["box-2"], ["box-3"]], soak=3, chunk_size=4096,
+            config={"study.quiet_seconds": 2.0, "logging.level": "INFO"}))
         sign_independently(spec, keys, catalog)
         log = tmp_path / "rollout.log"
         rollout = deploy_proc(canary, spec, catalog, log)
@@ -159,6 +162,14 @@ def test_two_wave_rollout_offline_box_refusals_and_rollback(
             dep = statuses(ops, device(b))[-1]["deployment"]
             assert dep == {"id": "rel-2", "revision": 5, "state": "succeeded"}, dep
 
+        # Every job state and status on the wire matches its published schema.
+        for channel, name in (("jobs", "job"), ("status", "status")):
+            schema = json.loads((REPO / "docs" / "schemas" / f"{name}.schema.json").read_text())
+            for m in ops.on(channel):
+                jsonschema.validate(m.json(), schema)
+        # The approved configuration change: an overlay the config loader applies.
+        assert load_config(canary.config).study.quiet_seconds == 2.0
+
         # Central ops' views: progress per wave and box, and the fleet table's column.
         observer = ops_config(canary, "ops-sub")  # 'ops' is the subscriber's connection
         out = cli("fleet", "deployments", "--config", str(observer),
@@ -185,9 +196,11 @@ def test_two_wave_rollout_offline_box_refusals_and_rollback(
             topic = "edge/dev-site/dev-box/deployments"
 
             def signed(rev: int, roles: tuple[str, ...] = ("publisher", "clinical"),
-                       targets: tuple[str, ...] = ("dev-box",)) -> dict[str, object]:
+                       targets: tuple[str, ...] = ("dev-box",), hours: float = 2,
+                       config: dict[str, object] | None = None) -> dict[str, object]:
                 spec = write_spec(tmp_path / f"doc-{rev}.json", document(
-                    f"probe-{rev}", rev, list(targets), version="2.0.0", chunk_size=4096))
+                    f"probe-{rev}", rev, list(targets), version="2.0.0", chunk_size=4096,
+                    hours=hours, config=config))
                 out = cli("fleet", "sign", str(spec), "--role", roles[0], "--key",
                           str(keys.approver_key(roles[0])), "--models", str(catalog))
                 assert out.returncode == 0, out.stderr
@@ -198,15 +211,19 @@ def test_two_wave_rollout_offline_box_refusals_and_rollback(
 
             cases = [(signed(10, roles=("publisher",)), "unapproved"),
                      (signed(4), "replayed"),
-                     (signed(11, targets=("box-2",)), "mistargeted")]
+                     (signed(11, targets=("box-2",)), "mistargeted"),
+                     (signed(12, hours=-1), "expired"),
+                     (signed(13, config={"mqtt.host": "elsewhere.example"}), "config_refused"),
+                     (signed(14, config={"dicom.peers": []}), "config_refused")]
             for n, (doc, reason) in enumerate(cases):
                 central.publish(topic, "deployment", doc, retain=True)
                 rev = doc["document"]["revision"]  # type: ignore[index]
                 got = central.wait_state("dev-box", "refused", rev, timeout=60)
                 assert got["reason"] == reason, (n, got)
             refused = [e for e in audit_events(canary) if e["event"] == "deploy.refused"]
-            assert [e["details"]["reason"] for e in refused][-3:] == [
-                "unapproved", "replayed", "mistargeted"]
+            assert [e["details"]["reason"] for e in refused][-6:] == [
+                "unapproved", "replayed", "mistargeted", "expired", "config_refused",
+                "config_refused"]
             assert active_version(ops, "dev-box") == "2.0.0"
         finally:
             central.stop()
@@ -220,6 +237,7 @@ def test_two_wave_rollout_offline_box_refusals_and_rollback(
         for b in boxes:
             wait_for(lambda b=b: active_version(ops, device(b)) == "1.0.0", 120,
                      f"{device(b)} back on 1.0.0")
+        assert load_config(canary.config).study.quiet_seconds == 3.0  # the config too
     finally:
         if rollout is not None and rollout.poll() is None:
             rollout.kill()
