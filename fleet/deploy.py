@@ -176,6 +176,7 @@ class Rollout:
             raise EdgeAgentError("the rollout plan names no boxes",
                                  hint="list boxes under rollout.canary and rollout.waves")
         self._lock = threading.Lock()
+        self._retained: dict[str, dict[str, Any]] = {}
         self._changed = threading.Event()
         self.connected = threading.Event()
         cid = f"deployer-{uuid.uuid4().hex[:8]}"
@@ -215,7 +216,10 @@ class Rollout:
             if data.get("revision") != self.dep.revision:
                 return
             if not box.published:
-                return  # a retained state from before: the box has not been asked yet
+                # Retained from an earlier run of this rollout (fleet deploy restarted):
+                # used once this run publishes to the box, so a finished canary counts.
+                self._retained[device] = data
+                return
             state = str(data.get("state", ""))
             box.state = state
             box.updated = time.time()
@@ -247,9 +251,12 @@ class Rollout:
     def publish_document(self, device: str) -> None:
         with self._lock:
             self.boxes[device].published = True
+            earlier = self._retained.pop(device, None)
         info = self.client.publish(self.topic(device, "deployments"),
                                    _envelope("deployment", self.signed), qos=1, retain=True)
         info.wait_for_publish(30)
+        if earlier is not None:
+            self._fold(device, earlier)
 
     def start(self) -> None:
         self.client.connect(self.s.mqtt.host, self.s.mqtt.port, keepalive=30)

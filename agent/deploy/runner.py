@@ -170,6 +170,8 @@ class DeployStage:
         with self._lock:
             if key in self._refused_digests:
                 return  # the retained copy again after a reconnect: refused once is enough
+            if len(self._refused_digests) >= 1000:  # bounded: a flood must not grow memory
+                self._refused_digests.clear()
             self._refused_digests.add(key)
             self.counters["refused"] += 1
         ident = str(ident)[:64] if ident is not None else "unknown"

@@ -184,3 +184,43 @@ def test_unpack_refuses_anything_but_plain_files(tmp_path: Path) -> None:
     good.size = 3
     archive.unpack(tar(good), tmp_path / "ok")
     assert (tmp_path / "ok" / "manifest.toml").read_bytes() == b"xxx"
+
+
+def test_soak_gates_review_rate_drift_and_latency() -> None:
+    from agent.deploy.gates import SoakWatch
+
+    gates = {"max_inference_errors": 1, "max_needs_review_rate": 0.5,
+             "min_studies_for_rate": 4, "max_drift_psi": 0.25, "max_latency_ms_p95": 1000}
+    dep = parse({"document": _doc(gates=gates), "signatures": []})
+    w = SoakWatch(("m",))
+    assert not w.observe("model.failed", {"model": "other"})  # not a deployed model
+    assert w.observe("model.failed", {"model": "m"})
+    assert w.breach(dep, [], {}) is None  # one error allowed
+    for n in range(4):
+        w.observe("inference.done", {"model": "m", "study": f"s{n}", "needs_review": n < 3})
+    b = w.breach(dep, [10.0] * 4, {})
+    assert b is not None and (b.gate, b.observed) == ("needs_review_rate", 0.75)
+    calm = SoakWatch(("m",))
+    for n in range(4):
+        calm.observe("inference.done", {"model": "m", "study": f"s{n}", "needs_review": False})
+    drift = {"m": {"psi_input": 0.1, "psi_output": 0.4}}
+    assert calm.breach(dep, [10.0] * 4, drift).gate == "drift_psi"  # type: ignore[union-attr]
+    assert calm.breach(dep, [10.0] * 4, {"m": {"suppressed": True}}) is None
+    assert calm.breach(dep, [10.0, 20.0, 30.0, 5000.0], {}).gate == "latency_ms_p95"  # type: ignore[union-attr]
+    w.observe("model.failed", {"model": "m"})
+    assert w.breach(dep, [], {}).gate == "inference_errors"  # type: ignore[union-attr]
+
+
+def test_deploy_of_an_unsigned_file_says_how_to_sign_it(tmp_path: Path) -> None:
+    import subprocess
+
+    from support import EDGE_AGENT
+
+    spec = tmp_path / "release.json"
+    spec.write_text(json.dumps(_doc()))
+    out = subprocess.run([*EDGE_AGENT, "fleet", "deploy", str(spec), "--config",
+                          str(tmp_path / "deploy.toml"), "--models", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "is not signed" in out.stderr and "fleet sign" in out.stderr
+    assert "Traceback" not in out.stderr
