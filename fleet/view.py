@@ -356,7 +356,8 @@ class FleetView:
                 row.telemetry_time = parse_iso(ev.get("time"))
             elif t.channel == "audit":
                 self._fold_audit(row, data)
-            elif t.channel == "jobs":
+            elif t.channel == "jobs" and data.get("state") != "refused":
+                # A refused document changed nothing: the column keeps what runs.
                 _fold_deployment(row, data)
             elif t.channel == "results":
                 row.results += 1
