@@ -363,6 +363,28 @@ def test_kill9_mid_download_resumes_and_a_corrupt_chunk_is_refused(
         assert states.index("verified") > next(
             k for k, d in enumerate(central.states("dev-box", 9)) if d.get("chunk_refused"))
         wait_for(lambda: active_version(ops, "dev-box") == "2.0.0", 60, "2.0.0 active")
+
+        # A package whose every chunk and archive hash match the signed document, but
+        # whose model was signed by a publisher the box does not pin: refused after the
+        # download, never activated (this is a development box, which would run an
+        # unverified package installed by hand).
+        stranger = Keys(tmp_path / "stranger")
+        make_package(catalog, stranger, "3.0.0")
+        spec = write_spec(tmp_path / "rel3.json", document(
+            "rel-unpinned", 10, ["dev-box"], version="3.0.0", soak=1, chunk_size=4096))
+        sign_independently(spec, keys, catalog)
+        signed = json.loads(spec.read_text())
+        ref, data = package_ref(catalog / MODEL / "3.0.0", 4096)
+        central.publish(topic, "deployment", signed, retain=True)
+        central.wait_state("dev-box", "downloading", 10)
+        for i in range(len(ref["chunks"])):
+            c = chunk(i, data[i * 4096:(i + 1) * 4096])
+            c.update(deployment="rel-unpinned", revision=10, package=ref["sha256"])
+            central.publish(topic, "deployment.chunk", c)
+        got = central.wait_state("dev-box", "refused", 10, timeout=120)
+        assert got["reason"] == "package_refused" and "unpinned_key" in got["detail"], got
+        assert "active" not in [d["state"] for d in central.states("dev-box", 10)]
+        assert active_version(ops, "dev-box") == "2.0.0"
     finally:
         if central is not None:
             central.stop()
