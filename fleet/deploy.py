@@ -155,7 +155,8 @@ class Rollout:
     """Publishes one signed document wave by wave and serves its chunks."""
 
     def __init__(self, s: OpsSettings, signed: dict[str, Any], models: Path,
-                 *, echo: Callable[[str], None] = lambda _l: None) -> None:
+                 *, echo: Callable[[str], None] = lambda _l: None,
+                 labelled: tuple[str, ...] = ()) -> None:
         self.s = s
         self.signed = signed
         self.dep: Deployment = parse(signed)
@@ -169,7 +170,10 @@ class Rollout:
                     "the approvers signed", hint="deploy the exact package that was approved")
             self.archives[ref.sha256] = data
         self.boxes: dict[str, BoxProgress] = {}
-        for wave, step in enumerate(self.dep.plan()):
+        # No plan but a label selector: the boxes whose status announces matching labels,
+        # all in one wave.
+        self.steps = self.dep.plan() or ([tuple(sorted(labelled))] if labelled else [])
+        for wave, step in enumerate(self.steps):
             for device in step:
                 self.boxes[device] = BoxProgress(self.dep.site, device, wave)
         if not self.boxes:
@@ -284,8 +288,9 @@ class Rollout:
     def run(self, *, final_wait: float | None = None) -> Outcome:
         """The whole rollout; returns when it completed or stopped."""
         pending: list[str] = []
-        for n, step in enumerate(self.dep.plan()):
-            label = "canary" if n == 0 and self.dep.canary else f"wave {n}"
+        for n, step in enumerate(self.steps):
+            label = ("canary" if n == 0 and self.dep.canary
+                     else f"wave {n if self.dep.canary else n + 1}")
             self.echo(f"{label}: publishing {self.dep.id} revision {self.dep.revision} to "
                       f"{', '.join(step)}")
             for device in step:
@@ -314,6 +319,19 @@ class Rollout:
                 return Outcome(False, "not every box finished: " + ", ".join(
                     f"{d} {self.boxes[d].state}" for d in failed + still), dict(self.boxes))
         return Outcome(True, "", dict(self.boxes))
+
+
+def select_by_labels(statuses: dict[tuple[str, str, str], dict[str, Any]],
+                     dep: Deployment) -> tuple[str, ...]:
+    """Boxes of the document's site whose retained status announces all its labels."""
+    out = []
+    for (site, device, channel), data in statuses.items():
+        labels = data.get("labels")
+        if channel != "status" or site != dep.site or not isinstance(labels, dict):
+            continue
+        if dep.labels and all(labels.get(k) == v for k, v in dep.labels):
+            out.append(device)
+    return tuple(sorted(out))
 
 
 # -- progress and rollback --------------------------------------------------------------

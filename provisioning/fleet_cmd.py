@@ -84,12 +84,22 @@ def fleet_deploy(
              "(default: until the document expires)")] = None,
 ) -> None:
     """Roll a signed deployment out: canary, then the waves, serving the packages."""
-    from fleet.deploy import Rollout
+    from agent.deploy.document import DocumentError, parse
+    from fleet.deploy import Rollout, collect, select_by_labels
     from fleet.settings import load_ops
 
     try:
         signed = _signatures(file, list(sign or []), models)
-        rollout = Rollout(load_ops(config), signed, models, echo=typer.echo)
+        ops = load_ops(config)
+        try:
+            dep = parse(signed)
+        except DocumentError as exc:
+            raise EdgeAgentError(str(exc), hint="fix the document and sign it again") from None
+        labelled: tuple[str, ...] = ()
+        if not dep.plan() and dep.labels:
+            labelled = select_by_labels(collect(ops, 3.0, ("status",)), dep)
+            typer.echo(f"label selector {dict(dep.labels)}: {', '.join(labelled) or 'no box'}")
+        rollout = Rollout(ops, signed, models, echo=typer.echo, labelled=labelled)
         rollout.start()
     except (EdgeAgentError, OSError) as exc:
         raise _fail(str(exc)) from None

@@ -224,3 +224,18 @@ def test_deploy_of_an_unsigned_file_says_how_to_sign_it(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "is not signed" in out.stderr and "fleet sign" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_label_selector_picks_the_boxes_whose_status_announces_the_labels() -> None:
+    from fleet.deploy import select_by_labels
+
+    dep = parse({"document": _doc(target={"site": "s", "labels": {"ring": "main"}}),
+                 "signatures": []})
+    statuses: dict[tuple[str, str, str], dict[str, Any]] = {
+        ("s", "a", "status"): {"labels": {"ring": "main", "ward": "ed"}},
+        ("s", "b", "status"): {"labels": {"ring": "canary"}},
+        ("t", "c", "status"): {"labels": {"ring": "main"}},  # another site
+        ("s", "d", "status"): {},  # announces no labels
+        ("s", "e", "jobs"): {"labels": {"ring": "main"}},
+    }
+    assert select_by_labels(statuses, dep) == ("a",)
