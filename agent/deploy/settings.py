@@ -57,7 +57,11 @@ def parse(r: Any) -> DeploySettings:
                 r.problems.append(f"[deploy.approver_keys.{role}] entries must be file paths")
                 continue
             q = Path(os.path.expandvars(p))
-            resolved.append(q if q.is_absolute() else base / q)
+            q = q if q.is_absolute() else base / q
+            if not q.is_file():
+                r.problems.append(f"[deploy.approver_keys.{role}] {q} does not exist; fix: "
+                                  "put the approver's Ed25519 public key (PEM) there")
+            resolved.append(q)
         approver.append((role, tuple(resolved)))
     labels = []
     for v in r.get("deploy.labels", list, []):

@@ -239,3 +239,17 @@ def test_a_label_selector_picks_the_boxes_whose_status_announces_the_labels() ->
         ("s", "e", "jobs"): {"labels": {"ring": "main"}},
     }
     assert select_by_labels(statuses, dep) == ("a",)
+
+
+def test_a_missing_approver_key_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    from support import provision, set_config
+
+    from agent.config import load
+    from agent.errors import ConfigError
+
+    box = provision(tmp_path / "box")
+    set_config(box, "deploy", "approver_keys", '{ clinical = ["approvers/clin.pem"] }')
+    with pytest.raises(ConfigError) as e:
+        load(box.config)
+    assert "[deploy.approver_keys.clinical]" in str(e.value)
+    assert "clin.pem does not exist" in str(e.value)
