@@ -189,6 +189,12 @@ class Rollout:
         self.client.tls_set_context(tls_context(s.mqtt))
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self._refused: dict[int, str] = {}  # mid -> PUBACK reason (MQTT 5) of a refusal
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: Any, _p: Any = None) -> None:
+        if getattr(rc, "is_failure", False):
+            self._refused[mid] = str(rc)
 
     def topic(self, device: str, channel: str) -> str:
         return f"{self.s.topic_prefix}/{self.dep.site}/{device}/{channel}"
@@ -259,6 +265,13 @@ class Rollout:
         info = self.client.publish(self.topic(device, "deployments"),
                                    _envelope("deployment", self.signed), qos=1, retain=True)
         info.wait_for_publish(30)
+        refused = self._refused.pop(info.mid, None)
+        if refused is not None or not info.is_published():
+            raise EdgeAgentError(
+                f"the broker did not accept the document for {device} "
+                f"({refused or 'no acknowledgement within 30 s'})",
+                hint="run fleet deploy with the deployer certificate (the only one that may "
+                     "write deployments topics, docs/fleet.md)")
         if earlier is not None:
             self._fold(device, earlier)
 

@@ -107,6 +107,8 @@ def fleet_deploy(
         outcome = rollout.run(final_wait=final_wait)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except EdgeAgentError as exc:
+        raise _fail(exc) from None
     finally:
         rollout.stop()
     for b in outcome.boxes.values():

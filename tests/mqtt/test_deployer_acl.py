@@ -4,8 +4,14 @@ and nothing else: not a verdict, not a result, not a box's status."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqtt_helpers import mqtt_client, publish_acked
-from support import Box, Broker
+from support import EDGE_AGENT, REPO, Box, Broker
 
 
 def test_deployer_writes_deployments_topics_only(box: Box, broker: Broker) -> None:
@@ -27,3 +33,24 @@ def test_deployer_writes_deployments_topics_only(box: Box, broker: Broker) -> No
     finally:
         ops.loop_stop()
         ops.disconnect()
+
+
+def test_fleet_deploy_with_a_read_only_certificate_says_which_one_to_use(
+        box: Box, broker: Broker, tmp_path: Path) -> None:
+    key = tmp_path / "approver.key"
+    key.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    spec = tmp_path / "release.json"
+    spec.write_text(json.dumps({
+        "id": "rel", "revision": 1, "target": {"site": "dev-site", "boxes": ["dev-box"]},
+        "packages": [{"name": "lesion-demo", "version": "1.1.0"}],
+        "rollout": {"canary": ["dev-box"], "soak_seconds": 1}}))
+    models = REPO / "models"
+    out = subprocess.run([*EDGE_AGENT, "fleet", "deploy", str(spec), "--config",
+                          str(box.root / "ops.toml"), "--models", str(models),
+                          "--sign", f"publisher={key}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "did not accept the document for dev-box" in out.stderr, out.stderr
+    assert "deployer certificate" in out.stderr and "Traceback" not in out.stderr
