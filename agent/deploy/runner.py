@@ -65,6 +65,10 @@ WINDOW = 8  # chunks asked for at once: bounded by the inflight window of the br
 MAX_BAD_CHUNKS = 20  # corrupt chunks in one job before it is given up
 
 
+class _Superseded(Exception):
+    """The job the deploy thread works on was replaced by a newer document."""
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What the stage needs from the daemon."""
@@ -275,12 +279,31 @@ class DeployStage:
         self._wake.set()
 
     # -- the deploy thread -------------------------------------------------------------
+    def _update(self, job: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        """Change the job the worker is on; _Superseded when a newer document replaced it
+        meanwhile (the paho thread accepts under the same lock)."""
+        with self._lock:
+            self._check_current(job)
+            return self.state.update(**changes)
+
+    def _finish(self, job: dict[str, Any], outcome: str, **extra: Any) -> None:
+        with self._lock:
+            self._check_current(job)
+            self.state.finish(outcome, **extra)
+
+    def _check_current(self, job: dict[str, Any]) -> None:
+        current = self.state.job
+        if current is None or current.get("revision") != job.get("revision"):
+            raise _Superseded(job.get("revision"))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
             try:
                 self._step()
+            except _Superseded as exc:
+                log.info("deployment revision %s superseded while working on it", exc)
             except Exception:  # noqa: BLE001 - one bad step must not end deployments
                 log.exception("deployment step failed")
                 self._stop.wait(2.0)
@@ -298,7 +321,7 @@ class DeployStage:
             return
         dep = self._document()
         if dep is None:
-            self.state.finish("refused", reason="document lost")
+            self._finish(job, "refused", reason="document lost")
             return
         phase = job["phase"]
         if phase == "received":
@@ -309,7 +332,7 @@ class DeployStage:
             # explicit choice runs its highest installed version, which the new package
             # would silently become.
             registry = self.hooks.registry()
-            self.state.update(phase="downloading" if dep.packages else "verified",
+            self._update(job, phase="downloading" if dep.packages else "verified",
                               previous={p.name: registry.active_version(p.name)
                                         for p in dep.packages},
                               config_previous=overlay.read(self.cfg.state_dir))
@@ -355,7 +378,7 @@ class DeployStage:
             except EdgeAgentError as exc:
                 self._fail(dep, job, "refused", "package_refused", str(exc).splitlines()[0])
                 return
-        self.state.update(phase="verified")
+        self._update(job, phase="verified")
         self._event("verified", job)
         self._audit("deploy.verified", id=dep.id, revision=dep.revision,
                     packages=[f"{p.name} {p.version} {p.sha256[:12]}" for p in dep.packages])
@@ -398,6 +421,8 @@ class DeployStage:
 
     def _activate(self, dep: Deployment, job: dict[str, Any]) -> None:
         registry = self.hooks.registry()
+        with self._lock:
+            self._check_current(job)
         try:
             for p in dep.packages:
                 registry.activate(p.name, p.version)
@@ -409,7 +434,7 @@ class DeployStage:
             return
         self._soak = SoakWatch(tuple(p.name for p in dep.packages))
         self._soak_until = time.time() + dep.soak_seconds
-        job = self.state.update(phase="soaking", soak_until=self._soak_until)
+        job = self._update(job, phase="soaking", soak_until=self._soak_until)
         self._event("active", job, models=models)
         self._audit("deploy.activated", id=dep.id, revision=dep.revision,
                     models=[f"{m['name']} {m['version']}" for m in models],
@@ -459,10 +484,12 @@ class DeployStage:
                         id=job["id"], reason=str(exc).splitlines()[0][:300])
 
     def _watch(self, dep: Deployment, job: dict[str, Any]) -> None:
+        with self._lock:
+            self._check_current(job)
         if self._soak is None:  # after a restart: the soak starts over, counters fresh
             self._soak = SoakWatch(tuple(p.name for p in dep.packages))
             self._soak_until = time.time() + dep.soak_seconds
-            self.state.update(soak_until=self._soak_until)
+            self._update(job, soak_until=self._soak_until)
         breach = self._soak.breach(dep, self.hooks.latencies(), self.hooks.drift())
         if breach is not None:
             self._restore(job)
@@ -473,7 +500,7 @@ class DeployStage:
         if time.time() >= self._soak_until:
             summary = self._soak.summary()
             active = {"id": dep.id, "revision": dep.revision, "state": "succeeded"}
-            self.state.finish("succeeded", active=active, observed=summary)
+            self._finish(job, "succeeded", active=active, observed=summary)
             self._soak = None
             self._event("succeeded", job, observed=summary)
             self._audit("deploy.succeeded", id=dep.id, revision=dep.revision, observed=summary,
@@ -489,6 +516,7 @@ class DeployStage:
     def _fail(self, dep: Deployment, job: dict[str, Any], state: str, reason: str,
               detail: str, **extra: Any) -> None:
         with self._lock:
+            self._check_current(job)
             for dl in self._downloads.values():
                 dl.discard()
             self._downloads.clear()
@@ -496,7 +524,7 @@ class DeployStage:
         log.warning("deployment %s revision %d %s: %s", dep.id, dep.revision, state, detail)
         active = self.state.active if state == "refused" else {
             "id": dep.id, "revision": dep.revision, "state": state}
-        self.state.finish(state, active=active, reason=reason, detail=detail[:300])
+        self._finish(job, state, active=active, reason=reason, detail=detail[:300])
         self._event(state, job, reason=reason, detail=detail[:300], **extra)
         self._audit("deploy.rolled_back" if state == "rolled_back" else "deploy.refused",
                     outcome="serious_failure" if state == "rolled_back" else "minor_failure",
@@ -513,7 +541,7 @@ class DeployStage:
             return
         self._restore(target)
         active = {"id": dep.id, "revision": dep.revision, "state": "rolled_back"}
-        self.state.finish("rolled_back", active=active, reason="rollback_requested")
+        self._finish(job, "rolled_back", active=active, reason="rollback_requested")
         self._event("rolled_back", {**job, "packages": target.get("packages", [])},
                     reason="rollback_requested",
                     detail=f"rollback of {dep.id} revision {target['revision']} requested by "

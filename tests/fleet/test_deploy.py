@@ -672,3 +672,53 @@ def test_kill9_mid_download_resumes_and_a_corrupt_chunk_is_refused(
         ops.stop()
         if daemon.proc is not None:
             daemon.stop(signal.SIGTERM)
+
+
+def test_a_rollback_document_during_the_soak_restores_the_previous_version(
+        fleet: tuple[list[Box], Keys, Path, Broker], tmp_path: Path) -> None:
+    boxes, keys, catalog, _broker = fleet
+    canary = boxes[0]
+    ops = Subscriber(canary).start()
+    daemon = Daemon(canary)
+    central: Central | None = None
+    try:
+        daemon.start()
+        wait_for(lambda: active_version(ops, "dev-box") == "1.0.0", 60, "online")
+        spec = write_spec(tmp_path / "rel.json", document(
+            "rel-soak", 20, ["dev-box"], version="2.0.0", soak=900, chunk_size=65536))
+        sign_independently(spec, keys, catalog)
+        signed = json.loads(spec.read_text())
+        ref, data = package_ref(catalog / MODEL / "2.0.0", 65536)
+        central = Central(canary)
+        topic = "edge/dev-site/dev-box/deployments"
+        central.publish(topic, "deployment", signed, retain=True)
+        central.wait_state("dev-box", "downloading", 20)
+        import base64
+        for i in range(len(ref["chunks"])):
+            central.publish(topic, "deployment.chunk", {
+                "deployment": "rel-soak", "revision": 20, "package": ref["sha256"], "index": i,
+                "data": base64.b64encode(data[i * 65536:(i + 1) * 65536]).decode()})
+        central.wait_state("dev-box", "soaking", 20)
+        wait_for(lambda: active_version(ops, "dev-box") == "2.0.0", 60, "2.0.0 soaking")
+
+        # Central ops pull it back before the soak ends: a signed rollback document.
+        from fleet.deploy import rollback_document
+        central.publish(topic, "deployment",
+                        keys.signed(rollback_document("rel-soak", "dev-site", ["dev-box"], 21)),
+                        retain=True)
+        got = central.wait_state("dev-box", "rolled_back", 21)
+        assert got["reason"] == "rollback_requested", got
+        wait_for(lambda: active_version(ops, "dev-box") == "1.0.0", 60, "back on 1.0.0")
+        wait_for(lambda: statuses(ops, "dev-box")[-1]["deployment"] == {
+            "id": "rel-soak", "revision": 21, "state": "rolled_back"}, 30, "status")
+        assert "succeeded" not in [d["state"] for d in central.states("dev-box", 20)]
+        events = audit_events(canary)
+        assert any(e["event"] == "deploy.superseded" for e in events)
+        done = [e for e in events if e["event"] == "deploy.rolled_back"]
+        assert done and done[-1]["details"]["undone_revision"] == 20
+    finally:
+        if central is not None:
+            central.stop()
+        ops.stop()
+        if daemon.proc is not None:
+            daemon.stop(signal.SIGTERM)
