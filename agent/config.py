@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from agent.deploy import settings as deploy_settings
+from agent.deploy.settings import DeploySettings
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
@@ -365,6 +367,7 @@ class Config:
     atna: AtnaSettings = AtnaSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
     review: ReviewSettings = ReviewSettings()
+    deploy: DeploySettings = DeploySettings()
 
     @property
     def topic_base(self) -> str:
@@ -530,7 +533,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine", "review",
+    "quarantine", "review", "deploy",
 }
 
 
@@ -750,6 +753,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     results = _results(r)
     atna = _atna(r)
     review = _review(r)
+    deploy = deploy_settings.parse(r)
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -759,7 +763,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine, review=review,
+        quarantine=quarantine, review=review, deploy=deploy,
     )
 
 
@@ -1029,7 +1033,8 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from None
+    # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
+    from agent.deploy import overlay  # changes applied by approved deployments
     from agent.identity import credentials  # here, not at the top: credentials imports this module
 
-    # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
-    return credentials.apply(parse(data, p))
+    return credentials.apply(parse(overlay.apply(data, p), p))

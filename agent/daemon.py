@@ -34,6 +34,7 @@ from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.deid.pseudonym import Pseudonymizer
 from agent.deid.vault import PseudonymVault, VaultPseudonymizer
+from agent.deploy.runner import DeployStage, Hooks
 from agent.dicom.node import DicomNode, LocalNode
 from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
@@ -190,6 +191,14 @@ class Daemon:
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d),
                                    liveness=self.liveness)
+        # Signed deployments from central ops (agent/deploy/): documents and chunks arrive
+        # on {base}/deployments, job states leave on {base}/jobs.
+        self.deploy = DeployStage(cfg, Hooks(
+            emit=self._emit_job, audit=self.audit, registry=lambda: self.engine.registry,
+            reload=self.engine.reload, status_changed=self._republish_status,
+            latencies=lambda: list(self.pipeline.latencies_ms),
+            drift=self.engine.drift_report))
+        self.inbound.register("deployments", self.deploy.on_message)
         self.certs = telemetry.CertWatch.for_config(cfg)
         self.certs.check()  # an expiring certificate is logged at start, not after an interval
         port = cfg.telemetry.prometheus_port
@@ -207,6 +216,9 @@ class Daemon:
               phi: Mapping[str, str] | None = None) -> None:
         self.audit_log.record(event, outcome=outcome, user=user, source=source, details=details,
                               phi=phi)
+        deploy = getattr(self, "deploy", None)  # health gates of a deployment's soak
+        if deploy is not None and details is not None:
+            deploy.observe(event, dict(details))
 
     def _worker_init(self, index: int) -> WorkerInit:
         cfg = self.cfg
@@ -242,7 +254,21 @@ class Daemon:
             "agent_version": __version__,
             "site": self.cfg.site, "device": self.cfg.device,
             "models": self.engine.active_models() if online else [],
+            "deployment": self.deploy.status(),
+            "labels": self.cfg.deploy.label_map(),
         })
+
+    def _emit_job(self, data: dict[str, Any]) -> None:
+        ev = cloudevents.envelope(kind="job", source=self._source(), data=data)
+        self.outbox.enqueue("jobs", ev["id"], cloudevents.encode(ev))
+
+    def _republish_status(self) -> None:
+        """The retained status again, through the outbox: it shows the deployment now."""
+        try:
+            ev = self._status(True)
+            self.outbox.enqueue("status", ev["id"], cloudevents.encode(ev))
+        except Exception:  # noqa: BLE001 - the next birth carries it anyway
+            log.exception("could not enqueue the status")
 
     def _listening(self) -> str:
         return f"listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}"
@@ -477,6 +503,7 @@ class Daemon:
         self.control.start()
         if self.delivery is not None:
             self.delivery.start()
+        self.deploy.start()
         if not self.opts.burst:
             try:
                 self._start_receive()
@@ -534,6 +561,7 @@ class Daemon:
         for t in threads:
             t.join(timeout=30)
         self.control.stop()
+        self.deploy.stop()
         self.audit("daemon.stopped", details={"pending_outbox": int(self.outbox.stats()["depth"])})
         try:
             self.audit_log.checkpoint()

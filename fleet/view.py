@@ -46,7 +46,7 @@ CERT_CRIT_DAYS = 7.0
 # audit topic carries signed checkpoints and the pseudonymised events they cover.
 BOX_CHANNELS: dict[str, tuple[str, ...]] = {
     "status": ("status",), "telemetry": ("telemetry",), "results": ("result", "result.delivery"),
-    "audit": ("audit", "audit.events")}
+    "audit": ("audit", "audit.events"), "jobs": ("job",)}
 MAX_REJECTED_TOPICS = 100  # distinct topics remembered for the report; the count is exact
 
 
@@ -84,6 +84,13 @@ def _fold_models(row: BoxRow, models: Any) -> None:
     row.models = [f"{m.get('name')}@{m.get('version')}" for m in items]
     row.model_detail = [(str(m.get("name", "")), str(m.get("version", "")),
                          str(m.get("sha256", ""))) for m in items]
+
+
+def _fold_deployment(row: BoxRow, d: Any) -> None:
+    """A job event's data or the status' ``deployment``: id, revision, state."""
+    if isinstance(d, dict) and d.get("deployment", d.get("id")) and d.get("state"):
+        row.deployment = (f"{d.get('deployment', d.get('id'))}@{d.get('revision')} "
+                          f"{d.get('state')}")[:48]
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ class BoxRow:
     audit_checkpoint_time: float | None = None  # when the box signed it (its clock)
     audit_events_messages: int = 0
     received: dict[str, int] = field(default_factory=dict)  # messages folded, per channel
+    # The deployment the box runs or is working on: "id@revision state" (status, jobs).
+    deployment: str = ""
     health: str = "unknown"  # ok | warn | critical | unknown
     alerts: list[str] = field(default_factory=list)
 
@@ -278,7 +287,7 @@ class FleetView:
         self.client.on_disconnect = self._on_disconnect
 
     # The channels besides status; a share group splits these among its consumers.
-    SHARED_CHANNELS: tuple[str, ...] = ("telemetry", "results", "audit")
+    SHARED_CHANNELS: tuple[str, ...] = ("telemetry", "results", "audit", "jobs")
 
     def topics(self) -> list[str]:
         p = self.s.topic_prefix
@@ -380,6 +389,9 @@ class FleetView:
                 if row.last_result and row.last_result.get("study") == \
                         (data.get("study") or {}).get("ref"):
                     row.last_result["delivered_to"] = data.get("delivered_to")
+            elif t.channel == "jobs" and data.get("state") != "refused":
+                # A refused document changed nothing: the column keeps what runs.
+                _fold_deployment(row, data)
             elif t.channel == "results":
                 row.results += 1
                 study = data.get("study") or {}
@@ -400,6 +412,7 @@ class FleetView:
                 row.last_seen = max(row.last_seen, now)
             row.agent_version = str(data.get("agent_version", ""))
             _fold_models(row, data.get("models"))
+            _fold_deployment(row, data.get("deployment"))
 
     def _fold_telemetry(self, row: BoxRow, data: dict[str, Any]) -> None:
         sysd = data.get("system") or {}
@@ -499,7 +512,7 @@ class FleetView:
         snap = self.snapshot(now)
         head = (f"{'BOX':28} {'STATE':7} {'FOR':>7} {'SEEN':>6} {'HEALTH':8} {'CPU%':>5} "
                 f"{'MEM%':>5} {'DISK%':>6} {'BACKLOG':>7} {'CERT_D':>6} {'RESULTS':>7} "
-                "MODELS / ALERTS")
+                f"{'DEPLOYMENT':30} MODELS / ALERTS")
         lines = [self.summary(snap), head]
 
         def f(v: Any) -> str:
@@ -519,6 +532,7 @@ class FleetView:
             lines.append(
                 f"{r['box'][:28]:28} {r['state']:7} {ago(r['since']):>7} {ago(r['last_seen']):>6} "
                 f"{r['health']:8} {f(r['cpu']):>5} {f(r['mem']):>5} {f(r['disk_free_pct']):>6} "
-                f"{f(r['backlog']):>7} {f(r['cert_days']):>6} {r['results']:>7} {tail}")
+                f"{f(r['backlog']):>7} {f(r['cert_days']):>6} {r['results']:>7} "
+                f"{(r['deployment'] or '-')[:30]:30} {tail}")
         report = self.rejection_report(limit=5)
         return "\n".join(lines + ([""] + report if report else []))

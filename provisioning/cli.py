@@ -27,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 provision_app = typer.Typer(help="Set up a box's identity, keys and config.", no_args_is_help=True)
-fleet_app = typer.Typer(help="Central ops: watch the fleet over MQTT.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Central ops: watch the fleet, roll out signed deployments.",
+                        no_args_is_help=True)
 app.add_typer(provision_app, name="provision")
 app.add_typer(fleet_app, name="fleet")
 
@@ -162,7 +163,7 @@ def fleet_exporter(
 
 # Command groups owned by their own modules; each exposes register(app).
 for _mod in ("deid_cmd", "models_cmd", "audit_cmd", "ops_cmd", "results_cmd",
-             "quarantine_cmd", "review_cmd"):
+             "quarantine_cmd", "review_cmd", "fleet_cmd"):
     try:
         _m = importlib.import_module(f"provisioning.{_mod}")
     except ModuleNotFoundError as _exc:

@@ -260,6 +260,11 @@ class InferenceEngine:
             return models
 
     # -- public API ------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        """The installed packages and active choices (deployments install and switch)."""
+        return self._registry
+
     def active_models(self) -> list[dict[str, str]]:
         models = self._models  # one read: a concurrent reload swaps the whole list
         return [{"name": m.package.name, "version": m.package.version,

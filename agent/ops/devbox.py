@@ -72,6 +72,16 @@ def reviewer_acl(prefix: str, cn: str, boxes: str = "+/+") -> str:
     return f"user {cn}\ntopic write {prefix}/{boxes}/review\n"
 
 
+# Central ops' rollout tool: writes signed documents and package chunks to the boxes'
+# deployments topics, reads their job states and presence; nothing else.
+DEPLOYER = "deployer"
+
+
+def deployer_acl(prefix: str) -> str:
+    return (f"user {DEPLOYER}\ntopic write {prefix}/+/+/deployments\n"
+            f"topic read {prefix}/+/+/jobs\ntopic read {prefix}/+/+/status\n")
+
+
 def device_acl(prefix: str, site: str, device: str) -> str:
     """The ACL entry of one box: it writes its own outbound topics and reads its inbound ones.
 
@@ -120,6 +130,8 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "ops-2": dict(cn="ops-2", client=True),
         # A central reviewer: writes verdicts to the review topics, nothing else.
         "reviewer": dict(cn="reviewer", client=True),
+        # Writes deployment documents and package chunks (docs/fleet.md, "Deployments").
+        DEPLOYER: dict(cn=DEPLOYER, client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
         "modality": dict(cn="modality", client=True),
         # The hospital's ATNA audit repository (a syslog/TLS collector) on loopback;
@@ -209,6 +221,8 @@ checkpoint_seconds = 30
                   for cn in OPS_IDENTITIES)
         + "# reviewers: write verdicts to the review topics, read nothing\n"
         + "".join(reviewer_acl("edge", cn) for cn in REVIEWER_IDENTITIES)
+        + "# central ops' rollouts: write deployments topics, read job states and presence\n"
+        + deployer_acl("edge")
     )
     conf = root / "mosquitto.conf"
     conf.write_text(f"""\
@@ -251,6 +265,16 @@ topic_prefix = "edge"
 [reviewer]
 cert = "{pki / "reviewer.pem"}"
 key = "{pki / "reviewer.key"}"
+""")
+    (root / "deploy.toml").write_text(f"""\
+# Central-ops rollouts as the deployer ('edge-agent fleet deploy --config {root / "deploy.toml"}').
+[mqtt]
+host = "localhost"
+port = {mqtt_port}
+ca = "{pki / "ca.pem"}"
+cert = "{pki / "deployer.pem"}"
+key = "{pki / "deployer.key"}"
+topic_prefix = "edge"
 """)
     return DevBox(root=root, config=config, mosquitto_conf=conf, ops_config=ops,
                   dicom_port=dicom_port, mqtt_port=mqtt_port, ca=pki / "ca.pem",

@@ -42,6 +42,10 @@ from agent.uplink.inbound import Inbound
 from agent.uplink.mqtt_tls import check_identity, describe_tls_failure, explain, tls_context
 from agent.uplink.outbox import Outbox
 
+# Status and job state are retained: the latest of each is what a consumer that
+# subscribes later must see (presence; a deployment's progress).
+RETAINED_CHANNELS = frozenset({"status", "jobs"})
+
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.5
@@ -369,7 +373,8 @@ class Publisher:
                           "outbox's blocked table", msg.channel, msg.event_id, hit.kind)
                 continue
             faults.hang_point("publisher")
-            info = client.publish(self.topic(msg.channel), msg.payload, qos=1)
+            info = client.publish(self.topic(msg.channel), msg.payload, qos=1,
+                                  retain=msg.channel in RETAINED_CHANNELS)
             self._beat(progress=True, doing="publishing")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 with self._lock:

@@ -7,7 +7,9 @@ import re
 
 from tests.helpers import REPO
 
-SOURCE = (REPO / "agent" / "config.py").read_text()
+# [deploy] is read by its own module (agent/deploy/settings.py) through config's reader.
+SOURCE = "\n".join((REPO / "agent" / f).read_text() for f in ("config.py",
+                                                             "deploy/settings.py"))
 DOC = (REPO / "docs" / "configuration.md").read_text()
 READ = re.compile(r"""r\.(?:get|path|require_path|choice)\(\s*["']([a-z_.]+)["']"""
                   r"""|r\.field\(\s*\w+,\s*["']([a-z_.]+)["']""", re.S)
