@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from debbuild import DebBuilder  # noqa: E402
 from debroot import codename, root_tar  # noqa: E402
 from machine import KernelRefused, Machine  # noqa: E402
 from support import (  # noqa: E402
@@ -57,6 +59,7 @@ from support import (  # noqa: E402
 from agent.deid.pseudonym import Pseudonymizer  # noqa: E402
 
 SUITE = codename()
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(os.geteuid() != 0, reason="boots a container: needs root"),
@@ -158,16 +161,14 @@ chown -R edge-agent:edge-agent {STATE}
 
 
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+def booted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           deb_builder: DebBuilder) -> Iterator[Booted]:
     assert SUITE is not None
     require_peer("mosquitto")
     if not shutil.which("systemd-nspawn"):
         pytest.skip("systemd-nspawn is missing (tools/setup.sh system installs systemd-container)")
     work = tmp_path_factory.mktemp("systemd")
-    p = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_OUT={work}", "DEB_LINT=0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=3600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    [deb] = work.glob("edge-agent_*.deb")
+    deb = deb_builder.build(VERSION, lint=False).deb  # test_deb's build when it ran first
     # The root has what the package depends on already: it installs with no network.
     include = tuple(dict.fromkeys((*BOOT_PACKAGES, *package_depends(deb))))
     digest = hashlib.sha256(" ".join(sorted(include)).encode()).hexdigest()[:12]
@@ -183,6 +184,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     shutil.copy(deb, root / "root")  # not /tmp: the booted system mounts a tmpfs there
 
     machine = Machine(root, work / "nspawn.log")
+    keep = True
     broker: subprocess.Popen[bytes] | None = None
     ops: Subscriber | None = None
     try:
@@ -213,7 +215,10 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
 
         pseudonym = load_key_file(_keep(work, "pseudonym", keys["pseudonym"]), purpose="pseudonym")
         machine.run(f"systemctl enable --now {UNIT}", timeout=180)
+        failed = request.session.testsfailed
         yield Booted(machine, box, ops, keys, pseudonym, work)
+        if request.session.testsfailed == failed:
+            keep = False  # ~800 MB; a failing run keeps it to look into
     finally:
         if ops is not None:
             ops.stop()
@@ -221,7 +226,8 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
         if broker is not None:
             broker.terminate()
             broker.wait(10)
-    shutil.rmtree(root, ignore_errors=True)  # ~800 MB; a failing run keeps it to look into
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _keep(work: Path, name: str, data: bytes) -> Path:
@@ -235,7 +241,7 @@ def _keep(work: Path, name: str, data: bytes) -> Path:
 
 def test_unit_is_type_notify_and_systemd_gets_ready(booted: Booted) -> None:
     m = booted.machine
-    cursor = m.cursor()
+    since = m.mark()
     # systemd logs each notification it accepts at debug level
     m.run("systemd-analyze log-level debug")
     try:
@@ -250,7 +256,7 @@ def test_unit_is_type_notify_and_systemd_gets_ready(booted: Booted) -> None:
     assert s["WatchdogUSec"] == "1min", s  # the shipped unit's WatchdogSec=60
     # STATUS= reaches systemd only through the notify socket
     assert s["StatusText"] == f"listening on 127.0.0.1:{booted.box.dicom_port}", s
-    log = m.journal(cursor, "-u", UNIT)
+    log = m.journal(since, "-u", UNIT)
     ready = re.search(rf"Got notification message from PID {s['MainPID']} \(READY=1, STATUS=listening",
                       log)
     assert ready, log[-4000:]
@@ -352,11 +358,11 @@ def test_fault_hooks_are_inert_without_test_mode(booted: Booted) -> None:
     booted.dropin("Environment=EDGE_AGENT_TEST_FAULTS=hang:assembler,hang:publisher\n"
                   f"WatchdogSec={WATCHDOG}\n")
     try:
-        cursor = m.cursor()
+        since = m.mark()
         m.run(f"systemctl restart {UNIT}", timeout=180)
         ref = booted.send("inert")
         booted.wait_result(ref)
-        log = m.journal(cursor, "-u", UNIT)
+        log = m.journal(since, "-u", UNIT)
         assert "EDGE_AGENT_TEST_FAULTS is set but ignored: EDGE_AGENT_TEST_MODE=1 is not set" in log
         assert "TEST FAULTS ARMED" not in log and "hangs now" not in log, log[-3000:]
         assert booted.show("NRestarts")["NRestarts"] == "0"
@@ -372,7 +378,7 @@ def test_a_hung_stage_makes_systemd_restart_the_daemon(booted: Booted, stage: st
                   f"WatchdogSec={WATCHDOG}\nRestartSec=1\n")
     ref = None
     try:
-        cursor = m.cursor()
+        since = m.mark()
         m.run(f"systemctl restart {UNIT}", timeout=180)
         first = booted.active()
         assert first["NRestarts"] == "0" and first["ActiveState"] == "active", first
@@ -381,14 +387,14 @@ def test_a_hung_stage_makes_systemd_restart_the_daemon(booted: Booted, stage: st
         # the publisher hangs at its first message (status, telemetry) by itself
         wait_for(lambda: int(booted.show("NRestarts")["NRestarts"]) >= 1, 180,
                  "systemd to restart the daemon")
-        log = m.journal(cursor, "-u", UNIT)
+        log = m.journal(since, "-u", UNIT)
         assert f"test fault: stage {stage} hangs now" in log, log[-4000:]
         assert f"stage {stage} is stuck" in log, log[-4000:]
         assert f"Watchdog timeout (limit {WATCHDOG}s)!" in log, log[-4000:]
         assert "Failed with result 'watchdog'" in log, log[-4000:]
         assert "Scheduled restart job, restart counter is at 1." in log, log[-4000:]
         # the journal carries the daemon's own priorities: the stuck stage is an error
-        errors = m.journal(cursor, "-u", UNIT, "-p", "err")
+        errors = m.journal(since, "-u", UNIT, "-p", "err")
         assert f"stage {stage} is stuck" in errors, errors[-3000:]
         again = booted.active()
         assert again["MainPID"] != first["MainPID"], (first, again)
@@ -406,21 +412,21 @@ def test_sigkill_is_restarted_and_loses_nothing(booted: Booted) -> None:
     # Hold the assembler, so that nothing can be processed before the kill: every
     # study below is acknowledged (durable) and not yet a result when KILL arrives.
     booted.dropin("Environment=EDGE_AGENT_TEST_MODE=1 EDGE_AGENT_TEST_FAULTS=hang:assembler\n")
-    cursor = m.cursor()
+    since = m.mark()
     m.run(f"systemctl restart {UNIT}", timeout=180)
     refs = [booted.send(f"kill{i}") for i in range(3)]
-    wait_for(lambda: "test fault: stage assembler hangs now" in m.journal(cursor, "-u", UNIT),
+    wait_for(lambda: "test fault: stage assembler hangs now" in m.journal(since, "-u", UNIT),
              60, "the assembler to take the first study")
     assert not any(booted.results(r) for r in refs)
     before = booted.active()
     booted.dropin(None)  # the restart runs the shipped unit again
-    cursor = m.cursor()
+    since = m.mark()
     m.run(f"systemctl kill -s KILL {UNIT}")
     wait_for(lambda: (booted.active()["ActiveState"] == "active"
                       and booted.active()["MainPID"] not in ("0", before["MainPID"])), 120,
              "systemd to restart the killed daemon")
     assert int(booted.show("NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
-    log = m.journal(cursor, "-u", UNIT)
+    log = m.journal(since, "-u", UNIT)
     assert "Main process exited, code=killed, status=9/KILL" in log, log[-3000:]
     assert "Failed with result 'signal'" in log, log[-3000:]
     for ref in refs:
@@ -433,13 +439,13 @@ def test_stop_drains_and_keeps_what_it_did_not_finish(booted: Booted) -> None:
     m = booted.machine
     assert booted.show("ActiveState")["ActiveState"] == "active"
     ref = booted.send("stop")  # acknowledged: durable from here on
-    cursor = m.cursor()
+    since = m.mark()
     m.run(f"systemctl stop {UNIT}", timeout=300)  # returns when the unit is down
     s = booted.show("ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
     # it exited by itself with 0 (code 1 = CLD_EXITED), not killed after TimeoutStopSec
     assert (s["ActiveState"], s["Result"]) == ("inactive", "success"), s
     assert (s["ExecMainCode"], s["ExecMainStatus"]) == ("1", "0"), s
-    log = m.journal(cursor, "-u", UNIT)
+    log = m.journal(since, "-u", UNIT)
     assert "Stopping edge-agent.service" in log
     assert "stop requested (signal 15): closing intake, draining" in log, log[-3000:]
     assert "edge-agent stopped" in log and "Deactivated successfully" in log, log[-3000:]
