@@ -91,9 +91,11 @@ def _sources_file(sources: list[Source]) -> str:
                      f"Signed-By: {KEYRING}\n" for s in sources)
 
 
-def root_tar(suite: str) -> Path:
-    """The cached clean root, built on first use (about a minute with a near mirror)."""
-    tar = CACHE / f"{suite}-root.tar"
+def root_tar(suite: str, include: tuple[str, ...] = (), flavour: str = "") -> Path:
+    """The cached clean root, built on first use (about a minute with a near mirror).
+    ``include``: more packages debootstrap installs (e.g. systemd to boot the root),
+    cached apart under ``flavour`` (bookworm-systemd-root.tar)."""
+    tar = CACHE / (f"{suite}-{flavour}-root.tar" if flavour else f"{suite}-root.tar")
     if tar.exists():
         return tar
     sources = host_debian_sources(suite)
@@ -108,7 +110,9 @@ def root_tar(suite: str) -> Path:
             return tar
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             root = Path(tmp) / "root"
-            p = subprocess.run(["debootstrap", "--variant=minbase", suite, str(root), mirror],
+            extra = [f"--include={','.join(include)}"] if include else []
+            p = subprocess.run(["debootstrap", "--variant=minbase", *extra, suite, str(root),
+                                mirror],
                                capture_output=True, text=True, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(f"debootstrap failed:\n{(p.stdout + p.stderr)[-3000:]}")

@@ -21,13 +21,13 @@ import signal
 import stat
 import subprocess
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.helpers import REPO, free_port, storescu, wait_for, wait_port
+from tests.helpers.debbuild import Built, DebBuilder
 from tests.helpers.debroot import Root, codename, root_tar
 
 SUITE = codename()
@@ -46,26 +46,10 @@ STATE = "var/lib/edge-agent"
 CONF = "etc/edge-agent/agent.toml"
 
 
-@dataclass(frozen=True)
-class Built:
-    deb: Path
-    output: str  # what `make deb` printed
-
-
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+def debs(deb_builder: DebBuilder) -> dict[str, Built]:
     """Both versions through `make deb`; the first one with its lintian run."""
-    out = tmp_path_factory.mktemp("debs")
-    built = {}
-    for version, lint in ((VERSION, "1"), (NEXT, "0")):
-        p = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_VERSION={version}",
-                            f"DEB_OUT={out}", f"DEB_LINT={lint}"], cwd=REPO, capture_output=True,
-                           text=True, timeout=3600)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        deb = out / f"edge-agent_{version}_amd64.deb"
-        assert deb.is_file(), p.stdout[-2000:]
-        built[version] = Built(deb, p.stdout + p.stderr)
-    return built
+    return {v: deb_builder.build(v, lint=v == VERSION) for v in (VERSION, NEXT)}
 
 
 def field(deb: Path, name: str) -> str:
