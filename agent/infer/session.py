@@ -121,15 +121,18 @@ class ModelSession:
         # work from the model's in the same call (robust on a shared, noisy machine).
         self.run_seconds = 0.0
 
-    def check_input(self, channels: int, rows: int, cols: int) -> None:
+    def check_input(self, channels: int, *dims: int) -> None:
+        """The model's input must be (N, channels, *dims): (rows, cols) for an image,
+        (depth, rows, cols) for a volume."""
         shape = self.input_shape
-        expected = (channels, rows, cols)
+        expected = (channels, *dims)
         fixed = [(d, e) for d, e in zip(shape[1:], expected, strict=False) if isinstance(d, int)]
-        if len(shape) != 4 or any(d != e for d, e in fixed):
+        if len(shape) != 1 + len(expected) or any(d != e for d, e in fixed):
             raise ModelError(
                 f"model input shape {list(shape)} does not match the manifest's "
-                f"preprocessing (N, {channels}, {rows}, {cols})",
-                hint="fix preprocessing.resize / channels in the manifest",
+                f"[input] and preprocessing (N, {', '.join(map(str, expected))})",
+                hint="fix input.kind / input.depth / preprocessing.resize / channels in "
+                     "the manifest",
             )
 
     @property
@@ -169,7 +172,8 @@ class ModelSession:
     def close(self) -> None:
         self._watchdog.close()
 
-    def warm_up(self, channels: int, rows: int, cols: int,
+    def warm_up(self, channels: int, *dims: int,
                 timeout: float) -> tuple[npt.NDArray[np.float32], ...]:
-        """One run on a blank image; returns its outputs so the caller can check shapes."""
-        return self.run_all(np.zeros((1, channels, rows, cols), dtype=np.float32), timeout)
+        """One run on a blank image (or volume); returns its outputs so the caller can check
+        shapes."""
+        return self.run_all(np.zeros((1, channels, *dims), dtype=np.float32), timeout)
