@@ -150,6 +150,23 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class InferSettings:
+    # onnxruntime execution providers in preference order; those this build lacks are
+    # dropped with a warning and the CPU one is always kept last (agent/infer/providers.py)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$")
+
+
+def _providers(v: Any) -> str | None:
+    if not v or not all(isinstance(p, str) and _PROVIDER.match(p) for p in v):
+        return ('must be a non-empty list of onnxruntime execution provider names, e.g. '
+                '["CUDAExecutionProvider", "CPUExecutionProvider"]')
+    return None
+
+
+@dataclass(frozen=True)
 class MqttSettings:
     host: str
     port: int
@@ -283,6 +300,7 @@ class Config:
     results: ResultsSettings = ResultsSettings()
     atna: AtnaSettings = AtnaSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    infer: InferSettings = InferSettings()
 
     @property
     def topic_base(self) -> str:
@@ -431,7 +449,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine",
+    "quarantine", "infer",
 }
 
 
@@ -597,6 +615,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         timeout_seconds=r.get("models.timeout_seconds", float, 60.0, check=_positive),
         drift_min_studies=r.get("models.drift_min_studies", int, 10, check=_positive),
     )
+    infer = InferSettings(providers=tuple(
+        r.get("infer.providers", list, ["CPUExecutionProvider"], check=_providers)))
     mqtt = MqttSettings(
         host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
         port=r.get("mqtt.port", int, 8883, check=_port),
@@ -659,7 +679,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine,
+        quarantine=quarantine, infer=infer,
     )
 
 

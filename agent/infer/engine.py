@@ -33,6 +33,7 @@ from agent.infer.explain import Saliency, cam_region, occlusion, to_image_box
 from agent.infer.manifest import AppliesTo, Decision, Manifest
 from agent.infer.pixels import decode_frame, extract_attributes, frame_count, iter_images
 from agent.infer.preprocess import ImageInput, preprocess, to_unit
+from agent.infer.providers import choose as choose_providers
 from agent.infer.registry import ModelPackage, Registry, enforce, safe_audit
 from agent.infer.resample import assemble, source_index
 from agent.infer.session import ModelSession, ModelTimeout
@@ -65,6 +66,8 @@ class InferenceSettings:
     threads: int = 1
     timeout_seconds: float = 60.0
     drift_min_studies: int = 10  # k-anonymity for drift telemetry
+    # [infer] providers: onnxruntime execution providers in preference order, CPU fallback
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,10 @@ class InferenceEngine:
                                   environment=settings.environment, audit=audit)
         self._drift = DriftMonitor(settings.state_dir, settings.drift_min_studies)
         self._models: list[_Loaded] = []
+        warning = choose_providers(settings.providers).warning()
+        if warning:  # said once per start; doctor says it too
+            log.warning("%s", warning)
+            safe_audit(audit, "model.provider_fallback", {"reason": warning[:300]})
         for pkg in self._registry.active_packages():
             try:
                 loaded = self._load(pkg)
@@ -207,7 +214,8 @@ class InferenceEngine:
         session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
                                output_name=pkg.manifest.output_name,
                                threads=self._settings.threads,
-                               extra_outputs=(spec.output,) if spec.method == "cam" else ())
+                               extra_outputs=(spec.output,) if spec.method == "cam" else (),
+                               providers=self._settings.providers)
         grid = ((pkg.manifest.input.depth,) if pkg.manifest.input.kind == "volume" else ())
         try:
             session.check_input(pre.channels, *grid, *pre.resize)

@@ -8,6 +8,7 @@ passes; starting a ``threading.Timer`` per run cost more than some runs.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from agent.errors import ModelError
+from agent.infer import providers as eps
+
+log = logging.getLogger(__name__)
 
 
 class ModelTimeout(ModelError):
@@ -78,7 +82,8 @@ class _Watchdog:
 
 class ModelSession:
     def __init__(self, path: Path, *, input_name: str, output_name: str, threads: int,
-                 extra_outputs: tuple[str, ...] = ()) -> None:
+                 extra_outputs: tuple[str, ...] = (),
+                 providers: tuple[str, ...] = eps.DEFAULT) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
@@ -87,12 +92,25 @@ class ModelSession:
         # Idle worker threads must not spin: the box also receives and encrypts.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
+        choice = eps.choose(providers)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts,
-                                                 providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(str(path), sess_options=opts,
+                                                     providers=list(choice.use))
+            except Exception as exc:  # a present provider may still fail to initialise
+                if choice.use == eps.DEFAULT:
+                    raise
+                log.warning("model %s: onnxruntime could not create a session with %s (%s); "
+                            "falling back to %s", path.name, ", ".join(choice.use),
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                            eps.CPU)
+                self._session = ort.InferenceSession(str(path), sess_options=opts,
+                                                     providers=list(eps.DEFAULT))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {path.name}: {str(exc)[:200]}",
                              hint="re-install the model package; it may be corrupt") from exc
+        # What onnxruntime actually assigned (it may drop a provider on its own).
+        self.providers = tuple(self._session.get_providers())
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
         if input_name not in inputs or output_name not in outputs:
