@@ -65,12 +65,12 @@ def make_spec(seed: int, index: int, *, slices: int | None = None,
         vessels.append((side * float(rng.uniform(35, 95)) * scale,
                         float(rng.uniform(-45, 35)) * scale,
                         float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15)),
-                        float(rng.uniform(3.0, 7.0))))
+                        float(rng.uniform(2.5, 5.0))))
     has = bool(rng.random() < 0.5) if lesion is None else lesion
     nodule = None
     if has:
         side = 1.0 if rng.random() < 0.5 else -1.0
-        radius = float(rng.uniform(6.0, 10.0))
+        radius = float(rng.uniform(7.0, 11.0))
         z = float(rng.uniform(lung_top + 0.2 * lung_len, lung_top + 0.8 * lung_len))
         nodule = Nodule((side * float(rng.uniform(45, 85)) * scale,
                          float(rng.uniform(-35, 25)) * scale, z), radius)

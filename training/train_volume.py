@@ -57,6 +57,9 @@ class VolumeNet(nn.Module):
                                    for i in range(len(WIDTHS)))
         self.fc = nn.Linear(WIDTHS[-1], 1)  # stage 1 only
         self.head = nn.Conv3d(WIDTHS[-1], 1, 1)
+        for conv in self.convs:  # He: without it stage 1 sat at chance for epochs here
+            assert isinstance(conv, nn.Conv3d)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
@@ -113,8 +116,8 @@ def fit(model: VolumeNet, stage: int, xt: torch.Tensor, yt: torch.Tensor, epochs
         model.train()
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for start in range(0, len(xt), 16):
-            idx = perm[start : start + 16]
+        for start in range(0, len(xt), 8):
+            idx = perm[start : start + 8]
             xb = xt[idx]
             if int(torch.randint(0, 2, (1,), generator=gen).item()):
                 xb = torch.flip(xb, dims=[4])  # left/right: nodules in either lung
@@ -342,8 +345,8 @@ phantoms (`training/synth_volume.py`); it has never seen a real CT.
 Shows a volume model in the edge-agent pipeline: a whole CT series, sorted by
 ImagePositionPatient along the slice normal, spacing checked, resampled to the
 model's {DEPTH}x{INPUT}x{INPUT} grid slice by slice (bounded memory), scored in one
-run. Output: probability that the series contains a nodule (a sphere of 6-10 mm
-radius in a lung), told apart from vessels (tubes of 3-7 mm radius that look
+run. Output: probability that the series contains a nodule (a sphere of 7-11 mm
+radius in a lung), told apart from vessels (tubes of 2.5-5 mm radius that look
 the same in any single slice).
 
 ## Signature
