@@ -13,7 +13,8 @@ reports its peak resident set (VmHWM):
   sorted, checked, decoded one at a time into the 32x64x64 grid
   (agent/infer/resample.py);
 * ``full stack``: held + what the streaming avoids: every slice decoded into one
-  600x512x512 float32 array first, then resampled with the same weights.
+  600x512x512 float32 array first, then resampled with the same weights and run
+  by a plain onnxruntime session.
 
 Writes bench/out/volume_bench.{md,json}.
 """
@@ -66,8 +67,9 @@ def held_study(folder: Path) -> Any:
                              first_received_at=0.0, last_received_at=0.0)
 
 
-def run_mode(mode: str, folder: Path) -> dict[str, Any]:
+def run_mode(mode: str, folder: Path, package: Path) -> dict[str, Any]:
     import numpy as np
+    import onnxruntime as ort
 
     from agent.infer import InferenceEngine, InferenceSettings, load_manifest
     from agent.infer.pixels import decode_frame, extract_attributes
@@ -83,7 +85,7 @@ def run_mode(mode: str, folder: Path) -> dict[str, Any]:
     if mode == "streamed":
         with tempfile.TemporaryDirectory() as tmp:
             models = Path(tmp) / "models"
-            shutil.copytree(PACKAGE, models / "ct-nodule-volume" / "1.0.0")
+            shutil.copytree(package, models / "ct-nodule-volume" / "1.0.0")
             engine = InferenceEngine(InferenceSettings(
                 models, Path(tmp) / "state", environment="development",
                 publisher_keys=(REPO / "models" / "dev-publisher.pub",), timeout_seconds=600))
@@ -93,7 +95,7 @@ def run_mode(mode: str, folder: Path) -> dict[str, Any]:
         out["finding"] = outputs[0].finding
         out["timings_ms"] = outputs[0].timings_ms
     elif mode == "full stack":
-        m = load_manifest(PACKAGE / "manifest.toml")
+        m = load_manifest(package / "manifest.toml")
         plan = plan_volume(study.instances, m.input.spacing_tolerance)
         first = study.instances[plan.order[0]]
         full = np.empty((plan.slices, int(first.Rows), int(first.Columns)), dtype=np.float32)
@@ -104,6 +106,10 @@ def run_mode(mode: str, folder: Path) -> dict[str, Any]:
         w = depth_weights(plan.slices, m.input.depth)
         grid = np.stack([resize(np.tensordot(w[k], full, axes=1).astype(np.float32),
                                 m.preprocessing.resize) for k in range(m.input.depth)])
+        grid = (grid - np.float32(m.preprocessing.mean)) / np.float32(m.preprocessing.std)
+        session = ort.InferenceSession(str(package / m.model_file),
+                                       providers=["CPUExecutionProvider"])
+        session.run([m.output_name], {m.input_name: grid[None, None]})
         out["grid"] = list(grid.shape)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     out["peak_rss_mib"] = round(vm("VmHWM"), 1)
@@ -114,12 +120,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--slices", type=int, default=600)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--package", type=Path, default=PACKAGE)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     args = ap.parse_args()
     if args.mode:
-        print(json.dumps(run_mode(args.mode, args.dir)))
+        print(json.dumps(run_mode(args.mode, args.dir, args.package)))
         return
     with tempfile.TemporaryDirectory(prefix="volume-bench-") as tmp:
         folder = Path(tmp)
@@ -127,7 +134,8 @@ def main() -> None:
         disk = sum(f.stat().st_size for f in folder.glob("*.dcm"))
         rows = []
         for mode in ("held", "streamed", "full stack"):
-            proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--dir", str(folder)],
+            proc = subprocess.run([sys.executable, __file__, "--mode", mode, "--dir", str(folder),
+                                   "--package", str(args.package)],
                                   capture_output=True, text=True, cwd=REPO, check=False)
             if proc.returncode:
                 raise SystemExit(f"{mode} failed: {proc.stderr[-2000:]}")
@@ -139,7 +147,7 @@ def main() -> None:
         {"slices": args.slices, "size": args.size, "series_bytes": disk, "rows": rows},
         indent=2) + "\n")
     lines = [
-        "## volume model on a 600-slice CT series: peak memory", "",
+        f"## volume model on a {args.slices}-slice CT series: peak memory", "",
         f"One {args.slices}-slice {args.size}x{args.size} 16-bit CT series "
         f"({disk / 2**20:.0f} MiB of Part 10 files), shuffled, held as the pipeline holds a "
         "de-identified study; the ct-nodule-volume model (32x64x64 grid). Each row is a fresh "
