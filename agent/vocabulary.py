@@ -115,7 +115,7 @@ RESULT_KEYS = (
     "sha256", "labels", "finding", "confidence", "uncertainty", "needs_review",
     "review_reasons", "explanation", "timings_ms", "instances_used", "frame",
     "sop_instance_uid", "image_size", "bbox", "score_drop", "text", "decode", "preprocess",
-    "inference", "total",
+    "inference", "total", "slice", "slices",
 )
 EXPLANATION_METHODS = ("cam", "occlusion", "none")
 
