@@ -127,7 +127,8 @@ def fit(model: VolumeNet, stage: int, xt: torch.Tensor, yt: torch.Tensor, epochs
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             total += float(loss.detach()) * len(idx)
-        print(f"stage {stage} epoch {epoch}: loss {total / len(xt):.4f} ({time.time() - t0:.0f}s)")
+        print(f"stage {stage} epoch {epoch}: loss {total / len(xt):.4f} ({time.time() - t0:.0f}s)",
+              flush=True)
 
 
 def export(model: VolumeNet, path: Path) -> None:

@@ -147,3 +147,22 @@ def test_source_index_names_the_nearest_slice() -> None:
     assert source_index(0, 64, 32) == 0
     assert source_index(31, 96, 32) == 94
     assert source_index(16, 300, 32) == 154  # (16 + 0.5) * 300 / 32 - 0.5 = 154.2
+
+
+def test_the_input_section_is_checked_with_clear_errors() -> None:
+    from infer_helpers import DEMO
+
+    from agent.infer.manifest import parse_manifest
+
+    text = (DEMO / "manifest.toml").read_text()
+    assert parse_manifest(text.encode()).input.kind == "image"  # absent: one image per run
+    bad = text + '\n[input]\nkind = "volume"\ndepth = 1\nspacing = 2.0\n'
+    bad = bad.replace('method = "entropy"', 'method = "tta_flip"')
+    with pytest.raises(ModelError) as info:
+        parse_manifest(bad.encode())
+    message = str(info.value)
+    for expected in ("input.depth must be 2..1024", "input.spacing is not a known key",
+                     "'tta_flip' is not available for volume models"):
+        assert expected in message, message
+    ok = parse_manifest((text + '\n[input]\nkind = "volume"\ndepth = 16\n').encode())
+    assert (ok.input.kind, ok.input.depth, ok.input.spacing_tolerance) == ("volume", 16, 0.1)

@@ -98,7 +98,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_shipped_packages_verify_and_are_not_active_by_default() -> None:
+def test_shipped_packages_verify_and_are_not_active_by_default(tmp_path: Path) -> None:
     keys = load_public_keys((DEV_PUB,))
     for pkg in (VOLUME, LARGE):
         p = read_package(pkg, keys)
@@ -108,10 +108,14 @@ def test_shipped_packages_verify_and_are_not_active_by_default() -> None:
     assert read_package(VOLUME, keys).manifest.input.kind == "volume"
     assert (LARGE / "model.onnx").stat().st_size > 10 * 2**20  # tens of MB, as deployed
     # models/available/ is a catalogue: a box pointed at models/ runs only the demo.
-    from agent.infer.registry import Registry
-    assert Registry(REPO / "models", REPO / "nonexistent-state").names() == ["available",
-                                                                           "lesion-demo"]
-    assert Registry(REPO / "models", REPO / "nonexistent-state").versions("available") == []
+    from agent.infer import InferenceEngine, InferenceSettings
+    engine = InferenceEngine(InferenceSettings(REPO / "models", tmp_path / "state",
+                                               environment="production",
+                                               publisher_keys=(DEV_PUB,)))
+    try:
+        assert [m["name"] for m in engine.active_models()] == ["lesion-demo"]
+    finally:
+        engine.close()
 
 
 def test_volume_model_reads_a_shuffled_ct_series_through_the_daemon(
