@@ -36,6 +36,7 @@ from torch import nn
 from agent.infer.manifest import Preprocessing
 from agent.infer.preprocess import ImageInput, preprocess
 from training.train import auc, metrics
+from training.train_volume import fold
 
 NAME = "cxr-lesion-512"
 VERSION = "1.0.0"
@@ -116,18 +117,20 @@ class LargeNet(nn.Module):
         self.wide1 = nn.Conv2d(prev, WIDE, 1)
         self.wide2 = nn.Conv2d(WIDE, WIDE, 1)
         self.fc = nn.Linear(WIDE, 1)  # stage 1 only
+        nn.init.zeros_(self.fc.weight)  # start at p = 0.5, not at a loss of 7
         self.head = nn.Conv2d(WIDE, 1, 1)
-        for conv in [*self.trunk, self.wide1, self.wide2]:
-            # He: with the default init the first run sat at chance for two epochs
-            assert isinstance(conv, nn.Conv2d)
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        # Batch norm after every convolution but the head, folded into them at export:
+        # without it training sat at chance (tried: default and He initialisation).
+        self.norms = nn.ModuleList(nn.BatchNorm2d(c) for c in (*(c for _, c in TRUNK), WIDE, WIDE))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.trunk)
         for i, conv in enumerate(self.trunk):
-            x = torch.relu(conv(x))
+            x = torch.relu(self.norms[i](conv(x)))
             if i > 0:
                 x = torch.max_pool2d(x, 2)
-        return torch.relu(self.wide2(torch.relu(self.wide1(x))))
+        x = torch.relu(self.norms[n](self.wide1(x)))
+        return torch.relu(self.norms[n + 1](self.wide2(x)))
 
     def pooled_logit(self, x: torch.Tensor) -> torch.Tensor:
         """Stage 1: the lesion logit from the per-channel maxima over the cells."""
@@ -162,28 +165,35 @@ def export(model: LargeNet, path: Path) -> None:
     nodes, inits = [], []
     cur = "image"
 
-    def conv(name: str, layer: nn.Conv2d, inp: str, out: str, **attrs: Any) -> None:
+    def conv(name: str, layer: nn.Conv2d, inp: str, out: str, norm: nn.Module | None = None,
+             **attrs: Any) -> None:
         assert layer.bias is not None
-        inits.append(numpy_helper.from_array(layer.weight.detach().numpy(), f"{name}.w"))
-        inits.append(numpy_helper.from_array(layer.bias.detach().numpy(), f"{name}.b"))
+        if isinstance(norm, nn.BatchNorm2d):
+            weight, bias = fold(layer, norm)
+        else:
+            weight, bias = layer.weight.detach().numpy(), layer.bias.detach().numpy()
+        inits.append(numpy_helper.from_array(weight, f"{name}.w"))
+        inits.append(numpy_helper.from_array(bias, f"{name}.b"))
         nodes.append(helper.make_node("Conv", [inp, f"{name}.w", f"{name}.b"], [out], **attrs))
 
     for i, (k, _c) in enumerate(TRUNK):
         layer = model.trunk[i]
         assert isinstance(layer, nn.Conv2d)
         if i == 0:
-            conv(f"t{i}", layer, cur, f"c{i}", kernel_shape=[k, k], strides=[k, k])
+            conv(f"t{i}", layer, cur, f"c{i}", model.norms[i], kernel_shape=[k, k],
+                 strides=[k, k])
         else:
-            conv(f"t{i}", layer, cur, f"c{i}", kernel_shape=[k, k], pads=[1, 1, 1, 1])
+            conv(f"t{i}", layer, cur, f"c{i}", model.norms[i], kernel_shape=[k, k],
+                 pads=[1, 1, 1, 1])
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         cur = f"r{i}"
         if i > 0:
             nodes.append(helper.make_node("MaxPool", [cur], [f"p{i}"], kernel_shape=[2, 2],
                                           strides=[2, 2]))
             cur = f"p{i}"
-    conv("wide1", model.wide1, cur, "w1", kernel_shape=[1, 1])
+    conv("wide1", model.wide1, cur, "w1", model.norms[len(TRUNK)], kernel_shape=[1, 1])
     nodes.append(helper.make_node("Relu", ["w1"], ["w1r"]))
-    conv("wide2", model.wide2, "w1r", "w2", kernel_shape=[1, 1])
+    conv("wide2", model.wide2, "w1r", "w2", model.norms[len(TRUNK) + 1], kernel_shape=[1, 1])
     nodes.append(helper.make_node("Relu", ["w2"], ["w2r"]))
     conv("head", model.head, "w2r", CAM, kernel_shape=[1, 1])
     inits.append(numpy_helper.from_array(np.array([[-0.5, 0.5]], dtype=np.float32), "half"))
@@ -403,7 +413,7 @@ lesion (sigma 7-14 px, +500..900 over the background). Training {r["train"]} ima
 (seed {TEST_SEED}); every image through the runtime's own preprocessing. Two stages as
 for the lesion demo: {r["epochs"]} epochs through a per-channel max over the cells and a
 linear layer, then that layer becomes the 1x1 map head and {r["map_epochs"]} epoch(s) fine-tune
-through the map's maximum. Adam, BCE, left/right flips, He initialisation;
+through the map's maximum. Adam, BCE, left/right flips, batch norm (folded into the convolutions in the export);
 deterministic on one CPU thread ({r["seconds"]} s here, on a shared, busy machine).
 Reproduce: `.venv/bin/python -m training.train_large --key training/.keys/dev-publisher.pem`.
 
