@@ -3,9 +3,9 @@
 A chest-like phantom in millimetres: body cylinder, two lungs that narrow
 towards their apex and base, a spine, and vessel-like tubes running through
 the lungs along the body axis.  Half the series carry a nodule: a sphere in a
-lung, denser than soft tissue (150-300 HU, as a calcified or part-solid
-nodule; a soft-tissue-dense nodule against tube-shaped vessels was too hard a
-task for the few minutes of CPU training this demo may take).
+lung, calcified (500-1000 HU, denser than the spine: a soft-tissue-dense
+nodule among tube-shaped vessels, or a part-solid one, was too hard a task for
+the few minutes of CPU training this demo may take).
 
 Every series is a pure function of (seed, index).  ``series_slices`` yields the
 stored slices one at a time (the generator never holds the series), and
@@ -34,7 +34,7 @@ INTERCEPT = -1024.0
 class Nodule:
     centre: tuple[float, float, float]  # x, y, z in mm (z along the normal from slice 0)
     radius: float
-    density: float  # HU: denser than soft tissue (a calcified or part-solid nodule)
+    density: float  # HU: calcified, denser than soft tissue and the spine
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def make_spec(seed: int, index: int, *, slices: int | None = None,
         z = float(rng.uniform(lung_top + 0.2 * lung_len, lung_top + 0.8 * lung_len))
         nodule = Nodule((side * float(rng.uniform(45, 85)) * scale,
                          float(rng.uniform(-35, 25)) * scale, z), radius,
-                        float(rng.uniform(150.0, 300.0)))
+                        float(rng.uniform(500.0, 1000.0)))
     return SeriesSpec(n, spacing, size, float(rng.uniform(10.0, 35.0)), scale, lung_top,
                       lung_len, tuple(vessels), nodule)
 
