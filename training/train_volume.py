@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=80)
     ap.add_argument("--test", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--map-epochs", type=int, default=2)
+    ap.add_argument("--map-epochs", type=int, default=8)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)

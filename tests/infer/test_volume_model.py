@@ -208,7 +208,7 @@ def test_volume_engine_refuses_uneven_spacing_without_crashing(
         rng = np.random.default_rng(5)
         normal = np.cross(bad[0].ImageOrientationPatient[:3], bad[0].ImageOrientationPatient[3:])
         for ds in bad[1:]:
-            shift = normal * float(rng.uniform(-0.4, 0.4)) * spec.spacing
+            shift = normal * float(rng.uniform(-0.2, 0.2)) * spec.spacing  # gaps 0.6-1.4x
             ds.ImagePositionPatient = [float(a + b) for a, b in
                                        zip(ds.ImagePositionPatient, shift, strict=True)]
         outputs, failures = engine.infer(study_of(tuple(bad)))
