@@ -408,6 +408,10 @@ Reproduce: `.venv/bin/python -m training.train_volume --key training/.keys/dev-p
 {row("overall", r["overall"])}
 {rows}
 
+A calcified nodule in a calcium window is an easy task: these figures show that
+the series reaches the model intact (sorted, checked, resampled), not that the
+model is good. Earlier runs with soft-tissue nodules in the lung window stayed
+at chance within the few minutes of CPU this demo may take.
 Validation-set AUC {r["val_auc"]:.3f}. Localisation on the held-out nodule
 series: the map's peak lies within one map cell of the nodule centre in
 {100 * r["pointing"]:.0f} % of them.
