@@ -158,6 +158,23 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class InferSettings:
+    # onnxruntime execution providers in preference order; those this build lacks are
+    # dropped with a warning and the CPU one is always kept last (agent/infer/providers.py)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$")
+
+
+def _providers(v: Any) -> str | None:
+    if not v or not all(isinstance(p, str) and _PROVIDER.match(p) for p in v):
+        return ('must be a non-empty list of onnxruntime execution provider names, e.g. '
+                '["CUDAExecutionProvider", "CPUExecutionProvider"]')
+    return None
+
+
+@dataclass(frozen=True)
 class MqttSettings:
     host: str
     port: int
@@ -368,6 +385,7 @@ class Config:
     quarantine: QuarantineSettings = QuarantineSettings()
     review: ReviewSettings = ReviewSettings()
     deploy: DeploySettings = DeploySettings()
+    infer: InferSettings = InferSettings()
 
     @property
     def topic_base(self) -> str:
@@ -533,7 +551,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine", "review", "deploy",
+    "quarantine", "review", "deploy", "infer",
 }
 
 
@@ -706,6 +724,8 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         timeout_seconds=r.field(ModelSettings, "models.timeout_seconds", float, check=_positive),
         drift_min_studies=r.field(ModelSettings, "models.drift_min_studies", int, check=_positive),
     )
+    infer = InferSettings(providers=tuple(
+        r.get("infer.providers", list, ["CPUExecutionProvider"], check=_providers)))
     mqtt = MqttSettings(
         host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
         port=r.get("mqtt.port", int, MQTT_TLS_PORT, check=_port),
@@ -763,7 +783,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine, review=review, deploy=deploy,
+        quarantine=quarantine, review=review, deploy=deploy, infer=infer,
     )
 
 

@@ -148,6 +148,7 @@ class Daemon:
                 environment=cfg.environment, publisher_keys=cfg.models.publisher_keys,
                 threads=cfg.models.threads, timeout_seconds=cfg.models.timeout_seconds,
                 drift_min_studies=cfg.models.drift_min_studies,
+                providers=cfg.infer.providers,
             ),
             audit=lambda event, details: self.audit(event, details=details),
         )

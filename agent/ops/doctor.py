@@ -297,9 +297,18 @@ def check_results(cfg: Config) -> Iterator[Check]:
 
 
 def check_models(cfg: Config) -> Iterator[Check]:
+    from agent.infer.providers import choose
     from agent.infer.registry import Registry
     from agent.infer.signing import load_public_keys
 
+    choice = choose(cfg.infer.providers)
+    warning = choice.warning()
+    if warning:
+        yield _warn("providers", warning,
+                    "install the onnxruntime build with that provider (onnxruntime-gpu for "
+                    "CUDA/TensorRT) and its drivers, or remove it from [infer] providers")
+    else:
+        yield _ok("providers", f"onnxruntime execution providers: {', '.join(choice.use)}")
     name = "models"
     reg = Registry(cfg.models.dir, cfg.state_dir / "models-state",
                    publisher_keys=load_public_keys(cfg.models.publisher_keys),

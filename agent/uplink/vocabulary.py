@@ -68,6 +68,14 @@ FAILURE: Mapping[str, str] = MappingProxyType({
     "runtime-error": "onnxruntime failed to run the model",
     "model-error": "the model failed; the box's log says why",
     "inference-failed": "the inference engine failed; the box's log says why",
+    # A volume model's series that is not one evenly spaced stack (agent/infer/volume.py).
+    "volume-geometry-missing":
+        "a slice of the series lacks its position, orientation or size (or is multi-frame)",
+    "volume-mixed-orientation": "the series mixes slice orientations",
+    "volume-mixed-size": "the series mixes image sizes or pixel spacings",
+    "volume-duplicate-slice": "two slices of the series lie at the same position",
+    "volume-missing-slices": "slices are missing from the series (a gap in the stack)",
+    "volume-uneven-spacing": "the slice spacing of the series is uneven",
 })
 
 # -- texts with numbers (review reasons, explanations) -----------------------------
@@ -109,6 +117,7 @@ RESULT_KEYS = (
     "review_reasons", "explanation", "timings_ms", "instances_used", "frame",
     "sop_instance_uid", "image_size", "bbox", "score_drop", "text", "decode", "preprocess",
     "inference", "total", "delivered_to", "destination", "state", "objects", "confirmed",
+    "slice", "slices",
 )
 # delivered_to[].state: where a result's objects are on their way into the PACS.
 DELIVERY_STATES = ("queued", "confirmed", "dead-letter", "nothing-to-send")
