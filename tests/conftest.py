@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import tests.helpers
 from tests.helpers import Box, Broker, Daemon, Subscriber, provision, require_peer
-
-# tests/receive/* (rewritten with the DICOM node) still import the shared helpers by
-# their old top-level name "support"; remove this once they import tests.helpers.
-sys.modules.setdefault("support", tests.helpers)
 
 
 # No ordering mark on purpose: this runs after skipif (the skipping plugin is tryfirst),

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, rx_peer, set_config, wait_for
 from tests.helpers.faults import (
     CANARY_NAME,
     SentStudy,
@@ -31,7 +31,6 @@ from tests.helpers.faults import (
     results,
     send,
 )
-from tests.receive import rx_peer
 
 
 def _associate(box: Box, aet: str, *, called: str | None = None,

@@ -12,7 +12,7 @@ import pytest
 
 from agent.ops import control
 from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
-from tests.receive.rx_support import big_instance, ct_files, dcmtk
+from tests.helpers.receive import big_instance, ct_files, dcmtk
 
 MiB = 1024**2
 

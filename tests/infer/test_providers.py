@@ -8,12 +8,12 @@ import json
 import subprocess
 
 import pytest
-from test_models_reload import send_study
 
 from agent import config
 from agent.errors import ConfigError
 from agent.infer.providers import CPU, choose
 from tests.helpers import EDGE_AGENT, REPO, Box, Daemon, Subscriber, set_config
+from tests.infer.test_models_reload import send_study
 
 GPU_FIRST = '["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]'
 

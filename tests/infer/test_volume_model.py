@@ -28,9 +28,9 @@ from agent.infer.signing import load_public_keys
 from tests.helpers import EDGE_AGENT, REPO, Box, Daemon, Subscriber, set_config
 from tests.helpers.infer import DEMO, DEV_PUB
 from training.sign import sign_package
+from training.synth_large import make_image
+from training.synth_large import to_dataset as radiograph
 from training.synth_volume import make_spec, to_datasets
-from training.train_large import make_image
-from training.train_large import to_dataset as radiograph
 
 AVAILABLE = REPO / "models" / "available"
 VOLUME = AVAILABLE / "ct-nodule-volume" / "1.0.0"

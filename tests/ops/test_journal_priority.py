@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 import pytest
-from support import Box, Daemon, wait_for
 
 from agent import logs
+from tests.helpers import Box, Daemon, wait_for
 
 
 def test_daemon_lines_carry_their_priority_on_a_journal_stream(

@@ -21,8 +21,6 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from rx_support import AE_TITLE, ct_files, dcmtk, node, wait_for
-from test_receive_limits import read_pdu
 
 from agent.dicom.dimse import (
     StoreRequest,
@@ -32,6 +30,8 @@ from agent.dicom.dimse import (
     encode_store_rsp,
     iter_pdvs,
 )
+from tests.helpers.receive import AE_TITLE, ct_files, dcmtk, node, wait_for
+from tests.receive.test_receive_limits import read_pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -305,9 +305,9 @@ def test_a_registered_handler_gets_its_request_and_data_set_and_its_reply_goes_b
     request and its data set reach the handler, its status and reply data set
     reach the peer; a handler that fails is answered 0x0110 and the association
     goes on."""
-    import parrot
     from pydicom.dataset import Dataset
 
+    import tests.helpers.parrot as parrot
     from agent.dicom.dimse import DimseReply, DimseRequest, default_registry
 
     seen: list[tuple[int, str, str]] = []

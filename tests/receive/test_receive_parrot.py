@@ -12,11 +12,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import parrot
 import pytest
-from parrot import Parrot, Reply
 from pydicom.uid import generate_uid
-from rx_support import AE_TITLE, Node, node, wait_for
+
+import tests.helpers.parrot as parrot
+from tests.helpers.parrot import Parrot, Reply
+from tests.helpers.receive import AE_TITLE, Node, node, wait_for
 
 TIMEOUTS = {"acse_timeout": 3.0, "pdu_timeout": 3.0, "network_timeout": 3.0}
 

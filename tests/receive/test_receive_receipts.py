@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rx_support import ct_files, dcmtk, node, wait_for
 
 from agent.audit import AuditLog, records_between, verify
 from agent.config import AuditSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key, write_secret_file
 from agent.dicom.scp import ReceiptDrainer
 from agent.store.inbox import Inbox, StoreReceipt
+from tests.helpers.receive import ct_files, dcmtk, node, wait_for
 
 ALL_TIME = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 

@@ -13,13 +13,13 @@ import zlib
 
 import psutil
 import pydicom
-import rx_peer
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from rx_peer import CT, DEFLATED, EXPLICIT_LE, MR, RLE, VERIFICATION
 
+import tests.helpers.rx_peer as rx_peer
 from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, set_config, wait_for
+from tests.helpers.rx_peer import CT, DEFLATED, EXPLICIT_LE, MR, RLE, VERIFICATION
 
 MiB = 1024**2
 

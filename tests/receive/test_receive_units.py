@@ -19,7 +19,6 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
-from rx_support import AE_TITLE, ct_files, node, wait_for
 
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
@@ -27,6 +26,7 @@ from agent.dicom.admission import Admitted, AuditThrottle, PeerLimiter, PeerLimi
 from agent.dicom.sink import MetaFields
 from agent.errors import CryptoError
 from agent.store.inbox import Inbox
+from tests.helpers.receive import AE_TITLE, ct_files, node, wait_for
 
 
 def make_inbox(root: Path) -> Inbox:

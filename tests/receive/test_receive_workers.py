@@ -19,7 +19,6 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from rx_support import AE_TITLE, ct_files, node
 
 from agent.dicom.pool import ReceivePool
 from tests.helpers import (
@@ -33,6 +32,7 @@ from tests.helpers import (
     storescu,
     wait_for,
 )
+from tests.helpers.receive import AE_TITLE, ct_files, node
 
 
 def workers_of(d: Daemon) -> list[psutil.Process]:

@@ -10,7 +10,6 @@ delivery machinery (queue, sender, planner, link store) in-process."""
 from __future__ import annotations
 
 import io
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,8 @@ from agent.results.queue import DeliveryQueue, QueuedObject
 from agent.results.scu import parse_report
 from agent.uplink.outbox import Outbox
 from tests.helpers import Box, free_port, set_config, wait_for
+from tests.helpers.orthanc import Orthanc
 from tests.helpers.results import PATIENT_ID, link
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-from orthanc import Orthanc  # noqa: E402
 
 pytestmark = [pytest.mark.peer("Orthanc")]
 

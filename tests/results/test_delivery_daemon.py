@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.helpers.delivery import StoreSCP, add_destination, enable_delivery
+from tests.helpers.orthanc import Orthanc
 from tests.helpers.results import (
     ACCESSION,
     BIRTH,
@@ -39,9 +39,6 @@ from tests.helpers.results import (
     REFERRING,
     original_study,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-from orthanc import Orthanc  # noqa: E402
 
 pytestmark = [pytest.mark.peer("storescu", "storescp", "Orthanc")]
 

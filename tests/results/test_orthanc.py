@@ -15,8 +15,8 @@ from pynetdicom import AE
 from agent.infer import InferenceEngine
 from agent.infer.manifest import MaskOutput
 from agent.results.build import Mask, build_all
+from tests.helpers.orthanc import Orthanc
 from tests.helpers.results import PATIENT_ID, link
-from tests.receive.orthanc import Orthanc
 
 pytestmark = pytest.mark.skipif(not Orthanc.available(),
                                 reason="Orthanc (Debian package) not installed")
