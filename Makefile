@@ -14,6 +14,8 @@ test-long:
 
 # Build the Debian package, install it into a clean Debian root (debootstrap, cached
 # in /var/cache/edge-agent-test), provision, upgrade, remove and purge it; lintian.
+# Then boot a root with systemd as PID 1 (systemd-nspawn -b), install the package and
+# check the unit under the real systemd (READY, credentials, sandbox, watchdog, stop).
 test-system:
 	tools/setup.sh system
 	.venv/bin/python -m pytest -q -m system tests/system

@@ -7,6 +7,7 @@ the directory of the config file, so a provisioned box folder is relocatable.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -16,9 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from agent.deploy import settings as deploy_settings
+from agent.deploy.settings import DeploySettings
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+# MQTT over TLS (IANA); [mqtt] port of a box and of ops.toml (fleet/settings.py).
+MQTT_TLS_PORT = 8883
 
 # Identities end up in MQTT topics and client ids: a safe alphabet keeps one box
 # from reaching into another's topics ("+", "#", "/" are MQTT syntax).
@@ -95,8 +100,8 @@ class DicomSettings:
     # (the A-ASSOCIATE-RQ: within acse_timeout, the ARTIM timer); also bounds a send.
     pdu_timeout: float = 30.0
     max_instance_bytes: int = 2 * 1024**3
-    workers: int = 1
-    fast_store: bool = True
+    # 0: one receive process per CPU core (auto_workers); resolved when the config loads.
+    workers: int = 0
     tls: DicomTls = DicomTls()
 
 
@@ -128,6 +133,9 @@ class PixelCleanConfig:
 @dataclass(frozen=True)
 class DeidConfig:
     mode: Literal["strip", "encrypt"] = "strip"
+    # keyed: HMAC of the original under the box key; vault: random tokens kept in an
+    # encrypted local map (docs/deid.md, "Pseudonyms: keyed or vault").
+    pseudonyms: Literal["keyed", "vault"] = "keyed"
     options: frozenset[str] = frozenset()
     recipients: tuple[Path, ...] = ()
     pixel_clean: tuple[PixelCleanConfig, ...] = ()
@@ -147,6 +155,23 @@ class ModelSettings:
     threads: int = 1
     timeout_seconds: float = 60.0
     drift_min_studies: int = 10
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    # onnxruntime execution providers in preference order; those this build lacks are
+    # dropped with a warning and the CPU one is always kept last (agent/infer/providers.py)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9]*ExecutionProvider$")
+
+
+def _providers(v: Any) -> str | None:
+    if not v or not all(isinstance(p, str) and _PROVIDER.match(p) for p in v):
+        return ('must be a non-empty list of onnxruntime execution provider names, e.g. '
+                '["CUDAExecutionProvider", "CPUExecutionProvider"]')
+    return None
 
 
 @dataclass(frozen=True)
@@ -212,6 +237,37 @@ class QuarantineSettings:
 
 
 @dataclass(frozen=True)
+class ReviewSettings:
+    """Human review of flagged results and the performance measured from it
+    (agent/review/, docs/configuration.md [review])."""
+
+    # A flagged result without a verdict after this long raises an escalation alert.
+    escalate_after_seconds: float = 86400.0
+    # k: a subgroup with fewer verdicts is merged into "other", or suppressed.
+    min_verdicts: int = 20
+    # Rolling windows (days of verdicts) the performance is computed over.
+    windows_days: tuple[int, ...] = (30, 90)
+    # A subgroup whose interval lies further than this from the rest's is an alert.
+    gap: float = 0.1
+    # Results and verdicts older than this are deleted (at least the longest window).
+    retention_days: int = 365
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(value: Any) -> float | None:
+    """Seconds from a number or a string with a unit: 90, "90s", "30m", "4h", "2d"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(value) if isinstance(value, str) else None
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)] if m else None
+
+
+@dataclass(frozen=True)
 class WatchdogSettings:
     # A stage (assembler, publisher, receive, telemetry, control) that shows neither
     # progress nor an idle heartbeat for this long is stuck: systemd's watchdog is
@@ -250,14 +306,58 @@ class AtnaSettings:
     connect_timeout_seconds: float = 10.0
 
 
+# Result object kinds a destination may take (agent/results/common.py names the key
+# image "sc", its SOP class: Secondary Capture).
+RESULT_KINDS: dict[str, str] = {"sr": "sr", "gsps": "gsps", "keyimage": "sc", "seg": "seg"}
+
+
+@dataclass(frozen=True)
+class DestinationTls:
+    """DICOM TLS (PS3.15 B.1) towards one destination; the box's client certificate."""
+
+    enabled: bool = False
+    ca: Path | None = None  # the only trust anchor for the destination's certificate
+    cert: Path | None = None
+    key: Path | None = field(default=None, repr=False)
+    server_name: str | None = None  # the name its certificate carries, when not the host
+
+
+@dataclass(frozen=True)
+class ResultDestination:
+    """One ``[[results.destinations]]`` entry: a PACS (or router) that takes results."""
+
+    name: str  # our label: telemetry, status, the MQTT delivered_to summary (never PHI)
+    ae_title: str
+    host: str
+    port: int
+    kinds: frozenset[str] = frozenset(RESULT_KINDS.values())  # internal kinds: sr gsps sc seg
+    storage_commitment: bool = False
+    release_after: Literal["commitment", "success"] = "success"
+    tls: DestinationTls = DestinationTls()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
 @dataclass(frozen=True)
 class ResultsSettings:
-    # Writing results back into the original study (agent/results/).  Off until the
-    # delivery side exists: with it off nothing is captured and nothing is stored.
+    # Writing results back into the original study (agent/results/).  Off by default:
+    # with it off nothing is captured, stored or sent.
     enabled: bool = False
     # The encrypted link from a study's pseudonym to its originals is shredded once
     # released, and at the latest this many days after it was written.
     link_retention_days: int = 14
+    destinations: tuple[ResultDestination, ...] = ()
+    # Delivery: retries back off from retry_min to retry_max seconds (jittered); an
+    # object not confirmed this many hours after it was queued is dead-lettered.
+    retry_min_seconds: float = 5.0
+    retry_max_seconds: float = 300.0
+    dead_letter_hours: float = 72.0
+    # A commitment request unanswered for this long is asked again.
+    commitment_timeout_seconds: float = 600.0
+    # How long the association stays open after N-ACTION for a report on it.
+    commitment_wait_seconds: float = 5.0
+    connect_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +383,9 @@ class Config:
     results: ResultsSettings = ResultsSettings()
     atna: AtnaSettings = AtnaSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    review: ReviewSettings = ReviewSettings()
+    deploy: DeploySettings = DeploySettings()
+    infer: InferSettings = InferSettings()
 
     @property
     def topic_base(self) -> str:
@@ -291,6 +394,17 @@ class Config:
 
 T = TypeVar("T")
 _MISSING = object()
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of a settings field: the dataclasses above are the one place a
+    default is written down; the parser and docs/configuration.md follow them."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is dataclasses.MISSING:
+                raise KeyError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise KeyError(f"{cls.__name__} has no field {name}")
 
 
 class _Reader:
@@ -344,6 +458,12 @@ class _Reader:
                 self.problems.append(f"[{key}] = {value!r}: {msg}")
                 return cast(T, default if default is not _MISSING else None)
         return cast(T, value)
+
+    def field(self, cls: type, key: str, kind: type[T] | tuple[type, ...], *,
+              check: Callable[[Any], str | None] | None = None, allowed: str = "") -> T:
+        """``key`` ("section.name"), defaulting to the ``name`` field default of ``cls``."""
+        return self.get(key, kind, field_default(cls, key.rsplit(".", 1)[1]), check=check,
+                        allowed=allowed)
 
     def path(self, key: str, default: str | None | object = _MISSING) -> Path | None:
         raw = self.get(key, str, default)
@@ -431,7 +551,7 @@ def _ae(v: Any) -> str | None:
 _KNOWN_TOP = {
     "box", "logging", "dicom", "study", "inbox", "deid", "keys", "models", "mqtt",
     "telemetry", "audit", "outbox", "control", "watchdog", "results", "atna",
-    "quarantine",
+    "quarantine", "review", "deploy", "infer",
 }
 
 
@@ -532,52 +652,59 @@ def parse(data: dict[str, Any], path: Path) -> Config:
     )
     if tls.enabled and not (tls.cert and tls.key and tls.ca):
         r.problems.append("[dicom.tls] enabled = true needs cert, key and ca paths")
+    d = DicomSettings()  # the defaults, defined once
     dicom = DicomSettings(
-        host=r.get("dicom.host", str, "0.0.0.0"),
-        port=r.get("dicom.port", int, 11112, check=_port),
-        ae_title=r.get("dicom.ae_title", str, "EDGE_AGENT", check=_ae),
+        host=r.get("dicom.host", str, d.host),
+        port=r.get("dicom.port", int, d.port, check=_port),
+        ae_title=r.get("dicom.ae_title", str, d.ae_title, check=_ae),
         peers=_peers(r),
-        max_pdu=r.get("dicom.max_pdu", int, 1048576,
+        max_pdu=r.get("dicom.max_pdu", int, d.max_pdu,
                       check=lambda v: None if 4096 <= v <= 16 * 1024**2 else "must be 4096..16777216"),
-        max_associations=r.get("dicom.max_associations", int, 16, check=_positive),
-        max_associations_per_peer=r.get("dicom.max_associations_per_peer", int, 4, check=_positive),
+        max_associations=r.get("dicom.max_associations", int, d.max_associations,
+                               check=_positive),
+        max_associations_per_peer=r.get("dicom.max_associations_per_peer", int,
+                                        d.max_associations_per_peer, check=_positive),
         associations_per_minute_per_peer=r.get(
-            "dicom.associations_per_minute_per_peer", int, 120, check=_positive),
-        acse_timeout=r.get("dicom.acse_timeout", float, 30.0, check=_positive),
-        dimse_timeout=r.get("dicom.dimse_timeout", float, 60.0, check=_positive),
-        network_timeout=r.get("dicom.network_timeout", float, 60.0, check=_positive),
-        pdu_timeout=r.get("dicom.pdu_timeout", float, 30.0, check=_positive),
-        max_instance_bytes=r.get("dicom.max_instance_bytes", int, 2 * 1024**3, check=_positive),
+            "dicom.associations_per_minute_per_peer", int, d.associations_per_minute_per_peer,
+            check=_positive),
+        acse_timeout=r.get("dicom.acse_timeout", float, d.acse_timeout, check=_positive),
+        dimse_timeout=r.get("dicom.dimse_timeout", float, d.dimse_timeout, check=_positive),
+        network_timeout=r.get("dicom.network_timeout", float, d.network_timeout,
+                              check=_positive),
+        pdu_timeout=r.get("dicom.pdu_timeout", float, d.pdu_timeout, check=_positive),
+        max_instance_bytes=r.get("dicom.max_instance_bytes", int, d.max_instance_bytes,
+                                 check=_positive),
         workers=auto_workers(r.get(
-            "dicom.workers", int, 0,
+            "dicom.workers", int, d.workers,
             check=lambda v: None if 0 <= v <= 32 else "must be between 0 (auto) and 32")),
-        fast_store=r.get("dicom.fast_store", bool, True),
         tls=tls,
     )
     study = StudySettings(
-        quiet_seconds=r.get("study.quiet_seconds", float, 30.0, check=_positive),
-        max_instances=r.get("study.max_instances", int, 5000, check=_positive),
-        max_bytes=r.get("study.max_bytes", int, 8 * 1024**3, check=_positive),
-        max_age_seconds=r.get("study.max_age_seconds", float, 3600.0, check=_positive),
-        max_process_instance_bytes=r.get("study.max_process_instance_bytes", int, 2 * 1024**3,
+        quiet_seconds=r.field(StudySettings, "study.quiet_seconds", float, check=_positive),
+        max_instances=r.field(StudySettings, "study.max_instances", int, check=_positive),
+        max_bytes=r.field(StudySettings, "study.max_bytes", int, check=_positive),
+        max_age_seconds=r.field(StudySettings, "study.max_age_seconds", float, check=_positive),
+        max_process_instance_bytes=r.field(StudySettings, "study.max_process_instance_bytes", int,
                                          check=_positive),
     )
     inbox = InboxSettings(
-        max_bytes=r.get("inbox.max_bytes", int, 50 * 1024**3, check=_positive),
-        min_free_bytes=r.get("inbox.min_free_bytes", int, 2 * 1024**3,
+        max_bytes=r.field(InboxSettings, "inbox.max_bytes", int, check=_positive),
+        min_free_bytes=r.field(InboxSettings, "inbox.min_free_bytes", int,
                              check=lambda v: None if v >= 0 else "must be >= 0"),
     )
     opts = r.get("deid.options", list, [])
     bad = [o for o in opts if o not in DEID_OPTIONS]
     if bad:
         r.problems.append(f"[deid.options] unknown option(s) {bad}; allowed: {', '.join(DEID_OPTIONS)}")
-    mode = r.choice("deid.mode", ("strip", "encrypt"), "strip")
+    mode = r.choice("deid.mode", ("strip", "encrypt"), field_default(DeidConfig, "mode"))
     recips = r.get("deid.recipients", list, [])
     recipients = tuple((base / p) if not Path(p).is_absolute() else Path(p) for p in recips if isinstance(p, str))
     if mode == "encrypt" and not recipients:
         r.problems.append("[deid.recipients] mode = 'encrypt' needs at least one recipient certificate path")
     deid = DeidConfig(
         mode=cast(Literal["strip", "encrypt"], mode),
+        pseudonyms=cast(Literal["keyed", "vault"],
+                        r.choice("deid.pseudonyms", ("keyed", "vault"), "keyed")),
         options=frozenset(o for o in opts if o in DEID_OPTIONS),
         recipients=recipients,
         pixel_clean=_pixel_clean(r),
@@ -593,63 +720,60 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             (base / p) if not Path(p).is_absolute() else Path(p)
             for p in r.get("models.publisher_keys", list, []) if isinstance(p, str)
         ),
-        threads=r.get("models.threads", int, 1, check=_positive),
-        timeout_seconds=r.get("models.timeout_seconds", float, 60.0, check=_positive),
-        drift_min_studies=r.get("models.drift_min_studies", int, 10, check=_positive),
+        threads=r.field(ModelSettings, "models.threads", int, check=_positive),
+        timeout_seconds=r.field(ModelSettings, "models.timeout_seconds", float, check=_positive),
+        drift_min_studies=r.field(ModelSettings, "models.drift_min_studies", int, check=_positive),
     )
+    infer = InferSettings(providers=tuple(
+        r.get("infer.providers", list, ["CPUExecutionProvider"], check=_providers)))
     mqtt = MqttSettings(
         host=r.get("mqtt.host", str, allowed="the broker host name in its certificate"),
-        port=r.get("mqtt.port", int, 8883, check=_port),
+        port=r.get("mqtt.port", int, MQTT_TLS_PORT, check=_port),
         ca=r.require_path("mqtt.ca"),
         cert=r.require_path("mqtt.cert"),
         key=r.require_path("mqtt.key"),
-        topic_prefix=r.get("mqtt.topic_prefix", str, "edge", check=_safe_id),
+        topic_prefix=r.field(MqttSettings, "mqtt.topic_prefix", str, check=_safe_id),
         client_id=r.get("mqtt.client_id", (str, type(None)), None),
-        keepalive=r.get("mqtt.keepalive", int, 30, check=_positive),
-        session_expiry_seconds=r.get("mqtt.session_expiry_seconds", int, 7 * 24 * 3600, check=_positive),
-        inflight=r.get("mqtt.inflight", int, 32, check=_positive),
-        crl=r.path("mqtt.crl", None),
+        keepalive=r.field(MqttSettings, "mqtt.keepalive", int, check=_positive),
+        session_expiry_seconds=r.field(MqttSettings, "mqtt.session_expiry_seconds", int, check=_positive),
+        inflight=r.field(MqttSettings, "mqtt.inflight", int, check=_positive),
+        crl=r.path("mqtt.crl", field_default(MqttSettings, "crl")),
         tls_server_name=r.get("mqtt.tls_server_name", (str, type(None)), None),
     )
     telemetry = TelemetrySettings(
-        interval_seconds=r.get("telemetry.interval_seconds", float, 60.0, check=_positive),
-        prometheus_port=r.get("telemetry.prometheus_port", int, 0, check=_port_or_zero),
+        interval_seconds=r.field(TelemetrySettings, "telemetry.interval_seconds", float, check=_positive),
+        prometheus_port=r.field(TelemetrySettings, "telemetry.prometheus_port", int, check=_port_or_zero),
     )
     audit = AuditSettings(
-        checkpoint_every=r.get("audit.checkpoint_every", int, 100, check=_positive),
-        checkpoint_seconds=r.get("audit.checkpoint_seconds", float, 300.0, check=_positive),
-        retention_days=r.get("audit.retention_days", int, 2190, check=_positive),
-        max_bytes=r.get("audit.max_bytes", int, 5 * 1024**3, check=_positive),
-        min_retention_days=r.get("audit.min_retention_days", int, 90,
+        checkpoint_every=r.field(AuditSettings, "audit.checkpoint_every", int, check=_positive),
+        checkpoint_seconds=r.field(AuditSettings, "audit.checkpoint_seconds", float, check=_positive),
+        retention_days=r.field(AuditSettings, "audit.retention_days", int, check=_positive),
+        max_bytes=r.field(AuditSettings, "audit.max_bytes", int, check=_positive),
+        min_retention_days=r.field(AuditSettings, "audit.min_retention_days", int,
                                  check=lambda v: None if v >= 0 else "must be 0 or more"),
-        summary_seconds=r.get("audit.summary_seconds", float, 60.0, check=_positive),
-        max_queue=r.get("audit.max_queue", int, 10_000, check=_positive),
+        summary_seconds=r.field(AuditSettings, "audit.summary_seconds", float, check=_positive),
+        max_queue=r.field(AuditSettings, "audit.max_queue", int, check=_positive),
     )
-    outbox = OutboxSettings(max_bytes=r.get("outbox.max_bytes", int, 2 * 1024**3, check=_positive))
+    outbox = OutboxSettings(max_bytes=r.field(OutboxSettings, "outbox.max_bytes", int, check=_positive))
     control = ControlSettings(
         socket=r.require_path("control.socket", str(state_dir / "control.sock")),
-        admin_group=r.get("control.admin_group", str, "edge-agent-admin"),
-        auditor_group=r.get("control.auditor_group", str, "edge-agent-audit"),
-        operator_group=r.get("control.operator_group", str, "edge-agent"),
-        privacy_group=r.get("control.privacy_group", str, "edge-agent-privacy"),
-        reviewer_group=r.get("control.reviewer_group", str, "edge-agent-review"),
+        admin_group=r.field(ControlSettings, "control.admin_group", str),
+        auditor_group=r.field(ControlSettings, "control.auditor_group", str),
+        operator_group=r.field(ControlSettings, "control.operator_group", str),
+        privacy_group=r.field(ControlSettings, "control.privacy_group", str),
+        reviewer_group=r.field(ControlSettings, "control.reviewer_group", str),
     )
-    quarantine = QuarantineSettings(retention_days=r.get(
-        "quarantine.retention_days", int, 30,
+    quarantine = QuarantineSettings(retention_days=r.field(QuarantineSettings, "quarantine.retention_days", int,
         check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"))
 
     watchdog = WatchdogSettings(
-        stage_deadline_seconds=r.get(
-            "watchdog.stage_deadline_seconds", float, 120.0,
+        stage_deadline_seconds=r.field(WatchdogSettings, "watchdog.stage_deadline_seconds", float,
             check=lambda v: None if 1 <= v <= 86400 else "must be between 1 and 86400 seconds"),
     )
-    results = ResultsSettings(
-        enabled=r.get("results.enabled", bool, False),
-        link_retention_days=r.get(
-            "results.link_retention_days", int, 14,
-            check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days"),
-    )
+    results = _results(r)
     atna = _atna(r)
+    review = _review(r)
+    deploy = deploy_settings.parse(r)
     _unknown_keys(data, r)
     if r.problems:
         raise ConfigError(r.problems, path=str(path))
@@ -659,7 +783,37 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         state_dir=state_dir, log_level=log_level, dicom=dicom, study=study, inbox=inbox,
         deid=deid, keys=keys, models=models, mqtt=mqtt, telemetry=telemetry, audit=audit,
         outbox=outbox, control=control, watchdog=watchdog, results=results, atna=atna,
-        quarantine=quarantine,
+        quarantine=quarantine, review=review, deploy=deploy, infer=infer,
+    )
+
+
+def _review(r: _Reader) -> ReviewSettings:
+    raw: object = r.get("review.escalate_after", (int, float, str), 86400.0,
+                allowed="seconds, or a number with s, m, h or d (\"4h\")")
+    escalate = duration_seconds(raw)
+    if escalate is None or escalate <= 0:
+        r.problems.append(f"[review.escalate_after] = {raw!r}: must be a positive duration "
+                          "(seconds, or a number with s, m, h or d, e.g. \"4h\")")
+        escalate = 86400.0
+    windows = r.get("review.windows_days", list, [30, 90])
+    if (not windows or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 3650
+                               for w in windows)):
+        r.problems.append(f"[review.windows_days] = {windows!r}: must be a list of whole "
+                          "numbers of days between 1 and 3650")
+        windows = [30, 90]
+    retention = r.get("review.retention_days", int, 365,
+                      check=lambda v: None if 1 <= v <= 3650 else "must be between 1 and 3650 days")
+    if retention < max(windows):
+        r.problems.append(f"[review.retention_days] = {retention}: must be at least the longest "
+                          f"window in [review.windows_days] ({max(windows)})")
+    return ReviewSettings(
+        escalate_after_seconds=escalate,
+        min_verdicts=r.get("review.min_verdicts", int, 20,
+                           check=lambda v: None if 2 <= v <= 10000 else "must be between 2 and 10000"),
+        windows_days=tuple(sorted(set(windows))),
+        gap=r.get("review.gap", float, 0.1,
+                  check=lambda v: None if 0 <= v < 1 else "must be at least 0 and below 1"),
+        retention_days=retention,
     )
 
 
@@ -696,25 +850,25 @@ def _atna_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool)
 
 
 def _atna(r: _Reader) -> AtnaSettings:
-    enabled = r.get("atna.enabled", bool, False)
-    fmt = r.choice("atna.format", ATNA_FORMATS, "dicom-xml")
-    facility: int | str = r.get("atna.facility", (int, str), 10, check=_facility,
+    enabled = r.field(AtnaSettings, "atna.enabled", bool)
+    fmt = r.choice("atna.format", ATNA_FORMATS, field_default(AtnaSettings, "format"))
+    facility: int | str = r.field(AtnaSettings, "atna.facility", (int, str), check=_facility,
                                   allowed="a syslog facility number 0-23 or name like 'authpriv'")
-    host = r.get("atna.host", str, "")
+    host = r.field(AtnaSettings, "atna.host", str)
     settings = AtnaSettings(
         enabled=enabled,
         host=host,
-        port=r.get("atna.port", int, 6514, check=_port),
-        ca_file=r.path("atna.ca_file", None),
-        cert_file=r.path("atna.cert_file", None),
-        key_file=r.path("atna.key_file", None),
+        port=r.field(AtnaSettings, "atna.port", int, check=_port),
+        ca_file=r.path("atna.ca_file", field_default(AtnaSettings, "ca_file")),
+        cert_file=r.path("atna.cert_file", field_default(AtnaSettings, "cert_file")),
+        key_file=r.path("atna.key_file", field_default(AtnaSettings, "key_file")),
         format=cast(Literal["dicom-xml", "fhir-json"], fmt),
-        app_name=r.get("atna.app_name", str, "edge-agent",
+        app_name=r.field(AtnaSettings, "atna.app_name", str,
                        check=lambda v: None if APP_NAME.match(v) else
                        "must be 1-48 printable ASCII characters without spaces (RFC 5424 APP-NAME)"),
         facility=SYSLOG_FACILITIES[facility] if isinstance(facility, str) else int(facility),
         server_name=r.get("atna.server_name", (str, type(None)), None),
-        connect_timeout_seconds=r.get("atna.connect_timeout_seconds", float, 10.0,
+        connect_timeout_seconds=r.field(AtnaSettings, "atna.connect_timeout_seconds", float,
                                       check=lambda v: None if 0 < v <= 300 else
                                       "must be between 0 and 300 seconds"),
     )
@@ -730,12 +884,151 @@ def _atna(r: _Reader) -> AtnaSettings:
     return settings
 
 
+def _range(lo: float, hi: float, unit: str) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g} {unit}"
+
+
+def _results(r: _Reader) -> ResultsSettings:
+    enabled = r.get("results.enabled", bool, False)
+    settings = ResultsSettings(
+        enabled=enabled,
+        link_retention_days=r.get("results.link_retention_days", int, 14,
+                                  check=_range(1, 3650, "days")),
+        destinations=_destinations(r),
+        retry_min_seconds=r.get("results.retry_min_seconds", float, 5.0,
+                                check=_range(0.1, 3600, "seconds")),
+        retry_max_seconds=r.get("results.retry_max_seconds", float, 300.0,
+                                check=_range(1, 86400, "seconds")),
+        dead_letter_hours=r.get("results.dead_letter_hours", float, 72.0,
+                                check=_range(0.001, 24 * 365, "hours")),
+        commitment_timeout_seconds=r.get("results.commitment_timeout_seconds", float, 600.0,
+                                         check=_range(1, 7 * 86400, "seconds")),
+        commitment_wait_seconds=r.get("results.commitment_wait_seconds", float, 5.0,
+                                      check=_range(0, 300, "seconds")),
+        connect_timeout_seconds=r.get("results.connect_timeout_seconds", float, 10.0,
+                                      check=_range(0.1, 300, "seconds")),
+    )
+    if settings.retry_max_seconds < settings.retry_min_seconds:
+        r.problems.append("[results.retry_max_seconds] is smaller than retry_min_seconds; "
+                          "fix: make it at least as large")
+    if settings.dead_letter_hours > settings.link_retention_days * 24:
+        # A queued object is a copy of the link's PHI: it must not outlive the link.
+        r.problems.append(f"[results.dead_letter_hours] = {settings.dead_letter_hours:g} is "
+                          f"longer than link_retention_days ({settings.link_retention_days} "
+                          "days); fix: lower it or keep links longer")
+    if settings.destinations and not enabled:
+        r.problems.append("[[results.destinations]] are configured but [results] enabled = "
+                          "false: nothing would be sent; fix: set [results] enabled = true or "
+                          "remove the destinations")
+    return settings
+
+
+_DEST_KEYS = ("name", "ae_title", "host", "port", "kinds", "storage_commitment",
+              "release_after", "tls")
+_DEST_TLS_KEYS = ("enabled", "ca", "cert", "key", "server_name")
+
+
+def _destinations(r: _Reader) -> tuple[ResultDestination, ...]:
+    """``[[results.destinations]]``: every problem of every entry is reported."""
+    raw = r._lookup("results.destinations")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("[results.destinations] must be an array of tables "
+                          "([[results.destinations]])")
+        return ()
+    out: list[ResultDestination] = []
+    names: set[str] = set()
+    peers: set[tuple[str, str, int]] = set()
+    for i, e in enumerate(raw):
+        where = f"results.destinations[{i}]"
+        if not isinstance(e, dict):
+            r.problems.append(f"[{where}] must be a table with name, ae_title, host and port")
+            continue
+        before = len(r.problems)
+        sub = _Reader(e, r.base)
+
+        def need(key: str, kind: type, check: Callable[[Any], str | None] | None,
+                 allowed: str, sub: _Reader = sub) -> Any:
+            return sub.get(key, kind, check=check, allowed=allowed)
+
+        name = need("name", str, _safe_id, "a short label like 'pacs' (A-Z a-z 0-9 _ . -)")
+        ae = need("ae_title", str, _ae, "the destination's AE title")
+        host = need("host", str, lambda v: None if v.strip() else "must not be empty",
+                    "the destination's host name or address")
+        port = need("port", int, _port, "its DICOM port")
+        kinds_raw = sub.get("kinds", list, list(RESULT_KINDS))
+        bad = [k for k in kinds_raw if k not in RESULT_KINDS]
+        if bad or not kinds_raw:
+            sub.problems.append(f"[kinds] = {kinds_raw!r}: must list some of "
+                                f"{', '.join(RESULT_KINDS)}")
+        commitment = sub.get("storage_commitment", bool, False)
+        release = sub.choice("release_after", ("commitment", "success"),
+                             "commitment" if commitment else "success")
+        if release == "commitment" and not commitment:
+            sub.problems.append("[release_after] = 'commitment' needs storage_commitment = true "
+                                "(without it, use 'success')")
+        tls = DestinationTls(
+            enabled=sub.get("tls.enabled", bool, False), ca=sub.path("tls.ca", None),
+            cert=sub.path("tls.cert", None), key=sub.path("tls.key", None),
+            server_name=sub.get("tls.server_name", (str, type(None)), None))
+        if tls.enabled:
+            for key, p, what, secret in (
+                    ("tls.ca", tls.ca, "CA certificate(s) that sign the destination's "
+                                       "certificate", False),
+                    ("tls.cert", tls.cert, "box's client certificate", False),
+                    ("tls.key", tls.key, "box's client private key", True)):
+                _tls_file(sub, key, p, what, secret=secret)
+        unknown = set(e) - set(_DEST_KEYS)
+        tls_raw = e.get("tls", {})
+        if isinstance(tls_raw, dict):
+            unknown |= {f"tls.{k}" for k in set(tls_raw) - set(_DEST_TLS_KEYS)}
+        if unknown:
+            sub.problems.append(f"unknown key(s) {sorted(unknown)}; allowed: "
+                                f"{', '.join(_DEST_KEYS)}, tls.{{{', '.join(_DEST_TLS_KEYS)}}}")
+        r.problems.extend(f"[{where}.{p[1:]}" if p.startswith("[") else f"[{where}] {p}"
+                          for p in sub.problems)
+        if name is not None and name in names:
+            r.problems.append(f"[{where}.name] = {name!r} is used by two destinations; "
+                              "fix: give each its own name")
+        if None not in (ae, host, port) and (ae, host, port) in peers:
+            r.problems.append(f"[{where}] {ae}@{host}:{port} is configured twice; fix: "
+                              "keep one entry (list every kind it takes in its kinds)")
+        names.add(name)
+        peers.add((ae, host, port))
+        if len(r.problems) > before:
+            continue
+        out.append(ResultDestination(
+            name=name, ae_title=ae, host=host, port=port,
+            kinds=frozenset(RESULT_KINDS[k] for k in kinds_raw),
+            storage_commitment=commitment,
+            release_after=cast(Literal["commitment", "success"], release), tls=tls))
+    return tuple(out)
+
+
+def _tls_file(r: _Reader, key: str, p: Path | None, what: str, *, secret: bool) -> None:
+    if p is None:
+        r.problems.append(f"[{key}] is required when tls.enabled = true (the path of the {what})")
+        return
+    try:
+        st = p.stat()
+    except OSError as exc:
+        r.problems.append(f"[{key}] {p}: {exc.strerror or exc}; give the path of the {what}")
+        return
+    if not p.is_file():
+        r.problems.append(f"[{key}] {p} is not a file; give the path of the {what}")
+    elif secret and st.st_mode & 0o077:
+        r.problems.append(f"[{key}] {p} is readable by group or others (mode "
+                          f"{st.st_mode & 0o777:o}); fix: chmod 600 {p}")
+
+
 def _unknown_keys(data: dict[str, Any], r: _Reader) -> None:
     """Report typos: every leaf key that validation never looked at."""
     def walk(node: dict[str, Any], prefix: str) -> None:
         for k, v in node.items():
             key = f"{prefix}{k}"
-            if key in {"dicom.peers", "deid.pixel_clean"} or prefix == "" and k not in _KNOWN_TOP:
+            if key in {"dicom.peers", "deid.pixel_clean", "results.destinations"} \
+                    or prefix == "" and k not in _KNOWN_TOP:
                 continue
             if isinstance(v, dict):
                 walk(v, key + ".")
@@ -760,7 +1053,8 @@ def load(path: Path | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], path=str(p)) from None
-    from agent import credentials  # here, not at the top: credentials imports this module
-
     # Under systemd, key files named here are replaced by $CREDENTIALS_DIRECTORY entries.
-    return credentials.apply(parse(data, p))
+    from agent.deploy import overlay  # changes applied by approved deployments
+    from agent.identity import credentials  # here, not at the top: credentials imports this module
+
+    return credentials.apply(parse(overlay.apply(data, p), p))

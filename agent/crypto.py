@@ -135,7 +135,7 @@ class KeyEncryptionKey:
     ``previous`` holds the KEK being rotated away from (``kek.key.old`` next to
     the KEK file) while ``edge-agent keys rotate`` is unfinished: unwrap then
     accepts both, wrap always uses the new one, so a crash mid-rotation loses
-    nothing (see agent/keyrotate.py).
+    nothing (see agent/identity/keyrotate.py).
     """
 
     key: bytes = field(repr=False)

@@ -1,9 +1,10 @@
 """The daemon: wires the stages together and owns their threads.
 
-Threads: pynetdicom's server threads (receive), ``assembler`` (closes quiet
+Threads: the DICOM node's (``dicom-accept`` and one per association, or the
+receive workers' ``dicom-dispatch``; ``dicom-receipts``), ``assembler`` (closes quiet
 studies and processes them one at a time), ``telemetry``, ``mqtt`` (publish),
 ``atna`` (the audit log to the hospital's audit repository, when configured),
-``watchdog`` (feeds systemd only while every stage beats, see agent/liveness.py).
+``watchdog`` (feeds systemd only while every stage beats, see agent/ops/liveness.py).
 SIGTERM/SIGINT stop intake first, let the current study finish, drain the
 outbox for a bounded time, publish the offline status and exit 0.  Studies
 still open stay open on disk and resume on the next start.
@@ -25,26 +26,35 @@ from typing import Any
 
 from cryptography import x509
 
-from agent import __version__, cloudevents, control, faults, liveness, metrics, sdnotify, telemetry
+from agent import __version__
 from agent.audit import AuditLog
 from agent.audit.atna import AtnaSender
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
+from agent.deid.pseudonym import Pseudonymizer
+from agent.deid.vault import PseudonymVault, VaultPseudonymizer
+from agent.deploy.runner import DeployStage, Hooks
+from agent.dicom.node import DicomNode, LocalNode
+from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
-from agent.inbound import Inbound
-from agent.inbox import Inbox
+from agent.identity.keyrotate import hold_state_lock
 from agent.infer import InferenceEngine, InferenceSettings
-from agent.keyrotate import hold_state_lock
-from agent.outbox import Outbox
+from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
-from agent.publish import Publisher
-from agent.quarantine import Quarantine
-from agent.receive import StorageSCP
-from agent.recvpool import ReceivePool, WorkerInit
+from agent.results.common import Issuer
+from agent.results.delivery import Delivery
 from agent.results.link import LinkStore
+from agent.results.queue import DeliveryQueue
+from agent.review.service import ReviewService
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
+from agent.uplink import cloudevents, metrics, telemetry
+from agent.uplink.inbound import Inbound
+from agent.uplink.outbox import Outbox
+from agent.uplink.publish import Publisher
 
-log = logging.getLogger("edge_agent.daemon")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class Daemon:
             peer_key=self.pseudonym_key,
         )
         # The full records (PHI included) to the hospital's ATNA audit repository: the
-        # audit log is its durable outbox (agent/audit/atna.py, agent/egresspolicy.py).
+        # audit log is its durable outbox (agent/audit/atna.py, agent/uplink/egresspolicy.py).
         self.atna: AtnaSender | None = None
         if cfg.atna.enabled:
             self.atna = AtnaSender(cfg, state / "audit" / "audit.db", self.kek,
@@ -122,15 +132,23 @@ class Daemon:
                                    beat=self._atna_beat)
         self.inbox = Inbox(state / "inbox", self.kek, self.pseudonym_key, cfg.inbox, cfg.study)
         self.quarantine = Quarantine(state / "quarantine", self.kek)
-        # Kept for the privacy officer's release (agent/quarantine_review.py).
+        # Kept for the privacy officer's release (agent/store/quarantine_review.py).
         self.deidentifier_settings = deid_settings(cfg)
-        self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key)
+        # [deid] pseudonyms = "vault": random codes kept in an encrypted local map.
+        self.vault: PseudonymVault | None = None
+        self.pseudonymizer: Pseudonymizer | None = None
+        if cfg.deid.pseudonyms == "vault":
+            self.vault = PseudonymVault(state / "deid" / "vault.db", self.kek)
+            self.pseudonymizer = VaultPseudonymizer(self.pseudonym_key, self.vault)
+        self.deidentifier = Deidentifier(self.deidentifier_settings, self.pseudonym_key,
+                                         self.pseudonymizer)
         self.engine = InferenceEngine(
             InferenceSettings(
                 models_dir=cfg.models.dir, state_dir=state / "models-state",
                 environment=cfg.environment, publisher_keys=cfg.models.publisher_keys,
                 threads=cfg.models.threads, timeout_seconds=cfg.models.timeout_seconds,
                 drift_min_studies=cfg.models.drift_min_studies,
+                providers=cfg.infer.providers,
             ),
             audit=lambda event, details: self.audit(event, details=details),
         )
@@ -140,11 +158,21 @@ class Daemon:
                       if cfg.results.enabled else None)
         if self.links is not None:
             self.links.expire()
+        # [[results.destinations]]: the durable C-STORE queue into the PACS.
+        self.delivery: Delivery | None = None
+        if self.links is not None and cfg.results.destinations:
+            self.delivery = Delivery(
+                cfg, self.links, DeliveryQueue(state / "results" / "delivery.db", self.kek),
+                Issuer(cfg.site, cfg.device, self.pseudonym_key), self.outbox, self.audit)
         self.expire_quarantine()
+        # Flagged results wait here for reviewers' verdicts (agent/review/).
+        self.review = ReviewService(cfg, self.kek, self.engine.manifest_of, self.audit,
+                                    wake=self._telemetry_now.set)
         self.pipeline = Pipeline(cfg, self.inbox, self.deidentifier, self.engine, self.outbox,
                                  self.quarantine, self.audit, beat=self._assembler_beat,
                                  links=self.links)
-        self.scp: StorageSCP | ReceivePool
+        self.pipeline.on_result = self.review.record
+        self.scp: DicomNode
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
                                    on_stored=lambda _r: self._work.set(),
@@ -152,17 +180,26 @@ class Daemon:
         else:
             # Workers journal their audit records in the inbox (durable), so only the
             # in-process node feeds the audit queue and needs its hold.
-            self.scp = StorageSCP(cfg.dicom, self.inbox, audit=self.audit,
+            self.scp = LocalNode(cfg.dicom, self.inbox, audit=self.audit,
                                   on_stored=lambda _r: self._work.set(),
                                   accepting=self._intake.is_set, receipts=self.audit_log,
                                   hold=self.audit_log.intake_hold)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
+        self.inbound.register("review", self.review.on_message)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    inbound=self.inbound,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
                                                                     details=d),
                                    liveness=self.liveness)
+        # Signed deployments from central ops (agent/deploy/): documents and chunks arrive
+        # on {base}/deployments, job states leave on {base}/jobs.
+        self.deploy = DeployStage(cfg, Hooks(
+            emit=self._emit_job, audit=self.audit, registry=lambda: self.engine.registry,
+            reload=self.engine.reload, status_changed=self._republish_status,
+            latencies=lambda: list(self.pipeline.latencies_ms),
+            drift=self.engine.drift_report))
+        self.inbound.register("deployments", self.deploy.on_message)
         self.certs = telemetry.CertWatch.for_config(cfg)
         self.certs.check()  # an expiring certificate is logged at start, not after an interval
         port = cfg.telemetry.prometheus_port
@@ -180,6 +217,9 @@ class Daemon:
               phi: Mapping[str, str] | None = None) -> None:
         self.audit_log.record(event, outcome=outcome, user=user, source=source, details=details,
                               phi=phi)
+        deploy = getattr(self, "deploy", None)  # health gates of a deployment's soak
+        if deploy is not None and details is not None:
+            deploy.observe(event, dict(details))
 
     def _worker_init(self, index: int) -> WorkerInit:
         cfg = self.cfg
@@ -215,7 +255,21 @@ class Daemon:
             "agent_version": __version__,
             "site": self.cfg.site, "device": self.cfg.device,
             "models": self.engine.active_models() if online else [],
+            "deployment": self.deploy.status(),
+            "labels": self.cfg.deploy.label_map(),
         })
+
+    def _emit_job(self, data: dict[str, Any]) -> None:
+        ev = cloudevents.envelope(kind="job", source=self._source(), data=data)
+        self.outbox.enqueue("jobs", ev["id"], cloudevents.encode(ev))
+
+    def _republish_status(self) -> None:
+        """The retained status again, through the outbox: it shows the deployment now."""
+        try:
+            ev = self._status(True)
+            self.outbox.enqueue("status", ev["id"], cloudevents.encode(ev))
+        except Exception:  # noqa: BLE001 - the next birth carries it anyway
+            log.exception("could not enqueue the status")
 
     def _listening(self) -> str:
         return f"listening on {self.cfg.dicom.host}:{self.cfg.dicom.port}"
@@ -296,6 +350,8 @@ class Daemon:
             faults.hang_point("assembler")
             try:
                 self.pipeline.process(study)
+                if self.delivery is not None:
+                    self.delivery.wake()
                 n += 1
                 self._assembler_beat(progress=True, doing="processing a study")
             except OutOfResources as exc:
@@ -343,6 +399,9 @@ class Daemon:
             "liveness": self.watchdog.as_json(),
             "atna": self.atna_status(),
             "quarantine": self.quarantine.stats(),
+            "results_delivery": self.delivery.stats() if self.delivery is not None else {},
+            "review": self.review.telemetry(),
+            "performance": self.review.performance(),
         }
 
     def expire_quarantine(self) -> None:
@@ -373,6 +432,7 @@ class Daemon:
                 return
             stage.beat(doing="sending telemetry")
             try:
+                self.review.tick()
                 data = self.telemetry_data()
                 ev = cloudevents.envelope(kind="telemetry", source=self._source(), data=data)
                 self.outbox.enqueue("telemetry", ev["id"], cloudevents.encode(ev))
@@ -385,6 +445,7 @@ class Daemon:
                     if self.links is not None:
                         self.links.expire()
                     self.expire_quarantine()
+                    self.review.expire()
             except Exception:  # noqa: BLE001
                 log.exception("telemetry cycle failed")
             stage.beat(progress=True, doing="waiting for the next interval")
@@ -393,7 +454,7 @@ class Daemon:
     _LIVENESS_PERIOD = 5.0
 
     def _watchdog(self) -> None:
-        """Feed systemd's watchdog only while every stage is live (agent/liveness.py)."""
+        """Feed systemd's watchdog only while every stage is live (agent/ops/liveness.py)."""
         interval = sdnotify.watchdog_interval()
         period = min(interval, self._LIVENESS_PERIOD) if interval else self._LIVENESS_PERIOD
         while not self._stop.is_set():
@@ -414,6 +475,22 @@ class Daemon:
         self._work.set()
         self._telemetry_now.set()
 
+    @property
+    def intake(self) -> str:
+        """"open", "paused" (by an operator) or "stopping" (what ``edge-agent status`` shows)."""
+        if self._stop.is_set():
+            return "stopping"
+        return "open" if self._intake.is_set() else "paused"
+
+    def pause_intake(self) -> None:
+        """New associations are refused until ``resume_intake`` (``edge-agent control pause``)."""
+        self._intake.clear()
+
+    def resume_intake(self) -> None:
+        if self._stop.is_set():
+            raise EdgeAgentError("the daemon is stopping; intake stays closed")
+        self._intake.set()
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
@@ -425,6 +502,9 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()
         self.control.start()
+        if self.delivery is not None:
+            self.delivery.start()
+        self.deploy.start()
         if not self.opts.burst:
             try:
                 self._start_receive()
@@ -452,21 +532,19 @@ class Daemon:
 
     def _start_receive(self) -> None:
         """Start the DICOM node; its stage is live while the threads it started run
-        (pynetdicom's accept loops, the receipt drainer) and, with receive workers,
-        while the dispatcher beats."""
+        (its accept loop, the receipt drainer) and, with receive workers, while the
+        dispatcher beats."""
         before = set(threading.enumerate())
         started: list[threading.Thread] = []
-        pool = isinstance(self.scp, ReceivePool)
         stage = self.liveness.stage(
-            "receive", self.deadline if pool else None,
+            "receive", self.deadline if self.scp.beats else None,
             probe=lambda: liveness.threads_alive(started, "DICOM receive")())
-        if isinstance(self.scp, ReceivePool):
-            self.scp.stage = stage
-            self.scp.silent_after = self.deadline
+        self.scp.supervise(stage, self.deadline)
         self.scp.start()
         # By name: a control client that happens to connect now is not the receive node's.
         started.extend(t for t in threading.enumerate()
-                       if t not in before and t.name.startswith("dicom"))
+                       if t not in before and t.name in ("dicom-accept", "dicom-dispatch",
+                                                         "dicom-receipts"))
 
     def _burst(self) -> None:
         self.inbox.complete_all()
@@ -484,6 +562,7 @@ class Daemon:
         for t in threads:
             t.join(timeout=30)
         self.control.stop()
+        self.deploy.stop()
         self.audit("daemon.stopped", details={"pending_outbox": int(self.outbox.stats()["depth"])})
         try:
             self.audit_log.checkpoint()
@@ -494,11 +573,18 @@ class Daemon:
         self.publisher.stop(drain_timeout=5.0)
         if self.metrics is not None:
             self.metrics.stop()
+        if self.delivery is not None:
+            self.delivery.stop()  # what is not sent waits in its queue for the next start
         self.engine.close()
         self.audit_log.close()
         self.inbox.close()
         self.quarantine.close()
+        self.review.close()
         self.outbox.close()
+        if self.delivery is not None:
+            self.delivery.queue.close()
+        if self.vault is not None:
+            self.vault.close()
         if self.links is not None:
             self.links.close()
         os.close(self._state_lock)

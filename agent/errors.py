@@ -54,7 +54,7 @@ class ModelError(EdgeAgentError):
     """A model package is invalid, unsigned, tampered or failed to run.
 
     ``code`` names the failure in the fixed vocabulary a result publishes
-    (agent/vocabulary.py FAILURE); the message is for the box's log only.
+    (agent/uplink/vocabulary.py FAILURE); the message is for the box's log only.
     """
 
     code = "model-error"
@@ -86,7 +86,3 @@ class AuditError(EdgeAgentError):
 class ResultError(EdgeAgentError):
     """A result object (SR, presentation state, key image, SEG) could not be built."""
 
-
-class InstallError(EdgeAgentError):
-    """The installed software differs from what this release was built and tested
-    with (a library version, or a patch of it that did not take effect)."""

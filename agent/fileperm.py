@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from agent import credentials
 from agent.config import Config
 from agent.errors import OutOfResources, StorageError
+from agent.identity import credentials
 
 PRIVATE_UMASK = 0o077
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")

@@ -12,11 +12,12 @@ uncaught thread exceptions go through logging too instead of straight to stderr.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from types import TracebackType
 
-from agent.egress import ScrubFilter
+from agent.uplink.egress import ScrubFilter
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators (some
 # viewers break lines on them).
@@ -36,18 +37,46 @@ class OneLineFormatter(logging.Formatter):
         return escape_controls(super().format(record))
 
 
+# syslog priorities (sd-daemon.h SD_CRIT ... SD_DEBUG) for the journal's line prefix
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
+
+
+class JournalFormatter(OneLineFormatter):
+    """One line with a ``<N>`` priority prefix, which journald reads off a stream line
+    (so ``journalctl -p err`` and a syslog forwarder see the level); no timestamp,
+    the journal stamps every line itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelno
+        prio = next((p for lv, p in sorted(_PRIORITY.items(), reverse=True) if level >= lv), 7)
+        return f"<{prio}>{super().format(record)}"
+
+
+def stderr_is_journal() -> bool:
+    """systemd connected stderr to the journal: ``JOURNAL_STREAM`` names the device and
+    inode of that stream (a redirected stderr of a child keeps the variable, not the
+    stream, hence the comparison)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(want) and want == f"{st.st_dev}:{st.st_ino}"
+
+
 def _thread_exception(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
     exc = (args.exc_type, args.exc_value, args.exc_traceback)
-    logging.getLogger("edge_agent").error("thread %s stopped by an uncaught exception", name,
+    logging.getLogger(__name__).error("thread %s stopped by an uncaught exception", name,
                                           exc_info=exc)  # type: ignore[arg-type]
 
 
 def _process_exception(exc_type: type[BaseException], exc: BaseException,
                        tb: TracebackType | None) -> None:
-    logging.getLogger("edge_agent").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+    logging.getLogger(__name__).critical("uncaught exception", exc_info=(exc_type, exc, tb))
 
 
 def setup(level: str = "INFO", process: str = "") -> None:
@@ -57,7 +86,11 @@ def setup(level: str = "INFO", process: str = "") -> None:
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     tag = f"[{process}]" if process else ""
-    handler.setFormatter(OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter(f"%(levelname)s %(name)s{tag}: %(message)s"))
+    else:
+        handler.setFormatter(
+            OneLineFormatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
     handler.addFilter(ScrubFilter())
     root.addHandler(handler)
     root.setLevel(level)

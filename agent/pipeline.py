@@ -23,16 +23,15 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from agent import cloudevents, egress, vocabulary
+from agent import dicomraw
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
-from agent.inbox import Inbox
 from agent.infer import InferenceEngine
-from agent.liveness import Beat, no_beat
-from agent.outbox import Outbox
-from agent.quarantine import Quarantine
-from agent.results.link import LinkStore, Originals
+from agent.ops.liveness import Beat, no_beat
+from agent.results.link import LinkStore, Originals, has_sr
+from agent.store.inbox import Inbox
+from agent.store.quarantine import Quarantine
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -43,8 +42,10 @@ from agent.types import (
     ReceivedInstance,
     Study,
 )
+from agent.uplink import cloudevents, egress, vocabulary
+from agent.uplink.outbox import Outbox
 
-log = logging.getLogger("edge_agent.pipeline")
+log = logging.getLogger(__name__)
 
 AuditFn = Callable[..., None]
 
@@ -128,12 +129,12 @@ def _detach_pixels(ds: pydicom.Dataset) -> RawDataElement | None:
     element walk would read it in) and leave an empty stand-in, so the de-identifier
     still sees an image.  Only when the pixels cannot matter to it: no burned-in-text
     risk, hence no quarantine or pixel-clean decision that needs them."""
-    elem = ds._dict.get(PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    elem = dicomraw.raw(ds, PIXEL_DATA)  # the raw element, without reading it
     if not isinstance(elem, RawDataElement) or elem.value is not None or elem.length == 0:
         return None
     if burnedin.burned_in_risk(ds) is not None:
         return None
-    ds._dict[PIXEL_DATA] = elem._replace(value=b"", length=0)  # noqa: SLF001
+    dicomraw.elements(ds)[PIXEL_DATA] = elem._replace(value=b"", length=0)
     return elem
 
 
@@ -141,13 +142,13 @@ def _reattach_pixels(out: pydicom.Dataset, placeholder: object, elem: RawDataEle
                      buf: bytearray) -> bool:
     """Put the deferred Pixel Data back into the de-identified dataset, readable through a
     window of ``buf``; zero the rest of ``buf`` (the original header) first."""
-    if out._dict.get(PIXEL_DATA) is not placeholder:  # noqa: SLF001
+    if dicomraw.raw(out, PIXEL_DATA) is not placeholder:
         return False  # the de-identifier did something with the element: not ours to undo
     start = elem.value_tell - data_element_offset_to_value(elem.is_implicit_VR, str(elem.VR))
     end = elem.value_tell + elem.length
     buf[:start] = bytes(start)
     buf[end:] = bytes(len(buf) - end)
-    out._dict[PIXEL_DATA] = elem  # noqa: SLF001
+    dicomraw.elements(out)[PIXEL_DATA] = elem
     out.buffer = PlainView(buf, window=(start, end))
     out.filename = None
     out.fileobj_type = PlainView
@@ -171,7 +172,7 @@ class Pipeline:
         self.cfg = cfg
         # [results] enabled: the encrypted link back into each original study.
         self.links = links
-        # The assembler's liveness heartbeat (agent/liveness.py): a study of many
+        # The assembler's liveness heartbeat (agent/ops/liveness.py): a study of many
         # instances must not look like a hang.
         self.beat: Beat = beat or no_beat
         self.inbox = inbox
@@ -183,8 +184,12 @@ class Pipeline:
         self.latencies_ms: list[float] = []
         # Fixed by configuration before any study: the guard must not read them as study
         # text ("options: none" and a patient called NONE^BOB).
-        vocabulary.allow([deidentifier.describe(), *cfg.deid.options])
+        vocabulary.allow([deidentifier.describe(), *cfg.deid.options,
+                          *(d.name for d in cfg.results.destinations)])
         self.counters = {"studies": 0, "quarantined": 0, "failed_instances": 0, "failed_studies": 0}
+        # Called with each result's event id once it is durable in the outbox, before the
+        # study is marked done (the review stage remembers what a verdict joins with).
+        self.on_result: Callable[[str, InferenceResult], None] | None = None
 
     # -- stages ------------------------------------------------------------------
 
@@ -226,7 +231,7 @@ class Pipeline:
             try:
                 ds = parse_view(buf)
                 pixels = _detach_pixels(ds)
-                placeholder = ds._dict.get(PIXEL_DATA)  # noqa: SLF001
+                placeholder = dicomraw.raw(ds, PIXEL_DATA)
                 captured = Originals.read(ds) if originals is not None else None
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
@@ -324,16 +329,17 @@ class Pipeline:
         return self.payload_for(study.study_key, str(study.version), r)
 
     def payload_for(self, study_key: str, version: str, r: InferenceResult,
-                    ) -> tuple[str, bytes]:
+                    *, linked: bool = True) -> tuple[str, bytes]:
         """The result event; ``version`` also names a released quarantined instance
-        (agent/quarantine_review.py), so its result has an id of its own."""
+        (agent/store/quarantine_review.py), so its result has an id of its own.  ``linked``:
+        the study's link is written, so its objects will be delivered (delivered_to)."""
         data: dict[str, Any] = {
             "study": {
                 "ref": r.study_ref, "patient_ref": r.patient_ref, "version": r.version,
                 "instances_received": r.instances_received,
                 "instances_processed": r.instances_processed,
                 # Rule codes with their fixed descriptions, never the box-local reason:
-                # no text derived from the instance leaves the box (agent/vocabulary.py).
+                # no text derived from the instance leaves the box (agent/uplink/vocabulary.py).
                 "quarantined": [_quarantine_json(q) for q in r.quarantined],
             },
             "status": r.status,
@@ -342,6 +348,11 @@ class Pipeline:
             "failures": [_failure_json(f) for f in r.failures],
             "latency_ms": round(r.latency_ms, 1),
         }
+        if linked and self.links is not None and self.cfg.results.destinations and has_sr(r):
+            # Where the result objects go (names only); the final states follow in a
+            # result.delivery event (agent/results/delivery.py).
+            data["delivered_to"] = [{"destination": d.name, "state": "queued"}
+                                    for d in self.cfg.results.destinations]
         eid = cloudevents.stable_id(self.cfg.site, self.cfg.device, "result", study_key, version)
         ev = cloudevents.envelope(kind="result", source=f"edge-agent/{self.cfg.site}/{self.cfg.device}",
                                   data=data, event_id=eid, subject=r.study_ref)
@@ -361,6 +372,8 @@ class Pipeline:
         # hashes) and each failure itself; the pipeline audits the study outcome.
         eid, payload = self.result_payload(study, result)
         self.outbox.enqueue("results", eid, payload, phi)
+        if self.on_result is not None:
+            self.on_result(eid, result)
         if self.links is not None and originals is not None:
             # Before mark_done deletes the originals; a crash before it reprocesses.
             self.links.record(dstudy, result, originals)
@@ -395,4 +408,5 @@ def _model_json(m: ModelOutput) -> dict[str, Any]:
     d = asdict(m)
     d["review_reasons"] = list(m.review_reasons)
     del d["sources"]  # box-local positions, for the result objects (agent/results/)
+    del d["subgroup"]  # quasi-identifiers: box-local, for the review store (agent/review/)
     return d

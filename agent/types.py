@@ -61,7 +61,7 @@ class QuarantineNote:
     """Why one instance was not processed.
 
     ``reason`` is for the box (quarantine store, local audit, log); a result publishes
-    only ``code`` and its fixed description (agent/vocabulary.py QUARANTINE).
+    only ``code`` and its fixed description (agent/uplink/vocabulary.py QUARANTINE).
     """
 
     instance_key: str
@@ -74,7 +74,7 @@ class ModelFailure:
     """Why a model gave no output for a study.
 
     ``detail`` (which may quote a library's message) stays on the box; a result
-    publishes the model, ``code`` with its fixed description (agent/vocabulary.py
+    publishes the model, ``code`` with its fixed description (agent/uplink/vocabulary.py
     FAILURE) and, for undecodable pixels, the standard keyword of the transfer syntax.
     """
 
@@ -139,6 +139,10 @@ class ModelOutput:
     # result objects written back into the study reference their originals.  Box-local,
     # not part of the published result.
     sources: tuple[int, ...] = ()
+    # The subgroup attributes the manifest names (drift.subgroup_attributes), as read
+    # from the de-identified instance: quasi-identifiers for the review store
+    # (agent/review/), box-local and never published.
+    subgroup: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from pydicom.uid import generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.devbox import provision_dev  # noqa: E402
+from agent.ops.devbox import provision_dev  # noqa: E402
 from bench.common import free_port, set_config, wait_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent import cloudevents  # noqa: E402
-from agent.pki import issue, make_ca, write_pair  # noqa: E402
+from agent.identity.pki import issue, make_ca, write_pair  # noqa: E402
+from agent.uplink import cloudevents  # noqa: E402
 from bench.common import free_port, wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

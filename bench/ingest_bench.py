@@ -48,12 +48,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "receive"))
 
-from orthanc import Orthanc  # noqa: E402
-
-from agent.devbox import provision_dev  # noqa: E402
+from agent.ops.devbox import provision_dev  # noqa: E402
 from bench.common import free_port, set_config, wait_port  # noqa: E402
+from tests.helpers.orthanc import Orthanc  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 CALLED = "EDGE_AGENT"
@@ -119,7 +117,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """Receive worker processes of the daemon (direct children running agent.recvworker)."""
+    """Receive worker processes of the daemon (direct children running agent.dicom.worker)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -129,7 +127,7 @@ def children(pid: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and b"agent.recvworker" in cmd:
+        if int(stat[1]) == pid and b"agent.dicom.worker" in cmd:
             out.append(int(entry.name))
     return out
 
@@ -151,10 +149,22 @@ def reset_peak(pid: int) -> None:
 class EdgeAgent:
     name = "edge-agent"
 
-    def __init__(self, root: Path, workers: int = 1) -> None:
+    def __init__(self, root: Path, workers: int = 1, code: Path = REPO) -> None:
         self.port = free_port()
-        self.box = provision_dev(root / "box", dicom_port=self.port, mqtt_port=free_port(),
-                                 extra_ae=("BENCH",))
+        self.code = code
+        if code == REPO:
+            provision_dev(root / "box", dicom_port=self.port, mqtt_port=free_port(),
+                          extra_ae=("BENCH",))
+        else:
+            # A baseline checkout provisions with its own code: its config loader may not
+            # know keys this tree's dev box writes.
+            subprocess.run(
+                [sys.executable, "-c", "import sys; from agent.ops.devbox import provision_dev; "
+                 "provision_dev(__import__('pathlib').Path(sys.argv[1]), dicom_port=int(sys.argv[2]),"
+                 " mqtt_port=int(sys.argv[3]), extra_ae=('BENCH',))",
+                 str(root / "box"), str(self.port), str(free_port())],
+                cwd=code, env=dict(os.environ, PYTHONPATH=str(code)), check=True,
+                stdout=subprocess.DEVNULL)
         cfg = root / "box" / "agent.toml"
         text = cfg.read_text().replace("quiet_seconds = 3\n", "quiet_seconds = 3600\n")
         text = text.replace("[logging]\nlevel = \"INFO\"", "[logging]\nlevel = \"WARNING\"")
@@ -168,7 +178,8 @@ class EdgeAgent:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "provisioning.cli", "run", "--config", str(self.cfg)],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+            cwd=self.code, env=dict(os.environ, PYTHONPATH=str(self.code)),
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -225,19 +236,23 @@ class OrthancTarget:
         self.o.stop()
 
 
-def run_cell(target: str, files: list[Path], assocs: int, work: Path) -> dict[str, Any]:
+def run_cell(target: str, files: list[Path], assocs: int, work: Path,
+             baseline: Path | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=work))
     t: Any
-    if target.startswith("edge-agent"):
-        # "edge-agent" receives in the daemon's process, "edge-agent-wN" with N workers
-        t = EdgeAgent(root, workers=int(target.rpartition("-w")[2]) if "-w" in target else 1)
+    if target.startswith(("edge-agent", "baseline")):
+        # "edge-agent" receives in the daemon's process, "edge-agent-wN" with N workers;
+        # "baseline[-wN]" the same from the --baseline checkout (before/after, one run)
+        code = baseline if target.startswith("baseline") and baseline is not None else REPO
+        t = EdgeAgent(root, workers=int(target.rpartition("-w")[2]) if "-w" in target else 1,
+                      code=code)
     elif target == "storescp":
         t = StoreSCP(root, assocs)
     else:
         t = OrthancTarget(root)
     t.start()
     try:
-        pid = t.proc.pid if target.startswith("edge-agent") else None
+        pid = t.proc.pid if target.startswith(("edge-agent", "baseline")) else None
         cpu_pid = pid if pid else (
             t.o.proc.pid if target == "orthanc" and t.o.proc is not None else None)
         if pid:
@@ -266,8 +281,17 @@ def main() -> int:
     ap.add_argument("--dx", type=int, default=24)
     ap.add_argument("--targets", default="edge-agent,edge-agent-w2,storescp,orthanc",
                     help="edge-agent (receive in the daemon process), edge-agent-wN (N receive "
-                         "worker processes), storescp, orthanc")
+                         "worker processes), storescp, orthanc; with --baseline also "
+                         "baseline and baseline-wN")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of an earlier commit (git worktree add DIR COMMIT): adds "
+                         "baseline and baseline-w2 receivers run from it, interleaved with the "
+                         "rest, for a before/after comparison in one run")
     a = ap.parse_args()
+    if a.baseline is not None:
+        a.baseline = a.baseline.resolve()
+        if "baseline" not in a.targets:
+            a.targets += ",baseline,baseline-w2"
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} (DCMTK) is required: tools/setup.sh test", file=sys.stderr)
@@ -287,7 +311,7 @@ def main() -> int:
                 per: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
                 for r in range(a.runs):
                     for target in targets[r % len(targets):] + targets[:r % len(targets)]:
-                        per[target].append(run_cell(target, files, assocs, work))
+                        per[target].append(run_cell(target, files, assocs, work, a.baseline))
                 cell: list[dict[str, Any]] = []
                 for target in targets:
                     runs = per[target]
@@ -306,7 +330,8 @@ def main() -> int:
                 orthanc = next((x for x in cell if x["target"] == "orthanc"), None)
                 for row in cell:
                     row["vs_orthanc"] = (row["instances_per_s"] / orthanc["instances_per_s"]
-                                         if orthanc and row["target"].startswith("edge-agent")
+                                         if orthanc and row["target"].startswith(
+                                             ("edge-agent", "baseline"))
                                          else None)
                     results.append(row)
                     print(f"{label:22} x{assocs} {row['target']:14} "

@@ -36,13 +36,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import cloudevents  # noqa: E402
 from agent import config as agent_config  # noqa: E402
 from agent.crypto import KeyEncryptionKey  # noqa: E402
-from agent.devbox import provision_dev  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
-from agent.publish import Publisher  # noqa: E402
+from agent.ops.devbox import provision_dev  # noqa: E402
 from agent.types import PhiFingerprint  # noqa: E402
+from agent.uplink import cloudevents  # noqa: E402
+from agent.uplink.outbox import Outbox  # noqa: E402
+from agent.uplink.publish import Publisher  # noqa: E402
 from bench.common import free_port, wait_port  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

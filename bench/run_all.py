@@ -36,6 +36,8 @@ BENCHES = (
     ("deid_bench", "de-identification vs dicognito and pydicom/deid"),
     ("infer_bench", "inference: explanation + uncertainty vs a bare pass, overhead vs raw "
                     "onnxruntime"),
+    ("volume_bench", "volume model on a 600-slice CT series: peak memory, streamed vs "
+                     "full stack"),
     ("e2e_bench", "end-to-end latency, idle CPU and memory"),
     ("outbox_bench", "outbox drain after an outage (100,000 messages)"),
     ("audit_bench", "audit append and verify rate"),

@@ -6,6 +6,7 @@ one row per box (``edge-agent fleet watch``); ``exporter`` serves those rows as
 Prometheus metrics (``edge-agent fleet exporter``), rendered by ``metrics``;
 ``prometheus/`` holds the shipped alert rules and their ``promtool`` tests.
 
-May import from agent/: config (settings types, name rules), cloudevents, errors, the
-MQTT TLS context of publish, and the audit event catalogue. Never imported by agent/.
+May import from agent/: config (settings types, defaults, name rules), errors,
+agent.uplink.cloudevents, agent.uplink.mqtt_tls (the TLS context and diagnosis) and the
+audit event catalogue. Never imported by agent/.
 """

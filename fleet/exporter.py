@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from agent.audit.events import CATALOGUE
 from agent.errors import ConfigError
-from agent.publish import diagnose, tls_context
+from agent.uplink.mqtt_tls import diagnose, tls_context
 from fleet import metrics
 from fleet.metrics import Family
 from fleet.settings import OpsSettings
@@ -122,6 +122,19 @@ _FAMILIES = [
            ("stage",)),
     Family("edge_agent_stage_heartbeat_age_seconds", G, "seconds since the stage's last beat",
            ("stage",)),
+    Family("edge_agent_results_queue_depth", G,
+           "result objects waiting for a PACS destination (pending + awaiting commitment)",
+           ("destination",)),
+    Family("edge_agent_results_oldest_age_seconds", G,
+           "age of the oldest result object waiting for the destination", ("destination",)),
+    Family("edge_agent_results_dead_letter", G,
+           "result objects the box gave up on for the destination (refused or too old)",
+           ("destination",)),
+    Family("edge_agent_results_last_error_status", G,
+           "DIMSE status of the destination's last answer that was not Success (0: none)",
+           ("destination",)),
+    Family("edge_agent_results_confirmed", G,
+           "result objects the destination confirmed (in the box's queue)", ("destination",)),
     # audit (the external anchor, and security alerts by name)
     Family("edge_agent_audit_checkpoint_timestamp_seconds", G,
            "when the box signed its newest checkpoint this exporter has (box clock)"),
@@ -244,6 +257,18 @@ def telemetry_lines(row: BoxRow, data: dict[str, Any]) -> tuple[Lines, int]:
         for dist in ("input", "output"):
             b.add("edge_agent_model_drift_psi", d.get(f"psi_{dist}"), model=model,
                   version=d.get("version", ""), distribution=dist)
+    for dest, r in b.items(data.get("results_delivery")):
+        r = _obj(r)
+        b.add("edge_agent_results_queue_depth", r.get("depth"), destination=dest)
+        b.add("edge_agent_results_oldest_age_seconds", r.get("oldest_age_s"), destination=dest)
+        b.add("edge_agent_results_dead_letter", r.get("dead_letter"), destination=dest)
+        b.add("edge_agent_results_confirmed", r.get("confirmed"), destination=dest)
+        code = r.get("last_error_code")
+        try:
+            status = int(str(code), 16) if code else 0
+        except ValueError:
+            status = 0
+        b.add("edge_agent_results_last_error_status", status, destination=dest)
     for stage, st in b.items(_obj(data.get("liveness")).get("stages")):
         st = _obj(st)
         b.add("edge_agent_stage_stuck", st.get("stuck"), stage=stage)

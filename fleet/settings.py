@@ -3,7 +3,8 @@
 One ``[mqtt]`` table with the same keys as a box's ``[mqtt]`` (host, port, ca, cert,
 key, topic_prefix, tls_server_name, crl, keepalive) read into the box's own
 ``MqttSettings``, plus ``share_group`` for MQTT 5 shared subscriptions. Relative
-paths are resolved against the file's folder, like agent.toml.
+paths are resolved against the file's folder, like agent.toml. The defaults are the
+box's own (agent/config.py); nothing here repeats them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent.config import SAFE_ID, MqttSettings
+from agent.config import MQTT_TLS_PORT, SAFE_ID, MqttSettings, field_default
 from agent.errors import ConfigError
 
 _KEYS = {"host", "port", "ca", "cert", "key", "topic_prefix", "share_group", "tls_server_name",
@@ -82,7 +83,7 @@ def load_ops(path: Path) -> OpsSettings:
     host = m.get("host")
     if not isinstance(host, str) or not host:
         problems.append("[mqtt] host must be the broker host name in its certificate")
-    prefix = m.get("topic_prefix", "edge")
+    prefix = m.get("topic_prefix", field_default(MqttSettings, "topic_prefix"))
     if not isinstance(prefix, str) or not SAFE_ID.match(prefix):
         problems.append(f"[mqtt] topic_prefix {prefix!r} must be 1-64 characters of "
                         "A-Z a-z 0-9 _ . - (one topic segment, no MQTT wildcards)")
@@ -93,8 +94,8 @@ def load_ops(path: Path) -> OpsSettings:
     server_name = m.get("tls_server_name")
     if server_name is not None and not isinstance(server_name, str):
         problems.append("[mqtt] tls_server_name must be a host name")
-    port = num("port", 8883, 1, 65535)
-    keepalive = num("keepalive", 30, 5, 3600)
+    port = num("port", MQTT_TLS_PORT, 1, 65535)
+    keepalive = num("keepalive", field_default(MqttSettings, "keepalive"), 5, 3600)
     ca, cert, key, crl = p("ca"), p("cert"), p("key"), p("crl", required=False)
     unknown = sorted(set(m) - _KEYS)
     if unknown:

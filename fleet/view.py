@@ -33,9 +33,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.cloudevents import TYPE_PREFIX
 from agent.config import BOX_NAME
-from agent.publish import tls_context
+from agent.uplink.cloudevents import TYPE_PREFIX
+from agent.uplink.mqtt_tls import tls_context
 from fleet.settings import OpsSettings
 
 STALE_INTERVALS = 3
@@ -45,8 +45,8 @@ CERT_CRIT_DAYS = 7.0
 # What a box publishes: channel -> the CloudEvents kinds its ``type`` may name. The
 # audit topic carries signed checkpoints and the pseudonymised events they cover.
 BOX_CHANNELS: dict[str, tuple[str, ...]] = {
-    "status": ("status",), "telemetry": ("telemetry",), "results": ("result",),
-    "audit": ("audit", "audit.events")}
+    "status": ("status",), "telemetry": ("telemetry",), "results": ("result", "result.delivery"),
+    "audit": ("audit", "audit.events"), "jobs": ("job",)}
 MAX_REJECTED_TOPICS = 100  # distinct topics remembered for the report; the count is exact
 
 
@@ -67,11 +67,30 @@ def _f(v: Any) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+def _perf_alert(a: dict[str, Any]) -> str:
+    """One line per performance alert: model, version, subgroup, metric and why."""
+    raw = a.get("ci95")
+    ci: list[Any] = raw if isinstance(raw, list) else []
+    span = (f"[{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 and all(isinstance(x, int | float)
+                                                                 for x in ci) else "?")
+    why = (f"below {a.get('threshold')}" if a.get("kind") == "below-threshold"
+           else f"below the rest ({a.get('rest')})")
+    return (f"{a.get('model')} {a.get('version')} {a.get('subgroup')} {a.get('metric')} "
+            f"95% CI {span} {why} ({a.get('window_days')} d)")
+
+
 def _fold_models(row: BoxRow, models: Any) -> None:
     items = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
     row.models = [f"{m.get('name')}@{m.get('version')}" for m in items]
     row.model_detail = [(str(m.get("name", "")), str(m.get("version", "")),
                          str(m.get("sha256", ""))) for m in items]
+
+
+def _fold_deployment(row: BoxRow, d: Any) -> None:
+    """A job event's data or the status' ``deployment``: id, revision, state."""
+    if isinstance(d, dict) and d.get("deployment", d.get("id")) and d.get("state"):
+        row.deployment = (f"{d.get('deployment', d.get('id'))}@{d.get('revision')} "
+                          f"{d.get('state')}")[:48]
 
 
 @dataclass(frozen=True)
@@ -152,6 +171,12 @@ class BoxRow:
     tls_failures: int = 0
     rejected_associations: int = 0
     drift_alerts: int = 0
+    # Flagged results waiting for a verdict; overdue: past the box's escalate_after.
+    review_waiting: int | None = None
+    review_oldest_s: float | None = None
+    review_overdue: int = 0
+    # The box's performance alerts (aggregates; subgroups of at least k verdicts only).
+    performance_alerts: list[str] = field(default_factory=list)
     results: int = 0
     last_result: dict[str, Any] | None = None
     # The box's external audit anchor: its newest signed checkpoint that reached us.
@@ -160,6 +185,8 @@ class BoxRow:
     audit_checkpoint_time: float | None = None  # when the box signed it (its clock)
     audit_events_messages: int = 0
     received: dict[str, int] = field(default_factory=dict)  # messages folded, per channel
+    # The deployment the box runs or is working on: "id@revision state" (status, jobs).
+    deployment: str = ""
     health: str = "unknown"  # ok | warn | critical | unknown
     alerts: list[str] = field(default_factory=list)
 
@@ -206,6 +233,15 @@ class BoxRow:
         if self.drift_alerts:
             warn = True
             alerts.append(f"model drift on {self.drift_alerts} model(s)")
+        if self.review_overdue:
+            warn = True
+            alerts.append(f"review: {self.review_overdue} flagged result(s) overdue "
+                          f"(oldest {(self.review_oldest_s or 0) / 3600:.1f} h)")
+        if self.performance_alerts:
+            warn = True
+            alerts.extend(f"performance: {a}" for a in self.performance_alerts[:3])
+            if len(self.performance_alerts) > 3:
+                alerts.append(f"performance: {len(self.performance_alerts) - 3} more alert(s)")
         if self.tls_failures or self.rejected_associations:
             warn = True
         self.state = state
@@ -251,7 +287,7 @@ class FleetView:
         self.client.on_disconnect = self._on_disconnect
 
     # The channels besides status; a share group splits these among its consumers.
-    SHARED_CHANNELS: tuple[str, ...] = ("telemetry", "results", "audit")
+    SHARED_CHANNELS: tuple[str, ...] = ("telemetry", "results", "audit", "jobs")
 
     def topics(self) -> list[str]:
         p = self.s.topic_prefix
@@ -347,6 +383,15 @@ class FleetView:
                 row.telemetry_time = parse_iso(ev.get("time"))
             elif t.channel == "audit":
                 self._fold_audit(row, data)
+            elif t.channel == "results" and str(ev.get("type", "")).startswith(
+                    "org.edge-agent.result.delivery."):
+                # Where the objects of an earlier result went (no new result).
+                if row.last_result and row.last_result.get("study") == \
+                        (data.get("study") or {}).get("ref"):
+                    row.last_result["delivered_to"] = data.get("delivered_to")
+            elif t.channel == "jobs" and data.get("state") != "refused":
+                # A refused document changed nothing: the column keeps what runs.
+                _fold_deployment(row, data)
             elif t.channel == "results":
                 row.results += 1
                 study = data.get("study") or {}
@@ -367,6 +412,7 @@ class FleetView:
                 row.last_seen = max(row.last_seen, now)
             row.agent_version = str(data.get("agent_version", ""))
             _fold_models(row, data.get("models"))
+            _fold_deployment(row, data.get("deployment"))
 
     def _fold_telemetry(self, row: BoxRow, data: dict[str, Any]) -> None:
         sysd = data.get("system") or {}
@@ -397,6 +443,17 @@ class FleetView:
                                    if isinstance(v, dict) and v.get("alert"))
         if data.get("models"):
             _fold_models(row, data["models"])
+        review = data.get("review")
+        if isinstance(review, dict):
+            w = review.get("waiting")
+            row.review_waiting = w if isinstance(w, int) and not isinstance(w, bool) else None
+            row.review_oldest_s = _f(review.get("oldest_age_s"))
+            over = review.get("overdue")
+            row.review_overdue = over if isinstance(over, int) and not isinstance(over, bool) else 0
+        perf = data.get("performance")
+        if isinstance(perf, dict) and isinstance(perf.get("alerts"), list):
+            row.performance_alerts = [_perf_alert(a) for a in perf["alerts"]
+                                      if isinstance(a, dict)]
 
     def _fold_audit(self, row: BoxRow, data: dict[str, Any]) -> None:
         cp = data.get("checkpoint")
@@ -455,7 +512,7 @@ class FleetView:
         snap = self.snapshot(now)
         head = (f"{'BOX':28} {'STATE':7} {'FOR':>7} {'SEEN':>6} {'HEALTH':8} {'CPU%':>5} "
                 f"{'MEM%':>5} {'DISK%':>6} {'BACKLOG':>7} {'CERT_D':>6} {'RESULTS':>7} "
-                "MODELS / ALERTS")
+                f"{'DEPLOYMENT':30} MODELS / ALERTS")
         lines = [self.summary(snap), head]
 
         def f(v: Any) -> str:
@@ -475,6 +532,7 @@ class FleetView:
             lines.append(
                 f"{r['box'][:28]:28} {r['state']:7} {ago(r['since']):>7} {ago(r['last_seen']):>6} "
                 f"{r['health']:8} {f(r['cpu']):>5} {f(r['mem']):>5} {f(r['disk_free_pct']):>6} "
-                f"{f(r['backlog']):>7} {f(r['cert_days']):>6} {r['results']:>7} {tail}")
+                f"{f(r['backlog']):>7} {f(r['cert_days']):>6} {r['results']:>7} "
+                f"{(r['deployment'] or '-')[:30]:30} {tail}")
         report = self.rejection_report(limit=5)
         return "\n".join(lines + ([""] + report if report else []))

@@ -18,21 +18,16 @@ from typing import Annotated, Any
 import typer
 
 from agent import config as cfgmod
-from agent import control
 from agent.audit import records_between, tail, verify, write_atna_xml, write_jsonl
-from agent.audit.cli import CliEvent, db_path, record_cli
+from agent.audit.cli import CliEvent, db_path
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, load_key_file
 from agent.errors import AccessDenied, AuditError, EdgeAgentError
+from agent.ops import control
+from provisioning.options import ConfigOpt, record
+from provisioning.options import fail as _fail
 
 audit_app = typer.Typer(help="Verify, export and read the audit trail.", no_args_is_help=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
-                                        "or $EDGE_AGENT_CONFIG)"),
-]
-
 
 def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
@@ -50,11 +45,6 @@ def _load(config: Path | None) -> _Ctx:
     return _Ctx(cfg, KeyEncryptionKey.from_file(cfg.keys.kek), db_path(cfg))
 
 
-def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
-
 def is_auditor(uid: int, gids: list[int], group: str) -> bool:
     """Root, or a member of the configured auditor group (primary or supplementary)."""
     if uid == 0:
@@ -68,8 +58,7 @@ def is_auditor(uid: int, gids: list[int], group: str) -> bool:
 
 def _record(ctx: _Ctx, event: str, *, outcome: str = "success",
             details: dict[str, object], phi: dict[str, str] | None = None) -> None:
-    record_cli(ctx.cfg, [CliEvent(event, details, outcome, phi)],
-               user=control.user_name(os.getuid()), kek=ctx.kek)
+    record(ctx.cfg, [CliEvent(event, details, outcome, phi)], kek=ctx.kek)
 
 
 def _when(text: str, *, end: bool) -> datetime:

@@ -17,6 +17,7 @@ import typer
 
 from agent import __version__
 from agent.errors import EdgeAgentError
+from provisioning.options import ConfigOpt, fail
 
 app = typer.Typer(
     name="edge-agent",
@@ -26,21 +27,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 provision_app = typer.Typer(help="Set up a box's identity, keys and config.", no_args_is_help=True)
-fleet_app = typer.Typer(help="Central ops: watch the fleet over MQTT.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Central ops: watch the fleet, roll out signed deployments.",
+                        no_args_is_help=True)
 app.add_typer(provision_app, name="provision")
 app.add_typer(fleet_app, name="fleet")
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
-                                        "or $EDGE_AGENT_CONFIG)"),
-]
-
-
-def fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
 
 @app.command()
 def version() -> None:
@@ -80,7 +70,7 @@ def provision_dev(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Create (idempotently) a throwaway development box with a local mTLS broker config."""
-    from agent.devbox import provision_dev as make
+    from agent.ops.devbox import provision_dev as make
 
     try:
         box = make(state_dir, dicom_port=dicom_port, mqtt_port=mqtt_port, models_dir=models_dir,
@@ -173,7 +163,7 @@ def fleet_exporter(
 
 # Command groups owned by their own modules; each exposes register(app).
 for _mod in ("deid_cmd", "models_cmd", "audit_cmd", "ops_cmd", "results_cmd",
-             "quarantine_cmd"):
+             "quarantine_cmd", "review_cmd", "fleet_cmd"):
     try:
         _m = importlib.import_module(f"provisioning.{_mod}")
     except ModuleNotFoundError as _exc:

@@ -24,6 +24,7 @@ from agent.crypto import load_key_file, random_key
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule, writer
 from agent.deid.reidentify import reidentify
 from agent.errors import ConfigError, EdgeAgentError
+from provisioning.options import fail
 
 
 def _files(root: Path) -> Iterator[Path]:
@@ -115,8 +116,7 @@ def deid(
     try:
         settings, key = _settings(config, mode, recipient or [], option or [])
     except EdgeAgentError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(exc) from None
     if key is None:
         typer.echo(
             "warning: no --config given: using a fresh random pseudonym key for this run; "
@@ -167,8 +167,7 @@ def reidentify_cmd(
     try:
         private_key = load_pem_private_key(key.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        typer.echo(f"error: cannot load private key {key}: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(f"cannot load private key {key}: {exc}") from None
     done, failed = 0, 0
     for path in _files(src):
         rel = path.relative_to(src) if src.is_dir() else Path(path.name)

@@ -12,7 +12,6 @@ control socket (best effort: a stopped daemon loads them when it starts).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,13 @@ from typing import Annotated, Literal, cast
 
 import typer
 
-from agent import control
 from agent.config import Config
 from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 from agent.infer.registry import Environment, ModelPackage, Registry, enforce
 from agent.infer.signing import load_public_keys
+from agent.ops import control
+from provisioning.options import JsonOpt, record
+from provisioning.options import fail as _fail
 
 ModelsDirOpt = Annotated[Path | None, typer.Option("--models-dir", help="installed model packages")]
 StateDirOpt = Annotated[
@@ -40,7 +41,6 @@ EnvOpt = Annotated[str | None, typer.Option("--environment", help="production | 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="agent.toml to take defaults from")
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,6 @@ def _resolve(config: Path | None, models_dir: Path | None, state_dir: Path | Non
 def _registry(where: _Where) -> Registry:
     return Registry(where.models_dir, where.state_dir,
                     publisher_keys=load_public_keys(where.keys), environment=where.environment)
-
-
-def _fail(exc: EdgeAgentError) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(2)
 
 
 def _describe(pkg: ModelPackage) -> dict[str, object]:
@@ -178,8 +173,8 @@ def _require_admin(where: _Where) -> None:
 def _audit(cfg: Config, action: str, *, outcome: str = "success",
            change: dict[str, object] | None = None, error: str | None = None) -> None:
     """Record the change in the box's audit log with the Unix user (and the sudo user)."""
-    from agent.audit.cli import CliEvent, record_cli
-    from agent.identity import give_tree, owner_of
+    from agent.audit.cli import CliEvent
+    from agent.identity.certificates import give_tree, owner_of
 
     events = []
     if change is not None:
@@ -189,7 +184,7 @@ def _audit(cfg: Config, action: str, *, outcome: str = "success",
         cli["error"] = error
     events.append(CliEvent("cli.action", cli, outcome))
     try:
-        record_cli(cfg, events, user=control.user_name(os.getuid()))
+        record(cfg, events)
     finally:
         # Run as root for the service: the model state it just wrote stays the daemon's.
         models_state = cfg.state_dir / "models-state"
@@ -304,6 +299,9 @@ def rollback(name: str, config: ConfigOpt = None, models_dir: ModelsDirOpt = Non
 
 
 def register(app: typer.Typer) -> None:
+    from provisioning.review_cmd import models_performance
+
+    models_app.command("performance")(models_performance)
     app.add_typer(models_app, name="models")
 
 

@@ -11,62 +11,24 @@ from typing import Annotated, Any
 
 import typer
 
-from agent import control
-from agent.config import Config, ControlSettings
-from agent.errors import AccessDenied, ConfigError, EdgeAgentError
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="agent.toml (default /etc/edge-agent/agent.toml "
-                                        "or $EDGE_AGENT_CONFIG)"),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-SocketOpt = Annotated[
-    Path | None,
-    typer.Option("--socket", help="control socket (default: [control] socket from the config, "
-                                  f"else {control.DEFAULT_SOCKET})"),
-]
+from agent.config import Config
+from agent.errors import AccessDenied, EdgeAgentError
+from agent.ops import control
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt, record, record_quietly
+from provisioning.options import fail as _fail
+from provisioning.options import load_config as _load
+from provisioning.options import require_admin as _require_admin
+from provisioning.options import socket_path as _socket_path
 
 keys_app = typer.Typer(help="Box key management.", no_args_is_help=True)
 control_app = typer.Typer(help="Admin actions on the running daemon.", no_args_is_help=True)
 
 
-def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
-
-
-def _load(config: Path | None) -> Config:
-    from agent import config as cfgmod
-
-    return cfgmod.load(config)
-
-
-def _socket_path(config: Path | None, socket: Path | None) -> Path:
-    """--socket wins; else the config's; an operator who cannot read the config (0640
-    root:edge-agent is typical) still reaches the default socket."""
-    if socket is not None:
-        return socket
-    try:
-        return _load(config).control.socket
-    except ConfigError:
-        if config is not None:
-            raise
-        return control.DEFAULT_SOCKET
-
-
 def _audit(cfg: Config, event: str, *, outcome: str = "success",
            details: dict[str, object]) -> None:
-    """Record a CLI action with the Unix user (and the sudo user behind root)."""
-    from agent.audit.cli import CliEvent, record_cli
+    from agent.audit.cli import CliEvent
 
-    record_cli(cfg, [CliEvent(event, details, outcome)], user=control.user_name(os.getuid()))
-
-
-def _require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:
-    caller = control.local_caller(cfg_control)
-    control.require(caller, frozenset({control.ADMIN}), action, cfg_control)
-    return caller
+    record(cfg, [CliEvent(event, details, outcome)])
 
 
 # -- status / control ---------------------------------------------------------------
@@ -89,6 +51,10 @@ def _print_status(s: dict[str, Any]) -> None:
         f"quarantine:    {q['count']} instance(s)",
     ]
     lines += [f"  - study {i['study']} instance {i['instance']}: {i['reason']}" for i in q["items"]]
+    rv = s.get("review") or {}
+    if rv:
+        lines.append(f"review:        {rv.get('waiting', 0)} flagged result(s) waiting, "
+                     f"{rv.get('overdue', 0)} overdue (oldest {rv.get('oldest_age_s', 0)} s)")
     mqtt = "connected" if m["connected"] else "DISCONNECTED"
     lines.append(f"mqtt:          {mqtt} to {m['broker']}, {m['published']} published"
                  + (f", last error: {m['last_error']}" if m["last_error"] else ""))
@@ -99,6 +65,13 @@ def _print_status(s: dict[str, Any]) -> None:
         lines.append(f"atna:          {link} to {atna['collector']} ({atna['format']}), "
                      f"{atna['sent']} sent, {atna['backlog']} waiting"
                      + (f", last error: {atna['last_error']}" if atna["last_error"] else ""))
+    for name, r in (s.get("results_delivery") or {}).items():
+        code = f", last error {r['last_error_code']}" if r.get("last_error_code") else ""
+        why = f" ({r['last_error']})" if r.get("last_error") and r.get("depth") else ""
+        lines.append(f"pacs {name}:".ljust(15) + f"{r['depth']} queued "
+                     f"({r['awaiting_commitment']} awaiting commitment, oldest "
+                     f"{r['oldest_age_s']} s), {r['confirmed']} confirmed, "
+                     f"{r['dead_letter']} dead-lettered{code}{why}")
     models = ", ".join(f"{x.get('name')} {x.get('version')}" for x in s["models"]) or "none"
     lines.append(f"models:        {models}")
     lines += _liveness_lines(s.get("liveness"))
@@ -186,12 +159,12 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     except EdgeAgentError as exc:
         raise _fail(exc) from None
     try:
-        mod = importlib.import_module("agent.keyrotate")
+        mod = importlib.import_module("agent.identity.keyrotate")
     except ModuleNotFoundError as exc:
-        if exc.name != "agent.keyrotate":
+        if exc.name != "agent.identity.keyrotate":
             raise
         raise _fail("key rotation is not available in this build "
-                    "(agent.keyrotate is missing)") from None
+                    "(agent.identity.keyrotate is missing)") from None
     try:
         result = mod.rotate_keys(cfg, user=control.user_name(os.getuid()))
     except EdgeAgentError as exc:
@@ -202,11 +175,40 @@ def keys_rotate(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                "\n".join(f"{k}: {v}" for k, v in dict(result).items()))
 
 
-def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
+@keys_app.command("shred-vault")
+def keys_shred_vault(
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="really shred it")] = False,
+) -> None:
+    """Crypto-shred the pseudonym vault ([deid] pseudonyms = "vault"): every mapping
+    from an original to its code becomes unrecoverable; later studies get new codes.
+    Admin; the daemon must be stopped; audited."""
+    from agent.crypto import KeyEncryptionKey
+    from agent.deid.vault import shred_vault
+
     try:
-        _audit(cfg, "cli.action", outcome=outcome, details=details)
+        cfg = _load(config)
+        _require_admin(cfg.control, "shred the pseudonym vault")
+    except AccessDenied as exc:
+        raise _fail(exc, 3) from None
     except EdgeAgentError as exc:
-        typer.echo(f"warning: could not audit the action: {exc}", err=True)
+        raise _fail(exc) from None
+    if not yes:
+        raise _fail("shredding the pseudonym vault cannot be undone: the same patient gets "
+                    "new codes from now on; run again with --yes")
+    try:
+        n = shred_vault(cfg.state_dir, KeyEncryptionKey.from_file(cfg.keys.kek))
+    except EdgeAgentError as exc:
+        _audit_quietly(cfg, {"command": "keys.shred-vault"}, outcome="serious_failure")
+        raise _fail(exc) from None
+    _audit_quietly(cfg, {"command": "keys.shred-vault", "codes": n})
+    typer.echo(f"pseudonym vault shredded: {n} code(s) unrecoverable")
+
+
+def _audit_quietly(cfg: Config, details: dict[str, object], outcome: str = "success") -> None:
+    from agent.audit.cli import CliEvent
+
+    record_quietly(cfg, [CliEvent("cli.action", details, outcome)], "the action")
 
 
 # -- provision --------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def provision_init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create the box keys, a device key and CSR for the fleet CA, and a config."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         r = identity.init(device_id, site, state_dir, config_path=config, mqtt_host=mqtt_host,
@@ -261,7 +263,7 @@ def _write_error(exc: OSError) -> EdgeAgentError:
 
 
 def _identity_ctx(config: Path | None) -> tuple[Config, Path]:
-    from agent import identity
+    from agent.identity import certificates as identity
 
     cfg = _load(config)
     _require_admin(cfg.control, "change the device identity")
@@ -275,7 +277,7 @@ def provision_install_cert(
     config: ConfigOpt = None,
 ) -> None:
     """Check chain, key match, validity and clientAuth usage, then install (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     loaded: Config | None = None
     try:
@@ -313,7 +315,7 @@ def provision_rotate_cert(
         "--new", help="discard a pending CSR and make another")] = False,
 ) -> None:
     """New device key + CSR beside the working identity; install-cert switches (admin; audited)."""
-    from agent import identity
+    from agent.identity import certificates as identity
 
     try:
         cfg, pki = _identity_ctx(config)
@@ -333,10 +335,9 @@ def provision_rotate_cert(
 
 
 def _audit_event(cfg: Config, event: str, details: dict[str, object]) -> None:
-    try:
-        _audit(cfg, event, details=details)
-    except EdgeAgentError as exc:
-        typer.echo(f"warning: could not audit {event}: {exc}", err=True)
+    from agent.audit.cli import CliEvent
+
+    record_quietly(cfg, [CliEvent(event, details)], event)
 
 
 def _provision_app(app: typer.Typer) -> typer.Typer:
@@ -356,9 +357,10 @@ def doctor(
         help="skip a check by name (repeatable)")] = None,
 ) -> None:
     """Check config, keys, permissions, certificate, clock, DICOM port, broker (real mTLS),
-    ATNA audit repository (real mTLS, when configured), models, disk, spool and audit.
+    ATNA audit repository (real mTLS, when configured), PACS destinations (C-ECHO),
+    models, disk, spool and audit.
     Exit 0 all PASS, 1 worst WARN, 2 any FAIL."""
-    from agent import doctor as doc
+    from agent.ops import doctor as doc
 
     report = doc.run(config, broker_timeout=broker_timeout, skip=frozenset(skip or ()))
     typer.echo(json.dumps(doc.as_json(report), indent=2) if as_json else doc.render(report))

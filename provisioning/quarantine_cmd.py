@@ -13,9 +13,11 @@ from typing import Annotated, Any
 
 import typer
 
-from agent import control
 from agent.errors import AccessDenied, EdgeAgentError
-from provisioning.ops_cmd import ConfigOpt, JsonOpt, SocketOpt, _fail, _socket_path
+from agent.ops import control
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt
+from provisioning.options import fail as _fail
+from provisioning.options import socket_path as _socket_path
 
 app = typer.Typer(help="Privacy officer: review quarantined instances.", no_args_is_help=True)
 IdArg = Annotated[int, typer.Argument(help="the id from 'edge-agent quarantine list'")]

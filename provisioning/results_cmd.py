@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from agent import control
 from agent.errors import AccessDenied, EdgeAgentError
+from agent.ops import control
+from provisioning.options import fail as _fail
 
 results_app = typer.Typer(help="Result objects for the original study (SR, GSPS, key image).",
                           no_args_is_help=True)
@@ -21,11 +22,6 @@ results_app = typer.Typer(help="Result objects for the original study (SR, GSPS,
 
 def register(app: typer.Typer) -> None:
     app.add_typer(results_app, name="results")
-
-
-def _fail(exc: EdgeAgentError | str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
 
 
 @results_app.command("preview")

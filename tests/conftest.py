@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from support import Box, Broker, Daemon, Subscriber, provision, require_peer  # noqa: E402
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "peer(*names): programs the test talks to (tests/support.py PEERS); "
-                   "skipped when missing, a failure under CI=true")
+from tests.helpers import Box, Broker, Daemon, Subscriber, provision, require_peer
 
 
 # No ordering mark on purpose: this runs after skipif (the skipping plugin is tryfirst),

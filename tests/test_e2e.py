@@ -4,7 +4,6 @@ result over mutual-TLS MQTT, and no PHI of the study appears anywhere."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import signal
@@ -12,11 +11,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import Box, Daemon, Subscriber, storescu, wait_for
+
+from tests.helpers import Box, Daemon, Subscriber, storescu, wait_for
+from tests.helpers.dicom import make_instance, write_instances
 
 PATIENT_NAME = "Canary^Zebulon^Quixote"
 PATIENT_ID = "PID-7781-CANARY"
@@ -26,26 +26,13 @@ BIRTH = "19310417"
 
 def make_study(tmp: Path, n: int = 3) -> tuple[list[Path], set[str]]:
     """A small CT study with planted identifiers; returns files and the PHI set."""
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     study_uid, series_uid = generate_uid(), generate_uid()
-    files = []
-    phi = {PATIENT_NAME, PATIENT_ID, ACCESSION, BIRTH, study_uid, series_uid}
-    for i in range(n):
-        ds = copy.deepcopy(src)
-        ds.PatientName = PATIENT_NAME
-        ds.PatientID = PATIENT_ID
-        ds.AccessionNumber = ACCESSION
-        ds.PatientBirthDate = BIRTH
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        phi.add(ds.SOPInstanceUID)
-        p = tmp / f"ct{i}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        files.append(p)
-    return files, phi
+    instances = [make_instance(PATIENT_NAME, study_uid, series_uid, PatientID=PATIENT_ID,
+                               AccessionNumber=ACCESSION, PatientBirthDate=BIRTH,
+                               InstanceNumber=i + 1) for i in range(n)]
+    phi = {PATIENT_NAME, PATIENT_ID, ACCESSION, BIRTH, study_uid, series_uid,
+           *(ds.SOPInstanceUID for ds in instances)}
+    return write_instances(tmp, instances, stem="ct"), phi
 
 
 def assert_no_phi(blob: str, phi: set[str]) -> None:
@@ -128,7 +115,7 @@ def test_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path, box: Box,
 def test_sigterm_keeps_open_study_and_restart_finishes_it(
     tmp_path: Path, box: Box, daemon: Daemon, ops: Subscriber
 ) -> None:
-    from support import set_config
+    from tests.helpers import set_config
 
     files, _ = make_study(tmp_path, n=2)
     daemon.stop()
@@ -150,7 +137,7 @@ def test_config_errors_are_all_reported_at_once(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from support import REPO
+    from tests.helpers import REPO
 
     bad = tmp_path / "agent.toml"
     bad.write_text('[box]\nsite = "bad/site"\ndevice = "d"\n[dicom]\nport = 70000\n'

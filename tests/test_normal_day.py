@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
-from support import REPO, Box, Daemon, Subscriber, set_config, storescu, wait_for
+
+from tests.helpers import REPO, Box, Daemon, Subscriber, set_config, storescu, wait_for
+from tests.helpers.dicom import sample
 
 # The day the studies are acquired, as the envelope's UTC timestamp spells it.
 TODAY = datetime.now(UTC).strftime("%Y%m%d")
@@ -85,13 +85,13 @@ def make_files(tmp: Path) -> list[Path]:
     files: list[Path] = []
     for n, s in enumerate(STUDIES):
         if s.kind == "us":
-            ds = pydicom.dcmread(get_testdata_file("US1_UNCR.dcm"))
+            ds = sample("US1_UNCR.dcm")
             # The modality put the patient's name into a code string the
             # quarantine rule reads: the reason must still not quote it.
             ds.BurnedInAnnotation = s.name.replace("^", " ")
             count = 1
         else:
-            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds = sample()
             ds.BodyPartExamined = "CHEST"  # the demo model applies
             count = 2 if s.kind == "ct" else 1
         for i in range(count):

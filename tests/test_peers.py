@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import PEERS, REPO, find_peer
+
+from tests.helpers import PEERS, REPO, find_peer
 
 # A cheap test that declares a peer (dicom3tools' dciodvfy, which lives in /usr/bin).
 TARGET = "tests/deid/test_deid_dciodvfy.py::test_no_new_errors_after_pixel_clean"

@@ -143,7 +143,8 @@ def copyright_stanzas(venv: Path, out: Path) -> None:
 def conffile(out: Path) -> None:
     """The config `provision init` writes, unprovisioned: empty site/device make the
     daemon and doctor refuse to start with a named error until the box is provisioned."""
-    from agent import control, identity
+    from agent.identity import certificates as identity
+    from agent.ops import control
 
     body = identity.CONFIG_TEMPLATE.format(
         site="", device="", state="/var/lib/edge-agent", dicom_port=11112,

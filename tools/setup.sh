@@ -6,7 +6,7 @@
 #                            rsyslog + rsyslog-gnutls, prometheus (with promtool)
 #   tools/setup.sh deb    -> only what `make deb` needs: python3.11-venv, dpkg-dev, lintian
 #                            (no venv: the package's venv is built from packaging/requirements.lock)
-#   tools/setup.sh system -> test + deb + debootstrap (`make test-system`)
+#   tools/setup.sh system -> test + deb + debootstrap, systemd-container (`make test-system`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -21,6 +21,8 @@ if [ "$mode" = deb ] || [ "$mode" = system ]; then
   have git || need+=(git)
 fi
 [ "$mode" = system ] && { have debootstrap || need+=(debootstrap); }
+# systemd-nspawn boots the package's root with systemd as PID 1 (test_under_systemd.py)
+[ "$mode" = system ] && { have systemd-nspawn || need+=(systemd-container); }
 if [ "$mode" != deb ]; then
   have mosquitto || need+=(mosquitto)
   have mosquitto_sub || need+=(mosquitto-clients)

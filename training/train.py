@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -368,7 +369,7 @@ def main() -> None:
     # threshold; the test lesions only measure.
     draft = args.out / "manifest.toml"
     write_manifest(draft, sha, threshold, 0.5, 1.0, input_edges, input_ref.tolist(),
-                   output_ref.tolist())
+                   output_ref.tolist(), overall)
     runner = Runner(args.out, load_manifest(draft))
     cam_spec = runner.manifest.explanation
     cuts = [round(0.3 + 0.05 * k, 2) for k in range(12)]
@@ -379,7 +380,7 @@ def main() -> None:
     share = float((tta_spread(runner, va.x) > TTA_LIMIT).mean())
     limit = round(float(np.quantile(entropy_bits(sva), 1.0 - share)), 3) if share else 1.0
     write_manifest(draft, sha, threshold, keep, limit, input_edges, input_ref.tolist(),
-                   output_ref.tolist())
+                   output_ref.tolist(), overall)
     runner = Runner(args.out, load_manifest(draft))
     occlusion_spec = Explanation("occlusion", "", 12, 4, 0.5, 0.02)  # 1.0.0's settings
     located: dict[str, dict[str, float]] = {
@@ -436,9 +437,14 @@ def _fl(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+def acceptance(validation: float) -> float:
+    """An [acceptance] threshold: the held-out figure less ~0.05, rounded down to 0.05."""
+    return math.floor((validation - 0.05) * 20) / 20
+
+
 def write_manifest(path: Path, sha: str, threshold: float, keep: float, max_entropy: float,
                    input_edges: list[float], input_ref: list[float],
-                   output_ref: list[float]) -> None:
+                   output_ref: list[float], overall: dict[str, float]) -> None:
     low, high = max(0.0, round(threshold - 0.15, 2)), min(1.0, round(threshold + 0.15, 2))
     text = f"""# Signed model manifest: edit only at the source (training/train.py), then re-sign.
 schema = 1
@@ -509,6 +515,11 @@ input_reference = {_fl(input_ref)}
 output_edges = {_fl(OUTPUT_EDGES)}
 output_reference = {_fl(output_ref)}
 subgroup_attributes = ["Modality"]
+
+[acceptance]
+# Measured on the box from reviewers' verdicts: the held-out figure less ~0.05.
+sensitivity = {acceptance(overall["sensitivity"])}
+specificity = {acceptance(overall["specificity"])}
 """
     path.write_text(text)
 
@@ -651,6 +662,24 @@ lowers `max_uncertainty` (more images reviewed), or keeps `tta_flip` at four
 passes per image. Independently of this flag, every positive result and
 every probability inside the review band goes to review (`review_if_positive`,
 `review_band`).
+
+## Acceptance thresholds (measured on the box)
+What the box compares reviewers' verdicts with (manifest `[acceptance]`, see
+docs/models.md, "Performance measured on the box"): an alert when the 95 % Wilson
+interval of the model, or of one of its subgroups (`drift.subgroup_attributes`:
+Modality), lies wholly below the value.
+
+| metric | acceptance | validation figure (held-out, per image) |
+|---|---|---|
+| sensitivity | {acceptance(r["overall"]["sensitivity"]):.2f} | {r["overall"]["sensitivity"]:.3f} |
+| specificity | {acceptance(r["overall"]["specificity"]):.2f} | {r["overall"]["specificity"]:.3f} |
+
+Each threshold is the held-out figure less a margin of about 0.05, rounded down to
+0.05: room for a real department's case mix, not for a model that
+misses one lesion in ten. The verdicts the box sees are on flagged results only
+(every positive, the review band, the uncertain ones): sensitivity and PPV are
+measured on nearly all positives, specificity and NPV on the hard negatives only,
+and read lower than on a random sample.
 
 ## Limitations
 Synthetic phantoms are far simpler than anatomy; performance on real images is

@@ -1,7 +1,11 @@
 """Encrypted, hash-chained audit log with forward-evolving signed checkpoints.
 
 See docs/audit.md for the design and docs/schemas/audit.schema.json for what
-is published.
+is published.  May import: agent.config, agent.crypto, agent.errors, agent.fileperm,
+agent.identity (file ownership for the CLI), agent.ops.liveness, agent.uplink.egress
+and egresspolicy (what of a record may leave the box, and to where).  The receipt
+drainer that moves the DICOM node's journaled records into the log lives with the
+DICOM node for now (agent/receive.py ReceiptDrainer).
 """
 
 from __future__ import annotations

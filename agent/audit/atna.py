@@ -17,7 +17,7 @@ message carries the record's seq and a stable uuid (``RecordRef``) for the
 repository to dedupe on.  Duplicates are counted (``resent``).
 
 PHI goes into these messages by design (the complete local record); where it
-may go is decided by agent/egresspolicy.py, and the sender connects to nothing
+may go is decided by agent/uplink/egresspolicy.py, and the sender connects to nothing
 else.  Nothing of a record's content is ever logged here.
 """
 
@@ -42,17 +42,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import egresspolicy
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey, write_file_atomic
 from agent.errors import AuditError, EdgeAgentError, TransportError
-from agent.liveness import Beat, no_beat
+from agent.ops.liveness import Beat, no_beat
+from agent.uplink import egresspolicy
 
 from . import fhir, syslog
 from .export import RecordRef, atna_message
 from .store import Row, Store, connect, iso, open_record
 
-log = logging.getLogger("edge_agent.atna")
+log = logging.getLogger(__name__)
 
 BATCH = 200  # records per write
 BATCH_BYTES = 1 << 20

@@ -18,7 +18,7 @@ from agent.audit.log import AuditLog
 from agent.config import Config
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AuditError
-from agent.identity import give, give_tree, owner_of
+from agent.identity.certificates import give, give_tree, owner_of
 
 
 @dataclass(frozen=True)

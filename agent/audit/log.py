@@ -59,7 +59,7 @@ from .store import (
 )
 from .summary import Summaries
 
-log = logging.getLogger("edge_agent.audit")
+log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 # While the store fails, intake_hold retries a write at most this often.

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from agent import egress
+from agent.uplink import egress
 
 # No spaces: free text (which could quote a name or a report) is redacted.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:@/+=,#-]{0,128}$")

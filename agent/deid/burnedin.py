@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from agent import pixelbound
+from agent import dicomraw, pixelbound
 from agent.deid.settings import PixelCleanRule
-from agent.vocabulary import QUARANTINE
+from agent.uplink.vocabulary import QUARANTINE
 
 RISKY_MODALITIES = frozenset({"US", "SC", "XC", "OT", "ES", "GM", "SM"})
 _SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
@@ -49,7 +49,7 @@ def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
     """
     vr = _PEEKED.get(keyword)
     if vr is not None:
-        elem = ds._dict.get(_PEEK_TAGS[keyword])
+        elem = dicomraw.raw(ds, _PEEK_TAGS[keyword])
         if elem is None:
             return default
         if isinstance(elem, RawDataElement) and elem.VR in (None, vr):
@@ -75,7 +75,7 @@ def is_encapsulated_document(ds: Dataset) -> bool:
 
 
 def risk_code(ds: Dataset) -> str | None:
-    """The rule (agent/vocabulary.py QUARANTINE code) by which the pixels may carry text,
+    """The rule (agent/uplink/vocabulary.py QUARANTINE code) by which the pixels may carry text,
     or None when there is no reason to think so.
 
     The reason names the rule, never a value read from the instance: a modality that

@@ -65,7 +65,8 @@ def render() -> str:
         "",
         "## Pseudonyms",
         "",
-        "All replacements derive from HMAC-SHA256 under the box's pseudonym key, each with its "
+        "`[deid] pseudonyms = \"keyed\"` (the default): all replacements derive from "
+        "HMAC-SHA256 under the box's pseudonym key, each with its "
         "own label: UIDs become `2.25.<128-bit value>` (the same original UID gives the same new "
         "UID in every instance, study and restart, so references inside sequences stay "
         "consistent); Patient ID and Patient's Name become a 16-hex-digit patient token "
@@ -73,6 +74,24 @@ def render() -> str:
         f"dates, with Retain Longitudinal Modified Dates, move by a per-patient offset of "
         f"{DATE_SHIFT_MIN_DAYS} to {DATE_SHIFT_MIN_DAYS + DATE_SHIFT_SPAN_DAYS - 1} days into "
         "the past. Without the key nothing links back.",
+        "",
+        "`[deid] pseudonyms = \"vault\"`: the same replacements, but each code is random "
+        "(a UUID4 under `2.25`, random hex tokens, a random per-patient date offset in the same "
+        "range) and kept consistent through an encrypted local map "
+        "(`<state_dir>/deid/vault.db`, codes sealed under a data key wrapped by the box KEK, "
+        "indexed by an HMAC of the original so the file names no original value). The "
+        "published code is not derived from any identifier. `edge-agent keys shred-vault --yes` "
+        "(admin, daemon stopped, audited) deletes the map's key and codes: every mapping is "
+        "unrecoverable and later studies get new codes.",
+        "",
+        "Which one: **keyed** needs no state and gives the same codes on every box that shares "
+        "the pseudonym key (a fleet that links a patient across boxes, a rebuilt box), and a "
+        "holder of the key can recompute a code from a known identifier (a re-identification "
+        "path by design). **vault** is for a site whose privacy office follows HIPAA "
+        "164.514(c) strictly (a re-identification code must not be derived from information "
+        "about the individual) or that wants to end linkability on request by shredding the "
+        "map; its codes are per box, lost with the box's state (back it up with the KEK), and "
+        "de-identification writes one durable row per new value.",
         "",
         "## Actions",
         "",

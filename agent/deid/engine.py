@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from agent import dicomraw
 from agent.deid import burnedin
 from agent.deid.envelope import envelope
 from agent.deid.pseudonym import Pseudonymizer
@@ -143,7 +144,7 @@ def _empty_like(ds: Dataset) -> Dataset:
     item), so its original and current character sets agree and the writer can copy
     kept raw elements verbatim.
     """
-    out = Dataset(parent_encoding=ds._parent_encoding)
+    out = Dataset(parent_encoding=dicomraw.parent_encoding(ds))
     if None not in ds.original_encoding:
         implicit, little = ds.original_encoding
         out.set_original_encoding(implicit, little, ds.original_character_set)
@@ -225,7 +226,7 @@ def _top_text(ds: Dataset, tag: int, keyword: str) -> str:
     A raw single ASCII value is decoded as pydicom would (trailing NUL/space padding
     removed) without converting the element in place; anything else takes pydicom's path.
     """
-    elem = ds._dict.get(BaseTag(tag))
+    elem = dicomraw.raw(ds, BaseTag(tag))
     if elem is None:
         return ""
     if isinstance(elem, RawDataElement):
@@ -266,10 +267,12 @@ class _Instance:
 class Deidentifier:
     """Applies the configured profile; one instance per settings and key."""
 
-    def __init__(self, settings: DeidSettings, pseudonym_key: bytes) -> None:
+    def __init__(self, settings: DeidSettings, pseudonym_key: bytes,
+                 pseudonymizer: Pseudonymizer | None = None) -> None:
         settings.validate()
         self._settings = settings
-        self._pseudo = Pseudonymizer(pseudonym_key)
+        # Keyed (HMAC) by default; vault mode hands in agent/deid/vault.py's.
+        self._pseudo = pseudonymizer or Pseudonymizer(pseudonym_key)
         opts = settings.options
         self._opts = opts
         self._rules: dict[int, Resolved] = {}
@@ -317,7 +320,9 @@ class Deidentifier:
     # ------------------------------------------------------------------ public
     def describe(self) -> str:
         opts = ", ".join(sorted(self._opts)) or "none"
-        return f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; options: {opts}"
+        vault = "; pseudonyms: vault" if self._pseudo.kind == "vault" else ""
+        return (f"PS3.15 E.1-1 Basic Profile ({TABLE.edition}) {self._settings.mode}; "
+                f"options: {opts}{vault}")
 
     def method_text(self) -> str:
         """DeidentificationMethod value: short enough for one LO value (64 chars)."""
@@ -442,7 +447,7 @@ class Deidentifier:
         # Plain public elements go straight into the element dict: Dataset.__setitem__
         # only adds private-creator and sequence bookkeeping, which these do not need,
         # and it is the largest per-element cost of a walk.
-        store = out._dict
+        store = dicomraw.elements(out)
         for elem in ds.elements():
             tag = int(elem.tag)
             group = tag >> 16
@@ -773,7 +778,7 @@ class Deidentifier:
         out.preamble = b"\x00" * 128
 
     def _stamp(self, out: Dataset, codes: Iterable[str]) -> None:
-        store = out._dict  # plain public elements: see _walk
+        store = dicomraw.elements(out)  # plain public elements: see _walk
         for tag, vr, value in (
             (0x00120062, "CS", "YES"),
             (0x00120063, "LO", self._method_text),
@@ -786,7 +791,7 @@ class Deidentifier:
             item = Dataset(parent_encoding=out.original_character_set)
             if None not in encoding:
                 item.set_original_encoding(encoding[0], encoding[1], out.original_character_set)
-            item_store = item._dict
+            item_store = dicomraw.elements(item)
             item_store[BaseTag(0x00080100)] = _new(0x00080100, "SH", code)
             item_store[BaseTag(0x00080102)] = _new(0x00080102, "SH", "DCM")
             item_store[BaseTag(0x00080104)] = _new(0x00080104, "LO", CODE_MEANING[code])

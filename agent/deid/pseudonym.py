@@ -19,6 +19,8 @@ DATE_SHIFT_SPAN_DAYS = 3650
 
 
 class Pseudonymizer:
+    kind = "keyed"  # [deid] pseudonyms
+
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("pseudonym key must hold at least 128 bits")

@@ -42,6 +42,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
 
+from agent import dicomraw
+
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
@@ -73,7 +75,7 @@ _META_REQUIRED = tuple(BaseTag(t) for t in (0x00020001, 0x00020002, 0x00020003, 
 
 def instance_uid(ds: Dataset) -> str:
     """str(ds.SOPInstanceUID) without converting the element (so it is written verbatim)."""
-    uid = _canonical_uid(ds._dict.get(_TAGS["SOPInstanceUID"]))
+    uid = _canonical_uid(dicomraw.raw(ds, _TAGS["SOPInstanceUID"]))
     return uid if uid is not None else str(ds.SOPInstanceUID)
 
 
@@ -96,7 +98,7 @@ def encode(ds: Dataset) -> bytes | None:
 
 def _encode(ds: Dataset) -> list[bytes] | None:
     src_meta = getattr(ds, "file_meta", None)
-    if src_meta is None or any(tag >> 16 in (0, 2) for tag in ds._dict):
+    if src_meta is None or any(tag >> 16 in (0, 2) for tag in dicomraw.elements(ds)):
         return None
     tsyntax = src_meta.get("TransferSyntaxUID", None)
     if (
@@ -115,15 +117,15 @@ def _encode(ds: Dataset) -> list[bytes] | None:
 
     # dcmwrite's file meta, on a copy (it deep-copies; elements are not shared mutably).
     meta = FileMetaDataset()
-    for tag, elem in src_meta._dict.items():
-        meta._dict[tag] = elem if isinstance(elem, RawDataElement) else copy.copy(elem)
+    for tag, elem in dicomraw.elements(src_meta).items():
+        dicomraw.elements(meta)[tag] = elem if isinstance(elem, RawDataElement) else copy.copy(elem)
     meta_implicit, meta_little = src_meta.original_encoding
     meta.set_original_encoding(meta_implicit, meta_little, src_meta.original_character_set)
     for meta_keyword, ds_keyword in _META_FROM_DATASET:
         # dcmwrite: the meta's SOP Class/Instance UID follows the dataset's.  It
         # converts both elements first, which changes no byte of canonical raw UIDs.
-        meta_uid = _canonical_uid(meta._dict.get(_TAGS[meta_keyword]))
-        ds_uid = _canonical_uid(ds._dict.get(_TAGS[ds_keyword]))
+        meta_uid = _canonical_uid(dicomraw.raw(meta, _TAGS[meta_keyword]))
+        ds_uid = _canonical_uid(dicomraw.raw(ds, _TAGS[ds_keyword]))
         if meta_uid is not None and ds_uid is not None:
             if ds_uid != meta_uid:
                 setattr(meta, meta_keyword, ds_uid)
@@ -138,7 +140,7 @@ def _encode(ds: Dataset) -> list[bytes] | None:
         ds["PixelData"].is_undefined_length = tsyntax.is_compressed
 
     parts: list[bytes] = [preamble or b"\x00" * 128, b"DICM"]
-    group_length = meta._dict.get(_GROUP_LENGTH)
+    group_length = dicomraw.raw(meta, _GROUP_LENGTH)
     if group_length is not None and group_length.VR != "UL":
         # pydicom rewrites it in place assuming 12 bytes: leave that to pydicom.
         head = _buffer(False)
@@ -146,7 +148,7 @@ def _encode(ds: Dataset) -> list[bytes] | None:
         parts.append(head.getvalue())
     else:
         # write_file_meta_info: (0002,0000) UL = the length of the rest of the group.
-        meta._dict.pop(_GROUP_LENGTH, None)
+        dicomraw.elements(meta).pop(_GROUP_LENGTH, None)
         group: list[bytes] = []
         _dataset(group, meta, False, default_encoding)
         parts.append(_short_header(0x0002, 0x0000, b"UL", 4) + _ul_le(sum(map(len, group))))
@@ -175,10 +177,10 @@ def _canonical_uid(elem: DataElement | RawDataElement | None) -> str | None:
 def _meta_complete(meta: FileMetaDataset) -> bool:
     """True when validate_file_meta(meta, True) would neither add nor raise anything:
     only group 2, and every element it requires present with a value."""
-    if any(tag >> 16 != 0x0002 for tag in meta._dict):
+    if any(tag >> 16 != 0x0002 for tag in dicomraw.elements(meta)):
         return False
     for tag in _META_REQUIRED:
-        elem = meta._dict.get(tag)
+        elem = dicomraw.raw(meta, tag)
         if elem is None:
             return False
         value = elem.value
@@ -193,13 +195,13 @@ def _meta_complete(meta: FileMetaDataset) -> bool:
 
 def _dataset(parts: list[bytes], ds: Dataset, implicit: bool, parent_encoding: Any) -> None:
     """pydicom's ``write_dataset`` for a little-endian output, appending to ``parts``."""
-    if (implicit, True) != ds.original_encoding or ds.original_character_set != ds._character_set:
+    if (implicit, True) != ds.original_encoding or ds.original_character_set != dicomraw.character_set(ds):
         # pydicom re-encodes every element of such a dataset: let it.
         parts.append(_pydicom_dataset(ds, implicit, parent_encoding))
         return
     encodings = ds.get("SpecificCharacterSet", parent_encoding)
     get_item = ds.get_item
-    for tag in sorted(ds._dict):
+    for tag in sorted(dicomraw.elements(ds)):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # retired group lengths are not written
         elem = get_item(tag)

@@ -1,5 +1,9 @@
 """Local inference on de-identified studies: signed model packages, onnxruntime,
-explanations, uncertainty and drift aggregates.  See docs/models.md."""
+explanations, uncertainty and drift aggregates.  See docs/models.md.
+
+May import: agent.crypto, agent.errors, agent.types, agent.dicomraw, agent.pixelbound,
+agent.uplink.vocabulary (the fixed words a finding or failure may use). Sees only de-identified data sets.
+"""
 
 from agent.infer.engine import InferenceEngine, InferenceSettings
 from agent.infer.manifest import Manifest, load_manifest, parse_manifest

@@ -26,17 +26,20 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
 
-from agent import vocabulary
 from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
 from agent.infer.explain import Saliency, cam_region, occlusion, to_image_box
 from agent.infer.manifest import AppliesTo, Decision, Manifest
-from agent.infer.pixels import frame_count, iter_images
-from agent.infer.preprocess import preprocess
+from agent.infer.pixels import decode_frame, extract_attributes, frame_count, iter_images
+from agent.infer.preprocess import ImageInput, preprocess, to_unit
+from agent.infer.providers import choose as choose_providers
 from agent.infer.registry import ModelPackage, Registry, enforce, safe_audit
-from agent.infer.session import ModelSession
+from agent.infer.resample import assemble, source_index
+from agent.infer.session import ModelSession, ModelTimeout
 from agent.infer.signing import load_public_keys
+from agent.infer.volume import VolumePlan, plan_volume, series_groups
 from agent.types import DeidentifiedStudy, ModelFailure, ModelOutput
+from agent.uplink import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class InferenceSettings:
     threads: int = 1
     timeout_seconds: float = 60.0
     drift_min_studies: int = 10  # k-anonymity for drift telemetry
+    # [infer] providers: onnxruntime execution providers in preference order, CPU fallback
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ def explained_label(manifest: Manifest) -> str:
 
 def manifest_words(manifest: Manifest) -> list[str]:
     """What a result may say that the signed manifest fixed: name, version, labels,
-    findings (agent/vocabulary.py: the egress guard does not take these for study text)."""
+    findings (agent/uplink/vocabulary.py: the egress guard does not take these for study text)."""
     dec = manifest.decision
     return [manifest.name, manifest.version, *dec.labels, dec.positive_finding,
             dec.negative_finding, explained_label(manifest)]
@@ -149,6 +154,21 @@ def map_channel(manifest: Manifest, shape: tuple[int, ...]) -> int | None:
              "\"occlusion\" in the manifest")
 
 
+def volume_map(manifest: Manifest, shape: tuple[int, ...]) -> int | None:
+    """Which channel of a volume model's map output (N, [channels,] d, h, w) holds the
+    positive label's map (None: no channel axis).  Anything else raises ModelError."""
+    dec = manifest.decision
+    if len(shape) == 4 and min(shape[1:]) >= 1:
+        return None
+    if len(shape) == 5 and min(shape[2:]) >= 1 and shape[1] in (1, len(dec.labels)):
+        return 0 if shape[1] == 1 else dec.labels.index(dec.positive_label)
+    raise ModelError(
+        f"explanation output {manifest.explanation.output!r} has shape {list(shape)}; a "
+        f"volume model's map must be [N, d, h, w], [N, 1, d, h, w] or "
+        f"[N, {len(dec.labels)}, d, h, w]", code="output-mismatch",
+        hint="export the map with one of these shapes, or use explanation.method = \"none\"")
+
+
 def review(decision: Decision, p: float, uncertainty: float, positive: bool) -> tuple[str, ...]:
     reasons = []
     low, high = decision.review_band
@@ -173,6 +193,10 @@ class InferenceEngine:
                                   environment=settings.environment, audit=audit)
         self._drift = DriftMonitor(settings.state_dir, settings.drift_min_studies)
         self._models: list[_Loaded] = []
+        warning = choose_providers(settings.providers).warning()
+        if warning:  # said once per start; doctor says it too
+            log.warning("%s", warning)
+            safe_audit(audit, "model.provider_fallback", {"reason": warning[:300]})
         for pkg in self._registry.active_packages():
             try:
                 loaded = self._load(pkg)
@@ -190,13 +214,16 @@ class InferenceEngine:
         session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
                                output_name=pkg.manifest.output_name,
                                threads=self._settings.threads,
-                               extra_outputs=(spec.output,) if spec.method == "cam" else ())
+                               extra_outputs=(spec.output,) if spec.method == "cam" else (),
+                               providers=self._settings.providers)
+        grid = ((pkg.manifest.input.depth,) if pkg.manifest.input.kind == "volume" else ())
         try:
-            session.check_input(pre.channels, *pre.resize)
-            outs = session.warm_up(pre.channels, *pre.resize,
+            session.check_input(pre.channels, *grid, *pre.resize)
+            outs = session.warm_up(pre.channels, *grid, *pre.resize,
                                    timeout=self._settings.timeout_seconds)
             if spec.method == "cam":
-                map_channel(pkg.manifest, outs[1].shape)  # a wrong map refuses the model now
+                # a wrong map refuses the model now
+                (volume_map if grid else map_channel)(pkg.manifest, outs[1].shape)
         except ModelError:
             session.close()
             raise
@@ -260,6 +287,11 @@ class InferenceEngine:
             return models
 
     # -- public API ------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        """The installed packages and active choices (deployments install and switch)."""
+        return self._registry
+
     def active_models(self) -> list[dict[str, str]]:
         models = self._models  # one read: a concurrent reload swaps the whole list
         return [{"name": m.package.name, "version": m.package.version,
@@ -273,6 +305,14 @@ class InferenceEngine:
     def images_run(self) -> int:
         """Images fed to the loaded models so far: forward passes, whatever they were for."""
         return sum(m.session.images_run for m in self._models)
+
+    def manifest_of(self, name: str, version: str) -> Manifest | None:
+        """The manifest of a loaded model version (the review stage reads its decision
+        labels and acceptance thresholds)."""
+        for m in self._models:
+            if m.package.name == name and m.package.version == version:
+                return m.manifest
+        return None
 
     def drift_report(self) -> dict[str, object]:
         self._drift.flush()
@@ -292,10 +332,16 @@ class InferenceEngine:
             for model in self._models:
                 rule = model.manifest.applies_to
                 selected = [(i, ds) for i, ds in enumerate(study.instances) if applies(rule, ds)]
-                if sum(frame_count(ds) for _, ds in selected) < max(1, rule.min_images):
+                volume = model.manifest.input.kind == "volume"
+                if volume:  # the largest applicable series, if it has enough slices
+                    selected = next(iter(series_groups(selected)), [])
+                    if not rule.min_images <= len(selected) <= rule.max_images:
+                        continue
+                elif sum(frame_count(ds) for _, ds in selected) < max(1, rule.min_images):
                     continue
                 try:
-                    outputs.append(self._run(model, selected, study.study_ref))
+                    run = self._run_volume if volume else self._run
+                    outputs.append(run(model, selected, study.study_ref))
                 except Exception as exc:  # noqa: BLE001 - a failing model fails this model only
                     what = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                     # The result publishes the code (fixed vocabulary); the library's own
@@ -427,6 +473,7 @@ class InferenceEngine:
             },
             instances_used=len({w[0] for w in where}),
             sources=tuple(sorted({w[0] for w in where})),
+            subgroup=tuple(sorted(subgroup.items())),
         )
         safe_audit(self._audit, "inference.done", {
             "model": result.name, "version": result.version, "sha256": result.sha256,
@@ -435,6 +482,132 @@ class InferenceEngine:
             "output_sha256": out_hash, "finding": result.finding,
             "needs_review": result.needs_review})
         return result
+
+    def _run_volume(self, model: _Loaded, series: Sequence[tuple[int, Dataset]],
+                    study_ref: str) -> ModelOutput:
+        """One series as one model input: sorted and checked (agent/infer/volume.py), then
+        resampled slice by slice into the model's grid (agent/infer/resample.py)."""
+        m = model.manifest
+        pre = m.preprocessing
+        dec = m.decision
+        t_start = time.perf_counter()
+        deadline = time.monotonic() + self._settings.timeout_seconds
+        plan = plan_volume([ds for _, ds in series], m.input.spacing_tolerance)
+        subgroup: dict[str, str] = {}
+        decode_s = 0.0
+
+        def load(k: int) -> npt.NDArray[np.float32]:
+            nonlocal decode_s
+            index, ds = series[plan.order[k]]
+            t0 = time.perf_counter()
+            img = ImageInput(decode_frame(ds, 0, 1), extract_attributes(ds, m.attributes),
+                             index, 0)
+            decode_s += time.perf_counter() - t0
+            if not subgroup:
+                subgroup.update({a: str(img.attrs.get(a, "unknown"))
+                                 for a in m.drift.subgroup_attributes})
+            if time.monotonic() > deadline:  # decoding a long series counts against the budget
+                raise ModelTimeout(f"inference timed out after "
+                                   f"{self._settings.timeout_seconds:.1f}s while assembling")
+            return to_unit(img, pre)
+
+        t1 = time.perf_counter()
+        unit = assemble(plan.slices, m.input.depth, pre.resize, load)
+        mean_unit = float(unit.mean())
+        unit -= np.float32(pre.mean)  # in place: the grid is the only volume in memory
+        unit /= np.float32(pre.std)
+        x = np.broadcast_to(unit, (1, pre.channels, *unit.shape))
+        x = np.ascontiguousarray(x)  # (1, C, D, H, W); a copy only for 3 channels
+        t2 = time.perf_counter()
+        probs, raws, maps = self._scores(model, x, deadline)
+        if probs.shape[-1] != len(dec.labels) and not (dec.activation == "sigmoid"
+                                                       and probs.shape[-1] == 1):
+            raise ModelError(f"model returned {probs.shape[-1]} outputs for "
+                             f"{len(dec.labels)} labels", code="output-mismatch")
+        pos = dec.labels.index(dec.positive_label) if probs.shape[-1] > 1 else 0
+        p = float(probs[0, pos])
+        q = min(max(p, 1e-12), 1 - 1e-12)
+        uncertainty = float(-(q * math.log2(q) + (1 - q) * math.log2(1 - q)))
+        labels = {label: round(float(probs[0, j]), 6)
+                  for j, label in enumerate(dec.labels) if j < probs.shape[1]}
+        labels[dec.positive_label] = round(p, 6)
+        t3 = time.perf_counter()
+        explanation = self._explain_volume(model, plan, series, p,
+                                           maps[0][0] if maps else None)
+        t4 = time.perf_counter()
+
+        positive = p >= dec.threshold
+        reasons = review(dec, p, uncertainty, positive)
+        digest = hashlib.sha256()
+        for r in (*raws, *maps):
+            digest.update(np.ascontiguousarray(r).data)
+        self._drift.update(model.package.name, mean_unit, p, subgroup)
+        result = ModelOutput(
+            name=model.package.name, version=model.package.version,
+            sha256=model.package.verification.sha256, labels=labels,
+            finding=dec.positive_finding if positive else dec.negative_finding,
+            confidence=round(p if positive else 1.0 - p, 6),
+            uncertainty=round(uncertainty, 6), needs_review=bool(reasons),
+            review_reasons=reasons, explanation=explanation,
+            timings_ms={
+                "decode": round(decode_s * 1000, 3),
+                "preprocess": round((t2 - t1 - decode_s) * 1000, 3),
+                "inference": round((t3 - t2) * 1000, 3),
+                "explanation": round((t4 - t3) * 1000, 3),
+                "total": round((time.perf_counter() - t_start) * 1000, 3),
+            },
+            instances_used=plan.slices,
+            sources=tuple(sorted(i for i, _ in series)),
+        )
+        safe_audit(self._audit, "inference.done", {
+            "model": result.name, "version": result.version, "sha256": result.sha256,
+            "study": study_ref, "images": plan.slices, "grid": list(x.shape[2:]),
+            "input_sha256": hashlib.sha256(x.data).hexdigest(),
+            "output_sha256": digest.hexdigest(), "finding": result.finding,
+            "needs_review": result.needs_review})
+        return result
+
+    def _explain_volume(self, model: _Loaded, plan: VolumePlan,
+                        series: Sequence[tuple[int, Dataset]], p: float,
+                        cam: npt.NDArray[np.float32] | None) -> dict[str, Any]:
+        """The slice and region where the model's 3-D map peaks, on the original slice.
+
+        The map's peak cell gives the grid slice, hence the nearest source slice along
+        the normal; the box is drawn on that depth of the map as for a 2-D model."""
+        spec = model.manifest.explanation
+        depth = model.manifest.input.depth
+        resize = model.manifest.preprocessing.resize
+        info: dict[str, Any] = {"method": spec.method, "slices": plan.slices}
+        if spec.method == "none" or cam is None:
+            first = series[plan.order[0]]
+            info.update(instance=first[0], frame=0, image_size=[plan.rows, plan.cols],
+                        bbox=None, text=vocabulary.NO_EXPLANATION)
+            return info
+        grid_map = volume_map(model.manifest, (1, *cam.shape))
+        m3 = cam if grid_map is None else cam[grid_map]
+        kd = int(np.unravel_index(int(np.argmax(m3)), m3.shape)[0])
+        k = min(depth - 1, int((kd + 0.5) * depth / m3.shape[0]))  # grid slice of that cell
+        s = source_index(k, plan.slices, depth)
+        instance, ds = series[plan.order[s]]
+        info.update(instance=instance, frame=0, slice=s + 1,
+                    image_size=[plan.rows, plan.cols])
+        uid = ds.get("SOPInstanceUID")
+        if uid:
+            info["sop_instance_uid"] = str(uid)  # the de-identified (keyed) UID
+        label = explained_label(model.manifest)
+        where_txt = vocabulary.WHERE_IMAGE.format(image=instance + 1)
+        sal = (cam_region(m3[kd], resize, keep_fraction=spec.keep_fraction)
+               if p >= spec.min_score else Saliency(None, 0.0))
+        if sal.bbox is None:
+            info.update(bbox=None, text=vocabulary.CAM_NO_REGION.format(
+                where=where_txt, label=label, score=p))
+            return info
+        x, y, w, h = to_image_box(sal.bbox, resize, (plan.rows, plan.cols))
+        above = p >= model.manifest.decision.threshold
+        template = vocabulary.CAM_REGION_ABOVE if above else vocabulary.CAM_REGION_BELOW
+        info.update(bbox=[x, y, w, h], text=template.format(
+            label=label, where=where_txt, x=x, y=y, w=w, h=h, score=p, drop=0.0))
+        return info
 
     def _explain(self, model: _Loaded, tensor: npt.NDArray[np.float32], base: float, pos: int,
                  where: tuple[int, int, tuple[int, int]],

@@ -18,6 +18,7 @@ from agent.errors import ModelError
 Activation = Literal["softmax", "sigmoid", "none"]
 Aggregation = Literal["max", "mean", "noisy_or"]
 VoiMode = Literal["window", "dataset", "percentile"]
+InputKind = Literal["image", "volume"]
 
 SCHEMA_VERSION = 1
 
@@ -29,6 +30,19 @@ class AppliesTo:
     sop_classes: tuple[str, ...]  # empty: any
     min_images: int
     max_images: int  # larger studies are sampled evenly, bounding latency and memory
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """``[input]``: what one model input is.  ``image``: one 2-D image (N, C, H, W), the
+    study scored image by image.  ``volume``: one series as a 3-D grid (N, C, D, H, W):
+    the slices sorted along their normal, spacing checked, resampled to ``depth`` slices
+    of ``preprocessing.resize`` (agent/infer/volume.py, agent/infer/resample.py)."""
+
+    kind: InputKind = "image"
+    depth: int = 0  # volume: slices of the model's grid
+    # volume: largest relative deviation of a slice gap from the series' median gap
+    spacing_tolerance: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,10 @@ class Manifest:
     explanation: Explanation
     drift: DriftReference
     mask: MaskOutput | None = None  # absent: no SEG for this model
+    # [acceptance]: the least each metric may be, measured from reviewers' verdicts on
+    # the box (agent/review/performance.py); absent: no threshold alerts for this model.
+    acceptance: tuple[tuple[str, float], ...] = ()
+    input: InputSpec = InputSpec()
 
 
 class _Reader:
@@ -190,6 +208,25 @@ def _mask(r: _Reader) -> MaskOutput | None:
     if not 0.0 < out.threshold < 1.0:
         r.problems.append("mask.threshold must be between 0 and 1")
     return out
+
+
+def _input(r: _Reader) -> InputSpec:
+    """``[input]`` (optional: absent means one 2-D image per run, as before it existed)."""
+    if "input" not in r.data:
+        return InputSpec()
+    tbl = r.table("input")
+    for key in sorted(set(tbl) - {"kind", "depth", "spacing_tolerance"}):
+        r.problems.append(f"input.{key} is not a known key (kind, depth, spacing_tolerance)")
+    kind = r.choice(tbl, "input", "kind", ("image", "volume"), "image")
+    depth = r.get(tbl, "input", "depth", int, 0)
+    tolerance = r.get(tbl, "input", "spacing_tolerance", float, 0.1)
+    if kind == "volume" and not 2 <= depth <= 1024:
+        r.problems.append(f"input.depth must be 2..1024 slices for kind 'volume', got {depth}")
+    if kind == "image" and "depth" in tbl:
+        r.problems.append("input.depth applies only to kind 'volume'")
+    if not 0.0 < tolerance < 0.5:
+        r.problems.append(f"input.spacing_tolerance must be in (0, 0.5), got {tolerance}")
+    return InputSpec(kind=kind, depth=depth, spacing_tolerance=tolerance)  # type: ignore[arg-type]
 
 
 def _explanation(r: _Reader, expl: dict[str, Any]) -> Explanation:
@@ -322,6 +359,8 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
         explanation=_explanation(r, expl),
         drift=DriftReference(in_edges, in_ref, out_edges, out_ref, subgroups),
         mask=_mask(r),
+        acceptance=_acceptance(r),
+        input=_input(r),
     )
     p = manifest.preprocessing
     if p.channels not in (1, 3):
@@ -338,6 +377,15 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
     if ex.method == "cam" and ex.output in (manifest.output_name, manifest.input_name):
         r.problems.append(f"explanation.output {ex.output!r} must name the model output that "
                           f"holds the map, not the model's input or its score output")
+    if manifest.input.kind == "volume":
+        if ex.method == "occlusion":
+            r.problems.append("explanation.method 'occlusion' is not available for volume "
+                              "models: use 'cam' (a map over the grid) or 'none'")
+        if manifest.uncertainty == "tta_flip":
+            r.problems.append("uncertainty.method 'tta_flip' is not available for volume "
+                              "models: use 'entropy'")
+        if manifest.mask is not None:
+            r.problems.append("[mask] (DICOM SEG) is not available for volume models")
     if ex.method == "occlusion" and min(ex.patch, ex.stride) < 1:
         r.problems.append("explanation.patch and explanation.stride must be >= 1")
     if ex.method == "occlusion" and ex.patch > min(p.resize):
@@ -354,3 +402,22 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
 
 def load_manifest(path: Path) -> Manifest:
     return parse_manifest(path.read_bytes(), source=str(path))
+
+
+ACCEPTANCE_METRICS = ("sensitivity", "specificity", "ppv", "npv", "agreement")
+
+
+def _acceptance(r: _Reader) -> tuple[tuple[str, float], ...]:
+    """[acceptance] metric = lowest acceptable value (0 < v <= 1), per metric."""
+    if "acceptance" not in r.data:
+        return ()
+    tbl = r.table("acceptance")
+    out: list[tuple[str, float]] = []
+    for key, value in sorted(tbl.items()):
+        if key not in ACCEPTANCE_METRICS:
+            r.problems.append(f"acceptance.{key} is not a metric ({', '.join(ACCEPTANCE_METRICS)})")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            r.problems.append(f"acceptance.{key} must be a number in (0, 1]")
+        else:
+            out.append((str(key), float(value)))
+    return tuple(out)

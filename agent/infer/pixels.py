@@ -25,10 +25,10 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.tag import BaseTag
 from pydicom.valuerep import IS, DSfloat
 
-from agent import pixelbound
+from agent import dicomraw, pixelbound
 from agent.errors import ModelError
 from agent.infer.preprocess import ImageInput
-from agent.vocabulary import transfer_syntax_keyword
+from agent.uplink.vocabulary import transfer_syntax_keyword
 
 # Where enhanced multi-frame objects keep per-frame technical attributes.
 _FUNCTIONAL_GROUPS = {
@@ -108,7 +108,7 @@ _PIXEL_MODULE = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsSto
 def _deferred_frame(ds: Dataset, frame: int, frames: int) -> npt.NDArray[Any] | None:
     """One frame of still-deferred native Pixel Data, read from the dataset's buffer;
     None when the element is loaded, compressed, bit-packed or has no buffer."""
-    elem = ds._dict.get(_PIXEL_DATA)  # noqa: SLF001 - the raw element, without reading it
+    elem = dicomraw.raw(ds, _PIXEL_DATA)  # the raw element, without reading it
     source = ds.__dict__.get("buffer")
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None

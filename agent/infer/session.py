@@ -8,6 +8,7 @@ passes; starting a ``threading.Timer`` per run cost more than some runs.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from agent.errors import ModelError
+from agent.infer import providers as eps
+
+log = logging.getLogger(__name__)
 
 
 class ModelTimeout(ModelError):
@@ -78,7 +82,8 @@ class _Watchdog:
 
 class ModelSession:
     def __init__(self, path: Path, *, input_name: str, output_name: str, threads: int,
-                 extra_outputs: tuple[str, ...] = ()) -> None:
+                 extra_outputs: tuple[str, ...] = (),
+                 providers: tuple[str, ...] = eps.DEFAULT) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
@@ -87,12 +92,25 @@ class ModelSession:
         # Idle worker threads must not spin: the box also receives and encrypts.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
+        choice = eps.choose(providers)
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts,
-                                                 providers=["CPUExecutionProvider"])
+            try:
+                self._session = ort.InferenceSession(str(path), sess_options=opts,
+                                                     providers=list(choice.use))
+            except Exception as exc:  # a present provider may still fail to initialise
+                if choice.use == eps.DEFAULT:
+                    raise
+                log.warning("model %s: onnxruntime could not create a session with %s (%s); "
+                            "falling back to %s", path.name, ", ".join(choice.use),
+                            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                            eps.CPU)
+                self._session = ort.InferenceSession(str(path), sess_options=opts,
+                                                     providers=list(eps.DEFAULT))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"onnxruntime cannot load {path.name}: {str(exc)[:200]}",
                              hint="re-install the model package; it may be corrupt") from exc
+        # What onnxruntime actually assigned (it may drop a provider on its own).
+        self.providers = tuple(self._session.get_providers())
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
         if input_name not in inputs or output_name not in outputs:
@@ -121,15 +139,18 @@ class ModelSession:
         # work from the model's in the same call (robust on a shared, noisy machine).
         self.run_seconds = 0.0
 
-    def check_input(self, channels: int, rows: int, cols: int) -> None:
+    def check_input(self, channels: int, *dims: int) -> None:
+        """The model's input must be (N, channels, *dims): (rows, cols) for an image,
+        (depth, rows, cols) for a volume."""
         shape = self.input_shape
-        expected = (channels, rows, cols)
+        expected = (channels, *dims)
         fixed = [(d, e) for d, e in zip(shape[1:], expected, strict=False) if isinstance(d, int)]
-        if len(shape) != 4 or any(d != e for d, e in fixed):
+        if len(shape) != 1 + len(expected) or any(d != e for d, e in fixed):
             raise ModelError(
                 f"model input shape {list(shape)} does not match the manifest's "
-                f"preprocessing (N, {channels}, {rows}, {cols})",
-                hint="fix preprocessing.resize / channels in the manifest",
+                f"[input] and preprocessing (N, {', '.join(map(str, expected))})",
+                hint="fix input.kind / input.depth / preprocessing.resize / channels in "
+                     "the manifest",
             )
 
     @property
@@ -169,7 +190,8 @@ class ModelSession:
     def close(self) -> None:
         self._watchdog.close()
 
-    def warm_up(self, channels: int, rows: int, cols: int,
+    def warm_up(self, channels: int, *dims: int,
                 timeout: float) -> tuple[npt.NDArray[np.float32], ...]:
-        """One run on a blank image; returns its outputs so the caller can check shapes."""
-        return self.run_all(np.zeros((1, channels, rows, cols), dtype=np.float32), timeout)
+        """One run on a blank image (or volume); returns its outputs so the caller can check
+        shapes."""
+        return self.run_all(np.zeros((1, channels, *dims), dtype=np.float32), timeout)

@@ -1,16 +1,13 @@
-"""Fixtures for the audit tests (helpers live in audit_helpers.py)."""
+"""Fixtures for the audit tests (helpers live in tests/helpers/audit.py)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from audit_helpers import AuditBox, Fill, fill  # noqa: E402
+from tests.helpers.audit import AuditBox, Fill, fill
 
 
 @pytest.fixture

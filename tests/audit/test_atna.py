@@ -11,7 +11,6 @@ connection are allowed, at least once, and reported).
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import re
 import shutil
@@ -23,15 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import collector as rsyslog
-import pydicom
 import pytest
-from collector import Collector, SyslogMessage
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
 
-from agent.pki import issue, make_ca, write_pair
+from agent.identity.pki import issue, make_ca, write_pair
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
+from tests.helpers import syslog_collector as rsyslog
+from tests.helpers.dicom import make_instance, write_instances
+from tests.helpers.syslog_collector import Collector, SyslogMessage
 
 pytestmark = pytest.mark.skipif(
     not rsyslog.available() or shutil.which("echoscu") is None,
@@ -151,19 +149,9 @@ def check_complete_and_ordered(seqs: list[int], head: int) -> int:
 
 
 def make_study(tmp: Path, n: int = 2) -> list[Path]:
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     study, series = generate_uid(), generate_uid()
-    files = []
-    for i in range(n):
-        ds = copy.deepcopy(src)
-        ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        p = tmp / f"ct{i}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        files.append(p)
-    return files
+    return write_instances(tmp, [make_instance(PATIENT_NAME, study, series, PatientID=PATIENT_ID)
+                                 for _ in range(n)], stem="ct")
 
 
 @pytest.fixture

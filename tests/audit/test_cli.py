@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import typer
-from audit_helpers import AuditBox, fill
 from typer.testing import CliRunner
 
 from agent.audit import records_between
 from agent.config import AuditSettings
 from agent.crypto import write_secret_file
 from provisioning.audit_cmd import is_auditor, register
+from tests.helpers.audit import AuditBox, fill
 
 PATIENT = "PID-00004"
 

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import Box
 
 from agent import config as cfgmod
 from agent.audit import records_between, tail
 from agent.audit.cli import CliEvent, db_path, record_cli
 from agent.crypto import KeyEncryptionKey
+from tests.helpers import Box
 
 
 def test_cli_records_carry_user_sudo_user_and_seal_phi(box: Box,

@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from audit_helpers import BOX, AuditBox, fill
 
 import agent.audit.log as audit_log_module
 from agent.audit import CATALOGUE, AuditLog, kind_of, records_between, verify
 from agent.config import AuditSettings
 from agent.crypto import KeyEncryptionKey
 from agent.errors import AuditError
+from tests.helpers.audit import BOX, AuditBox, fill
 
 DAY = 86_400_000_000
 BASE = 1_790_000_000_000_000  # 2026-09-21
@@ -37,12 +37,15 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "inference.failed model.refused model.changed message.published egress.blocked "
              "security.alert config.loaded cli.action key.rotated cert.changed audit.exported "
              "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
-             "results.link_written results.link_shredded results.exported "
+             "results.link_written results.link_shredded results.sent results.committed "
+             "results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
+             "review.verdict review.viewed review.escalated performance.alert "
              "daemon.started daemon.stopped").split()
     assert sorted(CATALOGUE) == sorted(names)
     assert kind_of("instance.received").event_id.code == "110104"
     assert kind_of("egress.blocked").event_id.code == "110113"
+    assert kind_of("results.sent").event_id.code == "110104"
     assert kind_of("no.such.event").event_id.code == "110100"
 
 
@@ -304,7 +307,7 @@ def test_full_disk_never_raises_and_recovers(tmp_path: Path) -> None:
 def test_published_projection_matches_schema_and_has_no_phi(ab: AuditBox) -> None:
     import jsonschema  # a dev dependency (pyproject [dev]): never skipped
 
-    from agent import cloudevents, egress
+    from agent.uplink import cloudevents, egress
 
     schema = json.loads((REPO / "docs" / "schemas" / "audit.schema.json").read_text())
     log = ab.open()

@@ -6,13 +6,13 @@ import os
 import sqlite3
 
 import pytest
-from audit_helpers import BOX, AuditBox, fill
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import agent.audit.log as audit_log_module
 from agent.audit import AuditLog, anchor, verify
 from agent.audit.checkpoint import canonical
+from tests.helpers.audit import BOX, AuditBox, fill
 
 DAY = 86_400_000_000
 

@@ -22,18 +22,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
 
 import agent.audit.log as audit_log_module
 from agent import config as cfgmod
 from agent.audit import AuditLog, records_between
 from agent.crypto import KeyEncryptionKey
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+from tests.helpers.dicom import make_instance
 
 DAY_US = 86_400_000_000
 SUSPICIOUS_AE = ("123-45-6789", "1.2.3.4.5.6")
@@ -281,10 +279,7 @@ def _fill(where: Path) -> Path:
 
 def _store_one(box: Box) -> tuple[int | None, bool]:
     """(status of one C-STORE or None, whether the association was established)."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.StudyInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds = make_instance()
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30

@@ -1,14 +1,8 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# The project runs pytest with --import-mode=importlib: make our helpers importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from deid_support import Recipient, make_recipient  # noqa: E402
+from tests.helpers.deid import Recipient, make_recipient
 
 
 @pytest.fixture(scope="session")

@@ -8,13 +8,13 @@ import re
 import numpy as np
 import pydicom
 import pytest
-from deid_support import KEY, sample_path
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.deid import Deidentifier, DeidSettings, PixelCleanRule, burnedin
 from agent.deid.pseudonym import Pseudonymizer
-from agent.vocabulary import QUARANTINE
+from agent.uplink.vocabulary import QUARANTINE
+from tests.helpers.deid import KEY, sample_path
 
 US_RULE = PixelCleanRule(
     manufacturer="G.E. Medical Systems",

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 
-import deid_canary as dc
 import pytest
-from deid_support import KEY, OTHER_KEY, Recipient
 from pydicom.dataset import Dataset
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings
 from agent.deid.rules import resolve
 from agent.deid.table import TABLE
 from agent.errors import DeidError
+from tests.helpers import deid_canary as dc
+from tests.helpers.deid import KEY, OTHER_KEY, Recipient
 
 N = 3
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import deid_canary as dc
 import pydicom
 import pytest
 import typer
-from deid_support import KEY, Recipient, sample_path
 from typer.testing import CliRunner
 
 from agent.crypto import write_secret_file
-from agent.devbox import provision_dev
+from agent.ops.devbox import provision_dev
 from provisioning import deid_cmd
+from tests.helpers import deid_canary as dc
+from tests.helpers.deid import KEY, Recipient, sample_path
 
 
 @pytest.fixture

@@ -6,14 +6,14 @@ import re
 import subprocess
 from pathlib import Path
 
-import deid_canary as dc
 import pydicom
 import pytest
-from deid_support import KEY, Recipient, sample_path
 from pydicom.dataset import Dataset
-from support import require_peer
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, PixelCleanRule
+from tests.helpers import deid_canary as dc
+from tests.helpers import require_peer
+from tests.helpers.deid import KEY, Recipient, sample_path
 
 pytestmark = pytest.mark.peer("dciodvfy")
 SAMPLES = [

@@ -7,16 +7,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import deid_canary as dc
 import pydicom
 import pytest
-from deid_support import KEY, Recipient, make_recipient, sample_path
-from support import require_peer
 
 from agent.deid import Deidentifier, DeidSettings
 from agent.deid.envelope import open_envelope
 from agent.deid.reidentify import reidentify
 from agent.errors import CryptoError, DeidError
+from tests.helpers import deid_canary as dc
+from tests.helpers import require_peer
+from tests.helpers.deid import KEY, Recipient, make_recipient, sample_path
 
 
 def _encrypted(recipients: tuple[Recipient, ...], c: dc.Canary) -> pydicom.Dataset:

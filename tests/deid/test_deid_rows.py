@@ -34,7 +34,6 @@ from typing import Any
 import pydicom
 import pytest
 from cryptography import x509
-from deid_support import KEY, Recipient
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -48,6 +47,7 @@ from agent.deid import Deidentifier, DeidSettings
 from agent.deid.reidentify import reidentify
 from agent.deid.rules import tag_int
 from agent.deid.table import TABLE, ProfileRow
+from tests.helpers.deid import KEY, Recipient
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 BASE_STUDY = "1.2.826.0.1.3680043.10.1077.60.1"

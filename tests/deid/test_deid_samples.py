@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from deid_support import KEY
 from pydicom.dataset import Dataset
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings
 from agent.errors import DeidError
+from tests.helpers.deid import KEY
 
 
 def _sample_files() -> list[Path]:

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from deid_support import KEY, Recipient, sample_path
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from support import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, storescu
 
 from agent.deid import Deidentifier, DeidSettings
 from agent.deid.values import DUMMY_BY_VR
+from tests.helpers import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, storescu
+from tests.helpers.deid import KEY, Recipient, sample_path
 
 INSTITUTION = "St Elsewhere Hospital"
 OPERATOR = "Jane Doolittle"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from support import missing
-
 from agent.deid.table import TABLE, TABLE_PATH
+from tests.helpers import missing
 from tools import gen_deid_table
 
 REPO = Path(__file__).resolve().parents[2]

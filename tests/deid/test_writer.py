@@ -11,10 +11,8 @@ import struct
 import warnings
 from pathlib import Path
 
-import deid_canary as dc
 import pydicom
 import pytest
-from deid_support import KEY, Recipient
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -26,10 +24,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from test_deid_samples import FILES
 
 from agent.deid import OPTIONS, Deidentifier, DeidSettings, writer
 from agent.errors import DeidError
+from tests.deid.test_deid_samples import FILES
+from tests.helpers import deid_canary as dc
+from tests.helpers.deid import KEY, Recipient
 
 
 def _pydicom(ds: Dataset) -> bytes | str:

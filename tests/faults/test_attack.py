@@ -10,14 +10,20 @@ import json
 import socket
 import stat
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pydicom
-from fault_support import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, rx_peer, set_config, wait_for
+from tests.helpers.faults import (
     CANARY_NAME,
     SentStudy,
     check_nothing_lost,
@@ -25,15 +31,6 @@ from fault_support import (
     results,
     send,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-import rx_peer  # noqa: E402 - the scripted misbehaving peer of the receive tests
 
 
 def _associate(box: Box, aet: str, *, called: str | None = None,

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pydicom
-from fault_support import ct_instance
 from pydicom.uid import generate_uid
 
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.inbox import Inbox
+from agent.store.inbox import Inbox
+from tests.helpers.faults import ct_instance
 
 QUIET = 5.0
 

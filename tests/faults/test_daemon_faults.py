@@ -12,9 +12,12 @@ import threading
 
 import psutil
 import pytest
-from fault_support import SentStudy, check_nothing_lost, results, send
 from pydicom.uid import generate_uid
-from support import (
+
+from agent import config as agent_config
+from agent.errors import EdgeAgentError
+from agent.identity.keyrotate import install_new_kek, old_kek_path, rotate_keys
+from tests.helpers import (
     EDGE_AGENT,
     REPO,
     Box,
@@ -25,10 +28,15 @@ from support import (
     set_config,
     wait_for,
 )
-
-from agent import config as agent_config
-from agent.errors import EdgeAgentError
-from agent.keyrotate import install_new_kek, old_kek_path, rotate_keys
+from tests.helpers.faults import (
+    SEED_ENV,
+    SentStudy,
+    check_nothing_lost,
+    results,
+    round_seed,
+    seed_noted,
+    send,
+)
 
 RESULT_LINE = re.compile(r"-> result ([0-9a-f-]{36})")
 
@@ -69,8 +77,14 @@ def test_broker_down_then_restart_with_backlog_then_broker_up_delivers_in_order(
         ops.stop()
 
 
-def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int, workers: int = 1) -> None:
-    rng = random.Random(seed)
+def _kill9_rounds(box: Box, broker: Broker, rounds: int, workers: int = 1) -> None:
+    seed = round_seed()
+    with seed_noted(seed):
+        _kill9_rounds_seeded(box, broker, rounds, random.Random(seed), workers)
+
+
+def _kill9_rounds_seeded(box: Box, broker: Broker, rounds: int, rng: random.Random,
+                         workers: int) -> None:
     set_config(box, "study", "quiet_seconds", "0.4")
     set_config(box, "dicom", "workers", str(workers))
     ops = Subscriber(box).start()
@@ -114,7 +128,7 @@ def _kill9_rounds(box: Box, broker: Broker, rounds: int, seed: int, workers: int
 def receive_workers(d: Daemon) -> list[psutil.Process]:
     assert d.proc is not None
     return [c for c in psutil.Process(d.proc.pid).children()
-            if "agent.recvworker" in " ".join(c.cmdline())]
+            if "agent.dicom.worker" in " ".join(c.cmdline())]
 
 
 def alive(p: psutil.Process) -> bool:
@@ -133,22 +147,32 @@ def _settled(box: Box, studies: list[SentStudy], ops: Subscriber) -> bool:
 
 
 def test_kill9_at_random_points_loses_no_acknowledged_instance(box: Box, broker: Broker) -> None:
-    _kill9_rounds(box, broker, rounds=4, seed=random.randrange(1 << 30))
+    _kill9_rounds(box, broker, rounds=4)
 
 
 @pytest.mark.slow
 def test_kill9_many_rounds(box: Box, broker: Broker) -> None:
-    _kill9_rounds(box, broker, rounds=40, seed=random.randrange(1 << 30))
+    _kill9_rounds(box, broker, rounds=40)
 
 
 def test_kill9_with_receive_workers_loses_no_acknowledged_instance(box: Box,
                                                                    broker: Broker) -> None:
-    _kill9_rounds(box, broker, rounds=4, seed=random.randrange(1 << 30), workers=2)
+    _kill9_rounds(box, broker, rounds=4, workers=2)
 
 
 @pytest.mark.slow
 def test_kill9_with_receive_workers_many_rounds(box: Box, broker: Broker) -> None:
-    _kill9_rounds(box, broker, rounds=25, seed=random.randrange(1 << 30), workers=3)
+    _kill9_rounds(box, broker, rounds=25, workers=3)
+
+
+def test_a_round_seed_is_printed_and_replayed_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(SEED_ENV, "424242")
+    assert round_seed() == 424242
+    assert f"{SEED_ENV}=424242" in capsys.readouterr().out
+    with pytest.raises(AssertionError) as failed, seed_noted(424242):
+        raise AssertionError("an acknowledged instance was lost")
+    assert f"replay with {SEED_ENV}=424242" in "".join(failed.value.__notes__)
 
 
 def test_corrupted_inbox_file_is_failed_with_alert_rest_processed(

@@ -15,8 +15,8 @@ import pytest
 
 from agent.crypto import KeyEncryptionKey, random_key
 from agent.errors import CryptoError, OutOfResources, StorageError
-from agent.outbox import TELEMETRY_MAX, Outbox
 from agent.types import PhiFingerprint
+from agent.uplink.outbox import TELEMETRY_MAX, Outbox
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ _WRITER = """
 import sys
 from pathlib import Path
 from agent.crypto import KeyEncryptionKey
-from agent.outbox import Outbox
+from agent.uplink.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]), KeyEncryptionKey(bytes.fromhex(sys.argv[2])), 2**30)
 i = 0
 while True:
@@ -269,7 +269,7 @@ _ACK_THEN_DIE = """
 import os, sys
 from pathlib import Path
 from agent.crypto import KeyEncryptionKey
-from agent.outbox import Outbox
+from agent.uplink.outbox import Outbox
 ob = Outbox(Path(sys.argv[1]), KeyEncryptionKey(bytes.fromhex(sys.argv[2])), 2**30)
 msgs = ob.peek(0, 100)
 ob.ack(msgs[0].seq)

@@ -26,11 +26,11 @@ from typing import Any
 import jsonschema
 import psutil
 import pytest
-from fault_support import SentStudy, send
 from pydicom.uid import generate_uid
-from support import EDGE_AGENT, REPO, Box, Broker, Subscriber, audit_events, set_config, wait_for
 
-from agent import faults
+from agent.ops import faults
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Subscriber, audit_events, set_config, wait_for
+from tests.helpers.faults import SentStudy, send
 
 # Short, so that a hang shows within the test; every loop beats far more often.
 DEADLINE = 8
@@ -208,7 +208,7 @@ def test_a_hung_stage_stops_the_watchdog_and_is_named(
 
 def worker_pids(daemon_pid: int) -> list[int]:
     kids = psutil.Process(daemon_pid).children()
-    return [p.pid for p in kids if "agent.recvworker" in " ".join(p.cmdline())]
+    return [p.pid for p in kids if "agent.dicom.worker" in " ".join(p.cmdline())]
 
 
 def test_a_silent_receive_worker_is_replaced_and_the_watchdog_stays_fed(

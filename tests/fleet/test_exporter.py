@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_helpers import Exporter, Prometheus, add_box, ops_config, publish_as, tool
 from pydicom.data import get_testdata_file
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
 
-from agent import cloudevents
+from agent.uplink import cloudevents
 from fleet.exporter import FAMILIES
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, storescu, wait_for
+from tests.helpers.fleet import Exporter, Prometheus, add_box, ops_config, publish_as, tool
 
 GROUP = "exporters"
 
@@ -53,6 +53,11 @@ def test_prometheus_scrapes_two_exporters_that_split_two_daemons(
                           log=box.root / f"exporter-{ident}.log")
                  for ident in ("ops-sub", "ops-2")]
     prom = Prometheus(tmp_path / "prometheus", [e.target for e in exporters])
+    # box-2 writes results back to a PACS (down): its delivery queue is served too.
+    set_config(second.config, "results", "enabled", "true")
+    with second.config.open("a") as fh:
+        fh.write('\n[[results.destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                 'host = "127.0.0.1"\nport = 9\n')
     daemons = [Daemon(box), Daemon(second)]
     try:
         for e in exporters:  # subscribed before any box speaks

@@ -10,10 +10,9 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
-from fleet_helpers import RULES, tool
-from support import REPO
-
 from fleet.exporter import FAMILIES
+from tests.helpers import REPO
+from tests.helpers.fleet import RULES, tool
 
 DASHBOARD = REPO / "docs" / "grafana" / "edge-agent-fleet.json"
 RULE_TESTS = RULES.with_name("edge-agent.rules.test.yml")

@@ -14,15 +14,16 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from agent.deid import Deidentifier, DeidSettings
+from agent.dicom.header import Header, _fast_header, parse_header, pydicom_header
+from agent.dicom.status import Refused
 from agent.errors import DeidError
 from agent.pipeline import parse_instance
-from agent.receive import Header, Refused, _fast_header, parse_header, pydicom_header
+from tests.helpers.dicom import sample
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -33,7 +34,7 @@ LONG = settings(max_examples=3000, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-_CT = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+_CT = sample()  # pydicom's CT_small.dcm, unchanged: the seed of every case
 
 
 def _part10(ds: Dataset) -> bytes:

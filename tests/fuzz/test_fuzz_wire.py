@@ -7,7 +7,6 @@ connection is gone."""
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-import rx_peer  # noqa: E402
-from rx_support import AE_TITLE, node, wait_for  # noqa: E402
+from tests.helpers import rx_peer
+from tests.helpers.receive import AE_TITLE, node, wait_for
 
 WIRE = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow,

@@ -5,20 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-for _p in (REPO, Path(__file__).resolve().parent):  # training.*, infer_synthetic
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from infer_helpers import DEMO, Events  # noqa: E402
-
-from training.sign import keygen, sign_package  # noqa: E402
+from tests.helpers.infer import DEMO, Events
+from training.sign import keygen, sign_package
 
 
 @pytest.fixture

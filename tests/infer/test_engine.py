@@ -10,10 +10,10 @@ from pathlib import Path
 import jsonschema
 import pydicom
 import pytest
-from infer_helpers import DEMO, DEV_PUB, REPO, Events, study, study_of
 from pydicom.data import get_testdata_file
 
 from agent.infer import InferenceEngine, InferenceSettings, load_manifest
+from tests.helpers.infer import DEMO, DEV_PUB, REPO, Events, study, study_of
 from training.synth import SCANNERS, make_case
 
 Box = tuple[int, int, int, int]
@@ -80,14 +80,13 @@ def test_study_without_applicable_model_gets_nothing(engine: InferenceEngine) ->
 
 
 def test_result_payload_matches_schema(engine: InferenceEngine) -> None:
-    from dataclasses import asdict
+    from agent.pipeline import _model_json
 
     schema = json.loads((REPO / "docs/schemas/result.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     outputs, failures = engine.infer(study([make_case(5, 0, kind="ct", lesion=True)]))
-    model = asdict(outputs[0])
-    model["review_reasons"] = list(model["review_reasons"])
-    del model["sources"]  # box-local positions: the pipeline leaves them out (_model_json)
+    # What the pipeline publishes of it (box-local fields, sources and subgroup, left out).
+    model = _model_json(outputs[0])
     data = {
         "study": {"ref": "s", "patient_ref": "p", "version": 1, "instances_received": 1,
                   "instances_processed": 1,

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import onnx
 import pytest
-from infer_helpers import (
+
+from agent.infer import InferenceEngine, InferenceSettings, load_manifest
+from tests.helpers import Box, Daemon, Subscriber, storescu
+from tests.helpers.infer import (
     DEMO,
     DEV_PUB,
     NO_EXPLANATION,
@@ -21,9 +24,6 @@ from infer_helpers import (
     study,
     with_explanation,
 )
-from support import Box, Daemon, Subscriber, storescu
-
-from agent.infer import InferenceEngine, InferenceSettings, load_manifest
 from training.synth import make_case, to_dataset
 
 Box4 = tuple[int, int, int, int]

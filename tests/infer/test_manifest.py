@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from infer_helpers import DEMO
 
 from agent.errors import ModelError
 from agent.infer import load_manifest, parse_manifest
 from agent.infer.preprocess import ImageInput, preprocess, resize, to_unit
+from tests.helpers.infer import DEMO
 
 
 def test_demo_manifest_parses() -> None:

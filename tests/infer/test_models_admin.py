@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from infer_helpers import PackageMaker, box_with_models, readable_config
-from support import Box, set_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
-import test_roles  # noqa: E402
-from ops_helpers import cli  # noqa: E402
-from test_roles import Users, run_as, warm_imports  # noqa: E402
+from tests.helpers import Box, set_config
+from tests.helpers.infer import PackageMaker, box_with_models, readable_config
+from tests.helpers.ops import cli
+from tests.ops import test_roles
+from tests.ops.test_roles import Users, run_as, warm_imports
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0,
                                  reason="needs root to create the non-admin test users"),

@@ -8,13 +8,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import pydicom
-from infer_helpers import PackageMaker, box_with_models
-from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config
+
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config
+from tests.helpers.dicom import make_instance
+from tests.helpers.infer import PackageMaker, box_with_models
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,10 +23,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def send_study(box: Box) -> None:
     """One CT instance the demo model applies to, with fresh UIDs (a new study each time)."""
-    ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds = make_instance()
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title)

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from infer_helpers import PackageMaker, box_with_models
-from support import EDGE_AGENT, REPO, Box
+
+from tests.helpers import EDGE_AGENT, REPO, Box
+from tests.helpers.infer import PackageMaker, box_with_models
 
 PASSWD = Path("/etc/passwd")
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
 
-from agent import control
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-from rx_support import big_instance, ct_files, dcmtk  # noqa: E402
+from agent.ops import control
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+from tests.helpers.receive import big_instance, ct_files, dcmtk
 
 MiB = 1024**2
 

@@ -16,8 +16,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from agent.dicom.sink import TRANSFER_SYNTAXES
 from agent.infer.pixels import decode_frame, extract_attributes, frame_count, iter_images
-from agent.receive import TRANSFER_SYNTAXES
 
 # One sample per accepted syntax: (file, uncompressed reference or None).
 SAMPLES: dict[str, tuple[str, str | None]] = {

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from infer_helpers import Events, PackageMaker
 from typer import Typer
 from typer.testing import CliRunner
 
 from agent.errors import ModelError
 from agent.infer import InferenceEngine, InferenceSettings, Registry, load_public_keys
 from provisioning.models_cmd import register
+from tests.helpers.infer import Events, PackageMaker
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-from infer_helpers import DEMO, DEV_PUB, PREVIOUS, Events, PackageMaker
 from onnx import numpy_helper
 
 from agent.errors import ModelError
 from agent.infer import InferenceEngine, InferenceSettings, Registry, load_public_keys
 from agent.infer.registry import enforce
+from tests.helpers.infer import DEMO, DEV_PUB, PREVIOUS, Events, PackageMaker
 
 CASES = ["unsigned", "tampered_model", "tampered_manifest", "unpinned_key"]
 EXPECTED_STATUS = {"unsigned": "unsigned", "tampered_model": "tampered_model",

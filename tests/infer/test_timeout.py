@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from infer_helpers import NO_EXPLANATION, Events, PackageMaker, study
 from onnx import TensorProto, helper
 
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.infer.session import ModelSession, ModelTimeout
+from tests.helpers.infer import NO_EXPLANATION, Events, PackageMaker, study
 from training.synth import make_case
 
 

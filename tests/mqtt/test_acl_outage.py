@@ -9,8 +9,9 @@ import threading
 import time
 
 import pytest
-from mqtt_helpers import Collector, harness
-from support import Box, Broker, set_config, wait_for
+
+from tests.helpers import Box, Broker, set_config, wait_for
+from tests.helpers.mqtt import Collector, harness
 
 
 def test_publishing_under_another_boxs_prefix_is_refused(box: Box, broker: Broker) -> None:

@@ -10,16 +10,15 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from mqtt_helpers import Collector
-from support import REPO, Box, Broker, Daemon, set_config, wait_for
-
-from agent import cloudevents, egress, vocabulary
 from agent import config as cfgmod
 from agent.audit import tail
 from agent.crypto import KeyEncryptionKey
 from agent.deid import Deidentifier, DeidSettings
-from agent.outbox import Outbox
 from agent.types import PhiFingerprint
+from agent.uplink import cloudevents, egress, vocabulary
+from agent.uplink.outbox import Outbox
+from tests.helpers import REPO, Box, Broker, Daemon, set_config, wait_for
+from tests.helpers.mqtt import Collector
 
 NAME = "Müller^Zebulon"
 PID = "PID-55-CANARY"

@@ -11,12 +11,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from mqtt_helpers import harness
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
-
-from agent import cloudevents
+from agent.uplink import cloudevents
 from fleet.settings import load_ops
 from fleet.view import FleetView
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, Subscriber, set_config, wait_for
+from tests.helpers.mqtt import harness
 
 T0 = 1_800_000_000.0
 

@@ -1,7 +1,7 @@
 """The one-pass egress guard blocks exactly what the old guard blocked, for the same
 reason: both run over a large seeded random corpus of payloads, with and without
 planted PHI, one by one and in random batches (``check_many``), and every answer
-must be equal.  The old guard is kept verbatim in egress_reference.py.
+must be equal.  The old guard is kept verbatim in tests/helpers/egress_reference.py.
 
 The corpus is built to reach every branch of the guard: valid and broken
 CloudEvent envelopes, the box's own words and templates (with study values in
@@ -20,10 +20,9 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-import egress_reference as reference
-
-from agent import cloudevents, egress, vocabulary
 from agent.types import PhiFingerprint
+from agent.uplink import cloudevents, egress, vocabulary
+from tests.helpers import egress_reference as reference
 
 SEED = 19_4
 N = 12_000

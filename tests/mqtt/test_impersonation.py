@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_helpers import daemon_mqtt, dev_ca, harness, mqtt_client, publish_acked, write_cert
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, set_config, wait_for
 
-from agent import cloudevents
-from agent.pki import issue
+from agent.identity.pki import issue
+from agent.uplink import cloudevents
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, set_config, wait_for
+from tests.helpers.mqtt import daemon_mqtt, dev_ca, harness, mqtt_client, publish_acked, write_cert
 
 ACCEPTED = (0x00, 0x10)  # success, and success with "no matching subscribers"
 

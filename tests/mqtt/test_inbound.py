@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from mqtt_helpers import dev_ca, harness, mqtt_client, publish_acked, write_cert
-from support import Box, Broker, wait_for
 
-from agent.inbound import Inbound, InboundMessage
-from agent.pki import issue
+from agent.identity.pki import issue
+from agent.uplink.inbound import Inbound, InboundMessage
+from tests.helpers import Box, Broker, wait_for
+from tests.helpers.mqtt import dev_ca, harness, mqtt_client, publish_acked, write_cert
 
 TOPIC = "edge/dev-site/dev-box"
 

@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 import pytest
-from mqtt_helpers import Collector, harness
-from support import Box, Broker, wait_for
 
-from agent import publish
+from agent.uplink import publish
+from tests.helpers import Box, Broker, wait_for
+from tests.helpers.mqtt import Collector, harness
 
 
 class _Waits:

@@ -6,7 +6,6 @@ same sample on loopback."""
 
 from __future__ import annotations
 
-import copy
 import json
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -14,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pydicom
-from mqtt_helpers import Collector, dev_ca, point_config_at, write_cert
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import REPO, Box, Broker, Daemon, free_port, set_config, wait_for
 
-from agent import metrics
-from agent.pki import issue
+from agent.identity.pki import issue
+from agent.uplink import metrics
+from tests.helpers import REPO, Box, Broker, Daemon, free_port, set_config, wait_for
+from tests.helpers.dicom import make_instance, sample
+from tests.helpers.mqtt import Collector, dev_ca, point_config_at, write_cert
 
 SCHEMAS = REPO / "docs" / "schemas"
 
@@ -36,20 +34,14 @@ def validator(name: str) -> jsonschema.protocols.Validator:
 
 
 def send_study(port: int, n: int = 2) -> None:
-    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     study, series = generate_uid(), generate_uid()
     ae = AE(ae_title="STORESCU")
-    ae.add_requested_context(CTImageStorage, src.file_meta.TransferSyntaxUID)
+    ae.add_requested_context(CTImageStorage, sample().file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", port, ae_title="EDGE_AGENT")
     assert assoc.is_established
     try:
         for i in range(n):
-            ds = copy.deepcopy(src)
-            ds.PatientName = "Canary^Telemetry"
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.InstanceNumber = i + 1
+            ds = make_instance("Canary^Telemetry", study, series, InstanceNumber=i + 1)
             status = assoc.send_c_store(ds)
             assert status.Status == 0x0000
     finally:

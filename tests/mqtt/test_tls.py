@@ -13,7 +13,14 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_helpers import (
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent import config as cfgmod
+from agent.errors import ConfigError
+from agent.identity.pki import issue, load_cert, load_key
+from agent.uplink import mqtt_tls
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
+from tests.helpers.mqtt import (
     alt_broker,
     daemon_mqtt,
     expired_device,
@@ -22,13 +29,6 @@ from mqtt_helpers import (
     point_config_at,
     write_cert,
 )
-from paho.mqtt.enums import CallbackAPIVersion
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
-
-from agent import config as cfgmod
-from agent import publish
-from agent.errors import ConfigError
-from agent.pki import issue, load_cert, load_key
 
 
 def settings(box: Box) -> cfgmod.MqttSettings:
@@ -36,7 +36,7 @@ def settings(box: Box) -> cfgmod.MqttSettings:
 
 
 def test_valid_certificate_connects_and_publishes_birth(box: Box, broker: Broker) -> None:
-    ok, reason = publish.probe(cfgmod.load(box.config))
+    ok, reason = mqtt_tls.probe(cfgmod.load(box.config))
     assert ok, reason
     with harness(box) as h:
         assert h.publisher.wait_connected(15), h.publisher.state.last_error
@@ -58,21 +58,21 @@ def test_no_client_certificate_is_refused(box: Box, broker: Broker) -> None:
         if c.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
             break
     assert acked == [], "the broker must not accept a client without a certificate"
-    reason = publish.diagnose(ctx, "localhost", box.mqtt_port)
+    reason = mqtt_tls.diagnose(ctx, "localhost", box.mqtt_port)
     assert reason == "broker requires a client certificate and got none"
 
 
 def test_device_certificate_from_another_ca_is_refused(tmp_path: Path, box: Box,
                                                        broker: Broker) -> None:
     cert, key, _ca = other_ca_device(tmp_path)
-    ok, reason = publish.probe(dataclasses.replace(settings(box), cert=cert, key=key))
+    ok, reason = mqtt_tls.probe(dataclasses.replace(settings(box), cert=cert, key=key))
     assert not ok
     assert reason == "broker refused our client certificate: not issued by a CA it trusts"
 
 
 def test_expired_device_certificate_is_refused(tmp_path: Path, box: Box, broker: Broker) -> None:
     cert, key = expired_device(box, tmp_path)
-    ok, reason = publish.probe(dataclasses.replace(settings(box), cert=cert, key=key))
+    ok, reason = mqtt_tls.probe(dataclasses.replace(settings(box), cert=cert, key=key))
     assert not ok
     assert reason.startswith("broker refused our client certificate: it has expired")
     assert "our device certificate expired on" in reason
@@ -81,7 +81,7 @@ def test_expired_device_certificate_is_refused(tmp_path: Path, box: Box, broker:
 def test_broker_signed_by_another_ca_is_refused(tmp_path: Path, box: Box,
                                                 broker: Broker) -> None:
     _cert, _key, other_ca = other_ca_device(tmp_path)
-    ok, reason = publish.probe(dataclasses.replace(settings(box), ca=other_ca))
+    ok, reason = mqtt_tls.probe(dataclasses.replace(settings(box), ca=other_ca))
     assert not ok
     assert reason == "broker certificate is not issued by the pinned fleet CA"
 
@@ -92,11 +92,11 @@ def test_broker_certificate_for_another_host_is_refused(box: Box) -> None:
     try:
         port = b.box.mqtt_port
         s = dataclasses.replace(settings(box), host="127.0.0.1", port=port)
-        ok, reason = publish.probe(s)
+        ok, reason = mqtt_tls.probe(s)
         assert not ok
         assert reason == "broker certificate does not name '127.0.0.1' (hostname mismatch)"
         # The same broker is fine when we verify the name its certificate carries.
-        ok, reason = publish.probe(dataclasses.replace(s, tls_server_name="localhost"))
+        ok, reason = mqtt_tls.probe(dataclasses.replace(s, tls_server_name="localhost"))
         assert ok, reason
     finally:
         b.stop()
@@ -106,7 +106,7 @@ def test_expired_broker_certificate_is_refused(box: Box) -> None:
     b = alt_broker(box, "expired-broker", ips=("127.0.0.1",), expired=True)
     b.start()
     try:
-        ok, reason = publish.probe(dataclasses.replace(settings(box), port=b.box.mqtt_port))
+        ok, reason = mqtt_tls.probe(dataclasses.replace(settings(box), port=b.box.mqtt_port))
         assert not ok
         assert reason == "broker certificate has expired"
     finally:
@@ -145,7 +145,7 @@ def test_unsafe_certificate_cn_is_refused_at_start(tmp_path: Path, box: Box) -> 
     cert, key = write_cert(tmp_path, "evil", k, c)
     point_config_at(box, cert=cert, key=key)
     with pytest.raises(ConfigError) as exc:
-        publish.check_identity(cfgmod.load(box.config))
+        mqtt_tls.check_identity(cfgmod.load(box.config))
     assert "is not a safe identity" in str(exc.value)
     assert "'dev-site/other-box/#'" in str(exc.value)
 
@@ -153,7 +153,7 @@ def test_unsafe_certificate_cn_is_refused_at_start(tmp_path: Path, box: Box) -> 
 def test_unsafe_client_id_is_refused_at_start(box: Box) -> None:
     point_config_at(box, client_id="dev-site.dev-box/+")
     with pytest.raises(ConfigError) as exc:
-        publish.check_identity(cfgmod.load(box.config))
+        mqtt_tls.check_identity(cfgmod.load(box.config))
     assert "client_id" in str(exc.value)
 
 
@@ -180,9 +180,9 @@ def _crl(box: Box, out: Path, revoke: bool) -> Path:
 
 def test_crl_refuses_a_revoked_broker(tmp_path: Path, box: Box, broker: Broker) -> None:
     s = settings(box)
-    ok, reason = publish.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=False)))
+    ok, reason = mqtt_tls.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=False)))
     assert ok, reason
-    ok, reason = publish.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=True)))
+    ok, reason = mqtt_tls.probe(dataclasses.replace(s, crl=_crl(box, tmp_path, revoke=True)))
     assert not ok
     assert reason == "broker certificate is revoked (CRL)"
 
@@ -208,13 +208,13 @@ def test_doctor_does_not_take_over_the_running_daemons_session(box: Box,
 
 def test_probe_connects_as_the_certificate_name(box: Box, broker: Broker) -> None:
     """With no daemon running, doctor's probe is a real connect under the box's identity."""
-    ok, reason = publish.probe(cfgmod.load(box.config))
+    ok, reason = mqtt_tls.probe(cfgmod.load(box.config))
     assert ok, reason
 
 
 def test_a_client_id_other_than_the_certificate_name_is_refused_at_start(box: Box) -> None:
     point_config_at(box, client_id="dev-site.something-else")
     with pytest.raises(ConfigError) as exc:
-        publish.check_identity(cfgmod.load(box.config))
+        mqtt_tls.check_identity(cfgmod.load(box.config))
     assert "differs from the device certificate's CN 'dev-site.dev-box'" in str(exc.value)
     assert "remove [mqtt] client_id" in str(exc.value)

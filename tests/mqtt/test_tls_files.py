@@ -9,7 +9,8 @@ import shutil
 import subprocess
 
 import pytest
-from support import EDGE_AGENT, REPO, Box
+
+from tests.helpers import EDGE_AGENT, REPO, Box
 
 
 def run(box: Box) -> subprocess.CompletedProcess[str]:

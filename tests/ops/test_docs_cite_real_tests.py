@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from support import REPO
+
+from tests.helpers import REPO
 
 DOCS = ["docs/hipaa.md", "docs/threat-model.md"]
 CITE = re.compile(r"(tests/[\w/]+\.py)?::(test_\w+)")

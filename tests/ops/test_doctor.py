@@ -8,10 +8,9 @@ import json
 import socket
 from pathlib import Path
 
-from ops_helpers import cli, sign_csr
-from support import Box, Broker, Daemon, set_config
-
-from agent.pki import issue, load_cert, load_key, write_pair
+from agent.identity.pki import issue, load_cert, load_key, write_pair
+from tests.helpers import Box, Broker, Daemon, set_config
+from tests.helpers.ops import cli, sign_csr
 
 
 def doctor(config: Path, *extra: str) -> tuple[int, dict[str, object]]:

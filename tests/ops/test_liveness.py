@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from agent.control import DenialAudit
-from agent.liveness import Liveness, Watchdog, threads_alive
+from agent.ops.control import DenialAudit
+from agent.ops.liveness import Liveness, Watchdog, threads_alive
 
 
 class Clock:

@@ -5,7 +5,6 @@ daemon writes (sqlite stores with their -wal/-shm, quarantined instances, the in
 
 from __future__ import annotations
 
-import copy
 import os
 import stat
 from collections.abc import Iterator
@@ -14,17 +13,17 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ops_helpers import cli
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from support import Box, Broker, Daemon, Subscriber, wait_for
 
 from agent.audit.store import connect
 from agent.crypto import KeyEncryptionKey, random_key
-from agent.outbox import Outbox
-from agent.quarantine import Quarantine
+from agent.store.quarantine import Quarantine
+from agent.uplink.outbox import Outbox
+from tests.helpers import Box, Broker, Daemon, Subscriber, wait_for
+from tests.helpers.dicom import make_instance
+from tests.helpers.ops import cli
 
 
 def mode(p: Path) -> int:
@@ -70,12 +69,7 @@ def test_doctor_reports_the_same_open_key_folder(box: Box) -> None:
 
 
 def _ct(study: str, series: str, n: int, burned_in: bool) -> pydicom.Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds = copy.deepcopy(ds)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.InstanceNumber = n
+    ds = make_instance(study=study, series=series, InstanceNumber=n)
     if burned_in:
         ds.BurnedInAnnotation = "YES"  # goes to quarantine, sealed on disk
     return ds

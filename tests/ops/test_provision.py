@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from ops_helpers import cli, sign_csr
 
 from agent import config as cfgmod
-from agent import identity
 from agent.errors import CryptoError
-from agent.pki import load_key, make_ca, write_pair
+from agent.identity import certificates as identity
+from agent.identity.pki import load_key, make_ca, write_pair
+from tests.helpers.ops import cli, sign_csr
 
 
 def init_box(tmp: Path, *extra: str) -> dict[str, object]:

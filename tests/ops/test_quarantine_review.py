@@ -15,10 +15,11 @@ from typing import Any
 
 import jsonschema
 import pydicom
-from ops_helpers import cli
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from support import REPO, Box, Daemon, Subscriber, audit_events, set_config, storescu, wait_for
+
+from tests.helpers import REPO, Box, Daemon, Subscriber, audit_events, set_config, storescu, wait_for
+from tests.helpers.ops import cli
 
 SCHEMA = json.loads((REPO / "docs" / "schemas" / "telemetry.schema.json").read_text())
 

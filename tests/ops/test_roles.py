@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_helpers import cli
-from support import Box, Broker, Daemon, set_config, wait_for
 
-from agent import control
+from agent.ops import control
+from tests.helpers import Box, Broker, Daemon, set_config, wait_for
+from tests.helpers.ops import cli
 
 # Root is an environment, not a package: without it the test is skipped (CI runs as root).
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the "

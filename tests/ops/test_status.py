@@ -8,9 +8,8 @@ import os
 import pwd
 import subprocess
 
-from support import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
-
-from agent.pki import issue, load_cert, load_key, write_pair
+from agent.identity.pki import issue, load_cert, load_key, write_pair
+from tests.helpers import EDGE_AGENT, REPO, Box, Broker, Daemon, wait_for
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, Box, Broker, Subscriber, storescu, wait_port
+
+from tests.helpers import REPO, Box, Broker, Subscriber, storescu, wait_port
 
 UNIT_DIR = REPO / "systemd"
 UNIT = UNIT_DIR / "edge-agent.service"
@@ -180,7 +181,7 @@ def test_daemon_works_hardened_with_credentials_and_notify(
     if not mdwe_supported():
         # A kernel feature, not a package CI could install: a skip, not a failure.
         pytest.skip("kernel has no PR_SET_MDWE (Linux >= 6.3) to emulate MemoryDenyWriteExecute")
-    from test_e2e import make_study
+    from tests.test_e2e import make_study
 
     # keys only as systemd credentials: the configured key files are gone
     creds = tmp_path / "credentials"

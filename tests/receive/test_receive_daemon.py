@@ -12,8 +12,9 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from rx_support import big_instance, ct_files, dcmtk
-from support import Box, Broker, Daemon, Subscriber, set_config, wait_for
+
+from tests.helpers import Box, Broker, Daemon, Subscriber, set_config, wait_for
+from tests.helpers.receive import big_instance, ct_files, dcmtk
 
 
 def send(port: int, ae_title: str, files: list[Path], acked: list[Path],
@@ -125,7 +126,7 @@ def test_1gb_instance_streams_with_flat_memory(tmp_path: Path, box: Box, broker:
 
 def test_threads_are_not_left_behind(tmp_path: Path) -> None:
     # The in-process node's accept threads end with it (no leak across tests).
-    from rx_support import node
+    from tests.helpers.receive import node
 
     names_before = {t.name for t in threading.enumerate()}
     with node(tmp_path):

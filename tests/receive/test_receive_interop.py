@@ -13,11 +13,11 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from rx_support import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
 from agent.config import PeerRule
+from agent.dicom.status import STATUS_OUT_OF_RESOURCES
 from agent.errors import StorageError
-from agent.receive import STATUS_OUT_OF_RESOURCES
+from tests.helpers.receive import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
 needs_dcmtk = pytest.mark.peer("storescu", "echoscu")
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import rx_peer
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
-from rx_support import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
-from agent import pki
+import tests.helpers.rx_peer as rx_peer
 from agent.config import DicomTls, InboxSettings, PeerRule
+from agent.identity import pki
+from tests.helpers.receive import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
 
 HOSTILE = "127.0.0.5"  # another loopback address: a different peer to the node
 

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from orthanc import Orthanc
-from rx_support import AE_TITLE, ct_files, node
+
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.receive import AE_TITLE, ct_files, node
 
 
 @pytest.mark.peer("Orthanc")

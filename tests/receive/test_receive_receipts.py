@@ -1,6 +1,5 @@
 """Receipt audit records journaled in the inbox's index transaction, then moved to
-the real audit log exactly once (also across a crash between the two), and the
-reactor wake-ups that replace pynetdicom's polling sleeps."""
+the real audit log exactly once (also across a crash between the two)."""
 
 from __future__ import annotations
 
@@ -12,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rx_support import ct_files, dcmtk, node, wait_for
 
 from agent.audit import AuditLog, records_between, verify
 from agent.config import AuditSettings, InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, random_key, write_secret_file
-from agent.inbox import Inbox, StoreReceipt
-from agent.receive import ReceiptDrainer, _install_wakeups, _WakingTime
+from agent.dicom.scp import ReceiptDrainer
+from agent.store.inbox import Inbox, StoreReceipt
+from tests.helpers.receive import ct_files, dcmtk, node, wait_for
 
 ALL_TIME = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
 
@@ -149,38 +148,6 @@ def test_receipts_after_an_idle_drain_are_still_moved(tmp_path: Path) -> None:
     assert [r["details"]["bytes"] for r in box.records("instance.received")] == [1, 1, 1, 1]
 
 
-def test_reactor_wakeups_are_installed_and_other_sleeps_stay_plain() -> None:
-    _install_wakeups()
-    from pynetdicom import association, dul
-
-    clock = getattr(dul, "time")  # noqa: B009 - not exported by pynetdicom
-    assert isinstance(clock, _WakingTime) and getattr(association, "time") is clock  # noqa: B009
-    # Outside the reactors every call goes to the real time module, the reactor's
-    # 1 ms sleep included: seen through a recording stand-in for it.
-    calls: list[tuple[str, float]] = []
-
-    class Recorder:
-        def sleep(self, seconds: float) -> None:
-            calls.append(("sleep", seconds))
-
-        def monotonic(self) -> float:
-            calls.append(("monotonic", 0.0))
-            return 42.0
-
-    probe = _WakingTime()
-    probe._real = Recorder()  # type: ignore[assignment]
-
-    def nap() -> None:
-        probe.sleep(0.001)  # the reactors' idle sleep, from a thread that is no reactor
-        probe.sleep(0.25)
-        assert probe.monotonic() == 42.0
-
-    t = threading.Thread(target=nap)
-    t.start()
-    t.join(5)
-    assert calls == [("sleep", 0.001), ("sleep", 0.25), ("monotonic", 0.0)]
-
-
 @pytest.mark.parametrize("assocs", [1, 3])
 def test_many_instances_over_concurrent_associations_all_indexed(tmp_path: Path,
                                                                  assocs: int) -> None:
@@ -210,9 +177,9 @@ def test_kill9_after_acks_every_acked_instance_has_one_receipt_record(
     import pydicom
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-    from support import Daemon, set_config
 
     from agent.config import load
+    from tests.helpers import Daemon, set_config
 
     set_config(box, "study", "quiet_seconds", "600")
     files = ct_files(tmp_path / "ct", 8)

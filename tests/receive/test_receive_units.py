@@ -9,27 +9,24 @@ import random
 import socket
 import struct
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import dimse_messages, dsutils
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
-from rx_support import AE_TITLE, ct_files, node, wait_for
 
-from agent import dimsefast
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import CHUNK_BYTES, KeyEncryptionKey, StreamWriter, open_stream, random_key
+from agent.dicom.admission import Admitted, AuditThrottle, PeerLimiter, PeerLimits
+from agent.dicom.sink import MetaFields
 from agent.errors import CryptoError
-from agent.inbox import Inbox
-from agent.ratelimit import Admitted, AuditThrottle, PeerLimiter, PeerLimits
-from agent.receive import MetaFields
+from agent.store.inbox import Inbox
+from tests.helpers.receive import AE_TITLE, ct_files, node, wait_for
 
 
 def make_inbox(root: Path) -> Inbox:
@@ -219,11 +216,11 @@ def test_stream_writer_round_trips_any_write_pattern(total: int) -> None:
             open_stream(key, io.BytesIO(blob[:-1]), b"ctx")
 
 
-@pytest.mark.parametrize(("sop", "version"), [("1.2.3.4", "PYNETDICOM_304"),
+@pytest.mark.parametrize(("sop", "version"), [("1.2.3.4", "EDGE_AGENT_1"),
                                               ("1.2.3.45", "ODD_VERSION"),
                                               ("1.2.840.10008.5.1.4.1.1.2.1", "V")])
 def test_our_file_meta_bytes_are_pydicoms(sop: str, version: str) -> None:
-    """The file meta the sink writes directly is byte for byte what pynetdicom writes."""
+    """The file meta the sink writes directly is byte for byte what pydicom writes."""
     fields = MetaFields("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.4.50",
                         "1.2.826.0.1.3680043.9.3811.3.0.4", version)
     fp = DicomBytesIO()
@@ -232,50 +229,6 @@ def test_our_file_meta_bytes_are_pydicoms(sop: str, version: str) -> None:
         transfer_syntax=UID(fields.transfer_syntax),
         implementation_uid=UID(fields.implementation_uid), implementation_version=version))
     assert fields.encode() == fp.getvalue()
-
-
-CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def _command_sets() -> list[Any]:
-    from pynetdicom.dimse_primitives import C_ECHO
-
-    out = []
-    for sop in ("1.2.3.4", "1.2.3.45"):
-        rq = C_STORE()
-        rq.MessageID, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = 7, CT_CLASS, sop
-        rq.Priority = 2
-        rq.MoveOriginatorApplicationEntityTitle = "MOVER"
-        rq.MoveOriginatorMessageID = 3
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPClassUID = 7, CT_CLASS
-        rsp.AffectedSOPInstanceUID, rsp.Status = sop, 0xA700
-        rsp.ErrorComment = "out of resources"
-        echo = C_ECHO()
-        echo.MessageIDBeingRespondedTo, echo.Status = 1, 0x0000
-        echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
-        for prim, cls in ((rq, dimse_messages.C_STORE_RQ), (rsp, dimse_messages.C_STORE_RSP),
-                          (echo, dimse_messages.C_ECHO_RSP)):
-            msg = cls()
-            msg.primitive_to_message(prim)
-            out.append(msg.command_set)
-    return out
-
-
-@pytest.mark.parametrize("index", range(6))
-def test_command_set_bytes_are_pydicoms(index: int) -> None:
-    """Our direct command-set encoding equals pynetdicom's, byte for byte."""
-    ds = _command_sets()[index]
-    assert dimsefast.encode_command_set(ds) == dsutils.encode(ds, True, True)
-
-
-def test_command_set_encoding_leaves_what_it_does_not_know_to_pydicom() -> None:
-    ds = _command_sets()[0]
-    ds.OffendingElement = [0x00100010]  # AT: not handled here
-    assert dimsefast.encode_command_set(ds) is None
-    data = pydicom.Dataset()
-    data.PatientName = "X"
-    assert dimsefast.encode_command_set(data) is None
 
 
 def test_refusal_audits_are_throttled_per_peer_and_reason() -> None:
@@ -325,23 +278,38 @@ def test_content_digests_are_taken_only_when_a_uid_repeats(tmp_path: Path) -> No
     ib.close()
 
 
-def test_requestor_order_is_applied_to_copies_of_our_contexts() -> None:
+def test_requestor_order_decides_the_transfer_syntax_and_roles_are_answered() -> None:
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
     from pynetdicom.presentation import PresentationContext
 
-    from agent.receive import prefer_requestor_order, storage_contexts
-    ours = storage_contexts()
-    before = [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in ours]
-    prop = PresentationContext()
-    prop.abstract_syntax = ours[3].abstract_syntax
-    prop.transfer_syntax = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"]
-    out = prefer_requestor_order(ours, [prop])
-    assert [str(t) for t in out[3].transfer_syntax][:2] == ["1.2.840.10008.1.2.4.50",
-                                                           "1.2.840.10008.1.2"]
-    assert sorted(map(str, out[3].transfer_syntax)) == sorted(before[3][1])
-    assert out[3].abstract_syntax == ours[3].abstract_syntax and out[3] is not ours[3]
-    # Our own list is untouched (it is shared by every association).
-    assert [(str(c.abstract_syntax), [str(t) for t in c.transfer_syntax]) for c in ours] == before
-    assert all(out[i] is ours[i] for i in range(len(ours)) if i != 3)
+    from agent.dicom.negotiation import negotiate, storage_sop_classes
+
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+
+    def proposed(cid: int, abstract: str, syntaxes: list[str]) -> PresentationContext:
+        pc = PresentationContext()
+        pc.context_id, pc.abstract_syntax, pc.transfer_syntax = cid, abstract, syntaxes
+        return pc
+
+    offered = storage_sop_classes()
+    got = negotiate([proposed(1, ct, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2"]),
+                     proposed(3, mr, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]),
+                     proposed(5, "1.2.3.4", ["1.2.840.10008.1.2"]),
+                     proposed(7, ct, ["9.9.9"])], offered)
+    # The requestor's first choice wins; unknown abstract or transfer syntaxes are refused.
+    assert {c: (a.transfer_syntax) for c, a in got.accepted.items()} == {
+        1: "1.2.840.10008.1.2.4.50", 3: "1.2.840.10008.1.2"}
+    assert {int(c.context_id): c.result for c in got.results} == {1: 0, 3: 0, 5: 3, 7: 4}
+    assert got.roles == []
+    # Role selection: the requestor stays SCU; proposing to be SCP only is refused.
+    role_ct, role_mr = SCP_SCU_RoleSelectionNegotiation(), SCP_SCU_RoleSelectionNegotiation()
+    role_ct.sop_class_uid, role_ct.scu_role, role_ct.scp_role = ct, True, True
+    role_mr.sop_class_uid, role_mr.scu_role, role_mr.scp_role = mr, False, True
+    got = negotiate([proposed(1, ct, ["1.2.840.10008.1.2"]),
+                     proposed(3, mr, ["1.2.840.10008.1.2"])], offered, [role_ct, role_mr])
+    assert {int(c.context_id): c.result for c in got.results} == {1: 0, 3: 1}
+    assert [(str(r.sop_class_uid), r.scu_role, r.scp_role) for r in got.roles] == [
+        (ct, True, False)]
 
 
 def test_next_due_is_the_end_of_the_earliest_quiet_period(tmp_path: Path) -> None:

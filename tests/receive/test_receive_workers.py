@@ -19,8 +19,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from rx_support import AE_TITLE, ct_files, node
-from support import (
+
+from agent.dicom.pool import ReceivePool
+from tests.helpers import (
     Box,
     Broker,
     Daemon,
@@ -31,14 +32,13 @@ from support import (
     storescu,
     wait_for,
 )
-
-from agent.recvpool import ReceivePool
+from tests.helpers.receive import AE_TITLE, ct_files, node
 
 
 def workers_of(d: Daemon) -> list[psutil.Process]:
     assert d.proc is not None
     return [c for c in psutil.Process(d.proc.pid).children()
-            if "agent.recvworker" in " ".join(c.cmdline())]
+            if "agent.dicom.worker" in " ".join(c.cmdline())]
 
 
 def send_parallel(box: Box, groups: list[list[Path]]) -> list[subprocess.CompletedProcess[str]]:
@@ -167,7 +167,7 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_behind(box: Box, worke
         rc = d.proc.wait(30)
     # A worker's command line ends with its daemon's pid (it outlives it only as an orphan).
     left = [p.pid for p in psutil.process_iter(["cmdline", "status"])
-            if "agent.recvworker" in (p.info["cmdline"] or [])
+            if "agent.dicom.worker" in (p.info["cmdline"] or [])
             and p.info["cmdline"][-1] == daemon_pid and p.info["status"] != psutil.STATUS_ZOMBIE]
     assert rc == 2
     log = d.log_text()

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_support import engine  # noqa: E402
-
-from agent.infer import InferenceEngine  # noqa: E402
+from agent.infer import InferenceEngine
+from tests.helpers.results import engine
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from results_support import (
+
+from tests.helpers import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, set_config, storescu
+from tests.helpers.results import (
     ACCESSION,
     DCIODVFY,
     PATIENT_ID,
@@ -20,7 +22,6 @@ from results_support import (
     original_study,
     uids_in,
 )
-from support import EDGE_AGENT, REPO, Box, Daemon, Subscriber, audit_events, set_config, storescu
 
 pytestmark = pytest.mark.skipif(shutil.which("storescu") is None or DCIODVFY is None,
                                 reason="DCMTK storescu / dciodvfy not installed")

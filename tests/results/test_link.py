@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from results_support import (
+
+from agent.crypto import KeyEncryptionKey, random_key
+from agent.errors import CryptoError, EdgeAgentError, StorageError
+from agent.infer import InferenceEngine
+from agent.results.link import DAY, LinkStore, Originals
+from tests.helpers.results import (
     ACCESSION,
     PATIENT_ID,
     PATIENT_NAME,
@@ -16,11 +21,6 @@ from results_support import (
     original_study,
     process,
 )
-
-from agent.crypto import KeyEncryptionKey, random_key
-from agent.errors import CryptoError, EdgeAgentError, StorageError
-from agent.infer import InferenceEngine
-from agent.results.link import DAY, LinkStore, Originals
 
 
 class Audit:

@@ -12,16 +12,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from results_support import (
-    DCIODVFY,
-    PATIENT_ID,
-    PATIENT_NAME,
-    Linked,
-    dciodvfy_errors,
-    link,
-    original_study,
-    process,
-)
 
 from agent.crypto import random_key
 from agent.errors import ResultError
@@ -32,6 +22,16 @@ from agent.results.common import DISCLAIMER, Issuer
 from agent.results.keyimage import REGION_RGB, render
 from agent.results.seg import build_seg
 from agent.results.sr import build_sr
+from tests.helpers.results import (
+    DCIODVFY,
+    PATIENT_ID,
+    PATIENT_NAME,
+    Linked,
+    dciodvfy_errors,
+    link,
+    original_study,
+    process,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 needs_dcmtk = pytest.mark.skipif(shutil.which("dcmj2pnm") is None or DCIODVFY is None,

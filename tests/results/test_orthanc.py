@@ -4,7 +4,6 @@ re-send keeps the same instances (same SOP Instance UIDs, no second copy)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,12 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from results_support import PATIENT_ID, link
 
 from agent.infer import InferenceEngine
 from agent.infer.manifest import MaskOutput
 from agent.results.build import Mask, build_all
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "receive"))
-from orthanc import Orthanc  # noqa: E402
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.results import PATIENT_ID, link
 
 pytestmark = pytest.mark.skipif(not Orthanc.available(),
                                 reason="Orthanc (Debian package) not installed")

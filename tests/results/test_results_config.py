@@ -7,9 +7,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support import EDGE_AGENT, REPO, Box, set_config
 
 from agent import config
+from tests.helpers import EDGE_AGENT, REPO, Box, set_config
 
 
 def _load(box: Box) -> config.Config:

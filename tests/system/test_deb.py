@@ -20,18 +20,15 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from debroot import Root, codename, root_tar  # noqa: E402
-from support import REPO, free_port, storescu, wait_for, wait_port  # noqa: E402
+from tests.helpers import REPO, free_port, storescu, wait_for, wait_port
+from tests.helpers.debbuild import Built, DebBuilder
+from tests.helpers.debroot import Root, codename, root_tar
 
 SUITE = codename()
 pytestmark = [
@@ -49,26 +46,10 @@ STATE = "var/lib/edge-agent"
 CONF = "etc/edge-agent/agent.toml"
 
 
-@dataclass(frozen=True)
-class Built:
-    deb: Path
-    output: str  # what `make deb` printed
-
-
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
+def debs(deb_builder: DebBuilder) -> dict[str, Built]:
     """Both versions through `make deb`; the first one with its lintian run."""
-    out = tmp_path_factory.mktemp("debs")
-    built = {}
-    for version, lint in ((VERSION, "1"), (NEXT, "0")):
-        p = subprocess.run(["make", "--no-print-directory", "deb", f"DEB_VERSION={version}",
-                            f"DEB_OUT={out}", f"DEB_LINT={lint}"], cwd=REPO, capture_output=True,
-                           text=True, timeout=3600)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-        deb = out / f"edge-agent_{version}_amd64.deb"
-        assert deb.is_file(), p.stdout[-2000:]
-        built[version] = Built(deb, p.stdout + p.stderr)
-    return built
+    return {v: deb_builder.build(v, lint=v == VERSION) for v in (VERSION, NEXT)}
 
 
 def field(deb: Path, name: str) -> str:
@@ -146,7 +127,7 @@ def run_daemon(root: Root, tmp: Path) -> str:
     """A dev box provisioned by the installed CLI, the installed daemon serving it: a
     C-STORE from DCMTK storescu on the host becomes a result (de-identification and
     onnxruntime inference from the package's venv)."""
-    from test_e2e import make_study
+    from tests.test_e2e import make_study
 
     shutil.copytree(REPO / "models", root / "tmp/models")
     dicom, mqtt = free_port(), free_port()

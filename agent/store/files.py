@@ -1,0 +1,221 @@
+"""The inbox's instance files: sealed as they stream in, in pre-created slots.
+
+Plaintext never touches the disk: every byte is sealed under its study version's
+data key (agent.crypto's chunked stream) before it is written.  File names are
+random, never derived from UIDs or dataset values, so nothing a peer sends can steer
+a path.
+
+Instance files are pre-created empty in batches ("slots") and written in place, so
+acknowledging an instance costs one file fsync and one index commit; the directory
+fsync that a create or rename needs is paid once per batch.  A slot not referenced
+by the index holds nothing that was acknowledged: it is emptied and reused.
+
+May import: agent.crypto, agent.errors, agent.fileperm.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from agent.crypto import StreamWriter, fsync_dir, iter_open_stream
+from agent.errors import CryptoError, StorageError
+from agent.fileperm import open_private
+
+# Start write-back of a large instance every this many bytes while it streams in,
+# so the fdatasync before Success only has the tail left to flush.
+EARLY_FLUSH_BYTES = 4 << 20
+
+
+def _datasync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass  # only an early start; finish() does the fdatasync that counts
+    finally:
+        os.close(fd)
+
+
+class PendingWrite:
+    """An instance being streamed into the inbox, sealed as it arrives.
+
+    Nothing is acknowledged until ``Inbox.commit``; ``abort`` (idempotent)
+    drops the partial file.  Partial files left by a crash are removed at the
+    next start because they were never acknowledged.
+    """
+
+    def __init__(self, path: Path, study_key: str, study_id: int, version: int,
+                 new_study: bool, data_key: bytes, wrapped_key: bytes, *,
+                 on_abort: Callable[[PendingWrite], None]) -> None:
+        """``on_abort``: gives the slot back (and drops a study version this write
+        opened, now empty) when the write is dropped uncommitted."""
+        self.path = path
+        self.study_key = study_key
+        self.study_id = study_id
+        self.version = version
+        self.new_study = new_study
+        self.data_key = data_key
+        # Identifies the study version this write is sealed for: row ids can be
+        # reused once an empty version is deleted, wrapped keys (random) cannot.
+        self.wrapped_key = wrapped_key
+        self._digest: Any = None  # hashlib sha256 while streaming, for a known re-send
+        self._fh: BinaryIO | None = open(path, "r+b")  # noqa: SIM115 - closed in finish/abort
+        self._writer = StreamWriter(data_key, self._fh, study_key.encode())
+        self._on_abort = on_abort
+        self.committed = False
+        self._flush_mark = 0
+        self._flusher: threading.Thread | None = None
+
+    @property
+    def size(self) -> int:
+        return self._writer.plain_bytes
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._fh is None:
+            raise StorageError("write to a closed inbox file")
+        if self._digest is not None:
+            self._digest.update(data)
+        self._writer.write(data)
+        if self._writer.plain_bytes - self._flush_mark >= EARLY_FLUSH_BYTES:
+            self._flush_mark = self._writer.plain_bytes
+            self._early_flush()
+
+    def hash_content(self) -> None:
+        """Digest the plaintext as it streams (before the first write)."""
+        if self._writer.plain_bytes == 0:
+            self._digest = hashlib.sha256()
+
+    def content_digest(self) -> str | None:
+        return self._digest.hexdigest() if self._digest is not None else None
+
+    def _early_flush(self) -> None:
+        """Let the disk work while the rest of the instance arrives (off this thread)."""
+        if self._fh is None or (self._flusher is not None and self._flusher.is_alive()):
+            return
+        try:
+            self._fh.flush()
+            fd = os.dup(self._fh.fileno())
+        except OSError:
+            return  # the write path reports real errors; this is only a head start
+        self._flusher = threading.Thread(target=_datasync_and_close, args=(fd,),
+                                         name="inbox-early-flush", daemon=True)
+        self._flusher.start()
+
+    def finish(self) -> int:
+        """Seal the last chunk and fsync; returns the plaintext size."""
+        if self._fh is None:
+            raise StorageError("inbox file was already closed")
+        try:
+            self._writer.close()
+            self._fh.flush()
+            # fdatasync still flushes the file size; the inode times it skips are
+            # not needed to read the instance back.
+            os.fdatasync(self._fh.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot write the inbox: {exc.strerror}") from None
+        finally:
+            self._fh.close()
+            self._fh = None
+        return self._writer.plain_bytes
+
+    def abort(self) -> None:
+        """Drop an uncommitted write (idempotent; no-op after commit)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if not self.committed:
+            self.committed = True  # release once
+            self._on_abort(self)
+
+
+class Slots:
+    """The pre-created instance files of one process (its own directory)."""
+
+    BATCH = 32
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self.free: collections.deque[Path] = collections.deque()  # empty slots, ready
+
+    def recover(self, root: Path, slot_root: Path, used: set[str]) -> None:
+        """At start, before any worker runs: empty and reuse every slot the index does not
+        reference (``used``: paths relative to ``root``); it never held an ack."""
+        for p in sorted(slot_root.iterdir()):
+            if p.is_dir():
+                # A receive worker's slots: whatever is not indexed was never
+                # acknowledged.  Removed rather than recycled, because only this
+                # process's own directory is recycled (no worker runs yet).
+                for q in sorted(p.iterdir()):
+                    if str(q.relative_to(root)) not in used:
+                        q.unlink(missing_ok=True)
+                continue
+            if str(p.relative_to(root)) in used:
+                continue
+            if p.suffix != ".enc":
+                p.unlink(missing_ok=True)
+                continue
+            if p.stat().st_size:
+                os.truncate(p, 0)
+            self.free.append(p)
+
+    def take(self) -> Path:
+        with self._lock:
+            if not self.free:
+                for _ in range(self.BATCH):
+                    p = self.folder / f"{os.urandom(8).hex()}.enc"
+                    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    self.free.append(p)
+                fsync_dir(self.folder)
+            return self.free.popleft()
+
+    def release(self, path: Path) -> None:
+        """Empty a slot and make it available again (it never held an ack)."""
+        try:
+            os.truncate(path, 0)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self.free.append(path)
+
+
+def open_sealed(path: Path, key: bytes, aad: bytes, what: str) -> Iterator[bytes]:
+    """Decrypt a sealed file chunk by chunk (bounded memory, authenticated)."""
+    try:
+        with open(path, "rb") as fh:
+            yield from iter_open_stream(key, fh, aad)
+    except FileNotFoundError:
+        raise StorageError(f"inbox file for {what} is missing") from None
+    except CryptoError as exc:
+        raise StorageError(f"inbox file for {what}: {exc}") from None
+
+
+def file_digest(path: Path, key: bytes, aad: bytes) -> str:
+    """sha256 of a sealed file's plaintext (authenticated while read)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter_open_stream(key, fh, aad):
+                h.update(chunk)
+    except (OSError, CryptoError) as exc:
+        raise StorageError(f"cannot read back an inbox file: {exc}") from None
+    return h.hexdigest()
+
+
+def reseal(path: Path, old: bytes, new: bytes, aad: bytes) -> None:
+    """Re-seal a file under another data key, atomically (fsynced, then renamed)."""
+    out = path.with_suffix(".rekey")
+    with open(path, "rb") as src, open_private(out) as fh:
+        w = StreamWriter(new, fh, aad)
+        for chunk in iter_open_stream(old, src, aad):
+            w.write(chunk)
+        w.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(out, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,1 @@
+ed25519 19dbe03b563f1103 x0TGpTwXPovlwNmegz5hMYShu8aAK/TAZ7aqdv/wceliVToSt0+yJvDM/2NFfuwhWgAhD9v1ZULFscs4TGWODA==

@@ -1,0 +1,1 @@
+ed25519 19dbe03b563f1103 gFrnnV1hZlc33icul7rLuultc02CndkDMlTg3UJLg7UamaDudBU03upwAtdhz3oQF6EntZZDp3MbBu0kkuykDg==

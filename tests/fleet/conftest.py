@@ -1,8 +1,0 @@
-"""Puts this folder on sys.path so the fleet tests share ``fleet_helpers``."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,8 +1,0 @@
-"""The ops tests import their helpers from this folder (ops_helpers.py)."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))

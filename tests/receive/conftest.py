@@ -1,8 +1,0 @@
-"""Receive tests import their helpers from this folder (importlib mode)."""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
