@@ -230,7 +230,12 @@ class Publisher:
         try:
             if self.state.connected:
                 self.state.since = time.time()
-                log.warning("mqtt disconnected: %s", rc)
+                # Our own clean disconnect (stop) is not a fault: only a lost link warns,
+                # so `journalctl -p warning` shows outages, not every restart.
+                if rc.is_failure or not self._stop.is_set():
+                    log.warning("mqtt disconnected: %s", rc)
+                else:
+                    log.info("mqtt disconnected: %s", rc)
             self.state.connected = False
             self._connected_evt.clear()
             with self._lock:

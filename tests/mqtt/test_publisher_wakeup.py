@@ -80,3 +80,24 @@ def test_stop_wakes_the_idle_publisher_and_it_says_offline(box: Box, broker: Bro
                      "the offline status sent on stop")
     finally:
         ops.stop()
+
+
+def test_a_clean_stop_is_not_logged_as_a_lost_link(box: Box, broker: Broker,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Under systemd the journal keeps each line's priority: our own clean disconnect
+    at stop must not show up in ``journalctl -p warning`` next to real outages."""
+    caplog.set_level("INFO", logger=publish.__name__)
+    with harness(box) as h:
+        assert h.publisher.wait_connected(20)
+    said = [r for r in caplog.records if r.getMessage().startswith("mqtt disconnected")]
+    assert said, "the disconnect at stop was not logged at all"
+    assert all(r.levelname == "INFO" for r in said), [(r.levelname, r.getMessage()) for r in said]
+    # A lost link still warns: the broker goes away under a running publisher.
+    caplog.clear()
+    with harness(box) as h:
+        assert h.publisher.wait_connected(20)
+        broker.stop()
+        wait_for(lambda: not h.publisher.state.connected, 30, "the publisher to see the outage")
+        broker.start()
+    assert any(r.levelname == "WARNING" and r.getMessage().startswith("mqtt disconnected")
+               for r in caplog.records)
