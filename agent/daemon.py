@@ -43,7 +43,7 @@ from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
 from agent.results.common import Issuer
-from agent.results.delivery import Delivery
+from agent.results.delivery import Delivery, commitment_result
 from agent.results.link import LinkStore
 from agent.results.queue import DeliveryQueue
 from agent.review.service import ReviewService
@@ -173,17 +173,20 @@ class Daemon:
                                  links=self.links)
         self.pipeline.on_result = self.review.record
         self.scp: DicomNode
+        # A PACS's Storage Commitment report arrives on its own association to the node.
+        on_commitment = commitment_result if self.delivery is not None else None
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
                                    on_stored=lambda _r: self._work.set(),
-                                   accepting=self._intake.is_set, receipts=self.audit_log)
+                                   accepting=self._intake.is_set, receipts=self.audit_log,
+                                   on_commitment=on_commitment)
         else:
             # Workers journal their audit records in the inbox (durable), so only the
             # in-process node feeds the audit queue and needs its hold.
             self.scp = LocalNode(cfg.dicom, self.inbox, audit=self.audit,
                                   on_stored=lambda _r: self._work.set(),
                                   accepting=self._intake.is_set, receipts=self.audit_log,
-                                  hold=self.audit_log.intake_hold)
+                                  hold=self.audit_log.intake_hold, on_commitment=on_commitment)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
         self.inbound.register("review", self.review.on_message)
@@ -225,7 +228,8 @@ class Daemon:
         cfg = self.cfg
         return WorkerInit(index=index, dicom=cfg.dicom, inbox_root=cfg.state_dir / "inbox",
                           inbox=cfg.inbox, study=cfg.study, kek=self.kek,
-                          pseudonym_key=self.pseudonym_key, log_level=cfg.log_level)
+                          pseudonym_key=self.pseudonym_key, log_level=cfg.log_level,
+                          commitment=self.delivery is not None)
 
     def _source(self) -> str:
         return f"edge-agent/{self.cfg.site}/{self.cfg.device}"

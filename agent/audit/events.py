@@ -143,6 +143,9 @@ CATALOGUE: dict[str, EventKind] = {k.name: k for k in (
        "a result object was sent to a PACS destination with C-STORE (every attempt, with "
        "its outcome: stored, retry, refused, unreachable, dead-letter)",
        box_role=ROLE_SOURCE),
+    _k("commitment.report", INSTANCES_TRANSFERRED, None, "R",
+       "a PACS sent a storage commitment report (N-EVENT-REPORT) on its own association",
+       requestor="peer", box_role=ROLE_SOURCE),
     _k("results.committed", INSTANCES_TRANSFERRED, None, "R",
        "a PACS destination answered a storage commitment request for a result object",
        box_role=ROLE_SOURCE),

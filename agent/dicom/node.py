@@ -25,6 +25,7 @@ from agent.config import DicomSettings
 from agent.dicom import transport as tp
 from agent.dicom.acceptor import Acceptor, AcceptorSettings, Owner
 from agent.dicom.admission import AuditFn, PeerLimiter, PeerLimits
+from agent.dicom.commitment import CommitmentReports, ReportFn
 from agent.dicom.dimse import HandlerRegistry, default_registry
 from agent.dicom.negotiation import VERIFICATION, storage_sop_classes
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters, StoreDecisions
@@ -123,9 +124,12 @@ class LocalNode:
         receipts: ReceiptLog | None = None,
         hold: Callable[[], str | None] | None = None,
         registry: HandlerRegistry | None = None,
+        on_commitment: ReportFn | None = None,
     ) -> None:
         """``receipts``: the audit records of stored instances are journaled in
-        the inbox and moved there in batches (agent.dicom.scp.ReceiptDrainer)."""
+        the inbox and moved there in batches (agent.dicom.scp.ReceiptDrainer).
+        ``on_commitment``: where Storage Commitment reports go (the results
+        delivery); without it the node does not offer Storage Commitment."""
         self.s = settings
         self.limiter = PeerLimiter(peer_limits(settings))
         self.decisions = StoreDecisions(
@@ -134,6 +138,8 @@ class LocalNode:
             on_associated=self._associated, hold=hold)
         self.drainer = ReceiptDrainer(inbox, receipts) if receipts is not None else None
         self.registry = registry or default_registry()
+        if on_commitment is not None:
+            CommitmentReports(on_commitment, audit).register(self.registry)
         self._acceptor = acceptor_settings(settings)
         self._tls = tls_context(settings)
         self._listeners: list[tuple[socket.socket, bool]] = []

@@ -69,6 +69,7 @@ from agent.dicom.admission import (
     association_limit,
     audit_refused,
 )
+from agent.dicom.commitment import ReportFn
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
@@ -95,6 +96,7 @@ class WorkerInit:
     kek: KeyEncryptionKey
     pseudonym_key: bytes
     log_level: str
+    commitment: bool = False  # relay Storage Commitment reports to the daemon
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,12 @@ class ReceivePool:
         on_stored: Callable[[StoreReceipt | None], None] | None = None,
         accepting: Callable[[], bool] = lambda: True,
         receipts: ReceiptLog | None = None,
+        on_commitment: ReportFn | None = None,
     ) -> None:
+        """``on_commitment``: where the Storage Commitment reports a worker
+        receives are relayed to (see agent.dicom.worker)."""
         self.s = settings
+        self.on_commitment = on_commitment
         self.inbox = inbox
         inbox.share_with_workers()
         self._init = init
@@ -508,6 +514,8 @@ class ReceivePool:
             self._ended(int(msg[1]))
         elif msg[0] == "admit":
             self._admit_association(w, int(msg[1]))
+        elif msg[0] == "commitment" and len(msg) == 5:
+            self._commitment(w, msg[1], msg[2], msg[3], msg[4])
         elif msg[0] == "counters":
             with self._lock:
                 w.counters = dict(msg[1])
@@ -518,6 +526,17 @@ class ReceivePool:
                 self.on_stored(None)
                 if self.drainer is not None:
                     self.drainer.wake.set()
+
+    def _commitment(self, w: _Worker, token: object, tx: object, ok: object,
+                    failed: object) -> None:
+        """A worker relays a Storage Commitment report; the answer goes back to it.
+        The delivery's entry point is a few database writes and never raises."""
+        taken = False
+        if (self.on_commitment is not None and isinstance(tx, str) and isinstance(ok, list)
+                and isinstance(failed, list)):
+            taken = self.on_commitment(tx, [str(u) for u in ok], [str(u) for u in failed])
+        with contextlib.suppress(OSError):
+            send_msg(w.chan, ("committed", token, taken))
 
     def _refused(self, peer: str, why: str) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from pydicom import config as pydicom_config
 
 from agent import logs
 from agent.dicom.admission import PeerLimiter, PeerLimits, Verdict
+from agent.dicom.commitment import CommitmentReports
 from agent.dicom.dimse import default_registry
 from agent.dicom.node import acceptor_settings, serve_connection, tls_context
 from agent.dicom.pool import Handoff, WorkerInit, recv_msg, send_msg
@@ -78,6 +79,13 @@ class Worker:
             accepting=lambda: self._accepting, journal_receipts=True,
             admission=self._admission, on_ended=self._ended)
         self.registry = default_registry()
+        # Storage Commitment reports go to the daemon's results delivery over this
+        # channel, answered like an admission question (the PACS waits for the RSP,
+        # and its report is only taken once the daemon has it).
+        self._reports: dict[int, tuple[threading.Event, bool]] = {}
+        self._report_seq = 0
+        if init.commitment:
+            CommitmentReports(self._relay_commitment, self._audit).register(self.registry)
         self.settings = acceptor_settings(init.dicom)
         self.tls = tls_context(init.dicom)
 
@@ -113,6 +121,22 @@ class Worker:
             log.error("no admission answer from the daemon in %.0f s", ADMISSION_TIMEOUT)
             return Verdict(False, None)
         return verdict
+
+    def _relay_commitment(self, tx: str, ok: list[str], failed: list[str]) -> bool:
+        """Hand a Storage Commitment report to the daemon; whether it took it."""
+        with self._lock:
+            self._report_seq += 1
+            token = self._report_seq
+            done = threading.Event()
+            self._reports[token] = (done, False)
+        self._send(("commitment", token, tx, ok, failed))
+        answered = done.wait(ADMISSION_TIMEOUT)
+        with self._lock:
+            _, taken = self._reports.pop(token, (done, False))
+        if not answered:
+            log.error("no answer from the daemon to a storage commitment report in %.0f s",
+                      ADMISSION_TIMEOUT)
+        return answered and taken
 
     def _ended(self, addr: str, port: int) -> None:
         """The association ended (released, aborted, rejected): its slot is free
@@ -182,6 +206,14 @@ class Worker:
                     if asked is not None and isinstance(msg[2], Verdict):
                         self._asked[int(msg[1])] = (asked[0], msg[2])
                         asked[0].set()
+            elif msg[0] == "committed" and len(msg) == 3:
+                with self._lock:
+                    waiting = self._reports.get(int(msg[1]))
+                    if waiting is not None:
+                        self._reports[int(msg[1])] = (waiting[0], msg[2] is True)
+                        waiting[0].set()
+                for fd in fds:
+                    os.close(fd)
             elif msg[0] == "evict":
                 self._evict(int(msg[1]))
                 for fd in fds:
