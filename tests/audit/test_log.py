@@ -38,6 +38,7 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "security.alert config.loaded cli.action key.rotated cert.changed audit.exported "
              "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
              "results.link_written results.link_shredded results.sent results.committed "
+             "commitment.report "
              "results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
              "review.verdict review.viewed review.escalated performance.alert "

@@ -61,3 +61,61 @@ def test_orthancs_report_on_a_new_association_releases_the_link(
     assert sorted(t["Modality"] for t in mine) == ["OT", "PR", "SR"]
     assert all(t["StudyInstanceUID"] == originals.study_uid and t["PatientID"] == PATIENT_ID
                for t in mine)
+
+
+def test_report_for_an_unknown_transaction_is_refused_and_roles_stay_narrow(
+        box: Box, broker: object) -> None:
+    """A report for a transaction the box never started gets 0x0110 and the node keeps
+    serving; a peer asking for the SCP role of a storage SOP class does not get it,
+    and one offering commitment without the SCP role is refused that context."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        CTImageStorage,
+        StorageCommitmentPushModel,
+        Verification,
+    )
+
+    enable_delivery(box)
+    add_destination(box, "pacs", "NOWHERE", 9, storage_commitment="true")  # never reached
+    daemon = Daemon(box)
+    daemon.start()
+    try:
+        ae = AE(ae_title="ORTHANC")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+        roles = [build_role(StorageCommitmentPushModel, scp_role=True),
+                 build_role(CTImageStorage, scu_role=True, scp_role=True)]
+        assoc = ae.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title, ext_neg=roles)
+        assert assoc.is_established
+        by_class = {str(cx.abstract_syntax): cx for cx in assoc.accepted_contexts}
+        commit_cx = by_class[str(StorageCommitmentPushModel)]
+        assert commit_cx.as_scp and not commit_cx.as_scu  # we accepted it as its SCP
+        ct = by_class[str(CTImageStorage)]
+        assert ct.as_scu and not ct.as_scp  # the SCP role of storage stays refused
+        info = Dataset()
+        info.TransactionUID = "2.25.123456789"
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = str(CTImageStorage)
+        ref.ReferencedSOPInstanceUID = "2.25.1"
+        info.ReferencedSOPSequence = [ref]
+        status, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel,
+                                              "1.2.840.10008.1.20.1.1")
+        assert status is not None and status.Status == 0x0110
+        assert assoc.send_c_echo().Status == 0x0000  # still serving
+        assoc.release()
+
+        # Without the SCP role proposed, the commitment context is not accepted.
+        plain = AE(ae_title="ORTHANC")
+        plain.add_requested_context(StorageCommitmentPushModel)
+        plain.add_requested_context(Verification)
+        assoc = plain.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title)
+        assert assoc.is_established
+        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [str(Verification)]
+        assoc.release()
+    finally:
+        daemon.stop()
+    reports = [e for e in audit_events(box, 2000) if e["event"] == "commitment.report"]
+    assert [e["details"]["status"] for e in reports] == ["0x0110"]
+    assert reports[0]["outcome"] not in (0, "success")
