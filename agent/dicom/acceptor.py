@@ -216,7 +216,8 @@ class Acceptor:
             roles = [i for i in user if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
             peer_max = next((int(i.maximum_length_received or 0) for i in user
                              if isinstance(i, MaximumLengthNotification)), 0)
-            result = negotiate(proposed, self.offered | self.registry.sop_classes(), roles)
+            result = negotiate(proposed, self.offered | self.registry.sop_classes(), roles,
+                               requestor_scp=self.registry.requestor_scp_classes())
         except Exception:  # noqa: BLE001 - a request pynetdicom cannot turn into contexts
             log.warning("peer %s (%s) sent presentation contexts that cannot be read; aborting",
                         self.peer, rq.calling_ae)

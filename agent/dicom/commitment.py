@@ -24,13 +24,19 @@ from collections.abc import Callable
 from pydicom.dataset import Dataset
 
 from agent.dicom.admission import AuditFn
-from agent.dicom.dimse import DimseReply, DimseRequest, HandlerRegistry, command_uid, command_us
+from agent.dicom.dimse import (
+    N_EVENT_REPORT_RQ,
+    DimseReply,
+    DimseRequest,
+    HandlerRegistry,
+    command_uid,
+    command_us,
+)
 from agent.dicom.negotiation import STORAGE_COMMITMENT_PUSH
 from agent.dicom.status import STATUS_PROCESSING_FAILURE, STATUS_SUCCESS
 
 log = logging.getLogger(__name__)
 
-N_EVENT_REPORT_RQ = 0x0100
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
 STATUS_NO_SUCH_INSTANCE = 0x0112
 STATUS_NO_SUCH_EVENT_TYPE = 0x0113

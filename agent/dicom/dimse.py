@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 P_DATA_TF = 0x04
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+N_EVENT_REPORT_RQ = 0x0100
 C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
@@ -284,6 +285,11 @@ class HandlerRegistry:
 
     def sop_classes(self) -> frozenset[str]:
         return frozenset(sop for _, sop in self._handlers)
+
+    def requestor_scp_classes(self) -> frozenset[str]:
+        """The classes whose requests come from their SCP (N-EVENT-REPORT): the
+        requestor must be granted the SCP role for them at negotiation."""
+        return frozenset(sop for cmd, sop in self._handlers if cmd == N_EVENT_REPORT_RQ)
 
 
 def echo(_req: DimseRequest) -> DimseReply:

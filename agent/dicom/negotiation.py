@@ -26,11 +26,11 @@ from agent.dicom.sink import TRANSFER_SYNTAXES
 
 VERIFICATION = "1.2.840.10008.1.1"
 # Storage Commitment Push Model (PS3.4 J.3): a PACS sends its N-EVENT-REPORT on an
-# association it requests, in the SCP role of the class (PS3.7 D.3.3.4), so this
-# one abstract syntax is accepted with the requestor as SCP, and only when it asked
-# for that role through SCP/SCU role selection.
+# association it requests, in the SCP role of the class (PS3.7 D.3.3.4).  The
+# classes whose requests reach us from their SCP (the registry's N-EVENT-REPORT
+# handlers) are accepted with the requestor as SCP, and only when it asked for
+# that role through SCP/SCU role selection.
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
-REPORTED_AS_SCP = frozenset({STORAGE_COMMITMENT_PUSH})
 
 
 def storage_sop_classes() -> frozenset[str]:
@@ -66,15 +66,16 @@ def requestor_order(proposed: Iterable[PresentationContext]) -> dict[str, list[s
 
 def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
               roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
-              syntaxes: Sequence[str] = TRANSFER_SYNTAXES) -> Negotiated:
+              syntaxes: Sequence[str] = TRANSFER_SYNTAXES,
+              requestor_scp: frozenset[str] = frozenset()) -> Negotiated:
     """Negotiate the requestor's contexts against the abstract syntaxes we offer.
 
     Our contexts are built for the proposed abstract syntaxes only, each listing
     the requestor's syntaxes that we decode, in the requestor's order.  The
     requestor may be SCU of each, never SCP (we send no requests): a context it
     proposes only as SCP is rejected, and its role selection items are answered.
-    The exception is Storage Commitment Push Model, whose reports reach us as
-    requests of its SCP: there the requestor may be SCP and never SCU, and the
+    The exception is ``requestor_scp`` (Storage Commitment Push Model, whose
+    reports reach us as requests of its SCP): there the requestor may be SCP and never SCU, and the
     context is accepted only when its role selection item proposed the SCP role.
     """
     ours = frozenset(syntaxes)
@@ -85,7 +86,7 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
         pc = PresentationContext()
         pc.abstract_syntax = abstract
         pc.transfer_syntax = [t for t in order if t in ours]
-        reported = abstract in REPORTED_AS_SCP
+        reported = abstract in requestor_scp
         pc.scu_role = not reported  # the requestor may act as SCU ...
         pc.scp_role = reported  # ... never as SCP, but for commitment reports
         contexts.append(pc)
@@ -94,7 +95,7 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
     results, replies = negotiate_as_acceptor(list(proposed), contexts, proposed_roles or None)
     as_scp = {str(uid): bool(r[1]) for uid, r in proposed_roles.items()}
     for cx in results:
-        if (cx.result == 0x00 and str(cx.abstract_syntax) in REPORTED_AS_SCP
+        if (cx.result == 0x00 and str(cx.abstract_syntax) in requestor_scp
                 and not as_scp.get(str(cx.abstract_syntax))):
             cx.result = 0x01  # user rejection: a commitment peer that is no SCP of it
     kept = {str(cx.abstract_syntax) for cx in results if cx.result == 0x00}
