@@ -12,7 +12,7 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     Verification,
@@ -138,10 +138,14 @@ class CommittingPeer(ScriptedPeer):
     N-EVENT-REPORT on the SAME association (PS3.4 J.3.3 allows either way); objects
     whose UID is in ``refuse`` are reported in the Failed SOP Sequence once."""
 
-    def __init__(self, aet: str, refuse: set[str] | None = None) -> None:
+    def __init__(self, aet: str, refuse: set[str] | None = None,
+                 report_to: tuple[str, int] | None = None) -> None:
+        """``report_to``: (AE title, port) of the box: send the report on a NEW
+        association there (as Orthanc does), proposing the SCP role."""
         super().__init__(aet, lambda n: 0)
         self._ae.add_supported_context(StorageCommitmentPushModel)
         self.refuse = set(refuse or ())
+        self.report_to = report_to
         self.actions: list[tuple[str, list[str]]] = []  # (transaction UID, SOP UIDs)
         self.report_status: list[int] = []
 
@@ -170,10 +174,19 @@ class CommittingPeer(ScriptedPeer):
                 ds.ReferencedSOPSequence = ok
             if bad:
                 ds.FailedSOPSequence = bad
-            status, _ = assoc.send_n_event_report(ds, 2 if bad else 1,
-                                                  StorageCommitmentPushModel,
-                                                  "1.2.840.10008.1.20.1.1")
+            on = assoc
+            if self.report_to is not None:
+                ae = AE(ae_title=self.aet)
+                ae.add_requested_context(StorageCommitmentPushModel)
+                on = ae.associate("127.0.0.1", self.report_to[1], ae_title=self.report_to[0],
+                                  ext_neg=[build_role(StorageCommitmentPushModel,
+                                                      scp_role=True)])
+            status, _ = on.send_n_event_report(ds, 2 if bad else 1,
+                                               StorageCommitmentPushModel,
+                                               "1.2.840.10008.1.20.1.1")
             self.report_status.append(int(status.Status) if status else -1)
+            if on is not assoc:
+                on.release()
 
         # After our N-ACTION response has gone out.
         threading.Timer(0.2, report).start()

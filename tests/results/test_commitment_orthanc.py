@@ -119,3 +119,49 @@ def test_report_for_an_unknown_transaction_is_refused_and_roles_stay_narrow(
     reports = [e for e in audit_events(box, 2000) if e["event"] == "commitment.report"]
     assert [e["details"]["status"] for e in reports] == ["0x0110"]
     assert reports[0]["outcome"] not in (0, "success")
+
+
+def test_a_failed_sop_report_on_a_new_association_resends_that_object(
+        box: Box, broker: object, tmp_path: Path) -> None:
+    """A PACS reporting on its own association (like Orthanc) that one object failed:
+    only that object is sent again (same UID) and committed on the next request."""
+    from typing import Any
+
+    from tests.helpers.delivery import CommittingPeer
+
+    originals = original_study(tmp_path / "study")
+    # the box as provisioned allows calling AE "ORTHANC" ([[dicom.peers]])
+    peer = CommittingPeer("ORTHANC", report_to=(box.ae_title, box.dicom_port))
+    enable_delivery(box, commitment_wait_seconds="0")
+    add_destination(box, "pacs", peer.aet, peer.port, storage_commitment="true")
+    daemon = Daemon(box)
+    daemon.start()
+    try:
+        peer.refuse = {"*first*"}
+        real_action = peer._action
+
+        def first_refused(event: Any) -> Any:
+            if "*first*" in peer.refuse:
+                peer.refuse = {str(event.action_information.ReferencedSOPSequence[0]
+                                   .ReferencedSOPInstanceUID)}
+            return real_action(event)
+
+        peer._action = first_refused  # type: ignore[method-assign]
+        peer.start()
+        assert storescu(box.dicom_port, list(originals.files)).returncode == 0
+        wait_for(lambda: [e for e in audit_events(box, 2000)
+                          if e["event"] == "results.link_shredded"], 240, "the link released")
+    finally:
+        daemon.stop()
+        peer.stop()
+    assert len(peer.actions) == 2 and len(peer.actions[0][1]) == 3
+    failed_uid = peer.actions[0][1][0]
+    assert peer.actions[1][1] == [failed_uid]
+    assert peer.requests.count(failed_uid) == 2 and len(set(peer.requests)) == 3
+    assert peer.report_status == [0, 0]  # the node answered both reports with Success
+    audit = audit_events(box, 2000)
+    committed = [e for e in audit if e["event"] == "results.committed"]
+    assert sorted(e["details"]["result"] for e in committed) == \
+        ["commitment-failed", "committed", "committed", "committed"]
+    assert [e["details"]["status"] for e in audit if e["event"] == "commitment.report"] == \
+        ["0x0000", "0x0000"]
