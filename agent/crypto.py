@@ -188,6 +188,23 @@ def unseal(key: bytes, blob: bytes, aad: bytes = b"") -> bytes:
         raise CryptoError("ciphertext failed authentication (tampered, truncated or wrong key)") from None
 
 
+class Unsealer:
+    """``unseal`` with one key, its cipher set up once: setting up AES-GCM per call was
+    half the cost of opening a 2 kB outbox row."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def unseal(self, blob: bytes, aad: bytes = b"") -> bytes:
+        if len(blob) < NONCE_BYTES + TAG_BYTES:
+            raise CryptoError("ciphertext is truncated")
+        try:
+            return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+        except InvalidTag:
+            raise CryptoError("ciphertext failed authentication (tampered, truncated or "
+                              "wrong key)") from None
+
+
 def _chunk_nonce(prefix: bytes, counter: int, last: bool) -> bytes:
     return prefix + struct.pack(">IB", counter, 1 if last else 0)
 

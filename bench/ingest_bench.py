@@ -159,7 +159,7 @@ class EdgeAgent:
             # A baseline checkout provisions with its own code: its config loader may not
             # know keys this tree's dev box writes.
             subprocess.run(
-                [sys.executable, "-c", "import sys; from agent.devbox import provision_dev; "
+                [sys.executable, "-c", "import sys; from agent.ops.devbox import provision_dev; "
                  "provision_dev(__import__('pathlib').Path(sys.argv[1]), dicom_port=int(sys.argv[2]),"
                  " mqtt_port=int(sys.argv[3]), extra_ae=('BENCH',))",
                  str(root / "box"), str(self.port), str(free_port())],

@@ -122,6 +122,11 @@ _FAMILIES = [
            ("stage",)),
     Family("edge_agent_stage_heartbeat_age_seconds", G, "seconds since the stage's last beat",
            ("stage",)),
+    Family("edge_agent_review_waiting", G, "flagged results waiting for a reviewer's verdict"),
+    Family("edge_agent_review_oldest_age_seconds", G,
+           "age of the oldest flagged result without a verdict (0 when none)"),
+    Family("edge_agent_review_overdue", G,
+           "flagged results waiting longer than the box's [review] escalate_after"),
     Family("edge_agent_results_queue_depth", G,
            "result objects waiting for a PACS destination (pending + awaiting commitment)",
            ("destination",)),
@@ -269,6 +274,10 @@ def telemetry_lines(row: BoxRow, data: dict[str, Any]) -> tuple[Lines, int]:
         except ValueError:
             status = 0
         b.add("edge_agent_results_last_error_status", status, destination=dest)
+    review = _obj(data.get("review"))
+    b.add("edge_agent_review_waiting", review.get("waiting"))
+    b.add("edge_agent_review_oldest_age_seconds", review.get("oldest_age_s"))
+    b.add("edge_agent_review_overdue", review.get("overdue"))
     for stage, st in b.items(_obj(data.get("liveness")).get("stages")):
         st = _obj(st)
         b.add("edge_agent_stage_stuck", st.get("stuck"), stage=stage)

@@ -39,14 +39,15 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from agent.types import PhiFingerprint
-from agent.uplink import cloudevents, vocabulary
+from agent.uplink import cloudevents, guardscan, vocabulary
 
 # Patterns that never belong in what we publish: DICOM person names
 # (Family^Given), US SSNs, and the UID roots real equipment uses (our own
@@ -121,15 +122,6 @@ def _strings(doc: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def _texts(text: str) -> list[str]:
-    texts = [text]
-    try:
-        texts.extend(_strings(json.loads(text)))
-    except ValueError:
-        pass  # not JSON: the raw text is all there is
-    return texts
-
-
 # -- the envelope, checked by format ---------------------------------------------
 
 _ENVELOPE = cloudevents.ATTRIBUTE_FORMATS
@@ -159,12 +151,27 @@ def _envelope_ok(ev: dict[str, Any], made_at: float | None) -> bool:
 
 # Tokens the box makes: keyed UIDs, hex pseudonyms/instance refs/digests, UUIDs.
 _TOKEN = re.compile(r"2\.25\.\d{1,39}|[0-9a-fA-F]{12,64}|" + _ENVELOPE["id"].pattern)
+# _PATTERNS as the guard's one-pass scan runs them (agent/uplink/guardscan.py): the same
+# texts match, in the same order of precedence, but each search starts where re can
+# skip ahead fast.  ssn: from its first "-", the three digits and the word boundary
+# before them as a look-behind.  dicom-uid: from its literal "1", the word boundary
+# before it as a look-behind, so the same UIDs match whole (a standard one is public).
+# person-name is searched only when a "^" is there at all.
+_SCAN_PATTERNS = (
+    guardscan.Pattern("person-name", _PATTERNS[0][1], needs="^"),
+    guardscan.Pattern("ssn", re.compile(r"-(?<=\b\d{3}-)\d{2}-\d{4}\b"), needs="-"),
+    guardscan.Pattern("dicom-uid", re.compile(r"1(?<!\w1)\.[23]\.\d+(?:\.\d+){3,}\b"),
+                      accept=lambda m: not vocabulary.is_standard_uid(m), needs="1."),
+)
+assert [p.name for p in _SCAN_PATTERNS] == [name for name, _ in _PATTERNS]
+_STUDY_VALUE = GuardHit("study-value")
 
 
-@dataclass(frozen=True)
-class _Needles:
-    long: frozenset[str]  # every spelling of every value, searched as substrings
-    short: tuple[re.Pattern[str], ...]  # short name components, searched as words
+@lru_cache(maxsize=64)
+def _matcher(values: frozenset[str]) -> guardscan.ValueMatcher:
+    """One study's values compiled once: the outbox hands every message of a study the
+    same fingerprint, so a drain compiles each study once (bounded: 64 studies)."""
+    return guardscan.compile_values(needles(values), short_parts(values))
 
 
 def _number_forms(x: float) -> set[str]:
@@ -174,55 +181,103 @@ def _number_forms(x: float) -> set[str]:
     return forms
 
 
-def _free_text(text: str, n: _Needles) -> GuardHit | None:
-    t = _norm(text)
-    if any(needle in t for needle in n.long):
-        return GuardHit("study-value")
-    if any(p.search(t) for p in n.short):
-        return GuardHit("study-value")
-    for name, pat in _PATTERNS:
-        for m in pat.finditer(text):
-            if not (name == "dicom-uid" and vocabulary.is_standard_uid(m.group())):
-                return GuardHit(name)
-    return None
+# What a payload's check depends on, in the order the checks ran one by one: a hit
+# decided on the spot (a whole token or number equal to a study value), or the index
+# of a free text in the batch, searched with all the others in one pass.
+_Plan = list["GuardHit | int"]
 
 
-def _string(text: str, n: _Needles, depth: int = 0) -> GuardHit | None:
+def _free_text(text: str, n: guardscan.ValueMatcher, batch: guardscan.TextBatch,
+               plan: _Plan) -> None:
+    plan.append(batch.add(text, n))
+
+
+def _string(text: str, n: guardscan.ValueMatcher, batch: guardscan.TextBatch, plan: _Plan,
+            depth: int = 0) -> None:
     if vocabulary.is_fixed(text) or vocabulary.is_standard_uid(text):
-        return None
+        return
     if _TOKEN.fullmatch(text):
-        return GuardHit("study-value") if _norm(text) in n.long else None
+        if guardscan.norm(text) in n.long:
+            plan.append(_STUDY_VALUE)
+        return
     parts = vocabulary.holes(text) if depth < 3 else None
     if parts is not None:
         for hole, is_number in parts:
-            hit = (GuardHit("study-value") if is_number and _norm(hole) in n.long
-                   else None if is_number else _string(hole, n, depth + 1))
-            if hit is not None:
-                return hit
-        return None
-    return _free_text(text, n)
+            if not is_number:
+                _string(hole, n, batch, plan, depth + 1)
+            elif guardscan.norm(hole) in n.long:
+                plan.append(_STUDY_VALUE)
+        return
+    _free_text(text, n, batch, plan)
 
 
-def _value(doc: Any, n: _Needles) -> GuardHit | None:
+def _value(doc: Any, n: guardscan.ValueMatcher, batch: guardscan.TextBatch,
+           plan: _Plan) -> None:
     if isinstance(doc, str):
-        return _string(doc, n)
-    if isinstance(doc, bool) or doc is None:
-        return None
-    if isinstance(doc, int | float):
-        return GuardHit("study-value") if _number_forms(doc) & n.long else None
-    if isinstance(doc, dict):
+        _string(doc, n, batch, plan)
+    elif isinstance(doc, bool) or doc is None:
+        return
+    elif isinstance(doc, int | float):
+        if _number_forms(doc) & n.long:
+            plan.append(_STUDY_VALUE)
+    elif isinstance(doc, dict):
         for k, v in doc.items():
-            hit = _string(str(k), n) or _value(v, n)
-            if hit is not None:
-                return hit
-        return None
-    if isinstance(doc, list):
+            _string(str(k), n, batch, plan)
+            _value(v, n, batch, plan)
+    elif isinstance(doc, list):
         for v in doc:
-            hit = _value(v, n)
+            _value(v, n, batch, plan)
+    else:
+        _free_text(str(doc), n, batch, plan)
+
+
+def _plan(payload: bytes | str, guard: PhiFingerprint, made_at: float | None,
+          batch: guardscan.TextBatch) -> _Plan:
+    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+    n = _matcher(guard.values)
+    plan: _Plan = []
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "specversion" in doc:
+        if not _envelope_ok(doc, made_at):
+            return [GuardHit("envelope")]
+        for key, value in doc.items():
+            if key in _ENVELOPE:
+                continue
+            # data, subject (standard names) and any extension attribute (its name too)
+            if key not in ("data", "subject"):
+                _string(key, n, batch, plan)
+            _value(value, n, batch, plan)
+        return plan
+    # Not a CloudEvent: everything in it is free text, the raw text first.
+    _free_text(text, n, batch, plan)
+    if doc is not None:
+        for t in _strings(doc):
+            _free_text(t, n, batch, plan)
+    return plan
+
+
+def check_many(items: Sequence[tuple[bytes | str, PhiFingerprint, float | None]],
+               ) -> list[GuardHit | None]:
+    """``check`` for a batch of (payload, guard, made_at) in one pass: the free texts
+    of all payloads are searched together (agent/uplink/guardscan.py)."""
+    batch = guardscan.TextBatch()
+    plans = [_plan(payload, guard, made_at, batch) for payload, guard, made_at in items]
+    kinds = batch.kinds(_SCAN_PATTERNS, _STUDY_VALUE.kind)
+    out: list[GuardHit | None] = []
+    for plan in plans:
+        hit: GuardHit | None = None
+        for step in plan:
+            if isinstance(step, GuardHit):
+                hit = step
+            elif (kind := kinds[step]) is not None:
+                hit = GuardHit(kind)
             if hit is not None:
-                return hit
-        return None
-    return _free_text(str(doc), n)
+                break
+        out.append(hit)
+    return out
 
 
 def check(payload: bytes | str, guard: PhiFingerprint = PhiFingerprint(), *,
@@ -232,31 +287,7 @@ def check(payload: bytes | str, guard: PhiFingerprint = PhiFingerprint(), *,
     ``made_at`` is when the message entered the outbox (epoch seconds); when given, a
     CloudEvent's ``time`` must lie within ``TIME_SLACK_S`` of it.
     """
-    text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-    n = _Needles(needles(guard.values),
-                 tuple(re.compile(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])")
-                       for p in short_parts(guard.values)))
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and "specversion" in doc:
-        if not _envelope_ok(doc, made_at):
-            return GuardHit("envelope")
-        for key, value in doc.items():
-            if key in _ENVELOPE:
-                continue
-            # data, subject (standard names) and any extension attribute (its name too)
-            hit = (None if key in ("data", "subject") else _string(key, n)) or _value(value, n)
-            if hit is not None:
-                return hit
-        return None
-    # Not a CloudEvent: everything in it is free text.
-    for t in _texts(text):
-        hit = _free_text(t, n)
-        if hit is not None:
-            return hit
-    return None
+    return check_many([(payload, guard, made_at)])[0]
 
 
 # -- the log scrubber -----------------------------------------------------------

@@ -40,11 +40,11 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.crypto import KeyEncryptionKey, load_or_create_data_key, seal, unseal
+from agent.crypto import KeyEncryptionKey, Unsealer, load_or_create_data_key, seal
 from agent.errors import EdgeAgentError, OutOfResources, StorageError
 from agent.fileperm import private_db
 from agent.types import Channel, OutboxMessage, PhiFingerprint
@@ -55,6 +55,8 @@ DEFAULT_MIN_FREE = 16 * 2**20
 WAL_PAGES = 1024  # 4 MiB with the default reserve
 ACK_BATCH = 256
 ACK_FLUSH_S = 0.2
+PEEKED_MAX = 4096  # sizes of peeked rows kept for their acks
+GUARD_CACHE = 64  # decoded guard headers kept: the messages of one study share theirs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -102,6 +104,13 @@ class Outbox:
         self._kek = kek
         self._acked: dict[int, tuple[int, str]] = {}  # seq -> (size, channel), not yet deleted
         self._acked_at = time.monotonic()
+        self._listeners: list[Callable[[], None]] = []
+        # The sealed guard header of a study's messages, decoded once: the same
+        # PhiFingerprint object, whose compiled matcher the egress guard caches.
+        self._guards: dict[bytes, PhiFingerprint] = {}
+        # (size, channel) of rows handed out by peek, so that their ack needs no look-up;
+        # a row deleted otherwise (coalesced, dropped, blocked) leaves it at once.
+        self._peeked: dict[int, tuple[int, str]] = {}
         try:
             self._db = sqlite3.connect(private_db(path), check_same_thread=False,
                                        isolation_level=None)
@@ -119,19 +128,23 @@ class Outbox:
             self._db.execute("PRAGMA secure_delete=FAST")
             self._db.executescript(_SCHEMA)
             self._key = load_or_create_data_key(self._db, kek)
-            self._bytes, self._tel_n, self._tel_bytes = self._totals()
+            self._unsealer = Unsealer(self._key)
+            self._bytes, self._tel_n, self._tel_bytes, self._n = self._totals()
         except sqlite3.Error as exc:
             raise _translate(exc, f"cannot open {path}") from None
 
-    def _totals(self) -> tuple[int, int, int]:
-        total = int(self._db.execute("SELECT COALESCE(SUM(size),0) FROM messages").fetchone()[0])
+    def _totals(self) -> tuple[int, int, int, int]:
+        """Bytes, telemetry count and bytes, and depth (the count ``stats`` reports
+        without a scan of a long backlog), acknowledged rows not counted."""
+        count, total = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size),0) FROM messages").fetchone()
         n, b = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size),0) FROM messages WHERE channel='telemetry'"
         ).fetchone()
         # Acknowledged rows awaiting their batched delete no longer count.
         tel = [size for size, ch in self._acked.values() if ch == "telemetry"]
-        total -= sum(size for size, _ in self._acked.values())
-        return total, int(n) - len(tel), int(b) - sum(tel)
+        total = int(total) - sum(size for size, _ in self._acked.values())
+        return total, int(n) - len(tel), int(b) - sum(tel), int(count) - len(self._acked)
 
     # -- sealing --------------------------------------------------------------
 
@@ -142,9 +155,15 @@ class Outbox:
         return seal(self._key, body, event_id.encode())
 
     def _unpack(self, blob: bytes, event_id: str) -> tuple[bytes, PhiFingerprint]:
-        body = unseal(self._key, blob, event_id.encode())
+        body = self._unsealer.unseal(blob, event_id.encode())
         n = int.from_bytes(body[:4], "big")
-        guard = PhiFingerprint(frozenset(json.loads(body[4:4 + n])["g"]))
+        header = body[4:4 + n]
+        guard = self._guards.get(header)
+        if guard is None:
+            guard = PhiFingerprint(frozenset(json.loads(header)["g"]))
+            if len(self._guards) >= GUARD_CACHE:
+                self._guards.clear()
+            self._guards[header] = guard
         return body[4 + n:], guard
 
     @contextmanager
@@ -163,7 +182,7 @@ class Outbox:
                 except sqlite3.Error:
                     pass  # the failed COMMIT may already have rolled back
                 # In-memory totals may have moved inside the failed transaction.
-                self._bytes, self._tel_n, self._tel_bytes = self._totals()
+                self._bytes, self._tel_n, self._tel_bytes, self._n = self._totals()
                 if isinstance(exc, sqlite3.Error):
                     raise _translate(exc, what) from None
                 raise
@@ -239,6 +258,7 @@ class Outbox:
                     "VALUES (?,?,?,?,?)", (eid, channel, blob, len(blob), now))
                 if cur.rowcount == 1:
                     added += 1
+                    self._n += 1
                     self._bytes += len(blob)
                     if channel == "telemetry":
                         self._tel_n += 1
@@ -250,12 +270,22 @@ class Outbox:
         if added:
             with self._changed:
                 self._changed.notify_all()
+            for wake in self._listeners:
+                wake()
         return added
+
+    def on_enqueue(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (cheap, never raising) after every enqueue that added a message:
+        the publisher's loop waits on it instead of polling."""
+        self._listeners.append(wake)
 
     def _delete_rows(self, db: sqlite3.Connection, rows: list[tuple[int, int]]) -> None:
         db.executemany("DELETE FROM messages WHERE seq=?", [(s,) for s, _ in rows])
+        for s, _ in rows:
+            self._peeked.pop(s, None)
         freed = sum(size for _, size in rows)
         self._bytes -= freed
+        self._n -= len(rows)
         self._tel_n -= len(rows)
         self._tel_bytes -= freed
         self.coalesced += len(rows)
@@ -303,6 +333,11 @@ class Outbox:
                     "WHERE seq > ? ORDER BY seq LIMIT ?",
                     (after_seq, limit + hidden)).fetchall()
                 rows = [r for r in rows if int(r[0]) not in self._acked][:limit]
+                # Noted while the lock holds, so a delete that follows finds the note
+                # (the size column is len(body)).
+                if len(self._peeked) > PEEKED_MAX:
+                    self._peeked.clear()  # leftovers of dropped sessions: looked up instead
+                self._peeked.update((int(r[0]), (len(r[3]), str(r[2]))) for r in rows)
         except sqlite3.Error as exc:
             raise _translate(exc, "read") from None
         out: list[OutboxMessage] = []
@@ -318,23 +353,35 @@ class Outbox:
     def ack(self, seq: int) -> None:
         """An acknowledged message: hidden now, deleted with the next batch
         (see the module doc on durability)."""
+        self.ack_many([seq])
+
+    def ack_many(self, seqs: Iterable[int]) -> None:
+        """``ack`` for several messages (the PUBACKs one network read brought): one
+        look-up for all of them; deleted with the next batch."""
         with self._lock:
-            if seq in self._acked:
+            todo = sorted({s for s in seqs if s not in self._acked})
+            if not todo:
                 return
+            rows = [(s, *self._peeked.pop(s)) for s in todo if s in self._peeked]
+            known = {r[0] for r in rows}
+            todo = [s for s in todo if s not in known]
             try:
-                row = self._db.execute(
-                    "SELECT size, channel FROM messages WHERE seq=?", (seq,)).fetchone()
+                for i in range(0, len(todo), 500):  # SQLite's bound-parameter limit
+                    part = todo[i:i + 500]
+                    rows += self._db.execute(
+                        "SELECT seq, size, channel FROM messages WHERE seq IN "
+                        f"({','.join('?' * len(part))})", part).fetchall()
             except sqlite3.Error as exc:
                 raise _translate(exc, "ack") from None
-            if row is None:
-                return
-            if not self._acked:
+            if rows and not self._acked:
                 self._acked_at = time.monotonic()
-            self._acked[seq] = (int(row[0]), str(row[1]))
-            self._bytes -= int(row[0])
-            if row[1] == "telemetry":
-                self._tel_n -= 1
-                self._tel_bytes -= int(row[0])
+            for seq, size, channel in rows:
+                self._acked[int(seq)] = (int(size), str(channel))
+                self._n -= 1
+                self._bytes -= int(size)
+                if channel == "telemetry":
+                    self._tel_n -= 1
+                    self._tel_bytes -= int(size)
             if len(self._acked) >= ACK_BATCH:
                 self.flush_acks()
 
@@ -379,6 +426,7 @@ class Outbox:
         if seq in self._acked:
             return
         with self._tx("block") as db:
+            self._peeked.pop(seq, None)
             row = db.execute(
                 "SELECT event_id, channel, body, size FROM messages WHERE seq=?", (seq,)
             ).fetchone()
@@ -386,6 +434,7 @@ class Outbox:
                 db.execute("INSERT OR REPLACE INTO blocked VALUES (?,?,?,?,?,?)",
                            (seq, row[0], row[1], row[2], reason, time.time()))
                 db.execute("DELETE FROM messages WHERE seq=?", (seq,))
+                self._n -= 1
                 self._bytes -= int(row[3])
                 if row[1] == "telemetry":
                     self._tel_n -= 1
@@ -398,9 +447,13 @@ class Outbox:
     def stats(self) -> dict[str, float]:
         with self._lock:
             self._maybe_flush_acks()
-            n, oldest = self._db.execute(
-                "SELECT COUNT(*), MIN(created_at) FROM messages").fetchone()
-            n -= len(self._acked)
+            # Depth is counted in memory and the oldest message is the first in seq
+            # order (enqueue order): a COUNT and a MIN over a backlog of 100,000 rows
+            # read the whole table, with the lock held, while the drain waited.
+            n = self._n
+            row = self._db.execute(
+                "SELECT created_at FROM messages ORDER BY seq LIMIT 1").fetchone()
+            oldest = row[0] if row else None
             blocked = self._db.execute("SELECT COUNT(*) FROM blocked").fetchone()[0]
             return {
                 "depth": int(n),

@@ -35,11 +35,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
+from agent.errors import EdgeAgentError
 from agent.ops import faults
 from agent.ops.liveness import Liveness, Stage
 from agent.uplink import egress
 from agent.uplink.inbound import Inbound
 from agent.uplink.mqtt_tls import check_identity, describe_tls_failure, explain, tls_context
+from agent.uplink.mqttloop import Wakeup, step
 from agent.uplink.outbox import Outbox
 
 # Status and job state are retained: the latest of each is what a consumer that
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 60.0
 CONNACK_TIMEOUT = 15.0
+# The longest the loop sleeps when neither the broker nor the outbox has anything for
+# it: it beats the watchdog, keeps the connection alive and flushes batched acks.
+IDLE_WAKE_S = 1.0
 
 
 # -- live state ------------------------------------------------------------------------
@@ -113,6 +118,10 @@ class Publisher:
         self._connected_evt = threading.Event()
         self._got_connack = False
         self._attempt_error = ""
+        # Woken by the broker's socket, by every enqueue and by stop (agent/uplink/mqttloop.py).
+        self._wake = Wakeup()
+        outbox.on_enqueue(self._wake.set)
+        self._acks: list[int] = []  # seqs PUBACKed during one network step, acked together
 
     # -- topics -------------------------------------------------------------
 
@@ -134,6 +143,7 @@ class Publisher:
         while time.time() < deadline and self.state.connected and self.outbox.stats()["depth"] > 0:
             time.sleep(0.05)
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=drain_timeout + 5)
 
@@ -220,7 +230,12 @@ class Publisher:
         try:
             if self.state.connected:
                 self.state.since = time.time()
-                log.warning("mqtt disconnected: %s", rc)
+                # Our own clean disconnect (stop) is not a fault: only a lost link warns,
+                # so `journalctl -p warning` shows outages, not every restart.
+                if rc.is_failure or not self._stop.is_set():
+                    log.warning("mqtt disconnected: %s", rc)
+                else:
+                    log.info("mqtt disconnected: %s", rc)
             self.state.connected = False
             self._connected_evt.clear()
             with self._lock:
@@ -256,7 +271,9 @@ class Publisher:
                 log.error("broker refused message seq=%d on %s: %s (kept in the blocked table)",
                           seq, self.cfg.topic_base, rc)
             else:
-                self.outbox.ack(seq)
+                # Acknowledged in the outbox with the rest of this network step's
+                # PUBACKs (_session), before the next peek.
+                self._acks.append(seq)
                 self.state.published += 1
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_publish handler failed")
@@ -314,6 +331,7 @@ class Publisher:
             self._sleep_backoff(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
         self._client = None
+        self._wake.close()
 
     def _sleep_backoff(self, base: float) -> None:
         # Full jitter: a fleet reconnecting after a broker restart spreads out.
@@ -325,11 +343,29 @@ class Publisher:
             self._beat(doing="waiting to reconnect")
             self._stop.wait(min(left, 5.0))
 
+    def _apply_acks(self) -> None:
+        if self._acks:
+            acks, self._acks = self._acks, []
+            try:
+                self.outbox.ack_many(acks)
+            except EdgeAgentError as exc:
+                # As when each PUBACK was acked in its callback: the session goes on; a
+                # message whose ack did not stick is delivered again, same id.
+                log.error("outbox: could not record %d acknowledgements: %s", len(acks), exc)
+
     def _session(self, client: mqtt.Client) -> None:
+        try:
+            self._session_loop(client)
+        finally:
+            self._apply_acks()  # PUBACKs that came with a disconnect still count
+
+    def _session_loop(self, client: mqtt.Client) -> None:
         deadline = time.monotonic() + CONNACK_TIMEOUT
         while not self._stop.is_set():
             self._beat(doing="in session with the broker")
-            rc = client.loop(timeout=0.05)
+            # Wakes on PUBACKs, on a new outbox message and on stop; no polling.
+            rc = step(client, self._wake, IDLE_WAKE_S if self._got_connack else 0.25)
+            self._apply_acks()
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 if not self._got_connack:
                     self._attempt_error = (
@@ -360,8 +396,10 @@ class Publisher:
             after = self._last_seq
         if room <= 0:
             return
-        for msg in self.outbox.peek(after, room):
-            hit = egress.check(msg.payload, msg.guard, made_at=msg.created_at)
+        msgs = self.outbox.peek(after, room)
+        # The whole window checked in one pass (agent/uplink/guardscan.py).
+        hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
+        for msg, hit in zip(msgs, hits, strict=True):
             with self._lock:
                 self._last_seq = msg.seq
             if hit is not None:

@@ -142,6 +142,9 @@ def _compile(template: str) -> tuple[re.Pattern[str], tuple[bool, ...]]:
 
 
 _COMPILED = tuple(_compile(t) for t in TEMPLATES)
+# The fixed start of every template: a text that starts with none of them is no
+# template's instance, found with one C-level startswith instead of a regex each.
+_STARTS = tuple(str(next(iter(string.Formatter().parse(t)))[0]) for t in TEMPLATES)
 
 
 def _standard_uid_words() -> frozenset[str]:
@@ -179,6 +182,8 @@ def is_fixed(text: str) -> bool:
 def holes(text: str) -> list[tuple[str, bool]] | None:
     """The holes of the template ``text`` was made from, as (text, is_number); None when
     ``text`` is not an instance of any template."""
+    if all(_STARTS) and not text.startswith(_STARTS):
+        return None
     for pattern, numeric in _COMPILED:
         m = pattern.fullmatch(text)
         if m is not None:

@@ -295,3 +295,63 @@ def test_batched_acks_hide_at_once_and_a_crash_only_redelivers(
     # result-0's delete was flushed; result-1's was not: delivered again, same id.
     assert [m.event_id for m in ob.peek(0, 100)] == [f"result-{i}" for i in range(1, 5)]
     ob.close()
+
+
+def test_depth_counted_in_memory_matches_the_table(tmp_path: Path,
+                                                   kek: KeyEncryptionKey) -> None:
+    """stats() counts the depth in memory (no scan of a long backlog): after every kind
+    of change it must equal what the table holds, minus what is acknowledged."""
+    db = tmp_path / "o.db"
+    ob = Outbox(db, kek, 60_000, min_free_bytes=0)
+
+    def check() -> None:
+        with sqlite3.connect(db) as c:
+            seqs = {s for (s,) in c.execute("SELECT seq FROM messages")}
+        assert ob.stats()["depth"] == len(seqs - set(ob._acked))
+
+    for i in range(40):
+        ob.enqueue("telemetry", f"t{i}", b"t" * 600)  # over budget: old samples dropped
+        check()
+    assert ob.enqueue("results", *result(1)) and not ob.enqueue("results", *result(1))
+    check()
+    ob.enqueue_many("audit", [(f"a{i}", b"{}", PhiFingerprint()) for i in range(10)])
+    check()
+    with pytest.raises(OutOfResources):  # a failed transaction rolls the count back too
+        ob.enqueue_many("results", [(f"big{i}", b"x" * 5000, PhiFingerprint())
+                                    for i in range(20)])
+    check()
+    msgs = ob.peek(0, 1000)
+    ob.ack_many([m.seq for m in msgs[:7]] + [msgs[0].seq])  # a repeat counts once
+    check()
+    ob.ack(msgs[7].seq)
+    ob.block(msgs[8].seq, "test")
+    ob.block(msgs[0].seq, "acknowledged already: not blocked")
+    check()
+    ob.flush_acks()
+    check()
+    depth = ob.stats()["depth"]
+    assert depth == len(msgs) - 9
+    ob.close()
+    ob = Outbox(db, kek, 60_000, min_free_bytes=0)
+    assert ob.stats()["depth"] == depth
+    # Telemetry handed out by peek, then dropped for room while in flight, then its
+    # PUBACK: counted once, as is a peeked message blocked before its PUBACK.
+    for i in range(5):
+        ob.enqueue("telemetry", f"early{i}", b"t" * 600)
+    flying = [m for m in ob.peek(0, 1000) if m.channel == "telemetry"][:-1]
+    assert flying
+    for i in range(100):
+        ob.enqueue("telemetry", f"late{i}", b"t" * 600)
+    check()
+    with sqlite3.connect(db) as c:  # some were dropped while in flight
+        marks = ",".join("?" * len(flying))
+        left = c.execute(f"SELECT COUNT(*) FROM messages WHERE seq IN ({marks})",
+                         [m.seq for m in flying]).fetchone()[0]
+    assert left < len(flying)
+    ob.ack_many([m.seq for m in flying])
+    check()
+    other = [m for m in ob.peek(0, 1000) if m.channel != "telemetry"]
+    ob.block(other[0].seq, "test")
+    ob.ack(other[0].seq)
+    check()
+    ob.close()
