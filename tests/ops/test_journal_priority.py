@@ -27,12 +27,12 @@ def test_daemon_lines_carry_their_priority_on_a_journal_stream(
     d = Daemon(box)  # no broker: the publisher warns that it cannot connect
     d.start()
     try:
-        wait_for(lambda: re.search(r"^<4>WARNING edge_agent\.publish: mqtt .* unavailable",
+        wait_for(lambda: re.search(r"^<4>WARNING agent\.uplink\.publish: mqtt .* unavailable",
                                    d.log_text(), re.M), 60, "the broker warning")
     finally:
         assert d.stop() == 0
     lines = d.log_text().splitlines()
-    assert any(re.fullmatch(r"<6>INFO edge_agent\.daemon: edge-agent \S+ running \(.*\)", line)
+    assert any(re.fullmatch(r"<6>INFO agent\.daemon: edge-agent \S+ running \(.*\)", line)
                for line in lines), lines[-20:]
     assert lines and all(re.match(r"<[2-7]>[A-Z]+ \S+: ", line) for line in lines), lines[-20:]
 
