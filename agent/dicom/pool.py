@@ -314,7 +314,10 @@ class ReceivePool:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.dicom.worker", str(child.fileno()), str(os.getpid())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parents[1]),
+                # The directory that holds the agent package (the repository or
+                # site-packages): with -m it becomes sys.path[0]. Not agent/ itself,
+                # where agent/types.py would shadow the standard library's types.
+                cwd=str(Path(__file__).resolve().parents[2]),
             )
         finally:
             child.close()
