@@ -158,11 +158,14 @@ class EdgeAgent:
         else:
             # A baseline checkout provisions with its own code: its config loader may not
             # know keys this tree's dev box writes.
+            # (the dev box module moved in the restructure: take the one that exists)
+            devbox = ".".join(["agent", "devbox"]) if (code / "agent" / "devbox.py").exists() \
+                else "agent.ops.devbox"
             subprocess.run(
-                [sys.executable, "-c", "import sys; from agent.ops.devbox import provision_dev; "
-                 "provision_dev(__import__('pathlib').Path(sys.argv[1]), dicom_port=int(sys.argv[2]),"
-                 " mqtt_port=int(sys.argv[3]), extra_ae=('BENCH',))",
-                 str(root / "box"), str(self.port), str(free_port())],
+                [sys.executable, "-c", "import sys, importlib, pathlib; "
+                 "importlib.import_module(sys.argv[4]).provision_dev(pathlib.Path(sys.argv[1]), "
+                 "dicom_port=int(sys.argv[2]), mqtt_port=int(sys.argv[3]), extra_ae=('BENCH',))",
+                 str(root / "box"), str(self.port), str(free_port()), devbox],
                 cwd=code, env=dict(os.environ, PYTHONPATH=str(code)), check=True,
                 stdout=subprocess.DEVNULL)
         cfg = root / "box" / "agent.toml"
