@@ -1,5 +1,5 @@
 # Quickstart: `make run` (the daemon on a dev box) and `make test` (everything CI runs).
-.PHONY: run test test-long test-system bench setup clean deb deb-lock
+.PHONY: run test test-long test-system bench setup clean deb deb-lock models-large
 
 run:
 	tools/setup.sh run
@@ -36,6 +36,13 @@ bench:
 	tools/setup.sh test
 	.venv/bin/pip install -q -e '.[dev,bench]' > .venv/bench-install.log 2>&1
 	.venv/bin/python -m bench.run_all
+
+# Dev-only: train models/available/cxr-lesion-512/1.0.0/model.onnx (28 MB, not in git;
+# needs torch, the [train] extra; offline: PIP_FIND_LINKS=<wheel folder>). Minutes of CPU.
+models-large:
+	tools/setup.sh test
+	.venv/bin/pip install -q -e '.[train]'
+	.venv/bin/python -m training.build_large
 
 setup:
 	tools/setup.sh test

@@ -189,7 +189,8 @@ class Daemon:
                                   hold=self.audit_log.intake_hold, on_commitment=on_commitment)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
-        self.inbound.register("review", self.review.on_message)
+        self.inbound.register("review", self.review.on_message,
+                              dropped=self.review.refuse_unread)
         self.publisher = Publisher(cfg, self.outbox, birth=self._birth, offline=self._offline,
                                    inbound=self.inbound,
                                    on_alert=lambda e, d: self.audit(e, outcome="serious_failure",
@@ -202,7 +203,8 @@ class Daemon:
             reload=self.engine.reload, status_changed=self._republish_status,
             latencies=lambda: list(self.pipeline.latencies_ms),
             drift=self.engine.drift_report))
-        self.inbound.register("deployments", self.deploy.on_message)
+        self.inbound.register("deployments", self.deploy.on_message,
+                              dropped=self.deploy.refuse_unread)
         self.certs = telemetry.CertWatch.for_config(cfg)
         self.certs.check()  # an expiring certificate is logged at start, not after an interval
         port = cfg.telemetry.prometheus_port

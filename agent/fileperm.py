@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,21 @@ def private_db(path: Path) -> Path:
         except FileNotFoundError:
             continue
     return path
+
+
+def open_private_db(path: Path, schema: str) -> sqlite3.Connection:
+    """An encrypted store's sqlite database, as every store opens it: the file made 0600
+    first (``private_db``), autocommit (the store opens its own ``BEGIN IMMEDIATE``),
+    WAL with ``synchronous=FULL`` (a committed row survives a power cut),
+    ``secure_delete=ON`` (a deleted wrapped key's pages are zeroed, so shredding it
+    leaves no copy behind), then ``schema``.  sqlite3.Error propagates: each store says
+    in its own words which store failed."""
+    db = sqlite3.connect(private_db(path), check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA secure_delete=ON")
+    db.executescript(schema)
+    return db
 
 
 def open_private(path: Path) -> BinaryIO:

@@ -47,6 +47,66 @@ SECURITY_ALERT = "110113"  # ATNA EventID of the events counted per name
 
 G: Literal["gauge"] = "gauge"
 C: Literal["counter"] = "counter"
+# Telemetry keys read as plain numbers: (key, family, type, help); the system
+# table also says what the value is divided by (percent -> ratio).
+_SYSTEM: tuple[tuple[str, str, Literal["gauge", "counter"], str, float], ...] = (
+    ("cpu_percent", "edge_agent_cpu_usage_ratio", G, "CPU busy, whole box (0-1)", 100.0),
+    ("memory_percent", "edge_agent_memory_usage_ratio", G, "memory used, whole box (0-1)",
+     100.0),
+    ("disk_free_percent", "edge_agent_disk_free_ratio", G,
+     "free space on the state directory's volume (0-1)", 100.0),
+    ("disk_free_bytes", "edge_agent_disk_free_bytes", G,
+     "free bytes on the state directory's volume", 1.0))
+_Plain = tuple[tuple[str, str, Literal["gauge", "counter"], str], ...]
+_PROCESS: _Plain = (
+    ("rss_bytes", "edge_agent_process_resident_memory_bytes", G, "the daemon's resident memory"),
+    ("uptime_s", "edge_agent_process_uptime_seconds", G, "seconds since the daemon started"))
+_PIPELINE: _Plain = (
+    ("associations_accepted", "edge_agent_associations_accepted_total", C,
+     "DICOM associations accepted"),
+    ("associations_rejected", "edge_agent_associations_rejected_total", C,
+     "DICOM associations rejected"),
+    ("associations_active", "edge_agent_associations_active", G, "DICOM associations open now"),
+    ("instances_received", "edge_agent_instances_received_total", C,
+     "instances stored in the inbox"),
+    ("instances_failed", "edge_agent_instances_failed_total", C,
+     "instances that could not be stored"),
+    ("instances_quarantined", "edge_agent_instances_quarantined_total", C, "instances held back"),
+    ("studies_processed", "edge_agent_studies_processed_total", C,
+     "studies processed to a result"),
+    ("studies_failed", "edge_agent_studies_failed_total", C, "studies that failed"))
+_OUTBOX: _Plain = (  # the pipeline section too; listed after the inbox's families
+    ("outbox_depth", "edge_agent_outbox_depth", G, "messages waiting for the broker"),
+    ("outbox_oldest_age_s", "edge_agent_outbox_oldest_age_seconds", G,
+     "age of the oldest waiting message"),
+    ("outbox_blocked", "edge_agent_outbox_blocked", G,
+     "messages set aside (egress guard or broker refusal), waiting for an operator"))
+_SECURITY: _Plain = (
+    ("egress_blocked", "edge_agent_egress_blocked_total", C,
+     "messages the egress guard stopped since the daemon started"),
+    ("broker_refusals", "edge_agent_broker_refusals_total", C,
+     "publishes the broker refused (0x87)"),
+    ("mqtt_tls_failures", "edge_agent_mqtt_tls_failures_total", C,
+     "MQTT TLS handshakes that failed"),
+    ("mqtt_connect_failures", "edge_agent_mqtt_connect_failures_total", C,
+     "MQTT connects that failed"),
+    ("dicom_connections_refused", "edge_agent_dicom_connections_refused_total", C,
+     "TCP connections refused by the per-peer connection cap"),
+    ("dicom_rate_limited", "edge_agent_dicom_rate_limited_total", C,
+     "associations refused by the per-peer rate limit"),
+    ("dicom_tls_failures", "edge_agent_dicom_tls_failures_total", C,
+     "DICOM TLS handshakes that failed"),
+    ("audit_errors", "edge_agent_audit_errors_total", C, "audit records that could not be written"),
+    ("audit_lost", "edge_agent_audit_lost_total", C, "audit events that could not be kept"),
+    ("audit_log_replaced", "edge_agent_audit_log_replaced_total", C,
+     "audit logs found missing, replaced or rolled back"),
+    ("audit_refusals_summarised", "edge_agent_audit_refusals_summarised_total", C,
+     "repeated refusals counted into summary records"),
+    ("audit_held", "edge_agent_audit_held", G, "1 while the audit store cannot write"),
+    ("audit_over_budget", "edge_agent_audit_over_budget", G,
+     "1 while the audit store is over its byte budget"),
+    ("audit_unsigned", "edge_agent_audit_unsigned_records", G,
+     "audit records written since the box's last signed checkpoint"))
 _FAMILIES = [
     # presence and identity (from the retained status; the same on every exporter)
     Family("edge_agent_up", G, "1 while the box's status says online, 0 once it says offline "
@@ -65,54 +125,20 @@ _FAMILIES = [
     Family("edge_agent_telemetry_timestamp_seconds", G,
            "when the box took its newest telemetry sample this exporter has (box clock)"),
     Family("edge_agent_telemetry_interval_seconds", G, "the box's telemetry interval"),
-    Family("edge_agent_cpu_usage_ratio", G, "CPU busy, whole box (0-1)"),
-    Family("edge_agent_memory_usage_ratio", G, "memory used, whole box (0-1)"),
-    Family("edge_agent_disk_free_ratio", G, "free space on the state directory's volume (0-1)"),
-    Family("edge_agent_disk_free_bytes", G, "free bytes on the state directory's volume"),
-    Family("edge_agent_process_resident_memory_bytes", G, "the daemon's resident memory"),
-    Family("edge_agent_process_uptime_seconds", G, "seconds since the daemon started"),
-    Family("edge_agent_associations_accepted_total", C, "DICOM associations accepted"),
-    Family("edge_agent_associations_rejected_total", C, "DICOM associations rejected"),
-    Family("edge_agent_associations_active", G, "DICOM associations open now"),
-    Family("edge_agent_instances_received_total", C, "instances stored in the inbox"),
-    Family("edge_agent_instances_failed_total", C, "instances that could not be stored"),
-    Family("edge_agent_instances_quarantined_total", C, "instances held back"),
-    Family("edge_agent_studies_processed_total", C, "studies processed to a result"),
-    Family("edge_agent_studies_failed_total", C, "studies that failed"),
+    *(Family(name, kind, text) for _key, name, kind, text, _per in _SYSTEM),
+    *(Family(name, kind, text) for _key, name, kind, text in (*_PROCESS, *_PIPELINE)),
     Family("edge_agent_study_latency_seconds", G,
            "last instance received -> result enqueued, over the box's recent studies",
            ("quantile",)),
     Family("edge_agent_inbox_studies", G, "studies in the box's inbox by state", ("state",)),
     Family("edge_agent_inbox_pending_bytes", G, "bytes received and not yet processed"),
-    Family("edge_agent_outbox_depth", G, "messages waiting for the broker"),
-    Family("edge_agent_outbox_oldest_age_seconds", G, "age of the oldest waiting message"),
-    Family("edge_agent_outbox_blocked", G,
-           "messages set aside (egress guard or broker refusal), waiting for an operator"),
+    *(Family(name, kind, text) for _key, name, kind, text in _OUTBOX),
     Family("edge_agent_certificate_expiry_timestamp_seconds", G,
            "when the certificate expires (absent when unreadable: see the warning)",
            ("cert",)),
     Family("edge_agent_certificate_expiry_warning", G,
            "1 when the certificate expires within 30 days or is unreadable", ("cert",)),
-    Family("edge_agent_egress_blocked_total", C,
-           "messages the egress guard stopped since the daemon started"),
-    Family("edge_agent_broker_refusals_total", C, "publishes the broker refused (0x87)"),
-    Family("edge_agent_mqtt_tls_failures_total", C, "MQTT TLS handshakes that failed"),
-    Family("edge_agent_mqtt_connect_failures_total", C, "MQTT connects that failed"),
-    Family("edge_agent_dicom_connections_refused_total", C,
-           "TCP connections refused by the per-peer connection cap"),
-    Family("edge_agent_dicom_rate_limited_total", C,
-           "associations refused by the per-peer rate limit"),
-    Family("edge_agent_dicom_tls_failures_total", C, "DICOM TLS handshakes that failed"),
-    Family("edge_agent_audit_errors_total", C, "audit records that could not be written"),
-    Family("edge_agent_audit_lost_total", C, "audit events that could not be kept"),
-    Family("edge_agent_audit_log_replaced_total", C,
-           "audit logs found missing, replaced or rolled back"),
-    Family("edge_agent_audit_refusals_summarised_total", C,
-           "repeated refusals counted into summary records"),
-    Family("edge_agent_audit_held", G, "1 while the audit store cannot write"),
-    Family("edge_agent_audit_over_budget", G, "1 while the audit store is over its byte budget"),
-    Family("edge_agent_audit_unsigned_records", G,
-           "audit records written since the box's last signed checkpoint"),
+    *(Family(name, kind, text) for _key, name, kind, text in _SECURITY),
     Family("edge_agent_model_drift_psi", G,
            "population stability index of the model's input or output against its reference",
            ("model", "version", "distribution")),
@@ -159,39 +185,6 @@ _FAMILIES = [
 ]
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
-# Telemetry keys -> families, for plain numbers (scale applied).
-_SYSTEM = (("cpu_percent", "edge_agent_cpu_usage_ratio", 100.0),
-           ("memory_percent", "edge_agent_memory_usage_ratio", 100.0),
-           ("disk_free_percent", "edge_agent_disk_free_ratio", 100.0),
-           ("disk_free_bytes", "edge_agent_disk_free_bytes", 1.0))
-_PROCESS = (("rss_bytes", "edge_agent_process_resident_memory_bytes"),
-            ("uptime_s", "edge_agent_process_uptime_seconds"))
-_PIPELINE = (("associations_accepted", "edge_agent_associations_accepted_total"),
-             ("associations_rejected", "edge_agent_associations_rejected_total"),
-             ("associations_active", "edge_agent_associations_active"),
-             ("instances_received", "edge_agent_instances_received_total"),
-             ("instances_failed", "edge_agent_instances_failed_total"),
-             ("instances_quarantined", "edge_agent_instances_quarantined_total"),
-             ("studies_processed", "edge_agent_studies_processed_total"),
-             ("studies_failed", "edge_agent_studies_failed_total"),
-             ("outbox_depth", "edge_agent_outbox_depth"),
-             ("outbox_oldest_age_s", "edge_agent_outbox_oldest_age_seconds"),
-             ("outbox_blocked", "edge_agent_outbox_blocked"))
-_SECURITY = (("egress_blocked", "edge_agent_egress_blocked_total"),
-             ("broker_refusals", "edge_agent_broker_refusals_total"),
-             ("mqtt_tls_failures", "edge_agent_mqtt_tls_failures_total"),
-             ("mqtt_connect_failures", "edge_agent_mqtt_connect_failures_total"),
-             ("dicom_connections_refused", "edge_agent_dicom_connections_refused_total"),
-             ("dicom_rate_limited", "edge_agent_dicom_rate_limited_total"),
-             ("dicom_tls_failures", "edge_agent_dicom_tls_failures_total"),
-             ("audit_errors", "edge_agent_audit_errors_total"),
-             ("audit_lost", "edge_agent_audit_lost_total"),
-             ("audit_log_replaced", "edge_agent_audit_log_replaced_total"),
-             ("audit_refusals_summarised", "edge_agent_audit_refusals_summarised_total"),
-             ("audit_held", "edge_agent_audit_held"),
-             ("audit_over_budget", "edge_agent_audit_over_budget"),
-             ("audit_unsigned", "edge_agent_audit_unsigned_records"))
-
 Lines = dict[str, list[str]]  # family name -> rendered sample lines of one box
 
 
@@ -235,12 +228,12 @@ def telemetry_lines(row: BoxRow, data: dict[str, Any]) -> tuple[Lines, int]:
     b.add("edge_agent_telemetry_interval_seconds", data.get("interval_s"))
     system, pipe, sec = _obj(data.get("system")), _obj(data.get("pipeline")), \
         _obj(data.get("security"))
-    for key, fam, per in _SYSTEM:
+    for key, fam, _kind, _text, per in _SYSTEM:
         v = _num(system.get(key))
         b.add(fam, None if v is None else v / per)
-    for key, fam in _PROCESS:
+    for key, fam, _kind, _text in _PROCESS:
         b.add(fam, _obj(system.get("process")).get(key))
-    for key, fam in _PIPELINE:
+    for key, fam, _kind, _text in (*_PIPELINE, *_OUTBOX):
         b.add(fam, pipe.get(key))
     for q, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95")):
         ms = _num(pipe.get(key))
@@ -250,7 +243,7 @@ def telemetry_lines(row: BoxRow, data: dict[str, Any]) -> tuple[Lines, int]:
             b.add("edge_agent_inbox_pending_bytes", n)
         elif state != "done":  # processed studies are not backlog
             b.add("edge_agent_inbox_studies", n, state=state)
-    for key, fam in _SECURITY:
+    for key, fam, _kind, _text in _SECURITY:
         b.add(fam, sec.get(key))
     for cert, c in b.items(sec.get("certificates")):
         b.add("edge_agent_certificate_expiry_timestamp_seconds",

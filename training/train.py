@@ -41,6 +41,15 @@ from torch import nn
 
 from agent.infer.manifest import Explanation, Preprocessing, load_manifest
 from agent.infer.preprocess import ImageInput, preprocess
+from training.evaluate import (
+    auc,
+    card_row,
+    metrics,
+    preprocessing_toml,
+    softmax_pos,
+    write_package,
+)
+from training.export import deterministic, write_onnx
 from training.localize import Planted, Runner, entropy_bits, localize, tta_spread
 from training.synth import (
     CT_IMAGE_STORAGE,
@@ -195,51 +204,7 @@ def export_onnx(model: LesionNet, path: Path) -> None:
          helper.make_tensor_value_info(CAM_OUTPUT, TensorProto.FLOAT, ["N", 1, MAP, MAP])],
         inits,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="edge-agent training/train.py")
-    proto.ir_version = 8
-    onnx.checker.check_model(proto)
-    path.write_bytes(proto.SerializeToString())
-
-
-def softmax_pos(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e[:, 1] / e.sum(axis=1)  # type: ignore[no-any-return]
-
-
-def auc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]) -> float:
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    # Mann-Whitney U with midranks for ties.
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def metrics(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.int64],
-            threshold: float) -> dict[str, float]:
-    pred = scores >= threshold
-    tp = int((pred & (labels == 1)).sum())
-    tn = int((~pred & (labels == 0)).sum())
-    npos, nneg = int((labels == 1).sum()), int((labels == 0).sum())
-    return {
-        "n": float(len(labels)),
-        "auc": auc(scores, labels),
-        "sensitivity": tp / npos if npos else float("nan"),
-        "specificity": tn / nneg if nneg else float("nan"),
-    }
+    write_onnx(graph, "edge-agent training/train.py", path)
 
 
 def _fit(model: LesionNet, logit: Callable[[torch.Tensor], torch.Tensor],
@@ -317,10 +282,7 @@ def main() -> None:
     ap.add_argument("--map-epochs", type=int, default=6, help="stage 2 (map head)")
     args = ap.parse_args()
 
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # fixed: CPU reductions may reorder with the thread count
-    torch.set_num_interop_threads(1)
+    deterministic()
     t0 = time.time()
     tr = tensors(TRAIN_SEED, args.train)
     va = tensors(VAL_SEED, args.val)
@@ -422,12 +384,8 @@ def main() -> None:
                "map_epochs": args.map_epochs,
                "keep_fraction": keep, "keep_fraction_val_iou": val_iou,
                "localization": located, "uncertainty": uncertainty, "previous": previous}
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_card(args.out / "MODEL_CARD.md", results, sha)
-    if args.key:
-        from training.sign import sign_package
-
-        sign_package(args.out, args.key)
+    # The manifest is written above (the box cut and entropy flag are measured with it).
+    write_package(args.out, results, sha, args.key, manifest=None, card=write_card)
     print(json.dumps({"threshold": threshold, "overall": overall, "keep_fraction": keep,
                       "uncertainty": uncertainty}, indent=1))
     print(f"done in {time.time() - t0:.0f}s")
@@ -471,15 +429,7 @@ max_images = 64
 # Minimum necessary: pixels plus these technical attributes, nothing else.
 attributes = ["Modality", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"]
 
-[preprocessing]
-rescale = true
-voi = "window"
-percentile = [1.0, 99.0]
-invert_monochrome1 = true
-resize = [{INPUT}, {INPUT}]
-mean = {PRE.mean}
-std = {PRE.std}
-channels = 1
+{preprocessing_toml(PRE)}
 
 [preprocessing.windows]
 CT = [-500.0, 1400.0]
@@ -525,10 +475,6 @@ specificity = {acceptance(overall["specificity"])}
 
 
 def write_card(path: Path, r: dict[str, Any], sha: str) -> None:
-    def row(name: str, m: dict[str, float]) -> str:
-        return (f"| {name} | {int(m['n'])} | {m['auc']:.3f} | {m['sensitivity']:.3f} | "
-                f"{m['specificity']:.3f} |")
-
     def loc(name: str, m: dict[str, float]) -> str:
         return (f"| {name} | {m['mean_iou']:.3f} | {m['pointing']:.3f} | {m['overlap']:.3f} | "
                 f"{m['boxed']:.3f} |")
@@ -537,7 +483,7 @@ def write_card(path: Path, r: dict[str, Any], sha: str) -> None:
         return (f"| {name} | {passes} | {m['limit']} | {m['error_auc']:.3f} | "
                 f"{m['flagged']:.3f} | {m['errors_flagged']:.3f} |")
 
-    rows = "\n".join(row(k, v) for k, v in r["subgroups"].items())
+    rows = "\n".join(card_row(k, v) for k, v in r["subgroups"].items())
     located = r["localization"]
     n_planted = int(next(iter(located.values()))["n"])
     loc_rows = "\n".join(loc(k, v) for k, v in located.items())
@@ -607,7 +553,7 @@ Reproduce: `.venv/bin/python -m training.train --key training/.keys/dev-publishe
 ## Held-out metrics (per image, threshold {r["threshold"]})
 | subgroup | n | AUC | sensitivity | specificity |
 |---|---|---|---|---|
-{row("overall", r["overall"])}
+{card_row("overall", r["overall"])}
 {rows}
 {compared}
 ## Explanation: does the region point at the planted lesion?

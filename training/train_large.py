@@ -12,6 +12,10 @@ score is the map's maximum (faithful by construction: the score is the value
 at the map's peak).  Synthetic 512x512 chest-radiograph-like images with or
 without a Gaussian lesion (numpy, a pure function of seed and index).
 PyTorch is a dev-only dependency; the ONNX graph is written by hand.
+
+The 28 MB ONNX file is not in git: ``make models-large`` (training/build_large.py)
+runs this into a temporary folder and puts the file next to the committed, signed
+manifest when its sha256 matches (it does with the pinned torch: deterministic).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -33,9 +36,16 @@ from torch import nn
 
 from agent.infer.manifest import Preprocessing
 from agent.infer.preprocess import ImageInput, preprocess
+from training.evaluate import (
+    auc,
+    metrics,
+    preprocessing_toml,
+    run_with_map,
+    write_package,
+    youden_threshold,
+)
+from training.export import deterministic, fold, write_onnx
 from training.synth_large import DX_STORAGE, make_image
-from training.train import auc, metrics
-from training.train_volume import fold
 
 NAME = "cxr-lesion-512"
 VERSION = "1.0.0"
@@ -156,14 +166,10 @@ def export(model: LargeNet, path: Path) -> None:
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, INPUT, INPUT])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
          helper.make_tensor_value_info(CAM, TensorProto.FLOAT, ["N", 1, cells, cells])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="edge-agent training/train_large.py")
-    proto.ir_version = 8
-    onnx.checker.check_model(proto)
-    path.write_bytes(proto.SerializeToString())
+    write_onnx(graph, "edge-agent training/train_large.py", path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path(f"models/available/{NAME}/{VERSION}"))
     ap.add_argument("--key", type=Path)
@@ -172,11 +178,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=320)
     ap.add_argument("--epochs", type=int, default=3, help="stage 1 (pooled head)")
     ap.add_argument("--map-epochs", type=int, default=1, help="stage 2 (map head)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
+    args = ap.parse_args(argv)
+    deterministic()
     t0 = time.time()
     xtr, ytr, _ = data(TRAIN_SEED, args.train)
     print(f"data: {time.time() - t0:.0f}s", flush=True)
@@ -221,21 +224,9 @@ def main() -> None:
     got = sess.run(["logits"], {"image": xte[:4]})[0]
     assert np.allclose(ref, got[:, 1] - got[:, 0], atol=1e-3), "ONNX export differs"
 
-    def run(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-        outs = [sess.run(["logits", CAM], {"image": x[i : i + 16]}) for i in range(0, len(x), 16)]
-        logits = np.concatenate([o[0] for o in outs]).astype(np.float64)
-        return 1 / (1 + np.exp(-(logits[:, 1] - logits[:, 0]))), np.concatenate([o[1] for o in outs])
-
-    sva, _ = run(xva)
-    cands = np.unique(np.round(sva, 4))
-
-    def youden(t: float) -> float:
-        pred = sva >= t
-        return float((pred & (yva == 1)).sum() / max(1, (yva == 1).sum())
-                     + (~pred & (yva == 0)).sum() / max(1, (yva == 0).sum()))
-
-    threshold = round(min(max(float(max(cands, key=youden)), 0.05), 0.95), 3)
-    ste, cams = run(xte)
+    sva, _ = run_with_map(sess, "image", CAM, xva)
+    threshold = youden_threshold(sva, yva)
+    ste, cams = run_with_map(sess, "image", CAM, xte)
     cell = INPUT / cams.shape[-1]
     hits = [int(box[0] <= (kx + 0.5) * cell + cell / 2 and (kx + 0.5) * cell - cell / 2
                 <= box[0] + box[2] and box[1] <= (ky + 0.5) * cell + cell / 2
@@ -243,19 +234,14 @@ def main() -> None:
             for cam, box in zip(cams, boxes, strict=True) if box is not None
             for ky, kx in [np.unravel_index(int(np.argmax(cam[0])), cam[0].shape)]]
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc."))
+    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc."))
     results = {"threshold": threshold, "overall": metrics(ste, yte, threshold),
                "val_auc": auc(sva, yva), "pointing": float(np.mean(hits)) if hits else 0.0,
-               "params": params, "onnx_bytes": onnx_path.stat().st_size, "train": args.train,
+               "params": n_params, "onnx_bytes": onnx_path.stat().st_size, "train": args.train,
                "val": args.val, "test": args.test, "epochs": args.epochs,
                "map_epochs": args.map_epochs, "seconds": round(time.time() - t0)}
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_manifest(args.out / "manifest.toml", sha, threshold)
-    write_card(args.out / "MODEL_CARD.md", results, sha)
-    if args.key:
-        from training.sign import sign_package
-
-        sign_package(args.out, args.key)
+    write_package(args.out, results, sha, args.key,
+                  manifest=lambda path: write_manifest(path, sha, threshold), card=write_card)
     print(json.dumps(results, indent=1))
 
 
@@ -288,15 +274,7 @@ max_images = 8
 [inputs]
 attributes = ["Modality", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept"]
 
-[preprocessing]
-rescale = true
-voi = "window"
-percentile = [1.0, 99.0]
-invert_monochrome1 = true
-resize = [{INPUT}, {INPUT}]
-mean = {PRE.mean}
-std = {PRE.std}
-channels = 1
+{preprocessing_toml(PRE)}
 
 [preprocessing.windows]
 # stored values of the synthetic detector (no rescale): C {WINDOW[0]:.0f}, W {WINDOW[1]:.0f}
@@ -370,7 +348,9 @@ for the lesion demo: {r["epochs"]} epochs through a per-channel max over the cel
 linear layer, then that layer becomes the 1x1 map head and {r["map_epochs"]} epoch(s) fine-tune
 through the map's maximum. Adam, BCE, left/right flips, batch norm (folded into the convolutions in the export);
 deterministic on one CPU thread ({r["seconds"]} s here, on a shared, busy machine).
-Reproduce: `.venv/bin/python -m training.train_large --key training/.keys/dev-publisher.pem`.
+The ONNX file is not in git (28 MB): `make models-large` builds it (dev-only, needs
+torch, the `[train]` extra) and checks it against this package's signed manifest.
+Retrain and re-sign all of it: `.venv/bin/python -m training.train_large --key training/.keys/dev-publisher.pem`.
 
 ## Held-out validation (per image, threshold {r["threshold"]})
 | set | n | AUC | sensitivity | specificity |

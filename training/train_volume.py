@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -33,8 +32,17 @@ from torch import nn
 from agent.infer.manifest import Preprocessing
 from agent.infer.preprocess import ImageInput, to_unit
 from agent.infer.resample import assemble
+from training.evaluate import (
+    auc,
+    card_row,
+    metrics,
+    preprocessing_toml,
+    run_with_map,
+    write_package,
+    youden_threshold,
+)
+from training.export import deterministic, fold, write_onnx
 from training.synth_volume import ATTRS, CT_IMAGE_STORAGE, FOV_MM, make_spec, series_slices
-from training.train import auc, metrics
 
 NAME = "ct-nodule-volume"
 VERSION = "1.0.0"
@@ -141,18 +149,6 @@ def fit(model: VolumeNet, stage: int, xt: torch.Tensor, yt: torch.Tensor, epochs
               flush=True)
 
 
-def fold(conv: nn.Conv2d | nn.Conv3d, norm: nn.BatchNorm2d | nn.BatchNorm3d
-         ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """The convolution followed by the (eval-mode) batch norm, as one convolution."""
-    assert conv.bias is not None and norm.running_var is not None
-    assert norm.running_mean is not None
-    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
-    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    weight = conv.weight.detach() * scale.view(shape)
-    bias = (conv.bias.detach() - norm.running_mean) * scale + norm.bias.detach()
-    return weight.numpy().astype(np.float32), bias.numpy().astype(np.float32)
-
-
 def export(model: VolumeNet, path: Path) -> None:
     nodes, inits = [], []
     cur = "volume"
@@ -186,11 +182,7 @@ def export(model: VolumeNet, path: Path) -> None:
         [helper.make_tensor_value_info("volume", TensorProto.FLOAT, ["N", 1, DEPTH, INPUT, INPUT])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
          helper.make_tensor_value_info(CAM, TensorProto.FLOAT, ["N", 1, d, m, m])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="edge-agent training/train_volume.py")
-    proto.ir_version = 8
-    onnx.checker.check_model(proto)
-    path.write_bytes(proto.SerializeToString())
+    write_onnx(graph, "edge-agent training/train_volume.py", path)
 
 
 def pointing(cams: npt.NDArray[np.float32], specs: list[Any]) -> float:
@@ -221,10 +213,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--map-epochs", type=int, default=8)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    torch.set_num_interop_threads(1)
+    deterministic()
     t0 = time.time()
     xtr, ytr, _ = dataset(TRAIN_SEED, args.train)
     xva, yva, _ = dataset(VAL_SEED, args.val)
@@ -245,17 +234,9 @@ def main() -> None:
     got = sess.run(["logits"], {"volume": xte[:4]})[0]
     assert np.allclose(ref, got[:, 1] - got[:, 0], atol=1e-3), "ONNX export differs"
 
-    def run(x: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
-        outs = [sess.run(["logits", CAM], {"volume": x[i : i + 16]}) for i in range(0, len(x), 16)]
-        logits = np.concatenate([o[0] for o in outs]).astype(np.float64)
-        return 1 / (1 + np.exp(-(logits[:, 1] - logits[:, 0]))), np.concatenate([o[1] for o in outs])
-
-    sva, _ = run(xva)
-    cands = np.unique(np.round(sva, 4))
-    threshold = float(max(cands, key=lambda t: ((sva >= t) & (yva == 1)).sum() / max(1, yva.sum())
-                          + ((sva < t) & (yva == 0)).sum() / max(1, (yva == 0).sum()) - 1))
-    threshold = round(min(max(threshold, 0.05), 0.95), 3)
-    s_te, cams = run(xte)
+    sva, _ = run_with_map(sess, "volume", CAM, xva)
+    threshold = youden_threshold(sva, yva)
+    s_te, cams = run_with_map(sess, "volume", CAM, xte)
     overall = metrics(s_te, yte, threshold)
     point = pointing(cams, ste)
     slices = np.array([s.slices for s in ste])
@@ -268,13 +249,8 @@ def main() -> None:
                "onnx_bytes": onnx_path.stat().st_size, "train": args.train, "val": args.val,
                "test": args.test, "epochs": args.epochs, "map_epochs": args.map_epochs,
                "val_auc": auc(sva, yva), "seconds": round(time.time() - t0)}
-    (args.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_manifest(args.out / "manifest.toml", sha, threshold)
-    write_card(args.out / "MODEL_CARD.md", results, sha)
-    if args.key:
-        from training.sign import sign_package
-
-        sign_package(args.out, args.key)
+    write_package(args.out, results, sha, args.key,
+                  manifest=lambda path: write_manifest(path, sha, threshold), card=write_card)
     print(json.dumps(results, indent=1))
 
 
@@ -312,15 +288,7 @@ max_images = 2000
 [inputs]
 attributes = ["Modality", "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"]
 
-[preprocessing]
-rescale = true
-voi = "window"
-percentile = [1.0, 99.0]
-invert_monochrome1 = true
-resize = [{INPUT}, {INPUT}]
-mean = {PRE.mean}
-std = {PRE.std}
-channels = 1
+{preprocessing_toml(PRE)}
 
 [preprocessing.windows]
 CT = [{WINDOW[0]}, {WINDOW[1]}]
@@ -356,11 +324,7 @@ subgroup_attributes = ["Modality"]
 
 
 def write_card(path: Path, r: dict[str, Any], sha: str) -> None:
-    def row(name: str, m: dict[str, float]) -> str:
-        return (f"| {name} | {int(m['n'])} | {m['auc']:.3f} | {m['sensitivity']:.3f} | "
-                f"{m['specificity']:.3f} |")
-
-    rows = "\n".join(row(k, v) for k, v in r["subgroups"].items())
+    rows = "\n".join(card_row(k, v) for k, v in r["subgroups"].items())
     path.write_text(f"""# Model card: {NAME} {VERSION}
 
 **Demonstration model. Not for clinical use.** Trained only on synthetic
@@ -405,7 +369,7 @@ Reproduce: `.venv/bin/python -m training.train_volume --key training/.keys/dev-p
 ## Held-out validation (per series, threshold {r["threshold"]})
 | subgroup | n | AUC | sensitivity | specificity |
 |---|---|---|---|---|
-{row("overall", r["overall"])}
+{card_row("overall", r["overall"])}
 {rows}
 
 A calcified nodule in a calcium window is an easy task: these figures show that

@@ -27,6 +27,8 @@ import secrets
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent.crypto import (
@@ -38,7 +40,7 @@ from agent.crypto import (
 )
 from agent.deid.pseudonym import DATE_SHIFT_MIN_DAYS, DATE_SHIFT_SPAN_DAYS, Pseudonymizer
 from agent.errors import EdgeAgentError, StorageError
-from agent.fileperm import private_db
+from agent.fileperm import open_private_db
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +65,9 @@ class PseudonymVault:
         self._kek = kek
         self._lock = threading.RLock()
         try:
-            self._db = sqlite3.connect(private_db(path), check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            self._db = open_private_db(path, _SCHEMA)
+            with self._tx():
                 self._key = load_or_create_data_key(self._db, kek)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StorageError(f"pseudonym vault {path}: {exc}",
                                hint="check the state volume; 'edge-agent doctor' reports its "
@@ -83,6 +75,17 @@ class PseudonymVault:
 
     def __repr__(self) -> str:
         return f"PseudonymVault({self.path})"
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction: committed on exit, rolled back on any error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def code(self, lookup: bytes, make: str) -> str:
         """The code stored under ``lookup``; ``make`` becomes it when there is none."""
@@ -107,15 +110,10 @@ class PseudonymVault:
         """Crypto-shred the whole map: its data key and every code are deleted."""
         with self._lock:
             n = self.count()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._tx():
                 self._db.execute("DELETE FROM codes")
                 self._db.execute("DELETE FROM meta WHERE k='data_key'")
                 self._key = load_or_create_data_key(self._db, self._kek)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 

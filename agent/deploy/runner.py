@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import shutil
@@ -159,18 +160,33 @@ class DeployStage:
             else:
                 raise DocumentError("malformed", f"unexpected event type {str(kind)[:80]!r}")
         except DocumentError as exc:
-            self._refuse(None, exc)
+            self._refuse(None, exc, raw=msg.payload)
         except (ValueError, UnicodeDecodeError):
-            self._refuse(None, DocumentError("malformed", "not JSON"))
+            self._refuse(None, DocumentError("malformed", "not JSON"), raw=msg.payload)
         except Exception:  # noqa: BLE001 - never into paho
             log.exception("deployment message handling failed")
 
+    def refuse_unread(self, why: str) -> None:
+        """A message on the deployments topic the inbound router dropped unread (too
+        large): audited and reported on the jobs topic like any refusal (never raises)."""
+        try:
+            self._refuse(None, DocumentError("too_large", f"deployment message of {why}"))
+        except Exception:  # noqa: BLE001 - never into paho
+            log.exception("deployment refusal failed")
+
     def _refuse(self, signed: dict[str, Any] | None, exc: DocumentError,
-                dep: Deployment | None = None) -> None:
+                dep: Deployment | None = None, *, raw: bytes | None = None) -> None:
         doc = signed.get("document") if isinstance(signed, dict) else None
         ident = dep.id if dep else (doc.get("id") if isinstance(doc, dict) else None)
         rev = dep.revision if dep else (doc.get("revision") if isinstance(doc, dict) else None)
-        key = dep.digest if dep else f"{ident}:{rev}:{exc.reason}"
+        # What makes "the same message again": the document, or for a message with no
+        # readable id its bytes (two different garbage messages are two refusals).
+        if dep:
+            key = dep.digest
+        elif ident is None and raw is not None:
+            key = "raw:" + hashlib.sha256(raw).hexdigest()
+        else:
+            key = f"{ident}:{rev}:{exc.reason}"
         with self._lock:
             if key in self._refused_digests:
                 return  # the retained copy again after a reconnect: refused once is enough

@@ -101,6 +101,14 @@ class ReviewService:
         except Exception:  # noqa: BLE001 - the MQTT loop must survive any bug here
             log.exception("verdict handling failed")
 
+    def refuse_unread(self, why: str) -> None:
+        """A message on the review topic the inbound router dropped unread (too large):
+        audited and acknowledged like any refusal (paho's thread; never raises)."""
+        try:
+            self._refused(VerdictRefused("too-large", why), None, via="mqtt", reviewer="unknown")
+        except Exception:  # noqa: BLE001 - the MQTT loop must survive any bug here
+            log.exception("verdict refusal failed")
+
     def submit(self, *, reviewer: str, result_id: str, verdict: str, model: str | None = None,
                corrected_label: str | None = None, note: str | None = None) -> dict[str, Any]:
         """A local reviewer's verdict (control socket); raises VerdictRefused saying why."""

@@ -31,6 +31,7 @@ SOURCE_PREFIX = "reviewer/"
 
 REFUSALS: dict[str, str] = {
     "malformed": "not a JSON object",
+    "too-large": "over the inbound size bound (agent/uplink/inbound.py): dropped unread",
     "invalid": "does not match the verdict schema",
     "wrong-role": "the source is not a reviewer",
     "wrong-box": "the verdict names another box",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from agent.crypto import (
 )
 from agent.deid import burnedin
 from agent.errors import StorageError
-from agent.fileperm import open_private, private_db
+from agent.fileperm import open_private, open_private_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -75,12 +74,7 @@ class Quarantine:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(private_db(root / "index.db"), check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")  # a purged key's bytes are zeroed
-        self._db.executescript(_SCHEMA)
+        self._db = open_private_db(root / "index.db", _SCHEMA)  # a purged key's bytes zeroed
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
         if "dkey" not in cols:  # per-item data keys (crypto-shredding one item)
             self._db.execute("ALTER TABLE items ADD COLUMN dkey BLOB")

@@ -50,6 +50,10 @@ class InboundMessage:
 
 
 Handler = Callable[[InboundMessage], None]
+# Told (with why, in words with no message content) when the router drops a message of
+# the channel unread, so that the channel's owner audits and reports the refusal as it
+# does for the messages it reads.
+Dropped = Callable[[str], None]
 
 
 @dataclass
@@ -67,15 +71,20 @@ class Inbound:
         self._base = topic_base
         self._max = max_bytes
         self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._dropped: dict[str, Dropped] = {}
         self._lock = threading.Lock()
         self.counters = InboundCounters()
 
-    def register(self, channel: str, handler: Handler, *, qos: int = 1) -> None:
-        """Subscribe ``channel`` on the next (re)connect and hand its messages to ``handler``."""
+    def register(self, channel: str, handler: Handler, *, qos: int = 1,
+                 dropped: Dropped | None = None) -> None:
+        """Subscribe ``channel`` on the next (re)connect and hand its messages to ``handler``;
+        ``dropped`` hears of the ones refused unread (over the size bound)."""
         if channel not in INBOUND_CHANNELS:
             raise ValueError(f"{channel!r} is not an inbound channel ({', '.join(INBOUND_CHANNELS)})")
         with self._lock:
             self._handlers[channel] = (handler, qos)
+            if dropped is not None:
+                self._dropped[channel] = dropped
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """(topic, qos) pairs the publisher subscribes to after every CONNACK."""
@@ -98,8 +107,15 @@ class Inbound:
             return False
         if len(payload) > self._max:
             self.counters.dropped += 1
-            log.warning("inbound %s message of %d bytes dropped: over the %d byte bound",
-                        channel, len(payload), self._max)
+            why = f"{len(payload)} bytes, over the {self._max} byte bound: dropped unread"
+            log.warning("inbound %s message of %s", channel, why)
+            with self._lock:
+                dropped = self._dropped.get(channel)
+            if dropped is not None:
+                try:
+                    dropped(why)
+                except Exception:  # noqa: BLE001 - never into paho's loop
+                    log.exception("inbound %s refusal report failed", channel)
             return False
         msg = InboundMessage(channel=channel, topic=topic, payload=bytes(payload),
                              received_at=time.time(), retained=retained)

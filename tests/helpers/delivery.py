@@ -139,12 +139,15 @@ class CommittingPeer(ScriptedPeer):
     whose UID is in ``refuse`` are reported in the Failed SOP Sequence once."""
 
     def __init__(self, aet: str, refuse: set[str] | None = None,
-                 report_to: tuple[str, int] | None = None) -> None:
+                 report_to: tuple[str, int] | None = None, *,
+                 refuse_first: bool = False) -> None:
         """``report_to``: (AE title, port) of the box: send the report on a NEW
-        association there (as Orthanc does), proposing the SCP role."""
+        association there (as Orthanc does), proposing the SCP role.  ``refuse_first``:
+        the first object of the first request is reported failed (once), whichever it is."""
         super().__init__(aet, lambda n: 0)
         self._ae.add_supported_context(StorageCommitmentPushModel)
         self.refuse = set(refuse or ())
+        self._refuse_first = refuse_first
         self.report_to = report_to
         self.actions: list[tuple[str, list[str]]] = []  # (transaction UID, SOP UIDs)
         self.report_status: list[int] = []
@@ -154,6 +157,8 @@ class CommittingPeer(ScriptedPeer):
         tx = str(req.TransactionUID)
         refs = [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
                 for i in req.ReferencedSOPSequence]
+        if self._refuse_first and refs:
+            self.refuse, self._refuse_first = {refs[0][1]}, False
         self.actions.append((tx, [u for _, u in refs]))
         assoc = event.assoc
 
@@ -197,3 +202,18 @@ class CommittingPeer(ScriptedPeer):
             ("127.0.0.1", self.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)])
         return self
+
+
+def assert_first_refused_then_committed(peer: CommittingPeer,
+                                        audit: list[dict[str, Any]]) -> None:
+    """After a three-object study to a ``refuse_first`` peer: only the failed object was
+    sent again (same UID) and asked about again; both reports were answered with
+    Success; the audit has the failure and then all three committed."""
+    assert len(peer.actions) == 2 and len(peer.actions[0][1]) == 3
+    failed_uid = peer.actions[0][1][0]
+    assert peer.actions[1][1] == [failed_uid]  # only the failed one asked again
+    assert peer.requests.count(failed_uid) == 2 and len(set(peer.requests)) == 3
+    assert peer.report_status == [0, 0]  # the box answered both reports with Success
+    committed = [e for e in audit if e["event"] == "results.committed"]
+    assert sorted(e["details"]["result"] for e in committed) == \
+        ["commitment-failed", "committed", "committed", "committed"]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 
 from agent.types import DeidentifiedStudy
@@ -20,6 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "lesion-demo" / "1.1.0"  # the shipped demo: explains from its map
 PREVIOUS = REPO / "models" / "lesion-demo" / "1.0.0"  # shipped too: occlusion, flip spread
 DEV_PUB = REPO / "models" / "dev-publisher.pub"
+# The 512x512 catalogue model: its 28 MB ONNX file is not in git; `make models-large`
+# trains it (dev-only, needs torch) next to its committed, signed manifest.
+LARGE = REPO / "models" / "available" / "cxr-lesion-512" / "1.0.0"
+LARGE_MISSING = "cxr-lesion-512 not built: run make models-large (needs torch)"
+# Skips (before any fixture starts a broker) a test that needs the built package.
+needs_large = pytest.mark.skipif(not (LARGE / "model.onnx").is_file(), reason=LARGE_MISSING)
 
 
 class Events:

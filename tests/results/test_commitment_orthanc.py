@@ -125,28 +125,17 @@ def test_a_failed_sop_report_on_a_new_association_resends_that_object(
         box: Box, broker: object, tmp_path: Path) -> None:
     """A PACS reporting on its own association (like Orthanc) that one object failed:
     only that object is sent again (same UID) and committed on the next request."""
-    from typing import Any
-
-    from tests.helpers.delivery import CommittingPeer
+    from tests.helpers.delivery import CommittingPeer, assert_first_refused_then_committed
 
     originals = original_study(tmp_path / "study")
     # the box as provisioned allows calling AE "ORTHANC" ([[dicom.peers]])
-    peer = CommittingPeer("ORTHANC", report_to=(box.ae_title, box.dicom_port))
+    peer = CommittingPeer("ORTHANC", report_to=(box.ae_title, box.dicom_port),
+                          refuse_first=True)
     enable_delivery(box, commitment_wait_seconds="0")
     add_destination(box, "pacs", peer.aet, peer.port, storage_commitment="true")
     daemon = Daemon(box)
     daemon.start()
     try:
-        peer.refuse = {"*first*"}
-        real_action = peer._action
-
-        def first_refused(event: Any) -> Any:
-            if "*first*" in peer.refuse:
-                peer.refuse = {str(event.action_information.ReferencedSOPSequence[0]
-                                   .ReferencedSOPInstanceUID)}
-            return real_action(event)
-
-        peer._action = first_refused  # type: ignore[method-assign]
         peer.start()
         assert storescu(box.dicom_port, list(originals.files)).returncode == 0
         wait_for(lambda: [e for e in audit_events(box, 2000)
@@ -154,14 +143,7 @@ def test_a_failed_sop_report_on_a_new_association_resends_that_object(
     finally:
         daemon.stop()
         peer.stop()
-    assert len(peer.actions) == 2 and len(peer.actions[0][1]) == 3
-    failed_uid = peer.actions[0][1][0]
-    assert peer.actions[1][1] == [failed_uid]
-    assert peer.requests.count(failed_uid) == 2 and len(set(peer.requests)) == 3
-    assert peer.report_status == [0, 0]  # the node answered both reports with Success
     audit = audit_events(box, 2000)
-    committed = [e for e in audit if e["event"] == "results.committed"]
-    assert sorted(e["details"]["result"] for e in committed) == \
-        ["commitment-failed", "committed", "committed", "committed"]
+    assert_first_refused_then_committed(peer, audit)
     assert [e["details"]["status"] for e in audit if e["event"] == "commitment.report"] == \
         ["0x0000", "0x0000"]

@@ -271,26 +271,16 @@ def test_commitment_on_the_same_association_releases_only_committed_objects(
     """release_after = commitment: an object is confirmed by the report, not by its
     C-STORE Success; one the PACS reports as failed is sent again (same UID) and
     committed on the next request."""
-    from tests.helpers.delivery import CommittingPeer
+    from tests.helpers.delivery import CommittingPeer, assert_first_refused_then_committed
 
     originals = original_study(tmp_path / "study")
-    peer = CommittingPeer("COMMITPACS")
+    # Refuses commitment of the first object it will be asked about, once.
+    peer = CommittingPeer("COMMITPACS", refuse_first=True)
     enable_delivery(box, commitment_wait_seconds="10")
     add_destination(box, "pacs", peer.aet, peer.port, storage_commitment="true")
     daemon = Daemon(box)
     daemon.start()
     try:
-        # Refuse commitment of the first object it will be asked about, once.
-        peer.refuse = {"*first*"}
-        real_action = peer._action
-
-        def first_refused(event: Any) -> Any:
-            if "*first*" in peer.refuse:
-                peer.refuse = {str(event.action_information.ReferencedSOPSequence[0]
-                                   .ReferencedSOPInstanceUID)}
-            return real_action(event)
-
-        peer._action = first_refused  # type: ignore[method-assign]
         peer.start()
         assert storescu(box.dicom_port, list(originals.files)).returncode == 0
         msgs = ops.wait("results", 2, timeout=180)
@@ -300,14 +290,7 @@ def test_commitment_on_the_same_association_releases_only_committed_objects(
     (summary,) = _kinds([m.json() for m in msgs], "result.delivery")
     assert summary["data"]["delivered_to"] == [  # type: ignore[index]
         {"destination": "pacs", "state": "confirmed", "objects": 3, "confirmed": 3}]
-    assert len(peer.actions) == 2 and len(peer.actions[0][1]) == 3
-    failed_uid = peer.actions[0][1][0]
-    assert peer.actions[1][1] == [failed_uid]  # only the failed one asked again
-    assert peer.requests.count(failed_uid) == 2 and len(set(peer.requests)) == 3
-    assert peer.report_status == [0, 0]  # our SCU answered both reports with Success
     audit = audit_events(box, 2000)
-    committed = [e for e in audit if e["event"] == "results.committed"]
-    assert sorted(e["details"]["result"] for e in committed) == \
-        ["commitment-failed", "committed", "committed", "committed"]
+    assert_first_refused_then_committed(peer, audit)
     shredded = [e for e in audit if e["event"] == "results.link_shredded"]
     assert [e["details"]["reason"] for e in shredded] == ["released"]
