@@ -127,7 +127,7 @@ _FAMILIES = [
     Family("edge_agent_telemetry_interval_seconds", G, "the box's telemetry interval"),
     *(Family(name, kind, text) for _key, name, kind, text, _per in _SYSTEM),
     *(Family(name, kind, text) for _key, name, kind, text in (*_PROCESS, *_PIPELINE)),
-    Family("edge_agent_study_latency_seconds", G,
+    Family("edge_agent_study_latency_seconds", "summary",
            "last instance received -> result enqueued, over the box's recent studies",
            ("quantile",)),
     Family("edge_agent_inbox_studies", G, "studies in the box's inbox by state", ("state",)),

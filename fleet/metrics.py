@@ -25,13 +25,17 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 @dataclass(frozen=True)
 class Family:
     name: str
-    type: Literal["gauge", "counter"]
+    # "summary" only for quantile series the box computes itself (no _sum/_count:
+    # the box reports p50/p95, not the observations); Prometheus' linter refuses a
+    # "quantile" label on any other type.
+    type: Literal["gauge", "counter", "summary"]
     help: str
     labels: tuple[str, ...] = ()  # beyond site and device, in this order
 
     def __post_init__(self) -> None:
         assert _NAME.match(self.name) and all(_LABEL_NAME.match(x) for x in self.labels)
         assert (self.type == "counter") == self.name.endswith("_total"), self.name
+        assert (self.type == "summary") == ("quantile" in self.labels), self.name
 
 
 def clean(value: object) -> str:

@@ -99,9 +99,16 @@ def test_prometheus_scrapes_two_exporters_that_split_two_daemons(
 
         # Every family the exporter defines is served from a real daemon's messages,
         # except drift PSI (a model shows it only after drift_min_studies studies).
-        served = families_with_samples(exporters[0].scrape() + exporters[1].scrape())
+        scraped = exporters[0].scrape() + exporters[1].scrape()
+        served = families_with_samples(scraped)
         assert served == set(FAMILIES) - {"edge_agent_model_drift_psi"}, \
             set(FAMILIES) ^ served
+        # With every family served (the study latency's quantiles included), each
+        # exposition still passes promtool's linter.
+        for e in exporters:
+            check = subprocess.run([tool("promtool"), "check", "metrics"], input=e.scrape(),
+                                   capture_output=True, text=True)
+            assert check.returncode == 0, check.stdout + check.stderr
 
         for d in daemons:
             d.stop()  # graceful: the outbox drains, then the status says offline
