@@ -291,8 +291,9 @@ def main() -> None:
             sub = Data(te.x[keep], te.target[keep], te.y[keep],
                        [t for t, k in zip(te.truth, keep, strict=True) if k],
                        [g for g, k in zip(te.groups, keep, strict=True) if k], te.means[keep])
-            groups[f"{field}={v}"] = {**metrics(pte[keep], te.y[keep], threshold),
-                                      **overlap(mte[keep], sub, mask_threshold)}
+            # n: the subgroup's images (overlap's n counts its lesion images only)
+            groups[f"{field}={v}"] = {**overlap(mte[keep], sub, mask_threshold),
+                                      **metrics(pte[keep], te.y[keep], threshold)}
     input_edges = [0.0, *np.quantile(te.means, np.linspace(0.1, 0.9, 9)).round(4).tolist(), 1.0]
     input_ref = np.histogram(te.means, bins=input_edges)[0] / len(te.means)
     output_ref = np.histogram(pte, bins=OUTPUT_EDGES)[0] / len(pte)

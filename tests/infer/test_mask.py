@@ -39,7 +39,7 @@ def test_mask_declaration_is_parsed_with_its_codes() -> None:
 @pytest.mark.parametrize(("section", "says"), [
     ('output = "seg"\nlabel = "lesion"\nthreshold = 1.5\n', "mask.threshold must be between"),
     ('output = "seg"\nlabel = "lesion"\ntype = ["52988006", "SCT"]\n',
-     "mask.type must be [code value, coding scheme, meaning]"),
+     r"mask.type must be \[code value, coding scheme, meaning\]"),
     ('output = "seg"\nlabel = "lesion"\ncategory = "lesion"\n', "mask.category must be"),
     ('output = "seg"\nlabel = "lesion"\nkind = "mask"\n', "mask.kind is not a known key"),
     ('output = "logits"\nlabel = "lesion"\n', "must name the model output that holds the mask"),
@@ -103,3 +103,38 @@ def test_the_shipped_seg_model_segments_the_planted_lesion(tmp_path: Path) -> No
                                        "area_fraction": round(int(got.sum()) / 128**2, 6)}
     # A negative study gets no mask (no SEG), and says so in numbers.
     assert neg.mask is None and neg.explanation["mask"] == {"pixels": 0, "area_fraction": 0.0}
+
+
+def test_a_mask_output_of_the_wrong_shape_refuses_the_model_at_load(
+        tmp_path: Path, publisher: tuple[Path, Path]) -> None:
+    """Two channels where one map per image is expected: not loaded, with the shapes."""
+    import onnx
+    from onnx import helper
+
+    from agent.infer.signing import file_sha256
+    from training.sign import sign_package
+
+    pkg = tmp_path / "models" / "lesion-seg" / "1.0.0"
+    shutil.copytree(SEG_MODEL, pkg)
+    (pkg / "manifest.toml.sig").unlink()
+    proto = onnx.load(str(pkg / "model.onnx"))
+    for node in proto.graph.node:
+        node.output[:] = ["one" if o == "mask" else o for o in node.output]
+    proto.graph.node.append(helper.make_node("Concat", ["one", "one"], ["mask"], axis=1))
+    for o in proto.graph.output:
+        if o.name == "mask":
+            o.type.tensor_type.shape.dim[1].dim_value = 2
+    (pkg / "model.onnx").write_bytes(proto.SerializeToString())
+    text = (pkg / "manifest.toml").read_text()
+    (pkg / "manifest.toml").write_text(text.replace(file_sha256(SEG_MODEL / "model.onnx"),
+                                                    file_sha256(pkg / "model.onnx")))
+    sign_package(pkg, publisher[0])
+    events = Events()
+    eng = InferenceEngine(InferenceSettings(tmp_path / "models", tmp_path / "state",
+                                            publisher_keys=(publisher[1],)), audit=events)
+    try:
+        assert eng.active_models() == []
+    finally:
+        eng.close()
+    (refused,) = events.named("model.not_loaded")
+    assert "mask output 'mask' has shape [1, 2, 64, 64]" in str(refused["reason"])
