@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import onnx
 import pydicom
@@ -121,6 +122,8 @@ def test_seg_of_a_mask_model_reaches_orthanc_in_the_original_study(
     summary = out["explanation"]["mask"]
     assert set(summary) == {"pixels", "area_fraction"}
     assert 0 < summary["area_fraction"] < 0.05 and summary["pixels"] > 0
+    schema = json.loads((REPO / "docs" / "schemas" / "result.schema.json").read_text())
+    jsonschema.validators.validator_for(schema)(schema).validate(result["data"])
 
     # In the PACS: the SEG sits in the original study, of the original patient.
     assert seg.StudyInstanceUID == originals.study_uid
