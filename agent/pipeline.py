@@ -409,4 +409,5 @@ def _model_json(m: ModelOutput) -> dict[str, Any]:
     d["review_reasons"] = list(m.review_reasons)
     del d["sources"]  # box-local positions, for the result objects (agent/results/)
     del d["subgroup"]  # quasi-identifiers: box-local, for the review store (agent/review/)
+    del d["mask"]  # a mask model's pixels: box-local, for the SEG (agent/results/seg.py)
     return d

@@ -12,10 +12,13 @@ identifier values needed by the egress guard travel separately, as a
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown"]
@@ -119,6 +122,43 @@ class DeidentifiedStudy:
     last_received_at: float
 
 
+# A mask larger than this, compressed, is not kept (agent/infer/engine.py): a SEG of one
+# image never needs more (a 4096 x 4096 mask is 2 MiB bit-packed, far less compressed).
+MASK_MAX_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SegMask:
+    """A mask model's segment on one source image, at that image's grid: bit-packed
+    (row-major, numpy.packbits) and zlib-compressed.  Box-local like ``sources``: it
+    goes into the encrypted result link and a DICOM SEG, never into the published
+    result (which carries only its area fraction).  Its repr shows no pixels."""
+
+    index: int  # position in DeidentifiedStudy.instances
+    frame: int  # 0-based frame of that instance
+    rows: int
+    cols: int
+    bits: bytes = field(repr=False)
+    label: str = "lesion"
+    # Segmented property category and type: (code value, coding scheme, meaning)
+    category: tuple[str, str, str] = ("49755003", "SCT", "Morphologically abnormal structure")
+    type: tuple[str, str, str] = ("52988006", "SCT", "Lesion")
+
+    @staticmethod
+    def pack(mask: npt.NDArray[np.bool_]) -> bytes:
+        return zlib.compress(np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes(), 9)
+
+    def pixels(self) -> npt.NDArray[np.bool_]:
+        """The (rows, cols) boolean mask; ValueError when the bits do not make one."""
+        n = self.rows * self.cols
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(self.bits, (n + 7) // 8 + 1)  # bounded: no inflation bomb
+        if len(raw) != (n + 7) // 8 or inflate.unconsumed_tail:
+            raise ValueError(f"mask bits do not hold {self.rows}x{self.cols} pixels")
+        flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n)
+        return np.asarray(flat.reshape(self.rows, self.cols), dtype=bool)
+
+
 @dataclass(frozen=True)
 class ModelOutput:
     """What one model concluded about one study."""
@@ -143,6 +183,9 @@ class ModelOutput:
     # from the de-identified instance: quasi-identifiers for the review store
     # (agent/review/), box-local and never published.
     subgroup: tuple[tuple[str, str], ...] = ()
+    # A mask model's segment on the top image (manifest [mask]): box-local, for the
+    # DICOM SEG (agent/results/seg.py); never published.
+    mask: SegMask | None = None
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class SynthCase:
     stored: npt.NDArray[Any]  # the values a DICOM file would store
     attrs: dict[str, Any]  # technical attributes a DICOM header would carry
     lesion_bbox: tuple[int, int, int, int] | None  # x, y, w, h in pixel coordinates
+    # The planted lesion's pixels (CT: the disk at half coverage or more; radiograph:
+    # within two sigma of the blob): the ground truth of the segmentation model.
+    lesion_mask: npt.NDArray[np.bool_] | None = None
 
 
 def _blur(img: npt.NDArray[np.float64], sigma: float) -> npt.NDArray[np.float64]:
@@ -125,12 +128,14 @@ def _ct(rng: np.random.Generator, scanner: str, noise: str, size: str, lesion: b
         disk = _disk(shape, vy, vx, rng.uniform(0.8, 2.2))
         hu += disk * vessel_mask * (rng.uniform(-250, 0) + 850.0) * 0.9
     bbox = None
+    truth = None
     if lesion:
         r = rng.uniform(3.5, 7.0)
         ly, lx = _point_in(rng, lungs, int(np.ceil(r)) + 1)
         disk = _disk(shape, ly, lx, r)
         target = rng.uniform(-120.0, 60.0)
         hu = hu * (1 - disk) + target * disk
+        truth = bool_arr(disk >= 0.5)
         bbox = (int(np.floor(lx - r)), int(np.floor(ly - r)), int(np.ceil(2 * r)) + 1,
                 int(np.ceil(2 * r)) + 1)
     hu = _blur(hu, blur) + offset
@@ -148,7 +153,8 @@ def _ct(rng: np.random.Generator, scanner: str, noise: str, size: str, lesion: b
         "WindowWidth": 400.0,
         "BodyPartExamined": "CHEST",
     }
-    return SynthCase("ct", scanner, noise, size, lesion, stored.astype(np.uint16), attrs, bbox)
+    return SynthCase("ct", scanner, noise, size, lesion, stored.astype(np.uint16), attrs, bbox,
+                     truth)
 
 
 def _radiograph(rng: np.random.Generator, scanner: str, noise: str, size: str,
@@ -174,9 +180,11 @@ def _radiograph(rng: np.random.Generator, scanner: str, noise: str, size: str,
         att[arc & body] += 0.12
     att[_ellipse(shape, cy, cx, 0.4 * h * s, 0.07 * w * s)] = 0.7  # mediastinum
     bbox = None
+    truth = None
     if lesion:
         sig = rng.uniform(2.5, 4.5)
         ly, lx = _point_in(rng, lungs, int(np.ceil(2 * sig)) + 1)
+        truth = bool_arr((yy - ly) ** 2 + (xx - lx) ** 2 <= (2 * sig) ** 2)
         att += rng.uniform(0.15, 0.3) * np.exp(-((yy - ly) ** 2 + (xx - lx) ** 2) / (2 * sig**2))
         rad = 2.0 * sig
         bbox = (int(np.floor(lx - rad)), int(np.floor(ly - rad)), int(np.ceil(2 * rad)) + 1,
@@ -200,7 +208,7 @@ def _radiograph(rng: np.random.Generator, scanner: str, noise: str, size: str,
         signal = 4095.0 - signal
         attrs["PhotometricInterpretation"] = "MONOCHROME1"
     stored = np.round(signal).astype(np.uint16)
-    return SynthCase("radiograph", scanner, noise, size, lesion, stored, attrs, bbox)
+    return SynthCase("radiograph", scanner, noise, size, lesion, stored, attrs, bbox, truth)
 
 
 def make_case(seed: int, index: int, *, kind: str | None = None, scanner: str | None = None,

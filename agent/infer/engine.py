@@ -30,6 +30,7 @@ from agent.errors import ModelError
 from agent.infer.drift import DriftMonitor
 from agent.infer.explain import Saliency, cam_region, occlusion, to_image_box
 from agent.infer.manifest import AppliesTo, Decision, Manifest
+from agent.infer.mask import mask_channel, to_source
 from agent.infer.pixels import decode_frame, extract_attributes, frame_count, iter_images
 from agent.infer.preprocess import ImageInput, preprocess, to_unit
 from agent.infer.providers import choose as choose_providers
@@ -38,7 +39,7 @@ from agent.infer.resample import assemble, source_index
 from agent.infer.session import ModelSession, ModelTimeout
 from agent.infer.signing import load_public_keys
 from agent.infer.volume import VolumePlan, plan_volume, series_groups
-from agent.types import DeidentifiedStudy, ModelFailure, ModelOutput
+from agent.types import MASK_MAX_BYTES, DeidentifiedStudy, ModelFailure, ModelOutput, SegMask
 from agent.uplink import vocabulary
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,19 @@ class _Loaded:
     @property
     def manifest(self) -> Manifest:
         return self.package.manifest
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The outputs fetched with the score, in the session's order: the explanation
+        map (``cam``), then the mask (``[mask]``) unless it is the same output."""
+        return extra_outputs(self.manifest)
+
+
+def extra_outputs(m: Manifest) -> tuple[str, ...]:
+    names = [m.explanation.output] if m.explanation.method == "cam" else []
+    if m.mask is not None:
+        names.append(m.mask.output_name)
+    return tuple(dict.fromkeys(names))
 
 
 _PIXEL_DATA = BaseTag(0x7FE00010)
@@ -214,16 +228,19 @@ class InferenceEngine:
         session = ModelSession(pkg.model_path, input_name=pkg.manifest.input_name,
                                output_name=pkg.manifest.output_name,
                                threads=self._settings.threads,
-                               extra_outputs=(spec.output,) if spec.method == "cam" else (),
+                               extra_outputs=extra_outputs(pkg.manifest),
                                providers=self._settings.providers)
         grid = ((pkg.manifest.input.depth,) if pkg.manifest.input.kind == "volume" else ())
         try:
             session.check_input(pre.channels, *grid, *pre.resize)
             outs = session.warm_up(pre.channels, *grid, *pre.resize,
                                    timeout=self._settings.timeout_seconds)
+            fetched = dict(zip(extra_outputs(pkg.manifest), outs[1:], strict=True))
             if spec.method == "cam":
                 # a wrong map refuses the model now
-                (volume_map if grid else map_channel)(pkg.manifest, outs[1].shape)
+                (volume_map if grid else map_channel)(pkg.manifest, fetched[spec.output].shape)
+            if pkg.manifest.mask is not None:  # so does a mask of the wrong shape
+                mask_channel(pkg.manifest, fetched[pkg.manifest.mask.output_name].shape)
         except ModelError:
             session.close()
             raise
@@ -364,21 +381,35 @@ class InferenceEngine:
                 deadline: float) -> tuple[npt.NDArray[np.float64], list[npt.NDArray[np.float32]],
                                           list[npt.NDArray[np.float32]]]:
         """Probabilities, raw score outputs and (a ``cam`` model) its maps, per run."""
+        probs, raws, extras = self._scores_all(model, batch, deadline)
+        m = model.manifest
+        return probs, raws, extras.get(m.explanation.output, []) if m.explanation.method == \
+            "cam" else []
+
+    def _scores_all(self, model: _Loaded, batch: npt.NDArray[np.float32], deadline: float,
+                    ) -> tuple[npt.NDArray[np.float64], list[npt.NDArray[np.float32]],
+                               dict[str, list[npt.NDArray[np.float32]]]]:
+        """Probabilities, raw score outputs and, per extra output (explanation map,
+        mask), its arrays per run."""
         raws: list[npt.NDArray[np.float32]] = []
-        maps: list[npt.NDArray[np.float32]] = []
+        names = model.extras
+        extras: dict[str, list[npt.NDArray[np.float32]]] = {n: [] for n in names}
+        mask = model.manifest.mask
         step = run_batch(batch.shape[1:])
         for start in range(0, len(batch), step):
             outs = model.session.run_all(np.ascontiguousarray(batch[start : start + step]),
                                          deadline - time.monotonic())
             raws.append(outs[0])
-            for extra in outs[1:]:
+            for name, extra in zip(names, outs[1:], strict=True):
                 if len(extra) != len(outs[0]):  # a map per image, or it cannot be placed
-                    raise ModelError(f"explanation output {model.manifest.explanation.output!r} "
-                                     f"has {len(extra)} maps for {len(outs[0])} images",
+                    what = ("mask" if mask is not None and name == mask.output_name
+                            else "explanation")
+                    raise ModelError(f"{what} output {name!r} has {len(extra)} maps for "
+                                     f"{len(outs[0])} images (shape {list(extra.shape)})",
                                      code="output-mismatch")
-                maps.append(extra)
+                extras[name].append(extra)
         logits = np.concatenate(raws, axis=0)
-        return activate(logits, model.manifest.decision.activation), raws, maps
+        return activate(logits, model.manifest.decision.activation), raws, extras
 
     def _run(self, model: _Loaded, selected: Sequence[tuple[int, Dataset]],
              study_ref: str) -> ModelOutput:
@@ -416,7 +447,8 @@ class InferenceEngine:
         t2 = time.perf_counter()
         tta = m.uncertainty == "tta_flip"
         views = [x, x[..., ::-1], x[..., ::-1, :], x[..., ::-1, ::-1]] if tta else [x]
-        probs, raws, maps = self._scores(model, np.concatenate(views, axis=0), deadline)
+        probs, raws, extras = self._scores_all(model, np.concatenate(views, axis=0), deadline)
+        maps = extras.get(m.explanation.output, []) if m.explanation.method == "cam" else []
         probs = probs.reshape(len(views), n, -1)
         if probs.shape[-1] != len(dec.labels) and not (dec.activation == "sigmoid"
                                                        and probs.shape[-1] == 1):
@@ -447,9 +479,13 @@ class InferenceEngine:
         t4 = time.perf_counter()
 
         positive = p >= dec.threshold
+        seg = None
+        if m.mask is not None:
+            seg = segment(m, extras[m.mask.output_name], top, where[top], positive)
+            explanation = {**explanation, "mask": _mask_summary(seg, where[top][2])}
         reasons = review(dec, p, uncertainty, positive)
         digest = hashlib.sha256()
-        for r in (*raws, *maps):  # the explanation map is a model output too
+        for r in (*raws, *(a for runs in extras.values() for a in runs)):  # maps too
             digest.update(np.ascontiguousarray(r).data)  # same bytes as tobytes(), no copies
         out_hash = digest.hexdigest()
         self._drift.update(model.package.name, float(np.mean(means)), p, subgroup)
@@ -474,6 +510,7 @@ class InferenceEngine:
             instances_used=len({w[0] for w in where}),
             sources=tuple(sorted({w[0] for w in where})),
             subgroup=tuple(sorted(subgroup.items())),
+            mask=seg,
         )
         safe_audit(self._audit, "inference.done", {
             "model": result.name, "version": result.version, "sha256": result.sha256,
@@ -648,6 +685,41 @@ class InferenceEngine:
                     text=template.format(label=label, where=where_txt, x=x, y=y, w=w, h=h,
                                          score=base, drop=sal.peak_drop))
         return info
+
+
+def segment(manifest: Manifest, runs: list[npt.NDArray[np.float32]], top: int,
+            where: tuple[int, int, tuple[int, int]], positive: bool) -> SegMask | None:
+    """The segment of the top image at that image's grid, for the SEG; None when the
+    study is negative (a negative finding gets no SEG) or the mask is empty there.
+    A mask output of the wrong shape raises ModelError (the model fails this study)."""
+    spec = manifest.mask
+    if spec is None or not runs:
+        return None
+    step = len(runs[0])
+    run = runs[top // step]
+    channel = mask_channel(manifest, run.shape)
+    one: npt.NDArray[np.float32] = run[top % step]
+    prob = one if channel is None else one[channel]
+    instance, frame, shape = where
+    if not positive:
+        return None
+    pixels = to_source(prob, shape, spec.threshold)
+    if not pixels.any():
+        return None
+    bits = SegMask.pack(pixels)
+    if len(bits) > MASK_MAX_BYTES:  # cannot happen for a real image: a bound, not a rule
+        log.warning("model %s: mask of %d bytes not kept (limit %d)", manifest.name,
+                    len(bits), MASK_MAX_BYTES)
+        return None
+    return SegMask(index=instance, frame=frame, rows=shape[0], cols=shape[1], bits=bits,
+                   label=spec.label, category=spec.category, type=spec.type)
+
+
+def _mask_summary(seg: SegMask | None, shape: tuple[int, int]) -> dict[str, Any]:
+    """What the published result says about the mask: de-identified aggregates only
+    (its pixels stay on the box, see docs/threat-model.md)."""
+    pixels = int(seg.pixels().sum()) if seg is not None else 0
+    return {"pixels": pixels, "area_fraction": round(pixels / max(1, shape[0] * shape[1]), 6)}
 
 
 def _top_map(manifest: Manifest, maps: list[npt.NDArray[np.float32]],

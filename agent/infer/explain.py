@@ -170,6 +170,12 @@ def _stretch(size: int, to: int) -> npt.NDArray[np.float64]:
     return weights
 
 
+def stretch_weights(size: int, to: int) -> npt.NDArray[np.float64]:
+    """(to, size) bilinear weights of a map axis of ``size`` cells stretched to ``to``
+    pixels (read-only, shared): how a map is laid over the image it was computed on."""
+    return _stretch(size, to)
+
+
 def cam_region(cam: npt.NDArray[np.float32], input_shape: tuple[int, int], *,
                keep_fraction: float) -> Saliency:
     """Box around the peak of a model-provided map ``cam`` (h, w), in model-input pixels.

@@ -92,14 +92,26 @@ class Explanation:
     min_score: float  # cam: below this top-image score the map points at nothing
 
 
+Code = tuple[str, str, str]  # (code value, coding scheme designator, code meaning)
+# SNOMED CT, as in highdicom's examples: a lesion is a morphologically abnormal structure.
+DEFAULT_CATEGORY: Code = ("49755003", "SCT", "Morphologically abnormal structure")
+DEFAULT_TYPE: Code = ("52988006", "SCT", "Lesion")
+_MASK_KEYS = frozenset({"output", "label", "threshold", "category", "type"})
+
+
 @dataclass(frozen=True)
 class MaskOutput:
-    """A model that also outputs a segmentation mask (``[mask]`` in the manifest): its
-    result can be written back as DICOM SEG (agent/results/seg.py)."""
+    """A model that also outputs a segmentation mask (``[mask]`` in the manifest): a
+    per-pixel probability map of the segment at the model's input grid, (N, 1, H, W)
+    or (N, H, W).  The engine stretches the top image's map back to that image's grid
+    and thresholds it (agent/infer/mask.py); the result link keeps it and the SEG
+    writes it into the original study (agent/results/seg.py)."""
 
     output_name: str  # the ONNX output holding the mask
-    label: str  # what the segment is, e.g. "lesion"
+    label: str  # what the segment is, e.g. "lesion" (the SEG's Segment Label)
     threshold: float  # mask probability at or above this is inside the segment
+    category: Code = DEFAULT_CATEGORY  # Segmented Property Category
+    type: Code = DEFAULT_TYPE  # Segmented Property Type
 
 
 @dataclass(frozen=True)
@@ -196,15 +208,40 @@ def _pair(values: tuple[float, ...]) -> tuple[float, float]:
     return (values[0], values[1])
 
 
+def _code(r: _Reader, tbl: dict[str, Any], key: str, default: Code) -> Code:
+    """``mask.category`` / ``mask.type``: [code value, scheme, meaning] (PS3.3 coded
+    entries: value up to 16 characters, meaning up to 64)."""
+    if key not in tbl:
+        return default
+    value = tbl[key]
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, str) and v.strip() for v in value)):
+        r.problems.append(f"mask.{key} must be [code value, coding scheme, meaning], e.g. "
+                          f"{list(default)}, got {value!r}")
+        return default
+    if len(value[0]) > 16 or len(value[1]) > 16 or len(value[2]) > 64:
+        r.problems.append(f"mask.{key}: code value and scheme at most 16 characters, "
+                          f"meaning at most 64")
+    return (str(value[0]), str(value[1]), str(value[2]))
+
+
 def _mask(r: _Reader) -> MaskOutput | None:
+    """``[mask]`` (optional): the model outputs a segmentation mask, written back as
+    DICOM SEG to destinations whose kinds include "seg"."""
     if "mask" not in r.data:
         return None
     tbl = r.table("mask")
+    for key in sorted(set(tbl) - _MASK_KEYS):
+        r.problems.append(f"mask.{key} is not a known key ({', '.join(sorted(_MASK_KEYS))})")
     out = MaskOutput(output_name=r.get(tbl, "mask", "output", str, ""),
                      label=r.get(tbl, "mask", "label", str, ""),
-                     threshold=r.get(tbl, "mask", "threshold", float, 0.5))
+                     threshold=r.get(tbl, "mask", "threshold", float, 0.5),
+                     category=_code(r, tbl, "category", DEFAULT_CATEGORY),
+                     type=_code(r, tbl, "type", DEFAULT_TYPE))
     if not out.output_name or not out.label:
         r.problems.append("[mask] needs output (the ONNX output name) and label")
+    if len(out.label) > 64:
+        r.problems.append("mask.label must be at most 64 characters (the SEG's Segment Label)")
     if not 0.0 < out.threshold < 1.0:
         r.problems.append("mask.threshold must be between 0 and 1")
     return out
@@ -386,6 +423,11 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
                               "models: use 'entropy'")
         if manifest.mask is not None:
             r.problems.append("[mask] (DICOM SEG) is not available for volume models")
+    if manifest.mask is not None and manifest.mask.output_name in (manifest.output_name,
+                                                                   manifest.input_name):
+        r.problems.append(f"mask.output {manifest.mask.output_name!r} must name the model "
+                          f"output that holds the mask, not the model's input or its score "
+                          f"output")
     if ex.method == "occlusion" and min(ex.patch, ex.stride) < 1:
         r.problems.append("explanation.patch and explanation.stride must be >= 1")
     if ex.method == "occlusion" and ex.patch > min(p.resize):

@@ -123,9 +123,10 @@ class ModelSession:
         if missing:
             raise ModelError(
                 f"{path.name} has outputs {sorted(outputs)}, but the manifest's explanation "
-                f"names output {missing[0]!r}",
-                hint="the model must compute its explanation map as a graph output; otherwise "
-                     "use explanation.method = \"occlusion\" in the manifest",
+                f"or [mask] names output {missing[0]!r}",
+                hint="the model must compute its explanation map (and a mask model its mask) "
+                     "as a graph output; otherwise use explanation.method = \"occlusion\" "
+                     "in the manifest, or remove [mask]",
             )
         self.input_name = input_name
         self.output_name = output_name

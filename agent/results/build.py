@@ -26,6 +26,7 @@ from agent.results.keyimage import build_key_image
 from agent.results.link import LinkRecord, has_sr
 from agent.results.seg import build_seg
 from agent.results.sr import build_sr
+from agent.types import ModelOutput
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,27 @@ class Mask:
     spec: MaskOutput
     index: int
     pixels: npt.NDArray[np.bool_] = field(repr=False)
+
+
+def _seg(issuer: Issuer, rec: LinkRecord, m: ModelOutput, given: Mask | None) -> Dataset:
+    mask = given or _linked_mask(m)
+    if mask is None:
+        raise ResultError(f"model {m.name}: no mask")
+    return build_seg(issuer, rec, m, mask.spec, mask.index, mask.pixels)
+
+
+def _linked_mask(m: ModelOutput) -> Mask | None:
+    """The segment a mask model gave (kept in the link with the result), if any.  The
+    link carries the manifest's segment description with it, so a SEG is built even
+    after that model version was deactivated."""
+    seg = m.mask
+    if seg is None:
+        return None
+    try:
+        pixels = seg.pixels()
+    except ValueError as exc:
+        raise ResultError(f"model {m.name}: {exc}") from None
+    return Mask(MaskOutput("", seg.label, 0.5, seg.category, seg.type), seg.index, pixels)
 
 
 def build_all(issuer: Issuer, rec: LinkRecord, *,
@@ -80,11 +102,9 @@ def build_all(issuer: Issuer, rec: LinkRecord, *,
             else:
                 skipped.append(f"gsps {m.name}: the explained image is in colour")
             attempt("sc", m.name, lambda m=m: build_key_image(issuer, rec, m))
-        mask = (masks or {}).get(m.name)
-        if mask is not None:
-            attempt("seg", m.name,
-                    lambda m=m, mask=mask: build_seg(issuer, rec, m, mask.spec, mask.index,
-                                                     mask.pixels))
+        given = (masks or {}).get(m.name)
+        if given is not None or m.mask is not None:
+            attempt("seg", m.name, lambda m=m, given=given: _seg(issuer, rec, m, given))
     return objects, skipped
 
 

@@ -5,7 +5,9 @@ de-identified study, the original identifiers and the few technical attributes
 the result objects need (UIDs, SOP class, frame of reference, geometry, VOI),
 plus the patient and study modules once per study.  After inference it adds the
 result and, per explained model, the explained frame's pixels (the key image is
-drawn on them; the originals are deleted right after).  The whole record is one
+drawn on them; the originals are deleted right after); a mask model's result
+carries its segment (``ModelOutput.mask``: bit-packed, zlib-compressed, at most
+``agent.types.MASK_MAX_BYTES``), from which the DICOM SEG is built.  The whole record is one
 sealed row:
 
 * its own random data key, wrapped by the box KEK: shredding a record is
@@ -51,6 +53,7 @@ from agent.types import (
     ModelFailure,
     ModelOutput,
     QuarantineNote,
+    SegMask,
 )
 
 log = logging.getLogger(__name__)
@@ -199,12 +202,25 @@ class LinkRecord:
 
 
 def _result_json(r: InferenceResult) -> dict[str, Any]:
-    return asdict(r)
+    d = asdict(r)
+    for m, out in zip(r.models, d["models"], strict=True):
+        if m.mask is not None:  # bit-packed and compressed already: base64 for the JSON
+            out["mask"] = {**out["mask"], "bits": base64.b64encode(m.mask.bits).decode()}
+    return d
+
+
+def _mask_from(d: Mapping[str, Any] | None) -> SegMask | None:
+    if d is None:
+        return None
+    return SegMask(index=int(d["index"]), frame=int(d["frame"]), rows=int(d["rows"]),
+                   cols=int(d["cols"]), bits=base64.b64decode(d["bits"]), label=str(d["label"]),
+                   category=tuple(d["category"]), type=tuple(d["type"]))  # type: ignore[arg-type]
 
 
 def _result_from(d: Mapping[str, Any]) -> InferenceResult:
     models = tuple(ModelOutput(**{**m, "review_reasons": tuple(m["review_reasons"]),
-                                  "sources": tuple(m.get("sources", ()))})
+                                  "sources": tuple(m.get("sources", ())),
+                                  "mask": _mask_from(m.get("mask"))})
                    for m in d["models"])
     return InferenceResult(**{
         **d, "models": models,
@@ -349,6 +365,7 @@ class LinkStore:
         self._note("results.link_written", {
             "study": study_ref, "version": version, "instances": len(originals.sources),
             "models": len(result.models), "key_images": len(frames),
+            "masks": sum(1 for m in result.models if m.mask is not None),
             "retention_days": round(self.retention_s / DAY, 2)})
         return True
 

@@ -1,9 +1,10 @@
 """A model's mask as DICOM SEG on the original image it was computed on.
 
 Only for models whose manifest declares a mask output (``[mask]``, see
-agent/infer/manifest.py); the demo model has none.  One binary segment, labelled
-as the manifest says, coded as a morphologically abnormal structure of our local
-type, made by an automatic algorithm (the model's name, version and sha256).
+agent/infer/manifest.py; the shipped one is models/available/lesion-seg).  One
+binary segment, labelled and coded (segmented property category and type) as the
+manifest says, by default SNOMED CT "Morphologically abnormal structure" / "Lesion",
+made by an automatic algorithm (the model's name, version and sha256).
 The source is a single-frame original; multi-frame (enhanced) sources are not
 segmented yet.
 """
@@ -19,6 +20,7 @@ from highdicom.seg import (
     SegmentationTypeValues,
     SegmentDescription,
 )
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -31,7 +33,6 @@ from agent.results.common import (
     SERIES_NUMBER,
     Issuer,
     coding_schemes,
-    local_code,
 )
 from agent.results.link import LinkRecord
 from agent.types import ModelOutput
@@ -60,8 +61,8 @@ def build_seg(issuer: Issuer, rec: LinkRecord, m: ModelOutput, spec: MaskOutput 
         raise ResultError(f"model {m.name}: the mask is empty; no SEG")
     segment = SegmentDescription(
         segment_number=1, segment_label=spec.label[:64],
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=local_code(f"S{spec.label}".upper(), spec.label),
+        segmented_property_category=CodedConcept(*spec.category),
+        segmented_property_type=CodedConcept(*spec.type),
         algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=AlgorithmIdentificationSequence(
             name=m.name, family=codes.cid7162.ArtificialIntelligence, version=m.version,

@@ -117,7 +117,7 @@ RESULT_KEYS = (
     "review_reasons", "explanation", "timings_ms", "instances_used", "frame",
     "sop_instance_uid", "image_size", "bbox", "score_drop", "text", "decode", "preprocess",
     "inference", "total", "delivered_to", "destination", "state", "objects", "confirmed",
-    "slice", "slices",
+    "slice", "slices", "mask", "pixels", "area_fraction",
 )
 # delivered_to[].state: where a result's objects are on their way into the PACS.
 DELIVERY_STATES = ("queued", "confirmed", "dead-letter", "nothing-to-send")

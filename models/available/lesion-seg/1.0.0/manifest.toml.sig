@@ -1,0 +1,1 @@
+ed25519 19dbe03b563f1103 QXLozoZUm+hWF8kHdbjb3ffvYJ7/9zsyk3b0csXdWrGNgBUmq9vXEck4gSvYh/nHKUJJOc3IcaKI9j23Dhi6Ag==
