@@ -38,8 +38,9 @@ from torch import nn
 
 from agent.infer.mask import to_source
 from agent.infer.preprocess import ImageInput, preprocess, resize
+from training.evaluate import metrics, softmax_pos
 from training.synth import CT_IMAGE_STORAGE, NOISES, SCANNERS, SIZES, make_case
-from training.train import PRE, metrics, softmax_pos
+from training.train import PRE
 
 NAME = "lesion-seg"
 VERSION = "1.0.0"
