@@ -236,9 +236,9 @@ def fleet_review_submit(
     cert: Annotated[Path | None, typer.Option("--cert", help="reviewer certificate (default: "
                                                              "ops.toml [reviewer] cert)")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="its key")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="reviewer name in the verdict "
-                                                            "(default: the certificate's CN)")]
-        = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="reviewer name, checked against the certificate's CN (the box takes "
+                       "the reviewer's identity from the certificate)")] = None,
     wait_ack: Annotated[float, typer.Option(help="seconds to wait for the box's "
                                                  "acknowledgement (0: do not wait)")] = 30.0,
     cache: CacheOpt = None,

@@ -88,12 +88,16 @@ class ReviewService:
 
     # -- verdicts in ---------------------------------------------------------------
     def on_message(self, msg: InboundMessage) -> None:
-        """A verdict from the review topic (paho's thread): quick, durable, never raises."""
+        """A verdict from a review topic (paho's thread): quick, durable, never raises.
+
+        The reviewer is the topic's last level (the broker lets a reviewer certificate
+        write only the topic of its own CN), whatever the message declares: refusals
+        are audited under that identity too."""
         try:
             try:
-                parsed = verdicts.parse(msg.payload, self.box)
+                parsed = verdicts.parse(msg.payload, self.box, reviewer=msg.sender)
             except VerdictRefused as exc:
-                self._refused(exc, None, via="mqtt", reviewer="unknown")
+                self._refused(exc, None, via="mqtt", reviewer=msg.sender)
                 return
             self.take(parsed, via="mqtt")
         except VerdictRefused:
@@ -179,7 +183,7 @@ class ReviewService:
 
     def _refused(self, exc: VerdictRefused, m: verdicts.VerdictMessage | None, *, via: str,
                  reviewer: str) -> None:
-        details: dict[str, object] = {"refused": exc.code, "via": via,
+        details: dict[str, object] = {"refused": exc.code, "via": via, "reviewer": reviewer,
                                       "verdict_id": exc.verdict_id, "result_id": exc.result_id}
         if m is not None:
             details |= self._details(m, via)
