@@ -54,8 +54,10 @@ def flagging_model(box: Box, tmp: Path, version: str = "1.1.1") -> Path:
     return dst
 
 
-def send_studies(port: int, names: list[str]) -> list[str]:
-    """One CT study per patient name; returns the StudyInstanceUIDs."""
+def send_studies(port: int, names: list[str],
+                 attributes: list[dict[str, str]] | None = None) -> list[str]:
+    """One CT study per patient name (with ``attributes[i]`` set on the i-th, e.g. its
+    PatientSex and PatientAge); returns the StudyInstanceUIDs."""
     src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, src.file_meta.TransferSyntaxUID)
@@ -63,8 +65,13 @@ def send_studies(port: int, names: list[str]) -> list[str]:
     assert assoc.is_established
     uids = []
     try:
-        for name in names:
+        for n, name in enumerate(names):
             ds = copy.deepcopy(src)
+            for keyword, value in (attributes[n] if attributes else {}).items():
+                if value:
+                    setattr(ds, keyword, value)
+                elif keyword in ds:
+                    delattr(ds, keyword)
             ds.PatientName = name
             ds.PatientID = "ID-" + name.split("^")[0]
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()

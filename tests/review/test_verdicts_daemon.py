@@ -153,7 +153,8 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
         [m] = shown["models"]
         assert m["verdict"]["verdict"] == "disagreed" and m["verdict"]["via"] == "mqtt"
         assert m["verdict"]["corrected_label"] == "no_lesion"
-        assert m["subgroup"] == {"Modality": "CT"}
+        # CT_small.dcm is a patient aged 000Y of sex O: captured coarse before de-identification.
+        assert m["subgroup"] == {"Modality": "CT", "PatientAge": "0-17", "PatientSex": "O"}
         again = cli("review", "submit", ids[2], "agreed", "--config", str(box.config),
                     check=False)
         assert again.returncode != 0 and "already-reviewed" in again.stderr
