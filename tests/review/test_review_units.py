@@ -108,7 +108,7 @@ def test_patient_characteristics_are_captured_as_bands_only() -> None:
     assert subgroups.capture(ds, wanted)["PatientAge"] == "65+"
     ds.StudyDate = "20141231"
     assert subgroups.capture(ds, wanted)["PatientAge"] == "40-64"
-    ds.StudyDate, ds.PatientSex = "19000101", "male"  # before birth; not a DICOM code
+    ds.StudyDate, ds.PatientSex = "19000101", "X"  # before birth; not a DICOM code
     assert subgroups.capture(ds, wanted) == {"PatientAge": "unknown", "PatientSex": "unknown"}
     assert subgroups.capture(pydicom.Dataset(), wanted) == {"PatientAge": "unknown",
                                                             "PatientSex": "unknown"}
@@ -194,3 +194,24 @@ def test_manifest_acceptance_thresholds_are_parsed_and_checked() -> None:
         parse_manifest((text + "\n[acceptance]\nrecall = 0.9\nnpv = 1.5\n").encode())
     assert "acceptance.recall is not a metric" in str(exc.value)
     assert "acceptance.npv must be a number in (0, 1]" in str(exc.value)
+
+
+def test_fleet_reviewer_is_named_by_its_certificate_cn(tmp_path: Path) -> None:
+    """'fleet review submit' publishes on the topic of its certificate's CN and names
+    the same reviewer in the verdict; a configured name that is not the CN is refused."""
+    from agent.errors import ConfigError
+    from agent.identity.pki import issue, make_ca, write_pair
+    from fleet.review import load_reviewer
+
+    ca_key, ca = make_ca()
+    key, cert = issue(ca_key, ca, "dr.jones", client=True)
+    kp, cp = write_pair(tmp_path / "pki", "rev", key, cert)
+    ops = tmp_path / "ops.toml"
+    ops.write_text(f'[reviewer]\ncert = "{cp}"\nkey = "{kp}"\n')
+    assert load_reviewer(ops).name == "dr.jones"
+    assert load_reviewer(ops, name="dr.jones").name == "dr.jones"
+    with pytest.raises(ConfigError, match="not the CN"):
+        load_reviewer(ops, name="dr.smith")
+    ops.write_text(ops.read_text() + 'name = "dr.smith"\n')
+    with pytest.raises(ConfigError, match="not the CN"):
+        load_reviewer(ops)
