@@ -288,9 +288,12 @@ class Pipeline:
 
     def patient_subgroups(self) -> tuple[str, ...]:
         """The patient characteristics the active models' manifests name as subgroups."""
+        engine = self.engine
+        if engine is None:
+            return ()
         names: set[str] = set()
-        for a in self.engine.active_models() if self.engine is not None else ():
-            man = self.engine.manifest_of(a["name"], a["version"]) if self.engine else None
+        for a in engine.active_models():
+            man = engine.manifest_of(a["name"], a["version"])
             if man is not None:
                 names.update(x for x in man.drift.subgroup_attributes
                              if x in subgroups.PATIENT_ATTRIBUTES)
