@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from typing import Any
 
 import pydicom
@@ -23,7 +23,7 @@ from pydicom.filereader import data_element_offset_to_value
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from agent import dicomraw
+from agent import dicomraw, subgroups
 from agent.config import Config
 from agent.deid import Deidentifier, burnedin
 from agent.errors import DeidError, EdgeAgentError, StorageError
@@ -194,11 +194,16 @@ class Pipeline:
     # -- stages ------------------------------------------------------------------
 
     def deidentify(self, study: Study, originals: Originals | None = None,
+                   patients: list[dict[str, str]] | None = None,
                    ) -> tuple[DeidentifiedStudy, PhiFingerprint]:
         """Cross the PHI boundary: only pseudonyms and de-identified data come out.
 
         ``originals`` (results enabled) collects, for each instance that makes it into
-        the de-identified study, what writing a result back into the original needs."""
+        the de-identified study, what writing a result back into the original needs.
+        ``patients`` collects, per such instance, the patient characteristics the
+        active models name as subgroups, coarse (age band, sex: agent/subgroups.py),
+        read from the original before de-identification removes them."""
+        wanted = self.patient_subgroups() if patients is not None else ()
         datasets: list[pydicom.Dataset] = []
         quarantined: list[QuarantineNote] = []
         failed: list[QuarantineNote] = []
@@ -233,6 +238,7 @@ class Pipeline:
                 pixels = _detach_pixels(ds)
                 placeholder = dicomraw.raw(ds, PIXEL_DATA)
                 captured = Originals.read(ds) if originals is not None else None
+                patient = subgroups.capture(ds, wanted)
                 outcome = self.deid.deidentify(ds)
             except (InvalidDicomError, DeidError, ValueError, TypeError, KeyError,
                     AttributeError, EOFError, OSError) as exc:
@@ -261,6 +267,8 @@ class Pipeline:
             datasets.append(outcome.dataset)
             if originals is not None and captured is not None:
                 originals.add(captured)
+            if patients is not None:
+                patients.append(patient)
         if not study_ref:
             study_ref = study.study_key[:16]
         if not patient_ref:
@@ -277,6 +285,38 @@ class Pipeline:
             first_received_at=study.first_received_at, last_received_at=study.last_received_at,
         )
         return dstudy, PhiFingerprint(frozenset(phi))
+
+    def patient_subgroups(self) -> tuple[str, ...]:
+        """The patient characteristics the active models' manifests name as subgroups."""
+        engine = self.engine
+        if engine is None:
+            return ()
+        names: set[str] = set()
+        for a in engine.active_models():
+            man = engine.manifest_of(a["name"], a["version"])
+            if man is not None:
+                names.update(x for x in man.drift.subgroup_attributes
+                             if x in subgroups.PATIENT_ATTRIBUTES)
+        return tuple(sorted(names))
+
+    def with_patient_subgroups(self, r: InferenceResult,
+                               patients: Sequence[dict[str, str]]) -> InferenceResult:
+        """Each model's subgroup plus the patient characteristics its manifest names, as
+        captured from the first instance it read (box-local: the published result never
+        carries a subgroup)."""
+        if not patients or self.engine is None:
+            return r
+        models = []
+        for m in r.models:
+            man = self.engine.manifest_of(m.name, m.version)
+            wanted = [a for a in (man.drift.subgroup_attributes if man else ())
+                      if a in subgroups.PATIENT_ATTRIBUTES]
+            at = m.sources[0] if m.sources and m.sources[0] < len(patients) else 0
+            values = {a: patients[at].get(a, subgroups.UNKNOWN) for a in wanted}
+            models.append(replace(m, subgroup=tuple(sorted({**dict(m.subgroup),
+                                                            **values}.items())))
+                          if values else m)
+        return replace(r, models=tuple(models))
 
     def _decrypt(self, study: Study, inst: ReceivedInstance) -> bytearray:
         """The instance's plaintext in one buffer, filled chunk by chunk (no joined copy)."""
@@ -365,9 +405,10 @@ class Pipeline:
         log.info("processing study %s (%d instances, attempt %d)", study.ref,
                  len(study.instances), attempts)
         originals = Originals() if self.links is not None else None
-        dstudy, phi = self.deidentify(study, originals)
+        patients: list[dict[str, str]] = []
+        dstudy, phi = self.deidentify(study, originals, patients)
         with egress.watch(phi):  # an exception text quoting an original gets scrubbed too
-            result = self.infer(dstudy)
+            result = self.with_patient_subgroups(self.infer(dstudy), patients)
         # The engine audits each model run (name, version, sha256, input/output
         # hashes) and each failure itself; the pipeline audits the study outcome.
         eid, payload = self.result_payload(study, result)

@@ -179,9 +179,10 @@ class ModelOutput:
     # result objects written back into the study reference their originals.  Box-local,
     # not part of the published result.
     sources: tuple[int, ...] = ()
-    # The subgroup attributes the manifest names (drift.subgroup_attributes), as read
-    # from the de-identified instance: quasi-identifiers for the review store
-    # (agent/review/), box-local and never published.
+    # The subgroup attributes the manifest names (drift.subgroup_attributes): read from
+    # the de-identified instance, plus the patient characteristics (age band, sex) the
+    # pipeline captured coarse before de-identification (agent/subgroups.py):
+    # quasi-identifiers for the review store (agent/review/), box-local, never published.
     subgroup: tuple[tuple[str, str], ...] = ()
     # A mask model's segment on the top image (manifest [mask]): box-local, for the
     # DICOM SEG (agent/results/seg.py); never published.

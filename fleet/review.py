@@ -8,7 +8,9 @@ which of them already have a verdict.  Results are not retained by the broker:
 only) so a later ``list`` still shows them.
 
 ``submit``: a verdict (docs/schemas/verdict.schema.json) published with a
-*reviewer* certificate, the only role the broker lets write ``{box}/review``.
+*reviewer* certificate on ``{box}/review/<its CN>``, the only topic the broker lets
+that certificate write; the box takes the reviewer's identity from that level, so
+the verdict's ``source`` names the certificate's CN too.
 The broker's PUBACK reason code says whether it took it (0x87: this certificate
 may not write there); the box's acknowledgement (accepted / ignored / refused and
 why) comes back in its next telemetry, which ``submit`` waits for with the ops
@@ -42,12 +44,13 @@ NOT_AUTHORIZED = 0x87
 class Reviewer:
     cert: Path
     key: Path
-    name: str = "reviewer"
+    name: str = "reviewer"  # the certificate's CN: the topic level and the verdict's source
 
 
 def load_reviewer(ops_toml: Path, cert: Path | None = None, key: Path | None = None,
                   name: str | None = None) -> Reviewer:
-    """The reviewer identity: --cert/--key, else ops.toml's [reviewer] cert/key/name."""
+    """The reviewer identity: --cert/--key, else ops.toml's [reviewer] cert/key.  Its name
+    is the certificate's CN; a ``name`` given (--name, [reviewer] name) must be that CN."""
     table: dict[str, Any] = {}
     try:
         table = dict(tomllib.loads(ops_toml.read_text()).get("reviewer") or {})
@@ -65,10 +68,13 @@ def load_reviewer(ops_toml: Path, cert: Path | None = None, key: Path | None = N
     if c is None or k is None:
         raise ConfigError(["no reviewer certificate: give --cert and --key, or a [reviewer] "
                            "table with cert and key in the ops config"], path=str(ops_toml))
-    who = name or table.get("name")
-    if not isinstance(who, str) or not who:
-        who = _cn(c)
-    return Reviewer(c, k, who)
+    cn = _cn(c)
+    declared = name or table.get("name")
+    if isinstance(declared, str) and declared and declared != cn:
+        raise ConfigError([f"reviewer name {declared!r} is not the CN of {c} ({cn!r}): the box "
+                           "takes the reviewer's identity from the certificate; drop the name "
+                           "or use that reviewer's certificate"], path=str(ops_toml))
+    return Reviewer(c, k, cn)
 
 
 def _cn(cert: Path) -> str:
@@ -77,10 +83,16 @@ def _cn(cert: Path) -> str:
 
     try:
         c = x509.load_pem_x509_certificate(cert.read_bytes())
-        attrs = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(attrs[0].value) if attrs else "reviewer"
-    except (OSError, ValueError):
-        return "reviewer"
+    except OSError as exc:
+        raise ConfigError([f"cannot read the reviewer certificate {cert}: {exc.strerror}"],
+                          path=str(cert)) from None
+    except ValueError:
+        raise ConfigError([f"{cert} is not a PEM certificate"], path=str(cert)) from None
+    attrs = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attrs:
+        raise ConfigError([f"{cert} has no CN: a reviewer certificate's CN is its identity"],
+                          path=str(cert))
+    return str(attrs[0].value)
 
 
 def _client(s: OpsSettings, on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
@@ -260,7 +272,8 @@ def submit(s: OpsSettings, reviewer: Reviewer, box: str, result_id: str, verdict
             if not ready.wait(15) or errors:
                 raise TransportError(errors[0] if errors else "no CONNACK within 15 s")
             pub_acks: dict[int, int] = c.user_data_get()
-            mid = c.publish(f"{base}/review", json.dumps(ev).encode(), qos=1).mid
+            mid = c.publish(f"{base}/review/{reviewer.name}", json.dumps(ev).encode(),
+                            qos=1).mid
             deadline = time.monotonic() + 15
             while mid not in pub_acks and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -273,7 +286,7 @@ def submit(s: OpsSettings, reviewer: Reviewer, box: str, result_id: str, verdict
         if code == NOT_AUTHORIZED:
             raise EdgeAgentError(
                 f"the broker refused the verdict (MQTT 5 reason 0x87, not authorized): "
-                f"{reviewer.cert} is not a reviewer certificate for {box}",
+                f"{reviewer.cert} (CN {reviewer.name}) is not a reviewer certificate for {box}",
                 hint="use the certificate issued for the reviewer role (ops.toml [reviewer])")
         if code >= 0x80:
             raise EdgeAgentError(f"the broker refused the verdict (MQTT 5 reason {code:#04x})")

@@ -12,15 +12,16 @@ roles); agent.audit only inside ``record`` (reading a config must not open the l
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from agent.config import Config, ControlSettings
-from agent.errors import ConfigError, EdgeAgentError
+from agent.errors import AccessDenied, ConfigError, EdgeAgentError
 from agent.ops import control
 
 if TYPE_CHECKING:
@@ -67,6 +68,32 @@ def socket_path(config: Path | None, socket: Path | None) -> Path:
         if config is not None:
             raise
         return control.DEFAULT_SOCKET
+
+
+def ask(command: str, args: dict[str, Any], config: Path | None, socket: Path | None, *,
+        timeout: float = 60.0) -> dict[str, Any]:
+    """One control command to the running daemon (the socket found like every command
+    finds it); an operator error (exit 2), or a refused role (exit 3), never a traceback."""
+    try:
+        return control.request(socket_path(config, socket), command, args, timeout=timeout)
+    except AccessDenied as exc:
+        raise fail(exc, EXIT_DENIED) from None
+    except EdgeAgentError as exc:
+        raise fail(exc) from None
+
+
+def echo_json(data: object) -> None:
+    """A command's ``--json`` output: the daemon's answer as it came."""
+    typer.echo(json.dumps(data, indent=2))
+
+
+def age(seconds: float) -> str:
+    """How long something has waited, for a listing: minutes, hours or days."""
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
 
 
 def require_admin(cfg_control: ControlSettings, action: str) -> control.Caller:

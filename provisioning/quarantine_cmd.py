@@ -5,7 +5,6 @@ each action with the officer's Unix user).  Thin: parse, ask the daemon, print."
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
 from pathlib import Path
@@ -13,48 +12,27 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.errors import AccessDenied, EdgeAgentError
-from agent.ops import control
-from provisioning.options import ConfigOpt, JsonOpt, SocketOpt
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt, age, ask, echo_json
 from provisioning.options import fail as _fail
-from provisioning.options import socket_path as _socket_path
 
 app = typer.Typer(help="Privacy officer: review quarantined instances.", no_args_is_help=True)
 IdArg = Annotated[int, typer.Argument(help="the id from 'edge-agent quarantine list'")]
-
-
-def _ask(command: str, args: dict[str, Any], config: Path | None,
-         socket: Path | None) -> dict[str, Any]:
-    try:
-        return control.request(_socket_path(config, socket), command, args, timeout=120.0)
-    except AccessDenied as exc:
-        raise _fail(exc, 3) from None
-    except EdgeAgentError as exc:
-        raise _fail(exc) from None
-
-
-def _age(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} d"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min"
 
 
 @app.command("list")
 def q_list(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Quarantined instances, oldest first: id, pseudonymous study/instance refs, rule
     code, age (privacy role; audited).  No patient data is shown."""
-    data = _ask("quarantine.list", {}, config, socket)
+    data = ask("quarantine.list", {}, config, socket, timeout=120.0)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     items = data.get("items", [])
     typer.echo(f"{len(items)} quarantined instance(s); unreleased ones are purged after "
                f"{data.get('retention_days')} days")
     for i in items:
         typer.echo(f"  #{i['id']:<5} study {i['study']} instance {i['instance']}  "
-                   f"{i['code']}  {_age(float(i['age_s']))} old  "
+                   f"{i['code']}  {age(float(i['age_s']))} old  "
                    f"({time.strftime('%Y-%m-%d %H:%M', time.localtime(float(i['at'])))})")
     rules = data.get("rules", [])
     if rules:
@@ -77,7 +55,7 @@ def q_show(
     path = out or Path(f"quarantine-{item}.png")
     if path.exists():
         raise _fail(f"{path} exists; give another --out or remove it first")
-    data = _ask("quarantine.show", {"id": item}, config, socket)
+    data = ask("quarantine.show", {"id": item}, config, socket, timeout=120.0)
     png = base64.b64decode(str(data.get("png", "")))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -104,9 +82,9 @@ def q_release(
     args: dict[str, Any] = {"id": item, "attest_clean": attest_clean}
     if rule is not None:
         args["rule"] = rule
-    data = _ask("quarantine.release", args, config, socket)
+    data = ask("quarantine.release", args, config, socket, timeout=120.0)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     typer.echo(f"released #{item} ({data.get('how')}): result {data.get('event_id')} "
                f"({data.get('status')}) queued; the quarantined copy was purged")
@@ -116,7 +94,7 @@ def q_release(
 def q_purge(item: IdArg, config: ConfigOpt = None, socket: SocketOpt = None) -> None:
     """Crypto-shred the instance: its data key is deleted, then its file (privacy role;
     audited).  It cannot be recovered."""
-    _ask("quarantine.purge", {"id": item}, config, socket)
+    ask("quarantine.purge", {"id": item}, config, socket, timeout=120.0)
     typer.echo(f"purged #{item}: its key is deleted and it cannot be recovered")
 
 

@@ -14,50 +14,30 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.errors import AccessDenied, EdgeAgentError
-from agent.ops import control
-from provisioning.options import ConfigOpt, JsonOpt, SocketOpt
+from agent.errors import EdgeAgentError
+from provisioning.options import ConfigOpt, JsonOpt, SocketOpt, age, ask, echo_json
 from provisioning.options import fail as _fail
-from provisioning.options import socket_path as _socket_path
 
 app = typer.Typer(help="Reviewer: give verdicts on flagged results.", no_args_is_help=True)
 ResultArg = Annotated[str, typer.Argument(help="the result id from 'edge-agent review list'")]
 VERDICTS = ("agreed", "disagreed", "indeterminate")
 
 
-def _ask(command: str, args: dict[str, Any], config: Path | None,
-         socket: Path | None) -> dict[str, Any]:
-    try:
-        return control.request(_socket_path(config, socket), command, args, timeout=60.0)
-    except AccessDenied as exc:
-        raise _fail(exc, 3) from None
-    except EdgeAgentError as exc:
-        raise _fail(exc) from None
-
-
-def _age(seconds: float) -> str:
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} d"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min"
-
-
 @app.command("list")
 def r_list(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Flagged results waiting for a verdict, oldest first, with why they were flagged
     and the model's explanation (reviewer role)."""
-    data = _ask("review.list", {}, config, socket)
+    data = ask("review.list", {}, config, socket)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     items = data.get("items", [])
     b = data.get("backlog", {})
     typer.echo(f"{len(items)} result(s) wait for review; {b.get('overdue', 0)} overdue "
-               f"(escalated after {_age(float(b.get('escalate_after_s', 0)))})")
+               f"(escalated after {age(float(b.get('escalate_after_s', 0)))})")
     for i in items:
         typer.echo(f"  {i['result_id']}  {i['model']} {i['version']}  {i['finding']} "
-                   f"(confidence {i['confidence']:.2f})  {_age(float(i['age_s']))} old")
+                   f"(confidence {i['confidence']:.2f})  {age(float(i['age_s']))} old")
         for reason in i.get("reasons", []):
             typer.echo(f"      flagged: {reason}")
         if i.get("explanation"):
@@ -69,9 +49,9 @@ def r_show(result: ResultArg, config: ConfigOpt = None, socket: SocketOpt = None
            as_json: JsonOpt = False) -> None:
     """Everything the box kept of one result (reviewer role; audited).  It includes the
     subgroup attributes (age band, sex, scanner): read it on this box only."""
-    data = _ask("review.show", {"result_id": result}, config, socket)
+    data = ask("review.show", {"result_id": result}, config, socket)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     typer.echo(f"result {data['result_id']}")
     for m in data.get("models", []):
@@ -112,9 +92,9 @@ def r_submit(
     for key, value in (("model", model), ("corrected_label", corrected_label), ("note", note)):
         if value is not None:
             args[key] = value
-    data = _ask("review.submit", args, config, socket)
+    data = ask("review.submit", args, config, socket)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     typer.echo(f"verdict {verdict} on result {data.get('result_id')} ({data.get('model')} "
                f"{data.get('version')}) recorded")
@@ -133,7 +113,7 @@ def models_performance(
     from agent.review.performance import METRICS
     from agent.review.performance import markdown as to_markdown
 
-    data = _ask("models.performance", {"model": name}, config, socket)
+    data = ask("models.performance", {"model": name}, config, socket)
     if markdown is not None:
         try:
             fd = os.open(markdown, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -144,7 +124,7 @@ def models_performance(
         except OSError as exc:
             raise _fail(f"cannot write {markdown}: {exc.strerror}") from None
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     models = data.get("models", [])
     if not models:
@@ -230,7 +210,7 @@ def fleet_review_list(
     except (EdgeAgentError, OSError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(items, indent=2))
+        echo_json(items)
         return
     typer.echo(f"{len(items)} flagged result(s) of {box} without a verdict")
     for i in items:
@@ -256,9 +236,9 @@ def fleet_review_submit(
     cert: Annotated[Path | None, typer.Option("--cert", help="reviewer certificate (default: "
                                                              "ops.toml [reviewer] cert)")] = None,
     key: Annotated[Path | None, typer.Option("--key", help="its key")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="reviewer name in the verdict "
-                                                            "(default: the certificate's CN)")]
-        = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="reviewer name, checked against the certificate's CN (the box takes "
+                       "the reviewer's identity from the certificate)")] = None,
     wait_ack: Annotated[float, typer.Option(help="seconds to wait for the box's "
                                                  "acknowledgement (0: do not wait)")] = 30.0,
     cache: CacheOpt = None,
@@ -280,7 +260,7 @@ def fleet_review_submit(
     except (EdgeAgentError, OSError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(out, indent=2))
+        echo_json(out)
     ack = out.get("ack")
     if not as_json:
         if wait_ack <= 0:

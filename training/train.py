@@ -464,7 +464,10 @@ input_edges = {_fl(input_edges)}
 input_reference = {_fl(input_ref)}
 output_edges = {_fl(OUTPUT_EDGES)}
 output_reference = {_fl(output_ref)}
-subgroup_attributes = ["Modality"]
+# Modality from the de-identified instance; age band (0-17/18-39/40-64/65+) and sex
+# (M/F/O) captured coarse before de-identification, for per-subgroup performance on
+# the box only (agent/subgroups.py): the model never sees them.
+subgroup_attributes = ["Modality", "PatientAge", "PatientSex"]
 
 [acceptance]
 # Measured on the box from reviewers' verdicts: the held-out figure less ~0.05.
@@ -613,7 +616,10 @@ every probability inside the review band goes to review (`review_if_positive`,
 What the box compares reviewers' verdicts with (manifest `[acceptance]`, see
 docs/models.md, "Performance measured on the box"): an alert when the 95 % Wilson
 interval of the model, or of one of its subgroups (`drift.subgroup_attributes`:
-Modality), lies wholly below the value.
+Modality, age band 0-17/18-39/40-64/65+ and sex, the last two captured coarse
+before de-identification and never shown to the model), lies wholly below the
+value. The synthetic validation set has no patients, so it gives no per-age or
+per-sex figures: those are measured on the box only.
 
 | metric | acceptance | validation figure (held-out, per image) |
 |---|---|---|

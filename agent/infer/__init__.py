@@ -2,7 +2,8 @@
 explanations, uncertainty and drift aggregates.  See docs/models.md.
 
 May import: agent.crypto, agent.errors, agent.types, agent.dicomraw, agent.pixelbound,
-agent.uplink.vocabulary (the fixed words a finding or failure may use). Sees only de-identified data sets.
+agent.uplink.vocabulary (the fixed words a finding or failure may use),
+agent.subgroups (which subgroup attributes are captured before de-identification). Sees only de-identified data sets.
 """
 
 from agent.infer.engine import InferenceEngine, InferenceSettings

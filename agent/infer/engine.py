@@ -436,7 +436,7 @@ class InferenceEngine:
             where.append((img.instance, img.frame, (img.pixels.shape[0], img.pixels.shape[1])))
             if not subgroup:
                 subgroup = {a: str(img.attrs.get(a, "unknown"))
-                            for a in m.drift.subgroup_attributes}
+                            for a in m.drift.instance_subgroups}
             pre_s += time.perf_counter() - t1
         if not tensors:
             raise ModelError("no decodable image among the applicable instances",
@@ -542,7 +542,7 @@ class InferenceEngine:
             decode_s += time.perf_counter() - t0
             if not subgroup:
                 subgroup.update({a: str(img.attrs.get(a, "unknown"))
-                                 for a in m.drift.subgroup_attributes})
+                                 for a in m.drift.instance_subgroups})
             if time.monotonic() > deadline:  # decoding a long series counts against the budget
                 raise ModelTimeout(f"inference timed out after "
                                    f"{self._settings.timeout_seconds:.1f}s while assembling")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.errors import ModelError
+from agent.subgroups import PATIENT_ATTRIBUTES
 
 Activation = Literal["softmax", "sigmoid", "none"]
 Aggregation = Literal["max", "mean", "noisy_or"]
@@ -121,6 +122,13 @@ class DriftReference:
     output_edges: tuple[float, ...]
     output_reference: tuple[float, ...]
     subgroup_attributes: tuple[str, ...]
+
+    @property
+    def instance_subgroups(self) -> tuple[str, ...]:
+        """The subgroup attributes read from the de-identified instance (the engine's and
+        the drift monitor's): all but the patient characteristics, which the pipeline
+        captures coarse before de-identification for the review store only."""
+        return tuple(a for a in self.subgroup_attributes if a not in PATIENT_ATTRIBUTES)
 
 
 @dataclass(frozen=True)
@@ -335,8 +343,11 @@ def parse_manifest(raw: bytes, *, source: str = "manifest.toml") -> Manifest:
     attributes = r.strings(inputs, "inputs", "attributes")
     subgroups = r.strings(drift, "drift", "subgroup_attributes")
     for attr in subgroups:
-        if attr not in attributes:
-            r.problems.append(f"drift.subgroup_attributes {attr!r} is not in inputs.attributes")
+        # Patient characteristics are captured before de-identification, coarse, for the
+        # review store only (agent/subgroups.py): the model never sees them.
+        if attr not in attributes and attr not in PATIENT_ATTRIBUTES:
+            r.problems.append(f"drift.subgroup_attributes {attr!r} is not in inputs.attributes "
+                              f"(nor one of {', '.join(PATIENT_ATTRIBUTES)})")
     sha = r.get(model, "model", "sha256", str, "")
     if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
         r.problems.append("model.sha256 must be 64 lowercase hex digits")

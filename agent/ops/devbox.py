@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.crypto import write_secret_file
 from agent.identity.pki import issue, load_cert, load_key, make_ca, write_pair
-from agent.uplink.inbound import INBOUND_CHANNELS, OUTBOUND_CHANNELS
+from agent.uplink.inbound import INBOUND_CHANNELS, OUTBOUND_CHANNELS, topic_filter
 
 DEV_SITE = "dev-site"
 DEV_DEVICE = "dev-box"
@@ -61,15 +61,23 @@ OPS_IDENTITIES = ("ops", "ops-sub", "ops-2")
 # Reviewers: certificates that may write verdicts to the boxes' review topics and do
 # nothing else (no read, no other topic): a reviewer reads flagged results through
 # central ops' view ('fleet review list', an ops certificate).
-REVIEWER_IDENTITIES = ("reviewer",)
+REVIEWER_IDENTITIES = ("reviewer", "reviewer-2")
 
 
 def reviewer_acl(prefix: str, cn: str, boxes: str = "+/+") -> str:
-    """The ACL entry of one reviewer certificate: write on review topics only.
+    """The ACL entry of one reviewer certificate: write on its own review topics only.
 
-    ``boxes`` is ``site/device`` of one box, or ``+/+`` for every box under the prefix
-    (mosquitto matches the wildcards per level, so no other channel is reachable)."""
-    return f"user {cn}\ntopic write {prefix}/{boxes}/review\n"
+    The topic's last level is the certificate's CN (the broker's MQTT user): the box
+    takes the reviewer's identity from it, so a reviewer cannot send a verdict in
+    another reviewer's name.  One ``user`` entry per reviewer rather than one
+    ``pattern write {prefix}/+/+/review/%u``: mosquitto applies a pattern to every
+    user, so it would let every certificate of the CA (a box's, an ops dashboard's)
+    write a review topic of its own CN.  ``boxes`` is ``site/device`` of one box, or
+    ``+/+`` for every box under the prefix (mosquitto matches the wildcards per level,
+    so no other channel is reachable)."""
+    if not cn or any(ch in cn for ch in "/+#\0") or not cn.isprintable():
+        raise ValueError(f"reviewer CN {cn!r} cannot be a topic level")
+    return f"user {cn}\ntopic write {prefix}/{boxes}/review/{cn}\n"
 
 
 # Central ops' rollout tool: writes signed documents and package chunks to the boxes'
@@ -92,7 +100,7 @@ def device_acl(prefix: str, site: str, device: str) -> str:
     base = f"{prefix}/{site}/{device}"
     lines = [f"user {site}.{device}"]
     lines += [f"topic write {base}/{ch}" for ch in OUTBOUND_CHANNELS]
-    lines += [f"topic read {base}/{ch}" for ch in INBOUND_CHANNELS]
+    lines += [f"topic read {topic_filter(base, ch)}" for ch in INBOUND_CHANNELS]
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +138,8 @@ def provision_dev(root: Path, *, dicom_port: int = 11112, mqtt_port: int = 8883,
         "ops-2": dict(cn="ops-2", client=True),
         # A central reviewer: writes verdicts to the review topics, nothing else.
         "reviewer": dict(cn="reviewer", client=True),
+        # A second reviewer: each may write only its own review topic (reviewer_acl).
+        "reviewer-2": dict(cn="reviewer-2", client=True),
         # Writes deployment documents and package chunks (docs/fleet.md, "Deployments").
         DEPLOYER: dict(cn=DEPLOYER, client=True),
         "dicom": dict(cn="edge-agent-dicom", server=True, dns=("localhost",), ips=("127.0.0.1",)),
@@ -217,9 +227,9 @@ checkpoint_seconds = 30
         "# device: writes its own outbound topics, reads its own inbound ones\n" + device_acl("edge", DEV_SITE, DEV_DEVICE) + "\n"
         "# central ops: read everything under the prefix except verdicts in transit (a\n"
         "# reviewer's note is for the box only), write nothing\n"
-        + "".join(f"user {cn}\ntopic deny edge/+/+/review\ntopic read edge/#\n"
+        + "".join(f"user {cn}\ntopic deny edge/+/+/review/#\ntopic read edge/#\n"
                   for cn in OPS_IDENTITIES)
-        + "# reviewers: write verdicts to the review topics, read nothing\n"
+        + "# reviewers: write verdicts to their own review topics (.../review/<CN>), read nothing\n"
         + "".join(reviewer_acl("edge", cn) for cn in REVIEWER_IDENTITIES)
         + "# central ops' rollouts: write deployments topics, read job states and presence\n"
         + deployer_acl("edge")

@@ -9,6 +9,7 @@ per model version and subgroup counts, sensitivity, specificity, PPV, NPV and
 agreement with Wilson intervals, k-suppressed, and the alerts on them.
 
 May import: agent.config, agent.crypto, agent.errors, agent.fileperm, agent.types,
+agent.subgroups (coarse subgroup values),
 agent.infer.manifest (thresholds, subgroup attributes), agent.ops (control command
 shapes, the test-mode guard), agent.uplink's cloudevents and inbound (the verdict
 envelope and the inbound channel). Must not import the DICOM node, agent.store,

@@ -25,33 +25,24 @@ Alerts (on published cells only):
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import subgroups
 from agent.review.stats import Proportion, interval_gap, wilson
 from agent.review.store import Joined
 
 METRICS = ("sensitivity", "specificity", "ppv", "npv", "agreement")
 OTHER = "other"
-_AGE = re.compile(r"^(\d{3})([DWMY])$")
 
 
 def band(attribute: str, value: str) -> str:
-    """What a subgroup value becomes before it is stored: ages in decades (a DICOM
-    Age String 045Y -> 40-49y), other values trimmed to 64 printable characters."""
-    if attribute == "PatientAge":
-        m = _AGE.match(value.strip())
-        if m is None:
-            return "unknown"
-        n, unit = int(m.group(1)), m.group(2)
-        years = n if unit == "Y" else 0
-        lo = (years // 10) * 10
-        return f"{lo}-{lo + 9}y"
-    cleaned = "".join(ch for ch in value if ch.isprintable()).strip()
-    return cleaned[:64] or "unknown"
+    """What a subgroup value becomes before it is stored (agent/subgroups.py): ages in
+    bands (0-17, 18-39, 40-64, 65+), sex M/F/O/unknown, other values trimmed to 64
+    printable characters."""
+    return subgroups.coarse(attribute, value)
 
 
 @dataclass

@@ -60,8 +60,12 @@ class ReviewService:
         self._acks: deque[dict[str, Any]] = deque(maxlen=MAX_ACKS)
         self.counters = {"accepted": 0, "ignored": 0, "refused": 0, "record_failures": 0}
         self._perf: tuple[dict[str, Any], list[performance.Alert]] | None = None
-        self._perf_at: tuple[int, int] = (0, -1)  # (accepted verdicts, day) it was computed at
+        # (verdicts stored, day) it was computed at: counted by the store with the rows it
+        # read, so each published change covers at least k verdicts (not the accepted
+        # counter, which a verdict stored while the rows are read has not reached yet).
+        self._perf_at: tuple[int, int] = (0, -1)
         self._alerted: set[tuple[str, ...]] = set()
+        self._perf_lock = threading.Lock()
 
     # -- results in ----------------------------------------------------------------
     def record(self, result_id: str, result: InferenceResult, now: float | None = None) -> None:
@@ -88,12 +92,16 @@ class ReviewService:
 
     # -- verdicts in ---------------------------------------------------------------
     def on_message(self, msg: InboundMessage) -> None:
-        """A verdict from the review topic (paho's thread): quick, durable, never raises."""
+        """A verdict from a review topic (paho's thread): quick, durable, never raises.
+
+        The reviewer is the topic's last level (the broker lets a reviewer certificate
+        write only the topic of its own CN), whatever the message declares: refusals
+        are audited under that identity too."""
         try:
             try:
-                parsed = verdicts.parse(msg.payload, self.box)
+                parsed = verdicts.parse(msg.payload, self.box, reviewer=msg.sender)
             except VerdictRefused as exc:
-                self._refused(exc, None, via="mqtt", reviewer="unknown")
+                self._refused(exc, None, via="mqtt", reviewer=msg.sender)
                 return
             self.take(parsed, via="mqtt")
         except VerdictRefused:
@@ -187,7 +195,7 @@ class ReviewService:
 
     def _refused(self, exc: VerdictRefused, m: verdicts.VerdictMessage | None, *, via: str,
                  reviewer: str) -> None:
-        details: dict[str, object] = {"refused": exc.code, "via": via,
+        details: dict[str, object] = {"refused": exc.code, "via": via, "reviewer": reviewer,
                                       "verdict_id": exc.verdict_id, "result_id": exc.result_id}
         if m is not None:
             details |= self._details(m, via)
@@ -262,14 +270,23 @@ class ReviewService:
             log.exception("review escalation check failed")
 
     def performance(self, now: float | None = None) -> dict[str, Any]:
-        """The ``performance`` telemetry section (aggregates only); new alerts audited."""
+        """The ``performance`` telemetry section (aggregates only); new alerts audited.
+
+        One computation at a time (the telemetry thread and ``models performance``):
+        two at once could leave an older section cached after a newer one went out."""
+        with self._perf_lock:
+            return self._performance(now)
+
+    def _performance(self, now: float | None) -> dict[str, Any]:
         now = now or time.time()
+        day = int(now // PERFORMANCE_EVERY)
         with self._lock:
-            key = (self.counters["accepted"], int(now // PERFORMANCE_EVERY))
-            if (self._perf is not None and key[1] == self._perf_at[1]
-                    and key[0] - self._perf_at[0] < self.settings.min_verdicts):
+            if (self._perf is not None and day == self._perf_at[1]
+                    and self.store.added - self._perf_at[0] < self.settings.min_verdicts):
                 return self._perf[0]
-        rows = list(self.store.joined(now - max(self.settings.windows_days) * 86400.0))
+        added, joined = self.store.joined_counted(
+            now - max(self.settings.windows_days) * 86400.0)
+        rows = list(joined)
         by_window = {d: [j for j in rows if j.verdict.at >= now - d * 86400.0]
                      for d in self.settings.windows_days}
         thresholds: dict[tuple[str, str], dict[str, float]] = {}
@@ -288,7 +305,7 @@ class ReviewService:
                             details=a.as_json())
                 log.warning("performance alert: %s", a.sentence())
         with self._lock:
-            self._perf, self._perf_at = (section, alerts), key
+            self._perf, self._perf_at = (section, alerts), (added, day)
         return section
 
     def expire(self) -> int:

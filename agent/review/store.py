@@ -124,6 +124,9 @@ class ReviewStore:
     def __init__(self, path: Path, kek: KeyEncryptionKey) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
+        # Verdicts stored since this process opened the store: what the performance
+        # section's step gate counts (agent/review/service.py), read with the rows.
+        self.added = 0
         self._db = sqlite3.connect(private_db(path), check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -229,18 +232,29 @@ class ReviewStore:
                 "INSERT OR IGNORE INTO verdicts (result_id, model, verdict_id, verdict, "
                 "reviewer, via, at, sealed) VALUES (?,?,?,?,?,?,?,?)",
                 (v.result_id, v.model, v.verdict_id, v.verdict, v.reviewer, v.via, v.at, blob))
+            if cur.rowcount == 1:
+                self.added += 1
             return cur.rowcount == 1
 
     def joined(self, since: float = 0.0) -> Iterator[Joined]:
         """Results with their verdicts, for verdicts given at or after ``since``."""
+        return self.joined_counted(since)[1]
+
+    def joined_counted(self, since: float = 0.0) -> tuple[int, Iterator[Joined]]:
+        """``joined`` and ``added`` as of the same moment: the rows hold exactly the
+        verdicts stored up to that count (a verdict stored meanwhile is in neither)."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._COLS}, v.verdict_id, v.verdict, v.reviewer, v.via, v.at, "
                 "v.sealed FROM results r JOIN verdicts v ON v.result_id = r.result_id "
                 "AND v.model = r.model WHERE v.at >= ? ORDER BY v.at", (since,)).fetchall()
-        for row in rows:
-            rec = self._record(row[:6])
-            yield Joined(rec, self._verdict(rec.result_id, rec.model, row[6:]))
+            added = self.added
+
+        def unsealed() -> Iterator[Joined]:
+            for row in rows:
+                rec = self._record(row[:6])
+                yield Joined(rec, self._verdict(rec.result_id, rec.model, row[6:]))
+        return added, unsealed()
 
     # -- upkeep --------------------------------------------------------------------
     def expire(self, retention_days: int, now: float | None = None) -> int:

@@ -2,10 +2,13 @@
 
 A verdict arrives as a CloudEvents 1.0 envelope (docs/schemas/verdict.schema.json,
 a copy of ``schemas/verdict.schema.json`` here, which the box validates against
-with ``jsonschema``).  Who may send one is decided twice: the broker lets only
-certificates of the reviewer role write ``{base}/review`` (MQTT 5 reason 0x87 for
-anyone else), and the box refuses an envelope whose ``source`` does not name a
-reviewer or whose ``box`` is another box (a verdict copied between boxes).
+with ``jsonschema``).  Who may send one is decided twice: the broker lets a reviewer
+certificate write only ``{base}/review/<its CN>``, and nobody else any review topic
+(MQTT 5 reason 0x87), so the topic's last level is the reviewer's identity, bound to
+the certificate; the box refuses an envelope whose ``source`` does not name a
+reviewer, names another reviewer than the topic (``wrong-reviewer``: one reviewer
+writing in another's name), or whose ``box`` is another box (a verdict copied
+between boxes).
 
 Refusals carry a code from ``REFUSALS``: the acknowledgement and the audit record
 name it, never the message's text.
@@ -34,6 +37,7 @@ REFUSALS: dict[str, str] = {
     "too-large": "over the inbound size bound (agent/uplink/inbound.py): dropped unread",
     "invalid": "does not match the verdict schema",
     "wrong-role": "the source is not a reviewer",
+    "wrong-reviewer": "the source names another reviewer than the certificate that sent it",
     "wrong-box": "the verdict names another box",
     "unknown-result": "no result with this id waits on this box",
     "unknown-model": "the result has no output of this model (or several: name one)",
@@ -90,8 +94,11 @@ def schema_problems(ev: Any) -> list[str]:
                   for e in _validator().iter_errors(ev))
 
 
-def parse(payload: bytes, box: str) -> VerdictMessage:
-    """Validate one message for ``box`` (site/device); raise VerdictRefused saying why."""
+def parse(payload: bytes, box: str, reviewer: str | None = None) -> VerdictMessage:
+    """Validate one message for ``box`` (site/device); raise VerdictRefused saying why.
+
+    ``reviewer``: the identity the message came with (the review topic's last level, the
+    publishing certificate's CN); the ``source`` must name the same reviewer."""
     try:
         ev = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
@@ -104,6 +111,9 @@ def parse(payload: bytes, box: str) -> VerdictMessage:
     source = ev.get("source")
     if isinstance(source, str) and not source.startswith(SOURCE_PREFIX):
         raise VerdictRefused("wrong-role", verdict_id=vid, result_id=rid)
+    if (reviewer is not None and isinstance(source, str)
+            and source[len(SOURCE_PREFIX):] != reviewer):
+        raise VerdictRefused("wrong-reviewer", verdict_id=vid, result_id=rid)
     problems = schema_problems(ev)
     if problems:
         raise VerdictRefused("invalid", "; ".join(problems[:5]), verdict_id=vid, result_id=rid)

@@ -30,6 +30,7 @@ from agent.deid import Deidentifier, PixelCleanRule, burnedin
 from agent.errors import DeidError, EdgeAgentError
 from agent.pipeline import parse_instance
 from agent.store.quarantine import Item, Quarantine
+from agent.subgroups import capture
 from agent.types import DeidentifiedStudy, InferenceResult, PhiFingerprint
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
                                   "--attest-clean records that you checked the pixels")
     item = q.get(item_id)
     ds = parse_instance(q.read(item_id))
+    # Age band and sex for the review store, from the original, as the pipeline does.
+    patient = capture(ds, d.pipeline.patient_subgroups())
     if rule is not None:
         rules = configured_rules(d)
         if not 1 <= rule <= len(rules):
@@ -144,7 +147,8 @@ def release(d: Daemon, item_id: int, *, rule: int | None, attest: bool) -> Relea
         method=d.deidentifier.describe(), options=tuple(sorted(d.cfg.deid.options)),
         received_instances=1, first_received_at=now, last_received_at=now)
     phi = PhiFingerprint(frozenset(outcome.phi))
-    result: InferenceResult = d.pipeline.infer(dstudy)
+    result: InferenceResult = d.pipeline.with_patient_subgroups(d.pipeline.infer(dstudy),
+                                                                 [patient])
     eid, payload = d.pipeline.payload_for(item.study_key, f"released:{item.instance_key}",
                                           result, linked=False)  # no link: not delivered
     d.outbox.enqueue("results", eid, payload, phi)

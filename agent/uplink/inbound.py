@@ -1,11 +1,17 @@
 """The box's inbound MQTT topics: what central ops may send back, and who handles it.
 
 Everything the box publishes is outbound (status, results, telemetry, audit,
-jobs).  Two topics come back in (DESIGN.md, "back into the box"): reviewers'
-verdicts on ``{base}/review`` and signed deployment documents on
+jobs).  Two channels come back in (DESIGN.md, "back into the box"): reviewers'
+verdicts on ``{base}/review/<reviewer>`` and signed deployment documents on
 ``{base}/deployments``.  The broker decides who may write them (the ACL gives
 each role's certificates its own inbound topic); this module only routes what
 arrives on the publisher's connection to the stage that owns the channel.
+
+A verdict's topic has one level more, the sender: the broker takes the MQTT user
+from the certificate CN (``use_identity_as_username``) and lets a reviewer
+certificate write only ``{base}/review/<its CN>``.  The box cannot see the
+certificate that published a message, but it sees the topic the broker let it
+write, so that level is the reviewer's identity (``InboundMessage.sender``).
 
 Why a router of its own: the publisher owns the one MQTT session (clean_start
 false, a session that outlives reconnects, so QoS 1 messages sent while the
@@ -32,6 +38,13 @@ log = logging.getLogger(__name__)
 # the broker ACL (agent/ops/devbox.py, docs/fleet.md) is written from these.
 INBOUND_CHANNELS = ("review", "deployments")
 OUTBOUND_CHANNELS = ("status", "results", "telemetry", "audit", "jobs")
+# Inbound channels whose topic ends in the sender's identity (one more level).
+PER_SENDER_CHANNELS = ("review",)
+
+
+def topic_filter(base: str, channel: str) -> str:
+    """What the box subscribes to (and the ACL lets it read) for one inbound channel."""
+    return f"{base}/{channel}/+" if channel in PER_SENDER_CHANNELS else f"{base}/{channel}"
 
 # An inbound payload bigger than this is dropped unread (a deployment document or
 # a verdict is a few kB; package chunks are bounded by their own protocol).
@@ -47,6 +60,9 @@ class InboundMessage:
     payload: bytes
     received_at: float
     retained: bool = False
+    # The topic's last level on a per-sender channel: the publishing certificate's CN
+    # as the broker's ACL bound it; "" on the other channels.
+    sender: str = ""
 
 
 Handler = Callable[[InboundMessage], None]
@@ -89,7 +105,8 @@ class Inbound:
     def subscriptions(self) -> list[tuple[str, int]]:
         """(topic, qos) pairs the publisher subscribes to after every CONNACK."""
         with self._lock:
-            return [(f"{self._base}/{ch}", qos) for ch, (_h, qos) in sorted(self._handlers.items())]
+            return [(topic_filter(self._base, ch), qos)
+                    for ch, (_h, qos) in sorted(self._handlers.items())]
 
     def dispatch(self, topic: str, payload: bytes | bytearray, *, retained: bool = False) -> bool:
         """Hand one message to its channel's handler; never raises (paho's callback thread).
@@ -98,9 +115,13 @@ class Inbound:
         a verdict's free text or a document's content never reaches the log here.
         """
         self.counters.received += 1
-        channel = topic[len(self._base) + 1:] if topic.startswith(self._base + "/") else ""
+        rest = topic[len(self._base) + 1:] if topic.startswith(self._base + "/") else ""
+        channel, _, sender = rest.partition("/")
         with self._lock:
             entry = self._handlers.get(channel)
+        per_sender = channel in PER_SENDER_CHANNELS
+        if (sender == "" or "/" in sender) if per_sender else sender != "":
+            entry = None  # a sender level where none belongs, or none where one must be
         if entry is None:
             self.counters.dropped += 1
             log.warning("inbound message on an unexpected topic dropped (%d bytes)", len(payload))
@@ -118,7 +139,7 @@ class Inbound:
                     log.exception("inbound %s refusal report failed", channel)
             return False
         msg = InboundMessage(channel=channel, topic=topic, payload=bytes(payload),
-                             received_at=time.time(), retained=retained)
+                             received_at=time.time(), retained=retained, sender=sender)
         try:
             entry[0](msg)
         except Exception:  # noqa: BLE001 - a handler bug must not kill the MQTT loop

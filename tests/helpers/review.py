@@ -54,8 +54,10 @@ def flagging_model(box: Box, tmp: Path, version: str = "1.1.1") -> Path:
     return dst
 
 
-def send_studies(port: int, names: list[str]) -> list[str]:
-    """One CT study per patient name; returns the StudyInstanceUIDs."""
+def send_studies(port: int, names: list[str],
+                 attributes: list[dict[str, str]] | None = None) -> list[str]:
+    """One CT study per patient name (with ``attributes[i]`` set on the i-th, e.g. its
+    PatientSex and PatientAge); returns the StudyInstanceUIDs."""
     src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, src.file_meta.TransferSyntaxUID)
@@ -63,8 +65,13 @@ def send_studies(port: int, names: list[str]) -> list[str]:
     assert assoc.is_established
     uids = []
     try:
-        for name in names:
+        for n, name in enumerate(names):
             ds = copy.deepcopy(src)
+            for keyword, value in (attributes[n] if attributes else {}).items():
+                if value:
+                    setattr(ds, keyword, value)
+                elif keyword in ds:
+                    delattr(ds, keyword)
             ds.PatientName = name
             ds.PatientID = "ID-" + name.split("^")[0]
             ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
@@ -78,23 +85,33 @@ def send_studies(port: int, names: list[str]) -> list[str]:
 
 
 class ReviewerClient:
-    """A reviewer's MQTT 5 client (the dev box's reviewer certificate)."""
+    """A reviewer's MQTT 5 client (a dev box reviewer certificate, whose CN is its stem).
 
-    def __init__(self, box: Box, stem: str = "reviewer", client_id: str = "reviewer") -> None:
+    It writes its own review topic (``{box}/review/<CN>``, the only one the broker's ACL
+    lets it write) unless the test names another (``as_cn``) to be refused."""
+
+    def __init__(self, box: Box, stem: str = "reviewer", client_id: str | None = None) -> None:
+        self.cn = stem
         self.client = mqtt_client(box, box.pki / f"{stem}.pem", box.pki / f"{stem}.key",
-                                  client_id)
+                                  client_id or stem)
 
-    def send(self, ev: dict[str, Any] | bytes) -> int:
+    def send(self, ev: dict[str, Any] | bytes, *, as_cn: str | None = None) -> int:
         payload = ev if isinstance(ev, bytes) else json.dumps(ev).encode()
-        return publish_acked(self.client, f"{TOPIC}/review", payload)
+        return publish_acked(self.client, review_topic(as_cn or self.cn), payload)
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
 
 
-def verdict(result_id: str, what: str = "agreed", **kw: Any) -> dict[str, Any]:
-    return verdicts.build(reviewer="reviewer", box=BOX, result_id=result_id, verdict=what, **kw)
+def review_topic(cn: str) -> str:
+    """The review topic of the reviewer whose certificate CN is ``cn``."""
+    return f"{TOPIC}/review/{cn}"
+
+
+def verdict(result_id: str, what: str = "agreed", *, reviewer: str = "reviewer",
+            **kw: Any) -> dict[str, Any]:
+    return verdicts.build(reviewer=reviewer, box=BOX, result_id=result_id, verdict=what, **kw)
 
 
 def acks(ops: Subscriber) -> list[dict[str, Any]]:

@@ -15,7 +15,11 @@ def test_demo_manifest_parses() -> None:
     m = load_manifest(DEMO / "manifest.toml")
     assert m.name == "lesion-demo" and m.decision.positive_label == "lesion"
     assert m.preprocessing.resize == (64, 64)
-    assert set(m.drift.subgroup_attributes) <= set(m.attributes)
+    assert set(m.drift.instance_subgroups) <= set(m.attributes)
+    # Age band and sex: subgroups captured before de-identification, never model inputs.
+    assert set(m.drift.subgroup_attributes) - set(m.drift.instance_subgroups) == {
+        "PatientAge", "PatientSex"}
+    assert not {"PatientAge", "PatientSex"} & set(m.attributes)
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -23,7 +27,8 @@ def test_every_problem_is_reported_at_once() -> None:
     text = text.replace('positive_label = "lesion"', 'positive_label = "tumour"')
     text = text.replace("channels = 1", "channels = 2")
     text = text.replace('activation = "softmax"', 'activation = "relu"')
-    text = text.replace('subgroup_attributes = ["Modality"]', 'subgroup_attributes = ["PatientID"]')
+    text = text.replace('subgroup_attributes = ["Modality", "PatientAge", "PatientSex"]',
+                        'subgroup_attributes = ["PatientID", "PatientAge"]')
     with pytest.raises(ModelError) as err:
         parse_manifest(text.encode())
     message = str(err.value)

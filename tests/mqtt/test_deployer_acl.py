@@ -20,7 +20,8 @@ def test_deployer_writes_deployments_topics_only(box: Box, broker: Broker) -> No
     try:
         for topic in ("edge/dev-site/dev-box/deployments", "edge/other-site/box-9/deployments"):
             assert publish_acked(c, topic, b"{}") in (0, 0x10), topic
-        for topic in ("edge/dev-site/dev-box/review", "edge/dev-site/dev-box/results",
+        for topic in ("edge/dev-site/dev-box/review", "edge/dev-site/dev-box/review/deployer",
+                      "edge/dev-site/dev-box/results",
                       "edge/dev-site/dev-box/status", "edge/dev-site/dev-box/jobs",
                       "edge/dev-site/dev-box/deployments/extra"):
             assert publish_acked(c, topic, b"{}") == 0x87, topic

@@ -34,6 +34,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "agent.errors": ("agent.",),
     "agent.types": ("agent.",),
     "agent.dicomraw": ("agent.",),
+    "agent.subgroups": ("agent.",),
     "agent.crypto": ("agent.",),
     "agent": ("fleet", "provisioning"),
     "fleet": ("agent.store", "agent.deid", "agent.infer", "agent.results", "agent.ops",

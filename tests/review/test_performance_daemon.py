@@ -124,7 +124,8 @@ def test_planted_subgroup_alert_small_subgroup_suppressed_no_phi(
     assert model["version"] == "1.1.1" and model["overall"]["verdicts"] == len(sent)
     cells = {f"{s['attribute']}={s['value']}": s for s in model["subgroups"]}
     assert set(cells) == {"Modality=CT", "Modality=DX"}  # 3 canary verdicts: suppressed
-    assert model["suppressed_subgroups"] == 1
+    # ... and so are the one real study's age band and sex (seeded results have none).
+    assert model["suppressed_subgroups"] == 3
     dx = cells["Modality=DX"]
     assert (dx["tp"], dx["fn"], dx["tn"], dx["fp"]) == (30, 18, 12, 0)
     assert dx["sensitivity"]["ci95"][1] < 0.8  # wholly below the manifest's threshold

@@ -10,8 +10,10 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from agent import subgroups
 from agent.config import duration_seconds
 from agent.crypto import KeyEncryptionKey
 from agent.review import performance, seed, verdicts
@@ -86,11 +88,30 @@ def test_corrected_label_sets_the_truth_and_alerts_name_the_subgroup() -> None:
     assert "| Modality=DX |" in md and "below-threshold" in md
 
 
-def test_age_is_kept_in_decades() -> None:
-    assert performance.band("PatientAge", "045Y") == "40-49y"
-    assert performance.band("PatientAge", "006M") == "0-9y"
+def test_subgroup_values_are_stored_coarse() -> None:
+    assert performance.band("PatientAge", "045Y") == "40-64"
+    assert performance.band("PatientAge", "006M") == "0-17"
+    assert performance.band("PatientAge", "65+") == "65+"  # captured coarse already
     assert performance.band("PatientAge", "old") == "unknown"
+    assert performance.band("PatientSex", "f ") == "F"
+    assert performance.band("PatientSex", "X") == "unknown"
     assert performance.band("Manufacturer", "  ACME\x00 ") == "ACME"
+
+
+def test_patient_characteristics_are_captured_as_bands_only() -> None:
+    ds = pydicom.Dataset()
+    ds.PatientAge, ds.PatientSex, ds.PatientBirthDate = "017Y", "F", "19500101"
+    wanted = ("Modality", "PatientAge", "PatientSex")
+    assert subgroups.capture(ds, wanted) == {"PatientAge": "0-17", "PatientSex": "F"}
+    del ds.PatientAge  # from the birth date against the study's date, to the day
+    ds.StudyDate = "20150101"
+    assert subgroups.capture(ds, wanted)["PatientAge"] == "65+"
+    ds.StudyDate = "20141231"
+    assert subgroups.capture(ds, wanted)["PatientAge"] == "40-64"
+    ds.StudyDate, ds.PatientSex = "19000101", "X"  # before birth; not a DICOM code
+    assert subgroups.capture(ds, wanted) == {"PatientAge": "unknown", "PatientSex": "unknown"}
+    assert subgroups.capture(pydicom.Dataset(), wanted) == {"PatientAge": "unknown",
+                                                            "PatientSex": "unknown"}
 
 
 def test_verdict_schema_is_the_published_one_and_refusals_carry_codes() -> None:
@@ -109,6 +130,11 @@ def test_verdict_schema_is_the_published_one_and_refusals_carry_codes() -> None:
         with pytest.raises(verdicts.VerdictRefused) as exc:
             verdicts.parse(payload, "s/other" if code == "wrong-box" else "s/d")
         assert exc.value.code == code
+    # The identity the topic bound (the certificate's CN) must be the one the source names.
+    assert verdicts.parse(json.dumps(ok).encode(), "s/d", reviewer="dr.who").reviewer == "dr.who"
+    with pytest.raises(verdicts.VerdictRefused) as exc:
+        verdicts.parse(json.dumps(ok).encode(), "s/d", reviewer="dr.no")
+    assert (exc.value.code, exc.value.verdict_id) == ("wrong-reviewer", ok["id"])
     with pytest.raises(verdicts.VerdictRefused) as exc:
         verdicts.parse(json.dumps({**ok, "data": {**ok["data"], "extra": 1}}).encode(), "s/d")
     assert exc.value.verdict_id == ok["id"]
@@ -168,3 +194,24 @@ def test_manifest_acceptance_thresholds_are_parsed_and_checked() -> None:
         parse_manifest((text + "\n[acceptance]\nrecall = 0.9\nnpv = 1.5\n").encode())
     assert "acceptance.recall is not a metric" in str(exc.value)
     assert "acceptance.npv must be a number in (0, 1]" in str(exc.value)
+
+
+def test_fleet_reviewer_is_named_by_its_certificate_cn(tmp_path: Path) -> None:
+    """'fleet review submit' publishes on the topic of its certificate's CN and names
+    the same reviewer in the verdict; a configured name that is not the CN is refused."""
+    from agent.errors import ConfigError
+    from agent.identity.pki import issue, make_ca, write_pair
+    from fleet.review import load_reviewer
+
+    ca_key, ca = make_ca()
+    key, cert = issue(ca_key, ca, "dr.jones", client=True)
+    kp, cp = write_pair(tmp_path / "pki", "rev", key, cert)
+    ops = tmp_path / "ops.toml"
+    ops.write_text(f'[reviewer]\ncert = "{cp}"\nkey = "{kp}"\n')
+    assert load_reviewer(ops).name == "dr.jones"
+    assert load_reviewer(ops, name="dr.jones").name == "dr.jones"
+    with pytest.raises(ConfigError, match="not the CN"):
+        load_reviewer(ops, name="dr.smith")
+    ops.write_text(ops.read_text() + 'name = "dr.smith"\n')
+    with pytest.raises(ConfigError, match="not the CN"):
+        load_reviewer(ops)

@@ -38,10 +38,15 @@ from tests.helpers.review import (
 NAMES = ["Verdict^Alpha", "Verdict^Bravo", "Verdict^Charlie"]
 
 
-def _forged(box: Box, stem: str, ev: dict[str, object]) -> int:
+def _forged(box: Box, stem: str, cn: str, ev: dict[str, object]) -> int:
+    """``ev`` with certificate ``stem`` on the review topic of its own CN and on the
+    reviewer's: the broker's reason code when both agree."""
     c = mqtt_client(box, box.pki / f"{stem}.pem", box.pki / f"{stem}.key", f"forger-{stem}")
     try:
-        return publish_acked(c, f"{TOPIC}/review", json.dumps(ev).encode())
+        codes = {publish_acked(c, f"{TOPIC}/review/{who}", json.dumps(ev).encode())
+                 for who in (cn, "reviewer")}
+        assert len(codes) == 1, codes
+        return codes.pop()
     finally:
         c.loop_stop()
         c.disconnect()
@@ -81,8 +86,8 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
         # refused by the broker. (Sent later by the reviewer it is accepted, not ignored
         # as a replay: the forged copies never reached the box.)
         v = verdict(ids[1], "agreed")
-        assert _forged(box, "device", v) == 0x87
-        assert _forged(box, "ops-sub", v) == 0x87
+        assert _forged(box, "device", "dev-site.dev-box", v) == 0x87
+        assert _forged(box, "ops-sub", "ops-sub", v) == 0x87
 
         # An unknown result id, from a real reviewer: refused by the box, acknowledged.
         reviewer = ReviewerClient(box)
@@ -148,7 +153,8 @@ def test_verdicts_from_reviewers_only_first_wins_audited_escalated(
         [m] = shown["models"]
         assert m["verdict"]["verdict"] == "disagreed" and m["verdict"]["via"] == "mqtt"
         assert m["verdict"]["corrected_label"] == "no_lesion"
-        assert m["subgroup"] == {"Modality": "CT"}
+        # CT_small.dcm is a patient aged 000Y of sex O: captured coarse before de-identification.
+        assert m["subgroup"] == {"Modality": "CT", "PatientAge": "0-17", "PatientSex": "O"}
         again = cli("review", "submit", ids[2], "agreed", "--config", str(box.config),
                     check=False)
         assert again.returncode != 0 and "already-reviewed" in again.stderr
