@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from pydicom.dataset import Dataset
 
-StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown"]
+StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown",
+                          "expected_count", "mpps", "mpps_discontinued", "commitment"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,24 @@
+"""The completion services the node provides besides storage: MPPS SCP and Storage
+Commitment Push Model SCP, registered on a DIMSE handler registry the same way in
+the in-process node and in each receive worker.  May import agent.config,
+agent.store.completion and agent.dicom.{admission, dimse, mpps, commitment_scp}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from agent.config import DicomSettings
+from agent.dicom.admission import AuditFn
+from agent.dicom.commitment_scp import CommitmentService, ReportSender
+from agent.dicom.dimse import HandlerRegistry
+from agent.dicom.mpps import MppsService
+from agent.store.completion import CompletionStore
+
+
+def register_completion(registry: HandlerRegistry, settings: DicomSettings,
+                        store: CompletionStore, audit: AuditFn,
+                        wake: Callable[[], None]) -> None:
+    """``wake``: a study may be complete now (the assembler looks at once)."""
+    MppsService(store, audit, wake).register(registry)
+    CommitmentService(store, ReportSender(settings, audit), audit, wake).register(registry)
