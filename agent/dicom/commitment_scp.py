@@ -25,7 +25,8 @@ version of the study (a second result) rather than delaying the first.
 
 The report goes on the same association right after the N-ACTION-RSP when it is
 still open (PS3.4 J.3.3); when the requestor released it (or it went away) before
-answering the report, it goes on a new association to the requesting AE title,
+answering the report, or answered it with a failure status (it takes reports only
+on its own SCP), it goes on a new association to the requesting AE title,
 whose host and port come from ``[[dicom.known_aes]]`` only, never from the
 association that asked.  An AE title not in that table gets no report: logged and
 audited (``commitment.report_undeliverable``); the modality may ask again.  One
@@ -132,7 +133,7 @@ class ReportSender:
                       "the association and its AE title is not in [[dicom.known_aes]] (add "
                       "ae_title, host and port to report on a new association)", calling_ae)
             self._audited("commitment.report_undeliverable", calling_ae, ref, "serious_failure",
-                          {"why": "AE title not in [[dicom.known_aes]]"})
+                          {"why": "unknown_ae"})  # audit details are tokens, not text
             return
         try:
             status = self._associate_and_send(known, event_type, ds)
@@ -140,7 +141,7 @@ class ReportSender:
             log.exception("storage commitment report to %s failed", calling_ae)
             status, why = None, type(exc).__name__
         else:
-            why = "" if status is not None else "association refused or no answer"
+            why = "" if status is not None else "association_refused_or_no_answer"
         ok = status == STATUS_SUCCESS
         if not ok:
             log.error("storage commitment report to %s (%s:%d) not delivered: %s", calling_ae,
@@ -235,7 +236,6 @@ class CommitmentService:
         ok = reply.status == STATUS_SUCCESS
         details["status"] = f"0x{reply.status:04X}"
         if not ok:
-            details["error"] = reply.error_comment or ""
             log.warning("storage commitment request from %s (%s) answered 0x%04X: %s",
                         req.peer, req.calling_ae, reply.status, reply.error_comment)
         try:
@@ -253,9 +253,15 @@ class CommitmentService:
             self._sender.send(calling_ae, event_type, ds, ref)
 
         def answered(status: int) -> None:
+            if status != STATUS_SUCCESS:
+                # Refused here (a modality that takes reports only on its own SCP):
+                # the known AE's address is the other place PS3.4 J.3.3 allows.
+                log.info("storage commitment report for %s refused on the association "
+                         "(0x%04X); reporting on a new association", calling_ae, status)
+                self._sender.send(calling_ae, event_type, ds, ref)
+                return
             try:
-                self._audit("commitment.report_sent",
-                            outcome="success" if status == STATUS_SUCCESS else "minor_failure",
+                self._audit("commitment.report_sent", outcome="success",
                             details={"calling_ae": calling_ae, "transaction": ref,
                                      "association": "same", "status": f"0x{status:04X}"})
             except Exception:  # noqa: BLE001 - the audit does not change the answer

@@ -191,7 +191,6 @@ class MppsService:
         ok = reply.status == STATUS_SUCCESS
         details["status"] = f"0x{reply.status:04X}"
         if not ok:
-            details["error"] = reply.error_comment or ""
             log.warning("%s from %s (%s) answered 0x%04X: %s", event, details["peer"],
                         details["calling_ae"], reply.status, reply.error_comment)
         try:

@@ -72,6 +72,9 @@ class Modality:
     reports: list[Dataset] = field(default_factory=list)
     report_types: list[int] = field(default_factory=list)
     got_report: threading.Event = field(default_factory=threading.Event)
+    # What it answers a report on this association with (0x0110: it takes reports
+    # only on its own SCP, as modalities that release at once do).
+    report_status: int = 0x0000
 
     def __post_init__(self) -> None:
         ae = AE(ae_title=self.aet)
@@ -82,11 +85,11 @@ class Modality:
                                   evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._report)])
         assert self.assoc.is_established, "the box refused the MPPS/commitment association"
 
-    def _report(self, event: evt.Event) -> int:
+    def _report(self, event: evt.Event) -> tuple[int, None]:
         self.reports.append(event.event_information)
         self.report_types.append(int(event.event_type))
         self.got_report.set()
-        return 0x0000
+        return self.report_status, None
 
     def n_create(self, ds: Dataset, uid: str | None) -> Dataset:
         status, _ = self.assoc.send_n_create(ds, ModalityPerformedProcedureStep, uid)
@@ -129,10 +132,10 @@ class ReportListener:
         self._server = ae.start_server(("127.0.0.1", port), block=False,
                                        evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._report)])
 
-    def _report(self, event: evt.Event) -> int:
+    def _report(self, event: evt.Event) -> tuple[int, None]:
         self.reports.append(event.event_information)
         self.got.set()
-        return 0x0000
+        return 0x0000, None
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -14,6 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
+from agent.audit.events import OUTCOMES
 from tests.helpers import Box, Broker, Daemon, Subscriber, audit_events, set_config, storescu
 from tests.helpers.completion import (
     MODALITY_AE,
@@ -138,7 +139,7 @@ def test_storage_commitment_reports_on_the_same_association_and_completes(
     assert events(box, "commitment.report_sent")[0]["details"]["association"] == "same"
 
 
-def test_commitment_report_goes_to_the_known_ae_when_the_requestor_released(
+def test_commitment_report_goes_to_the_known_ae_when_refused_on_the_association(
         tmp_path: Path, box: Box, broker: Broker) -> None:
     set_config(box, "study", "quiet_seconds", "3600")
     port = free_port()
@@ -154,9 +155,11 @@ port = {port}
     try:
         files = ct_files(tmp_path / "ct", 2)
         assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
-        m = Modality(box.dicom_port, box.ae_title)
+        # It refuses the report on this association (it takes reports on its own SCP).
+        m = Modality(box.dicom_port, box.ae_title, report_status=0x0110)
         tx, status = m.commit(refs_of(files))
-        m.release()  # at once: the report cannot go on this association
+        assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
+        m.release()
         assert status.Status == 0x0000
         assert listener.got.wait(30), "no report on a new association"
         assert str(listener.reports[0].TransactionUID) == tx
@@ -175,13 +178,14 @@ def test_commitment_report_to_an_unknown_ae_is_audited_not_sent(
     try:
         files = ct_files(tmp_path / "ct", 1)
         assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
-        m = Modality(box.dicom_port, box.ae_title)
+        m = Modality(box.dicom_port, box.ae_title, report_status=0x0110)
         _, status = m.commit(refs_of(files))
+        assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
         m.release()
         assert status.Status == 0x0000
         why = events(box, "commitment.report_undeliverable")[0]
-        assert why["outcome"] == "serious_failure"
-        assert "known_aes" in why["details"]["why"]
+        assert why["outcome"] == OUTCOMES["serious_failure"]
+        assert why["details"]["why"] == "unknown_ae"
         assert "[[dicom.known_aes]]" in d.log_text()
     finally:
         d.stop()
@@ -213,9 +217,9 @@ def test_malformed_mpps_gets_standard_statuses_is_audited_and_the_box_keeps_work
         assert status.Status == 0x0115
     finally:
         m.release()
-    refused = [e for e in events(box, "mpps.n_set", 4) if e["outcome"] == "minor_failure"]
+    refused = [e for e in events(box, "mpps.n_set", 4) if e["outcome"] == OUTCOMES["minor_failure"]]
     assert {e["details"]["status"] for e in refused} == {"0x0112", "0x0106", "0x0110"}
-    assert {e["details"]["status"] for e in events(box, "mpps.n_create", 5)} >= {
+    assert {e["details"]["status"] for e in events(box, "mpps.n_create", 4)} >= {
         "0x0120", "0x0106", "0x0111"}
     # The daemon keeps serving: DCMTK storescu, unchanged, and the study still completes
     # (the DISCONTINUED step above listed this instance).
