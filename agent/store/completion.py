@@ -11,6 +11,7 @@ Owns the index tables of completion triggers and the per-sender rules:
   (agent.store.assembly) completes the open study versions that hold them as soon
   as every listed instance is in the inbox, and forgets an expectation after
   ``[study] max_age_seconds`` (its instances never came, or were processed already);
+  MPPS steps untouched for a day (or ``max_age_seconds``, if longer) are forgotten;
 * ``[[study.completion]]`` rules: per calling AE title and modality, a quiet period,
   an expected instance count, and whether MPPS and commitment may complete a study.
 
@@ -57,6 +58,7 @@ CREATE INDEX IF NOT EXISTS expected_by_expectation ON expected_instances(expecta
 MPPS = "mpps"
 MPPS_DISCONTINUED = "mpps_discontinued"
 COMMITMENT = "commitment"
+MPPS_KEEP = 86400.0  # seconds an untouched MPPS step is kept
 
 # The modality of a study, from the SOP class of its first instance (the index keeps
 # no header values; the class is enough to tell CT from MR from US ...).
@@ -130,6 +132,9 @@ def take_satisfied(db: sqlite3.Connection, now: float, max_age: float) -> list[S
     and those older than ``max_age`` (deleted: their instances never came, or were
     processed and shredded already).  Runs in the caller's transaction."""
     out: list[Satisfied] = []
+    # Steps untouched for a day (or max_age, if longer) are forgotten: an N-SET
+    # after that gets 0x0112, and the table does not grow with every procedure.
+    db.execute("DELETE FROM mpps WHERE updated_at < ?", (now - max(max_age, MPPS_KEEP),))
     rows = db.execute("SELECT id, source, created_at FROM expectations").fetchall()
     for eid, source, created_at in rows:
         missing = db.execute(

@@ -266,3 +266,31 @@ expected_instances = -3
     text = str(err.value)
     assert "[study.completion[0].modality]" in text and "such as \"CT\"" in text
     assert "[study.completion[0].expected_instances] = -3" in text
+
+
+def test_rules_match_on_modality_and_a_rule_quiet_period_replaces_the_global_one(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    """The MR rule would close the CT study at its first instance: it must not match;
+    the sender's rule shortens the hour-long global quiet period to a second."""
+    set_config(box, "study", "quiet_seconds", "3600")
+    add_table(box, """
+[[study.completion]]
+modality = "MR"
+expected_instances = 1
+
+[[study.completion]]
+calling_ae = "STORESCU"
+quiet_seconds = 1.0
+""")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", 3)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
+            "instances_received"] == 3
+        assert completions(box.state) == ["quiet"]
+    finally:
+        ops.stop()
+        d.stop()
