@@ -73,6 +73,34 @@ class PeerRule:
 
 
 @dataclass(frozen=True)
+class KnownAE:
+    """One ``[[dicom.known_aes]]`` entry: where an AE title is reached when the node
+    calls it (a Storage Commitment report on a new association).  Addresses come
+    from configuration only, never from the association that asked."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class CompletionRule:
+    """One ``[[study.completion]]`` entry: how studies from matching senders complete.
+
+    Matched on the calling AE title and the modality of the study's first instance
+    (from its SOP class); the first matching rule wins, ``[study]`` is the fallback."""
+
+    calling_ae: str = "*"
+    modality: str = "*"
+    quiet_seconds: float | None = None  # None: [study] quiet_seconds
+    expected_instances: int = 0  # 0: no count trigger
+    # MPPS COMPLETED / DISCONTINUED and Storage Commitment requests complete a study
+    # as soon as the instances they list are in; false: only the timers complete it.
+    use_mpps: bool = True
+    use_commitment: bool = True
+
+
+@dataclass(frozen=True)
 class DicomTls:
     enabled: bool = False
     port: int = 2762
@@ -103,6 +131,10 @@ class DicomSettings:
     # 0: one receive process per CPU core (auto_workers); resolved when the config loads.
     workers: int = 0
     tls: DicomTls = DicomTls()
+    known_aes: tuple[KnownAE, ...] = ()
+    # How long a Storage Commitment report on a new association may take (connect,
+    # negotiate, answer) before it is given up and logged.
+    commitment_report_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +145,7 @@ class StudySettings:
     max_age_seconds: float = 3600.0
     # Processing holds one decrypted copy of an instance in memory: larger ones are refused.
     max_process_instance_bytes: int = 2 * 1024**3
+    completion: tuple[CompletionRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -595,6 +628,92 @@ def _peers(r: _Reader) -> tuple[PeerRule, ...]:
     return tuple(rules)
 
 
+def _known_aes(r: _Reader) -> tuple[KnownAE, ...]:
+    raw = r._lookup("dicom.known_aes")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("[dicom.known_aes] must be an array of tables ([[dicom.known_aes]]) "
+                          "with ae_title, host and port")
+        return ()
+    out: list[KnownAE] = []
+    for i, entry in enumerate(raw):
+        where = f"dicom.known_aes[{i}]"
+        if not isinstance(entry, dict):
+            r.problems.append(f"[{where}] must be a table with ae_title, host and port")
+            continue
+        ae, host, port = entry.get("ae_title"), entry.get("host"), entry.get("port")
+        bad = []
+        if not isinstance(ae, str) or _ae(ae):
+            bad.append(f"[{where}.ae_title] = {ae!r}: must be an AE title (1-16 characters)")
+        if not isinstance(host, str) or not host.strip():
+            bad.append(f"[{where}.host] = {host!r}: must be a host name or IP address")
+        if isinstance(port, bool) or not isinstance(port, int) or _port(port):
+            bad.append(f"[{where}.port] = {port!r}: must be a TCP port between 1 and 65535")
+        unknown = set(entry) - {"ae_title", "host", "port"}
+        if unknown:
+            bad.append(f"[{where}] unknown key(s) {sorted(unknown)}; allowed: ae_title, host, port")
+        r.problems.extend(bad)
+        if not bad:
+            assert isinstance(ae, str) and isinstance(host, str) and isinstance(port, int)
+            out.append(KnownAE(ae, host, port))
+    titles = [k.ae_title for k in out]
+    for dup in sorted({t for t in titles if titles.count(t) > 1}):
+        r.problems.append(f"[dicom.known_aes] lists AE title {dup!r} more than once; keep one")
+    return tuple(out)
+
+
+_RULE_KEYS = {"calling_ae", "modality", "quiet_seconds", "expected_instances", "use_mpps",
+              "use_commitment"}
+
+
+def _completion_rules(r: _Reader) -> tuple[CompletionRule, ...]:
+    """``[[study.completion]]``: every problem of every entry is reported."""
+    raw = r._lookup("study.completion")
+    if raw is _MISSING:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append("[study.completion] must be an array of tables ([[study.completion]])")
+        return ()
+    d = CompletionRule()  # the defaults, defined once
+    out: list[CompletionRule] = []
+    for i, entry in enumerate(raw):
+        where = f"study.completion[{i}]"
+        if not isinstance(entry, dict):
+            r.problems.append(f"[{where}] must be a table, e.g. calling_ae = \"CT1\", "
+                              "expected_instances = 3")
+            continue
+        bad: list[str] = []
+        unknown = set(entry) - _RULE_KEYS
+        if unknown:
+            bad.append(f"[{where}] unknown key(s) {sorted(unknown)}; allowed: "
+                       f"{', '.join(sorted(_RULE_KEYS))}")
+        ae = entry.get("calling_ae", d.calling_ae)
+        if not isinstance(ae, str) or (ae != "*" and _ae(ae)):
+            bad.append(f"[{where}.calling_ae] = {ae!r}: must be an AE title or \"*\"")
+        modality = entry.get("modality", d.modality)
+        if not isinstance(modality, str) or not re.fullmatch(r"\*|[A-Z]{2,3}", modality):
+            bad.append(f"[{where}.modality] = {modality!r}: must be a DICOM modality code "
+                       "such as \"CT\" or \"MR\", or \"*\"")
+        quiet = entry.get("quiet_seconds", d.quiet_seconds)
+        if quiet is not None and (isinstance(quiet, bool) or not isinstance(quiet, int | float)
+                                  or quiet <= 0):
+            bad.append(f"[{where}.quiet_seconds] = {quiet!r}: must be a number of seconds > 0")
+        count = entry.get("expected_instances", d.expected_instances)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            bad.append(f"[{where}.expected_instances] = {count!r}: must be 0 (off) or the "
+                       "number of instances a study from this sender has")
+        flags = {k: entry.get(k, getattr(d, k)) for k in ("use_mpps", "use_commitment")}
+        bad += [f"[{where}.{k}] = {v!r}: must be true or false" for k, v in flags.items()
+                if not isinstance(v, bool)]
+        r.problems.extend(bad)
+        if not bad:
+            out.append(CompletionRule(str(ae), str(modality),
+                                      None if quiet is None else float(quiet), int(count),
+                                      bool(flags["use_mpps"]), bool(flags["use_commitment"])))
+    return tuple(out)
+
+
 def _pixel_clean(r: _Reader) -> tuple[PixelCleanConfig, ...]:
     raw = r._lookup("deid.pixel_clean")
     if raw is _MISSING:
@@ -678,6 +797,9 @@ def parse(data: dict[str, Any], path: Path) -> Config:
             "dicom.workers", int, d.workers,
             check=lambda v: None if 0 <= v <= 32 else "must be between 0 (auto) and 32")),
         tls=tls,
+        known_aes=_known_aes(r),
+        commitment_report_timeout=r.field(DicomSettings, "dicom.commitment_report_timeout",
+                                          float, check=_positive),
     )
     study = StudySettings(
         quiet_seconds=r.field(StudySettings, "study.quiet_seconds", float, check=_positive),
@@ -686,6 +808,7 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         max_age_seconds=r.field(StudySettings, "study.max_age_seconds", float, check=_positive),
         max_process_instance_bytes=r.field(StudySettings, "study.max_process_instance_bytes", int,
                                          check=_positive),
+        completion=_completion_rules(r),
     )
     inbox = InboxSettings(
         max_bytes=r.field(InboxSettings, "inbox.max_bytes", int, check=_positive),

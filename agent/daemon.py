@@ -186,7 +186,8 @@ class Daemon:
             self.scp = LocalNode(cfg.dicom, self.inbox, audit=self.audit,
                                   on_stored=lambda _r: self._work.set(),
                                   accepting=self._intake.is_set, receipts=self.audit_log,
-                                  hold=self.audit_log.intake_hold, on_commitment=on_commitment)
+                                  hold=self.audit_log.intake_hold, on_commitment=on_commitment,
+                                  wake=self._work.set)
         # Inbound topics (verdicts, deployments): their stages register handlers here.
         self.inbound = Inbound(cfg.topic_base)
         self.inbound.register("review", self.review.on_message,

@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown"]
+StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown",
+                          "expected_count", "mpps", "mpps_discontinued", "commitment"]
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ BENCHES = (
     ("volume_bench", "volume model on a 600-slice CT series: peak memory, streamed vs "
                      "full stack"),
     ("e2e_bench", "end-to-end latency, idle CPU and memory"),
+    ("completion_bench", "time to result: MPPS and storage commitment vs the quiet period"),
     ("outbox_bench", "outbox drain after an outage (100,000 messages)"),
     ("audit_bench", "audit append and verify rate"),
     ("fleet_bench", "fleet watch / MQTT fan-in"),

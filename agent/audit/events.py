@@ -41,6 +41,7 @@ AUDIT_LOG_USED = _dcm("110101", "Audit Log Used")
 INSTANCES_ACCESSED = _dcm("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = _dcm("110104", "DICOM Instances Transferred")
 EXPORT = _dcm("110106", "Export")
+PROCEDURE_RECORD = _dcm("110111", "Procedure Record")
 SECURITY_ALERT = _dcm("110113", "Security Alert")
 USER_AUTHENTICATION = _dcm("110114", "User Authentication")
 
@@ -146,6 +147,21 @@ CATALOGUE: dict[str, EventKind] = {k.name: k for k in (
     _k("commitment.report", INSTANCES_TRANSFERRED, None, "R",
        "a PACS sent a storage commitment report (N-EVENT-REPORT) on its own association",
        requestor="peer", box_role=ROLE_SOURCE),
+    _k("mpps.n_create", PROCEDURE_RECORD, None, "C",
+       "a modality created a Modality Performed Procedure Step (N-CREATE), or was refused",
+       requestor="peer", box_role=ROLE_DESTINATION),
+    _k("mpps.n_set", PROCEDURE_RECORD, None, "U",
+       "a modality updated, completed or discontinued its procedure step (N-SET), or was "
+       "refused", requestor="peer", box_role=ROLE_DESTINATION),
+    _k("commitment.request", INSTANCES_TRANSFERRED, None, "R",
+       "a modality asked the box to commit instances (storage commitment N-ACTION)",
+       requestor="peer", box_role=ROLE_DESTINATION),
+    _k("commitment.report_sent", INSTANCES_TRANSFERRED, None, "R",
+       "the box sent its storage commitment report to the modality (same or new "
+       "association)", box_role=ROLE_DESTINATION),
+    _k("commitment.report_undeliverable", INSTANCES_TRANSFERRED, None, "R",
+       "a storage commitment report could not be delivered (AE not in [[dicom.known_aes]], "
+       "or unreachable)", box_role=ROLE_DESTINATION),
     _k("results.committed", INSTANCES_TRANSFERRED, None, "R",
        "a PACS destination answered a storage commitment request for a result object",
        box_role=ROLE_SOURCE),

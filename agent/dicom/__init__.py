@@ -10,6 +10,10 @@ storage SCP behind it, built on pynetdicom's public PDU and negotiation code.
     header      the few header elements a data set is routed by
     sink        where a C-STORE data set streams to (the encrypted inbox)
     scp         store decisions, counters and audit records of the node
+    mpps        Modality Performed Procedure Step SCP (N-CREATE, N-SET)
+    commitment_scp  Storage Commitment Push Model SCP (N-ACTION, the report back)
+    commitment  Storage Commitment reports a PACS sends for our own requests
+    services    registers MPPS and commitment SCP on a handler registry
     node        the node's interface, and the node that receives in-process
     pool        receive worker processes (main-process half)
     worker      a receive worker process

@@ -141,7 +141,11 @@ class Acceptor:
                 rq, pdu = got
                 admitted = self._establish(rq, pdu)
                 if admitted:
-                    self._serve()
+                    try:
+                        self._serve()
+                    finally:
+                        if self.dimse is not None:
+                            self.dimse.finished()  # reports it never answered go elsewhere
         except Exception:  # noqa: BLE001 - one association's failure is its own
             log.exception("association with %s failed; aborting", self.peer)
             if self.dimse is not None:
@@ -217,7 +221,8 @@ class Acceptor:
             peer_max = next((int(i.maximum_length_received or 0) for i in user
                              if isinstance(i, MaximumLengthNotification)), 0)
             result = negotiate(proposed, self.offered | self.registry.sop_classes(), roles,
-                               requestor_scp=self.registry.requestor_scp_classes())
+                               requestor_scp=self.registry.requestor_scp_classes(),
+                requestor_either=self.registry.requestor_either_classes())
         except Exception:  # noqa: BLE001 - a request pynetdicom cannot turn into contexts
             log.warning("peer %s (%s) sent presentation contexts that cannot be read; aborting",
                         self.peer, rq.calling_ae)

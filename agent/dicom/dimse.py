@@ -11,15 +11,19 @@ time (we negotiate no asynchronous operations window):
   the abstract syntax of its presentation context (C-ECHO is registered by
   default); its command and its small data set (decoded with pydicom) go to
   the handler, which returns a status and an optional reply data set.  This is
-  where Storage Commitment (N-ACTION/N-EVENT-REPORT) or MPPS (N-CREATE/N-SET)
-  would be added.  A request without a handler is answered 0x0211
-  (unrecognised operation) once its data set is in;
+  where Storage Commitment (N-ACTION/N-EVENT-REPORT: agent.dicom.commitment and
+  agent.dicom.commitment_scp) and MPPS (N-CREATE/N-SET: agent.dicom.mpps) are
+  added.  A request without a handler is answered 0x0211 (unrecognised
+  operation) once its data set is in;
+* a handler's reply may carry an ``EventReport``: a request the node sends on the
+  same association right after the response (Storage Commitment's
+  N-EVENT-REPORT).  Its response is matched by Message ID; when the association
+  ends before the peer answered it (the peer released at once, or went away),
+  its ``undelivered`` callback runs (the report then goes on a new association);
 * whatever cannot be framed as a response (a malformed PDV, a command set that
   cannot be read, a response although we sent no request, a fragment out of
-  order) is a ``Breach``: the acceptor aborts the association.  (A service that
-  sends requests of its own on the association, e.g. Storage Commitment's
-  N-EVENT-REPORT, would add a table of pending requests here and route their
-  responses to it.)
+  order, a response to nothing we sent) is a ``Breach``: the acceptor aborts the
+  association.
 
 Handlers never raise into the acceptor (a failure is answered 0x0110).
 May import pydicom, agent.dicom.negotiation and agent.dicom.status.
@@ -57,6 +61,9 @@ P_DATA_TF = 0x04
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 N_EVENT_REPORT_RQ = 0x0100
+N_SET_RQ = 0x0120
+N_ACTION_RQ = 0x0130
+N_CREATE_RQ = 0x0140
 C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
 NO_DATA_SET = 0x0101
@@ -176,7 +183,8 @@ def _text(tag: int, value: str, pad: bytes) -> bytes:
 
 def encode_response(command_field: int, message_id: int, status: int, *,
                     sop_class: str | None = None, sop_instance: str | None = None,
-                    has_data_set: bool = False, error_comment: str | None = None) -> bytes:
+                    has_data_set: bool = False, error_comment: str | None = None,
+                    error_id: int | None = None, action_type: int | None = None) -> bytes:
     """A response command set (PS3.7 9.3, 10.3), elements in tag order."""
     parts = []
     if sop_class:
@@ -189,9 +197,27 @@ def encode_response(command_field: int, message_id: int, status: int, *,
     ]
     if error_comment:
         parts.append(_text(0x0902, error_comment[:64], b" "))
+    if error_id is not None:
+        parts.append(_ELEMENT.pack(0, 0x0903, 2) + _US.pack(error_id))
     if sop_instance:
         parts.append(_text(0x1000, sop_instance, b"\0"))
+    if action_type is not None:
+        parts.append(_ELEMENT.pack(0, 0x1008, 2) + _US.pack(action_type))
     body = b"".join(parts)
+    return _ELEMENT.pack(0, 0x0000, 4) + _UL.pack(len(body)) + body
+
+
+def encode_event_report_rq(message_id: int, sop_class: str, sop_instance: str,
+                           event_type: int, *, has_data_set: bool) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 10.3.1.1), elements in tag order."""
+    body = b"".join([
+        _text(0x0002, sop_class, b"\0"),
+        _ELEMENT.pack(0, 0x0100, 2) + _US.pack(N_EVENT_REPORT_RQ),
+        _ELEMENT.pack(0, 0x0110, 2) + _US.pack(message_id),
+        _ELEMENT.pack(0, 0x0800, 2) + _US.pack(0x0001 if has_data_set else NO_DATA_SET),
+        _text(0x1000, sop_instance, b"\0"),
+        _ELEMENT.pack(0, 0x1002, 2) + _US.pack(event_type),
+    ])
     return _ELEMENT.pack(0, 0x0000, 4) + _UL.pack(len(body)) + body
 
 
@@ -259,11 +285,27 @@ class DimseRequest:
 
 
 @dataclass(frozen=True)
+class EventReport:
+    """A request the node sends on the association right after a response."""
+
+    sop_class: str
+    sop_instance: str
+    event_type: int
+    data_set: Dataset
+    # The association ended before the peer answered it (never raises).
+    undelivered: Callable[[], None]
+    # The peer answered it with this status (never raises).
+    answered: Callable[[int], None]
+
+
+@dataclass(frozen=True)
 class DimseReply:
     status: int
     data_set: Dataset | None = None
     error_comment: str | None = None
     sop_instance: str | None = None  # Affected SOP Instance UID of the response
+    error_id: int | None = None  # Error ID (0000,0903), e.g. 0xA710 of an MPPS (PS3.4 F.7.2.2)
+    follow_up: EventReport | None = None
 
 
 MessageHandler = Callable[[DimseRequest], DimseReply]
@@ -290,6 +332,13 @@ class HandlerRegistry:
         """The classes whose requests come from their SCP (N-EVENT-REPORT): the
         requestor must be granted the SCP role for them at negotiation."""
         return frozenset(sop for cmd, sop in self._handlers if cmd == N_EVENT_REPORT_RQ)
+
+    def requestor_either_classes(self) -> frozenset[str]:
+        """Classes served in both roles (Storage Commitment: a modality's N-ACTION as
+        its SCU, a PACS's N-EVENT-REPORT as its SCP): the requestor may take either."""
+        scp = self.requestor_scp_classes()
+        return frozenset(sop for cmd, sop in self._handlers
+                         if sop in scp and cmd != N_EVENT_REPORT_RQ)
 
 
 def echo(_req: DimseRequest) -> DimseReply:
@@ -350,6 +399,7 @@ class _Incoming:
     small: bytearray | None = None  # a registered handler's data set
     overflow: bool = False
     received: int = field(default=0)
+    response: bool = False  # the peer's response to our request: its data set is dropped
 
 
 class DimseLayer:
@@ -372,6 +422,8 @@ class DimseLayer:
         self._command_cid: int | None = None
         self._data: _Incoming | None = None
         self.served = 0
+        self._next_id = 0
+        self._pending: dict[int, EventReport] = {}  # our requests by Message ID
 
     @property
     def busy(self) -> bool:
@@ -391,6 +443,15 @@ class DimseLayer:
                 self._command_fragment(cid, mch, pdu[start:end])
             else:
                 self._data_fragment(cid, mch, pdu[start:end])
+
+    def finished(self) -> None:
+        """The association is over: requests of ours it never answered are undelivered."""
+        pending, self._pending = self._pending, {}
+        for report in pending.values():
+            try:
+                report.undelivered()
+            except Exception:  # noqa: BLE001 - the callbacks never raise; be sure
+                log.exception("handing on an undelivered event report failed")
 
     def interrupted(self, why: str) -> None:
         """The association ends under a message in progress: drop it (a C-STORE
@@ -455,7 +516,8 @@ class DimseLayer:
         if found is None or field_ is None:
             raise Breach("undecodable DIMSE command set")
         if field_ & RESPONSE_BIT:
-            raise Breach(f"unexpected DIMSE response 0x{field_:04X} (we send no requests)")
+            self._response(cx, field_, found)
+            return
         if field_ == C_CANCEL_RQ:
             return  # one operation at a time: nothing is pending to cancel
         message_id = command_us(found, 0x0110)
@@ -471,6 +533,34 @@ class DimseLayer:
             self._message_complete(msg)
         else:
             self._data = msg
+
+    def _response(self, cx: Accepted, field_: int, found: dict[int, bytes]) -> None:
+        """The peer's answer to a request of ours (an N-EVENT-REPORT-RSP)."""
+        to = command_us(found, 0x0120)
+        report = self._pending.pop(to, None) if to is not None else None
+        if report is None or field_ != N_EVENT_REPORT_RQ | RESPONSE_BIT:
+            raise Breach(f"unexpected DIMSE response 0x{field_:04X} to message {to}")
+        status = command_us(found, 0x0900)
+        try:
+            report.answered(0xFFFF if status is None else status)
+        except Exception:  # noqa: BLE001 - the callbacks never raise; be sure
+            log.exception("recording an event report's answer failed")
+        if command_us(found, 0x0800) not in (None, NO_DATA_SET):
+            self._data = _Incoming(cx, field_, to or 0, found, response=True)
+
+    def _send_report(self, cx: Accepted, report: EventReport) -> None:
+        self._next_id = self._next_id % 0xFFFF + 1
+        try:
+            data = encode_data_set(report.data_set, cx.transfer_syntax)
+        except Exception:  # noqa: BLE001 - a data set we cannot encode: report elsewhere
+            log.exception("encoding an event report failed")
+            report.undelivered()
+            return
+        self._pending[self._next_id] = report
+        self._send(command_pdus(cx.context_id, encode_event_report_rq(
+            self._next_id, report.sop_class, report.sop_instance, report.event_type,
+            has_data_set=True), self._peer_max)
+            + fragment_pdus(cx.context_id, data, self._peer_max, command=False))
 
     def _store_begins(self, msg: _Incoming, has_data_set: bool) -> None:
         cx = msg.context
@@ -490,6 +580,8 @@ class DimseLayer:
             msg.sink = self._store.begin(sop_class, sop_instance, cx.transfer_syntax)
 
     def _message_complete(self, msg: _Incoming) -> None:
+        if msg.response:
+            return
         if msg.store is not None:
             req = msg.store
             if msg.sink is not None:
@@ -507,6 +599,7 @@ class DimseLayer:
         reply = self._dispatch(msg)
         cx = msg.context
         sop_class = command_uid(msg.command, 0x0002) or command_uid(msg.command, 0x0003)
+        action = command_us(msg.command, 0x1008) if msg.command_field == N_ACTION_RQ else None
         data = None
         if reply.data_set is not None:
             try:
@@ -516,12 +609,16 @@ class DimseLayer:
                 reply = DimseReply(STATUS_PROCESSING_FAILURE, error_comment="reply not encodable")
         out = command_pdus(cx.context_id, encode_response(
             msg.command_field | RESPONSE_BIT, msg.message_id, reply.status, sop_class=sop_class,
-            sop_instance=reply.sop_instance or command_uid(msg.command, 0x1000) or None,
-            has_data_set=data is not None, error_comment=reply.error_comment), self._peer_max)
+            sop_instance=(reply.sop_instance or command_uid(msg.command, 0x1000)
+                          or command_uid(msg.command, 0x1001) or None),
+            has_data_set=data is not None, error_comment=reply.error_comment,
+            error_id=reply.error_id, action_type=action), self._peer_max)
         if data is not None:
             out += fragment_pdus(cx.context_id, data, self._peer_max, command=False)
         self._send(out)
         self.served += 1
+        if reply.follow_up is not None:
+            self._send_report(cx, reply.follow_up)
 
     def _dispatch(self, msg: _Incoming) -> DimseReply:
         handler = self._registry.find(msg.command_field, msg.context.abstract_syntax)

@@ -67,7 +67,8 @@ def requestor_order(proposed: Iterable[PresentationContext]) -> dict[str, list[s
 def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
               roles: Sequence[SCP_SCU_RoleSelectionNegotiation] = (),
               syntaxes: Sequence[str] = TRANSFER_SYNTAXES,
-              requestor_scp: frozenset[str] = frozenset()) -> Negotiated:
+              requestor_scp: frozenset[str] = frozenset(),
+              requestor_either: frozenset[str] = frozenset()) -> Negotiated:
     """Negotiate the requestor's contexts against the abstract syntaxes we offer.
 
     Our contexts are built for the proposed abstract syntaxes only, each listing
@@ -77,6 +78,8 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
     The exception is ``requestor_scp`` (Storage Commitment Push Model, whose
     reports reach us as requests of its SCP): there the requestor may be SCP and never SCU, and the
     context is accepted only when its role selection item proposed the SCP role.
+    A class in ``requestor_either`` too (we are Storage Commitment SCP for
+    modalities and SCU towards a PACS) is accepted in whichever role is asked.
     """
     ours = frozenset(syntaxes)
     contexts: list[PresentationContext] = []
@@ -87,7 +90,8 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
         pc.abstract_syntax = abstract
         pc.transfer_syntax = [t for t in order if t in ours]
         reported = abstract in requestor_scp
-        pc.scu_role = not reported  # the requestor may act as SCU ...
+        either = abstract in requestor_either
+        pc.scu_role = not reported or either  # the requestor may act as SCU ...
         pc.scp_role = reported  # ... never as SCP, but for commitment reports
         contexts.append(pc)
     proposed_roles = {
@@ -96,6 +100,7 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
     as_scp = {str(uid): bool(r[1]) for uid, r in proposed_roles.items()}
     for cx in results:
         if (cx.result == 0x00 and str(cx.abstract_syntax) in requestor_scp
+                and str(cx.abstract_syntax) not in requestor_either
                 and not as_scp.get(str(cx.abstract_syntax))):
             cx.result = 0x01  # user rejection: a commitment peer that is no SCP of it
     kept = {str(cx.abstract_syntax) for cx in results if cx.result == 0x00}

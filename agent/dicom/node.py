@@ -29,6 +29,7 @@ from agent.dicom.commitment import CommitmentReports, ReportFn
 from agent.dicom.dimse import HandlerRegistry, default_registry
 from agent.dicom.negotiation import VERIFICATION, storage_sop_classes
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters, StoreDecisions
+from agent.dicom.services import register_completion
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
 
@@ -125,11 +126,13 @@ class LocalNode:
         hold: Callable[[], str | None] | None = None,
         registry: HandlerRegistry | None = None,
         on_commitment: ReportFn | None = None,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         """``receipts``: the audit records of stored instances are journaled in
         the inbox and moved there in batches (agent.dicom.scp.ReceiptDrainer).
         ``on_commitment``: where Storage Commitment reports go (the results
-        delivery); without it the node does not offer Storage Commitment."""
+        delivery); without it the node does not take Storage Commitment reports.
+        ``wake``: an MPPS or a commitment request may have completed a study."""
         self.s = settings
         self.limiter = PeerLimiter(peer_limits(settings))
         self.decisions = StoreDecisions(
@@ -140,6 +143,7 @@ class LocalNode:
         self.registry = registry or default_registry()
         if on_commitment is not None:
             CommitmentReports(on_commitment, audit).register(self.registry)
+        register_completion(self.registry, settings, inbox.completion, audit, wake)
         self._acceptor = acceptor_settings(settings)
         self._tls = tls_context(settings)
         self._listeners: list[tuple[socket.socket, bool]] = []

@@ -517,6 +517,8 @@ class ReceivePool:
             self._ended(int(msg[1]))
         elif msg[0] == "admit":
             self._admit_association(w, int(msg[1]))
+        elif msg[0] == "wake":  # an MPPS or commitment request: a study may be complete
+            self.on_stored(None)
         elif msg[0] == "commitment" and len(msg) == 5:
             self._commitment(w, msg[1], msg[2], msg[3], msg[4])
         elif msg[0] == "counters":

@@ -34,6 +34,7 @@ from agent.dicom.dimse import default_registry
 from agent.dicom.node import acceptor_settings, serve_connection, tls_context
 from agent.dicom.pool import Handoff, WorkerInit, recv_msg, send_msg
 from agent.dicom.scp import ReceiveCounters, StoreDecisions
+from agent.dicom.services import register_completion
 from agent.errors import EdgeAgentError
 from agent.store.inbox import Inbox
 
@@ -86,6 +87,10 @@ class Worker:
         self._report_seq = 0
         if init.commitment:
             CommitmentReports(self._relay_commitment, self._audit).register(self.registry)
+        # MPPS and commitment requests write the shared index; the daemon's assembler
+        # is woken over the channel (agent.dicom.pool, "wake").
+        register_completion(self.registry, init.dicom, self.inbox.completion, self._audit,
+                            lambda: self._send(("wake",)))
         self.settings = acceptor_settings(init.dicom)
         self.tls = tls_context(init.dicom)
 

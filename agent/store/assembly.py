@@ -1,8 +1,11 @@
 """Study assembly: when an open study version is complete.
 
-DICOM has no "end of study": a version is closed when it went quiet, hit an
-instance or byte bound, or got too old; a follow-up instance then opens a new
-version.  Every function here runs inside the caller's index transaction and
+DICOM has no "end of study": a version is closed when the modality said so (an
+MPPS COMPLETED or DISCONTINUED, or a Storage Commitment request, whose listed
+instances are all in: agent.store.completion), when it holds the instance count its
+sender's ``[[study.completion]]`` rule expects, when it went quiet (the rule's quiet
+period, else ``[study]``'s: the fallback), hit an instance or byte bound, or got too
+old; a follow-up instance then opens a new version.  Every function here runs inside the caller's index transaction and
 returns the ids it changed, so the inbox can forget its cached open versions.
 
 May import: agent.config, agent.types.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 
 from agent.config import StudySettings
+from agent.store import completion
 from agent.types import StudyCompletion
 
 
@@ -28,8 +32,20 @@ def drop_stale_empty(db: sqlite3.Connection, older_than: float) -> list[int]:
 
 
 def complete_due(db: sqlite3.Connection, s: StudySettings, now: float) -> list[int]:
-    """Close open studies that went quiet or hit a bound; returns their ids."""
+    """Close open studies that were declared complete, went quiet or hit a bound;
+    returns their ids."""
     closed: list[int] = []
+    for done in completion.take_satisfied(db, now, s.max_age_seconds):
+        for sid in done.study_ids:
+            row = db.execute("SELECT state, n_instances FROM studies WHERE id=?",
+                             (sid,)).fetchone()
+            if row is None or row[0] != "open" or not row[1]:
+                continue  # completed meanwhile (by its timer or another trigger)
+            if not completion.allows(completion.study_rule(db, s, sid), done.source):
+                continue
+            db.execute("UPDATE studies SET state='complete', completion=?, completed_at=? "
+                       "WHERE id=?", (done.source, now, sid))
+            closed.append(sid)
     rows = db.execute(
         "SELECT id, first_at, last_at, n_instances, n_bytes FROM studies WHERE state='open'"
     ).fetchall()
@@ -42,11 +58,14 @@ def complete_due(db: sqlite3.Connection, s: StudySettings, now: float) -> list[i
             db.execute("UPDATE studies SET last_at=?, first_at=? WHERE id=?",
                        (last_at, first_at, sid))
         reason: StudyCompletion | None = None
-        if n >= s.max_instances:
+        rule = completion.study_rule(db, s, int(sid))
+        if rule is not None and rule.expected_instances and n >= rule.expected_instances:
+            reason = "expected_count"
+        elif n >= s.max_instances:
             reason = "max_instances"
         elif nbytes >= s.max_bytes:
             reason = "max_bytes"
-        elif now - last_at >= s.quiet_seconds and n > 0:
+        elif now - last_at >= completion.quiet_seconds(s, rule) and n > 0:
             reason = "quiet"
         elif now - first_at >= s.max_age_seconds and n > 0:
             reason = "max_age"
@@ -73,6 +92,13 @@ def complete_all(db: sqlite3.Connection, now: float) -> list[int]:
 def next_due(db: sqlite3.Connection, s: StudySettings) -> float | None:
     """The earliest wall-clock time an open study completes by its quiet
     period or age, if nothing else arrives; None when no study is open."""
+    if s.completion:  # per-sender quiet periods: the few open versions one by one
+        due = [min(last_at + completion.quiet_seconds(s, completion.study_rule(db, s, int(sid))),
+                   first_at + s.max_age_seconds)
+               for sid, first_at, last_at in db.execute(
+                   "SELECT id, first_at, last_at FROM studies "
+                   "WHERE state='open' AND n_instances > 0").fetchall()]
+        return float(min(due)) if due else None
     row = db.execute(
         "SELECT MIN(MIN(last_at + ?, first_at + ?)) FROM studies "
         "WHERE state='open' AND n_instances > 0",

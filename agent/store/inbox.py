@@ -28,6 +28,7 @@ from agent.config import InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, fsync_dir, hmac_sha256, random_key
 from agent.errors import StorageError
 from agent.store import assembly, capacity
+from agent.store.completion import CompletionStore
 from agent.store.files import PendingWrite, Slots, file_digest, open_sealed, reseal
 from agent.store.index import Index
 from agent.store.receipts import ReceiptAudit, ReceiptJournal, StoreOutcome, StoreReceipt
@@ -74,6 +75,8 @@ class Inbox:
         self._lock = self._index.lock
         self._tx = self._index.tx
         self._receipts = ReceiptJournal(self._index)
+        # MPPS state and declared-complete instance sets (agent.store.completion).
+        self.completion = CompletionStore(self._index, self.instance_key, self.study_key)
         self._slots = Slots(self.slots)
         self._free = self._slots.free  # the empty slots (crash-recovery tests look at them)
         if worker is None:

@@ -39,6 +39,8 @@ def test_catalogue_covers_every_daemon_event() -> None:
              "audit.retention audit.log_replaced audit.over_budget audit.events_lost "
              "results.link_written results.link_shredded results.sent results.committed "
              "commitment.report "
+             "mpps.n_create mpps.n_set commitment.request commitment.report_sent "
+             "commitment.report_undeliverable "
              "results.exported "
              "quarantine.viewed quarantine.released quarantine.purged "
              "review.verdict review.viewed review.escalated performance.alert "

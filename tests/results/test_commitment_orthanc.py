@@ -67,7 +67,8 @@ def test_report_for_an_unknown_transaction_is_refused_and_roles_stay_narrow(
         box: Box, broker: object) -> None:
     """A report for a transaction the box never started gets 0x0110 and the node keeps
     serving; a peer asking for the SCP role of a storage SOP class does not get it,
-    and one offering commitment without the SCP role is refused that context."""
+    and one offering commitment without the SCP role gets that context as its SCU
+    only (a modality's commitment requests: the box is Storage Commitment SCP too)."""
     from pydicom.dataset import Dataset
     from pynetdicom import AE, build_role
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -106,13 +107,17 @@ def test_report_for_an_unknown_transaction_is_refused_and_roles_stay_narrow(
         assert assoc.send_c_echo().Status == 0x0000  # still serving
         assoc.release()
 
-        # Without the SCP role proposed, the commitment context is not accepted.
+        # Without the SCP role proposed, the commitment context is accepted with the
+        # requestor as SCU only (default roles).
         plain = AE(ae_title="ORTHANC")
         plain.add_requested_context(StorageCommitmentPushModel)
         plain.add_requested_context(Verification)
         assoc = plain.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title)
         assert assoc.is_established
-        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [str(Verification)]
+        plain_cx = {str(cx.abstract_syntax): cx for cx in assoc.accepted_contexts}
+        assert set(plain_cx) == {str(Verification), str(StorageCommitmentPushModel)}
+        assert plain_cx[str(StorageCommitmentPushModel)].as_scu
+        assert not plain_cx[str(StorageCommitmentPushModel)].as_scp
         assoc.release()
     finally:
         daemon.stop()

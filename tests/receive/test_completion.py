@@ -1,0 +1,296 @@
+"""Knowing when a study is complete instead of waiting out the quiet period: the real
+daemon as MPPS SCP and Storage Commitment SCP (pynetdicom plays the modality, DCMTK
+storescu sends the images), and per-sender completion rules.  Every test sets a quiet
+period of an hour: a result that arrives came from the trigger under test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+from agent.audit.events import OUTCOMES
+from tests.helpers import Box, Broker, Daemon, Subscriber, audit_events, set_config, storescu
+from tests.helpers.completion import (
+    MODALITY_AE,
+    Modality,
+    ReportListener,
+    completions,
+    mpps_create_ds,
+    mpps_final_ds,
+    refs_of,
+)
+from tests.helpers.receive import ct_files
+from tests.helpers.waiting import free_port, wait_for
+
+pytestmark = pytest.mark.peer("storescu")
+
+
+def add_table(box: Box, text: str) -> None:
+    with box.config.open("a") as f:
+        f.write("\n" + text.strip() + "\n")
+
+
+@pytest.fixture(params=[1, 2], ids=["in-process", "workers"])
+def started(request: pytest.FixtureRequest, box: Box, broker: Broker) -> Iterator[
+        tuple[Daemon, Subscriber]]:
+    set_config(box, "dicom", "workers", str(request.param))
+    set_config(box, "study", "quiet_seconds", "3600")
+    set_config(box, "study", "max_age_seconds", "7200")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    yield d, ops
+    ops.stop()
+    if d.proc is not None:
+        d.stop()
+
+
+def events(box: Box, name: str, n: int = 1) -> list[dict[str, Any]]:
+    def found() -> list[dict[str, Any]] | None:
+        got = [e for e in audit_events(box) if e.get("event") == name]
+        return got if len(got) >= n else None
+    return list(wait_for(found, 30, f"{n} audit record(s) {name}", step=0.5))
+
+
+def no_uids(text: str, files: list[Path]) -> None:
+    for _, uid in refs_of(files):
+        assert uid not in text
+
+
+def test_mpps_completed_completes_the_study_at_once(
+        tmp_path: Path, box: Box, started: tuple[Daemon, Subscriber]) -> None:
+    d, ops = started
+    study = str(generate_uid())
+    files = ct_files(tmp_path / "ct", 3, study_uid=study)
+    mpps = str(generate_uid())
+    m = Modality(box.dicom_port, box.ae_title)
+    try:
+        assert m.n_create(mpps_create_ds(study), mpps).Status == 0x0000
+        sent = storescu(box.dicom_port, files, aec=box.ae_title)  # DCMTK, unchanged
+        assert sent.returncode == 0, sent.stderr
+        assert m.n_set(mpps_final_ds("COMPLETED", files), mpps).Status == 0x0000
+    finally:
+        m.release()
+    got = ops.wait("results", 1, timeout=90)[0].json()["data"]["study"]
+    assert got["instances_received"] == 3
+    assert completions(box.state) == ["mpps"]
+    created, updated = events(box, "mpps.n_create")[0], events(box, "mpps.n_set")[0]
+    assert created["details"]["status"] == "0x0000"
+    assert updated["details"]["state"] == "COMPLETED" and updated["details"]["instances"] == 3
+    no_uids(json.dumps([created, updated]) + d.log_text(), files)
+
+
+def test_mpps_discontinued_processes_what_was_acquired(
+        tmp_path: Path, box: Box, started: tuple[Daemon, Subscriber]) -> None:
+    _, ops = started
+    study = str(generate_uid())
+    files = ct_files(tmp_path / "ct", 3, study_uid=study)
+    mpps = str(generate_uid())
+    m = Modality(box.dicom_port, box.ae_title)
+    try:
+        assert m.n_create(mpps_create_ds(study), mpps).Status == 0x0000
+        # Stopped after two images; the N-SET arrives before the images do.
+        final = mpps_final_ds("DISCONTINUED", files[:2], reason="110514")
+        assert m.n_set(final, mpps).Status == 0x0000
+    finally:
+        m.release()
+    sent = storescu(box.dicom_port, files[:2], aec=box.ae_title)
+    assert sent.returncode == 0, sent.stderr
+    got = ops.wait("results", 1, timeout=90)[0].json()["data"]["study"]
+    assert got["instances_received"] == 2
+    assert completions(box.state) == ["mpps_discontinued"]
+    assert events(box, "mpps.n_set")[0]["details"]["reason_code"] == "DCM:110514"
+
+
+def test_storage_commitment_reports_on_the_same_association_and_completes(
+        tmp_path: Path, box: Box, started: tuple[Daemon, Subscriber]) -> None:
+    _, ops = started
+    files = ct_files(tmp_path / "ct", 3)
+    sent = storescu(box.dicom_port, files, aec=box.ae_title)
+    assert sent.returncode == 0, sent.stderr
+    refs = refs_of(files)
+    unknown = (refs[0][0], str(generate_uid()))
+    conflict = (str(MRImageStorage), refs[2][1])  # held, but as CT
+    m = Modality(box.dicom_port, box.ae_title)
+    try:
+        tx, status = m.commit([refs[0], refs[1], conflict, unknown])
+        assert status.Status == 0x0000
+        assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
+    finally:
+        m.release()
+    report = m.reports[0]
+    assert m.report_types == [2]  # some failed
+    assert str(report.TransactionUID) == tx
+    assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {
+        refs[0][1], refs[1][1]}
+    assert {(str(i.ReferencedSOPInstanceUID), int(i.FailureReason))
+            for i in report.FailedSOPSequence} == {(refs[2][1], 0x0119), (unknown[1], 0x0112)}
+    got = ops.wait("results", 1, timeout=90)[0].json()["data"]["study"]
+    assert got["instances_received"] == 3
+    assert completions(box.state) == ["commitment"]
+    req = events(box, "commitment.request")[0]["details"]
+    assert (req["committed"], req["failed"], req["conflicts"]) == (2, 2, 1)
+    assert events(box, "commitment.report_sent")[0]["details"]["association"] == "same"
+
+
+def test_commitment_report_goes_to_the_known_ae_when_refused_on_the_association(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "study", "quiet_seconds", "3600")
+    port = free_port()
+    add_table(box, f"""
+[[dicom.known_aes]]
+ae_title = "{MODALITY_AE}"
+host = "127.0.0.1"
+port = {port}
+""")
+    listener = ReportListener(port)
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", 2)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        # It refuses the report on this association (it takes reports on its own SCP).
+        m = Modality(box.dicom_port, box.ae_title, report_status=0x0110)
+        tx, status = m.commit(refs_of(files))
+        assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
+        m.release()
+        assert status.Status == 0x0000
+        assert listener.got.wait(30), "no report on a new association"
+        assert str(listener.reports[0].TransactionUID) == tx
+        assert len(listener.reports[0].ReferencedSOPSequence) == 2
+        sent = events(box, "commitment.report_sent")[0]["details"]
+        assert sent["association"] == "new" and sent["status"] == "0x0000"
+    finally:
+        listener.stop()
+        d.stop()
+
+
+def test_commitment_report_to_an_unknown_ae_is_audited_not_sent(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", 1)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        m = Modality(box.dicom_port, box.ae_title, report_status=0x0110)
+        _, status = m.commit(refs_of(files))
+        assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
+        m.release()
+        assert status.Status == 0x0000
+        why = events(box, "commitment.report_undeliverable")[0]
+        assert why["outcome"] == OUTCOMES["serious_failure"]
+        assert why["details"]["why"] == "unknown_ae"
+        assert "[[dicom.known_aes]]" in d.log_text()
+    finally:
+        d.stop()
+
+
+def test_malformed_mpps_gets_standard_statuses_is_audited_and_the_box_keeps_working(
+        tmp_path: Path, box: Box, daemon: Daemon, ops: Subscriber) -> None:
+    study = str(generate_uid())
+    mpps = str(generate_uid())
+    files = ct_files(tmp_path / "ct", 1, study_uid=study)
+    m = Modality(box.dicom_port, box.ae_title)
+    try:
+        assert m.n_set(mpps_final_ds("COMPLETED", files), str(generate_uid())).Status == 0x0112
+        missing = m.n_create(mpps_create_ds(study, drop=("Modality",)), str(generate_uid()))
+        assert missing.Status == 0x0120
+        assert m.n_create(mpps_create_ds(study, status="COMPLETED"), None).Status == 0x0106
+        assert m.n_create(mpps_create_ds(study), mpps).Status == 0x0000
+        assert m.n_create(mpps_create_ds(study), mpps).Status == 0x0111
+        bad = mpps_final_ds("COMPLETED", files)
+        bad.PerformedProcedureStepStatus = "FINISHED"
+        assert m.n_set(bad, mpps).Status == 0x0106
+        assert m.n_set(mpps_final_ds("DISCONTINUED", files), mpps).Status == 0x0000
+        again = m.n_set(mpps_final_ds("COMPLETED", files), mpps)  # no way back from final
+        assert again.Status == 0x0110
+        assert again.ErrorComment == "Performed Procedure Step Object may no longer be updated"
+        assert int(again.ErrorID) == 0xA710
+        # A Storage Commitment request that references nothing.
+        _, status = m.commit([])
+        assert status.Status == 0x0115
+    finally:
+        m.release()
+    refused = [e for e in events(box, "mpps.n_set", 4) if e["outcome"] == OUTCOMES["minor_failure"]]
+    assert {e["details"]["status"] for e in refused} == {"0x0112", "0x0106", "0x0110"}
+    assert {e["details"]["status"] for e in events(box, "mpps.n_create", 4)} >= {
+        "0x0120", "0x0106", "0x0111"}
+    # The daemon keeps serving: DCMTK storescu, unchanged, and the study still completes
+    # (the DISCONTINUED step above listed this instance).
+    assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+    assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
+        "instances_received"] == 1
+
+
+def test_expected_instance_count_rule_completes_a_study_without_mpps(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "study", "quiet_seconds", "3600")
+    add_table(box, """
+[[study.completion]]
+calling_ae = "STORESCU"
+modality = "CT"
+expected_instances = 3
+""")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", 3)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
+            "instances_received"] == 3
+        assert completions(box.state) == ["expected_count"]
+    finally:
+        ops.stop()
+        d.stop()
+
+
+def test_a_bad_completion_rule_is_an_operator_error(box: Box) -> None:
+    from agent.config import load
+    from agent.errors import ConfigError
+
+    add_table(box, """
+[[study.completion]]
+calling_ae = "CT1"
+modality = "computed tomography"
+expected_instances = -3
+""")
+    with pytest.raises(ConfigError) as err:
+        load(box.config)
+    text = str(err.value)
+    assert "[study.completion[0].modality]" in text and "such as \"CT\"" in text
+    assert "[study.completion[0].expected_instances] = -3" in text
+
+
+def test_rules_match_on_modality_and_a_rule_quiet_period_replaces_the_global_one(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    """The MR rule would close the CT study at its first instance: it must not match;
+    the sender's rule shortens the hour-long global quiet period to a second."""
+    set_config(box, "study", "quiet_seconds", "3600")
+    add_table(box, """
+[[study.completion]]
+modality = "MR"
+expected_instances = 1
+
+[[study.completion]]
+calling_ae = "STORESCU"
+quiet_seconds = 1.0
+""")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", 3)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
+            "instances_received"] == 3
+        assert completions(box.state) == ["quiet"]
+    finally:
+        ops.stop()
+        d.stop()
