@@ -23,7 +23,13 @@ What stays in the main process, so that it holds across workers:
   (``ReceiptDrainer``);
 * assembly and processing.
 
-Connections go to the worker with the fewest open ones.  A worker dies with
+The listeners open once every worker has said it is ready (imported and set up,
+``READY_TIMEOUT`` at most): a worker takes about half a second of CPU to start,
+and a connection handed to one that is still importing waits for it.  So the
+daemon's port (and its systemd READY=1) means it receives at full speed.
+
+Connections go to a ready worker with the fewest open ones (one that is still
+starting, e.g. after a restart, only when none is ready).  A worker dies with
 the daemon (``PR_SET_PDEATHSIG``), and a worker that exits is restarted; so is
 one that has sent nothing (not even its counters heartbeat, every 5 s) for the
 stage deadline (``[watchdog] stage_deadline_seconds``, at least 15 s): it is
@@ -81,6 +87,8 @@ _RESTART_BACKOFF = (0.2, 1.0, 5.0)
 # A worker reports at least every 5 s (worker.COUNTERS_HEARTBEAT); silence is
 # judged over three of those at least, so a busy machine does not look hung.
 _SILENT_FLOOR = 15.0
+# How long ``start`` waits for the workers to be ready before it listens anyway.
+READY_TIMEOUT = 30.0
 _COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
 
 
@@ -134,6 +142,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     chan: socket.socket
     open: int = 0
+    ready: bool = False  # imported and set up: it sent ("ready",)
     counters: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     heard_at: float = field(default_factory=time.monotonic)
@@ -204,6 +213,7 @@ class ReceivePool:
         # Before listening: a connection that comes in finds its worker starting.
         for i in range(self.s.workers):
             self._spawn(i)
+        self._await_ready(time.monotonic() + READY_TIMEOUT)
         tls = self.s.tls
         if not tls.enabled or tls.plain_listener:
             self._listen(self.s.port, tls=False)
@@ -213,6 +223,27 @@ class ReceivePool:
         self._thread.start()
         log.info("DICOM listening on %s:%d as %s with %d receive workers", self.s.host,
                  self.s.port, self.s.ae_title, self.s.workers)
+
+    def _await_ready(self, deadline: float) -> None:
+        """Read the workers' channels here (the dispatcher does not run yet) until
+        each is ready or gone, or ``deadline``; a worker that exits is restarted
+        later by the dispatcher, as always."""
+        while time.monotonic() < deadline:
+            waiting = [w for w in self._workers if w is not None and not w.ready]
+            if not waiting:
+                return
+            left = max(0.0, deadline - time.monotonic())
+            for key, _ in self._sel.select(timeout=min(0.25, left)):
+                kind, obj = key.data
+                if kind == "worker":
+                    self._from_worker(obj)
+            for w in waiting:
+                if self._workers[w.index] is w and w.proc.poll() is not None:
+                    self._worker_gone(w)
+        slow = [w.index for w in self._workers if w is not None and not w.ready]
+        if slow:
+            log.warning("receive worker(s) %s not ready after %.0f s; listening anyway (their "
+                        "connections wait until they are)", slow, READY_TIMEOUT)
 
     def _listen(self, port: int, *, tls: bool) -> None:
         sock = tp.listen(self.s.host, port)
@@ -430,9 +461,10 @@ class ReceivePool:
         if admitted.evict is not None:
             self._evict(*admitted.evict)
         conn.setblocking(True)
-        # The least busy worker; one that died since the last look is retired
+        # The least busy ready worker; one that died since the last look is retired
         # and the next one takes the connection.
-        for w in sorted((x for x in self._workers if x is not None), key=lambda x: x.open):
+        for w in sorted((x for x in self._workers if x is not None),
+                        key=lambda x: (not x.ready, x.open)):
             try:
                 send_msg(w.chan, ("conn", Handoff(cid, addr, tls)), (conn.fileno(),))
             except OSError as exc:
@@ -513,6 +545,8 @@ class ReceivePool:
             return
         if msg[0] == "closed":
             self._release(int(msg[1]))
+        elif msg[0] == "ready":
+            w.ready = True
         elif msg[0] == "ended":
             self._ended(int(msg[1]))
         elif msg[0] == "admit":

@@ -54,6 +54,36 @@ def send_parallel(box: Box, groups: list[list[Path]]) -> list[subprocess.Complet
     return out
 
 
+def test_the_port_opens_with_the_workers_ready_and_without_pixel_libraries(
+        tmp_path: Path, box: Box) -> None:
+    """When the daemon's DICOM port accepts, every worker has finished starting (it
+    runs its counters thread, started just before it reports ready): a first
+    association is not served by a process still importing.  And a worker, which
+    never decodes pixels, does not load pydicom's pixel back-ends (numpy, Pillow,
+    pylibjpeg), which the daemon does."""
+    set_config(box, "dicom", "workers", "2")
+    d = Daemon(box)
+    d.start()  # returns once the DICOM port accepts connections
+    try:
+        assert d.proc is not None
+        workers = workers_of(d)
+        assert len(workers) == 2
+        assert all(w.num_threads() >= 2 for w in workers), [w.num_threads() for w in workers]
+
+        def libraries(p: psutil.Process) -> set[str]:
+            return {m.path for m in p.memory_maps()}
+
+        pixel = ("/numpy", "/PIL/", "/pylibjpeg", "/openjpeg/", "/libjpeg/")
+        assert any("/numpy" in lib for lib in libraries(psutil.Process(d.proc.pid)))
+        for w in workers:
+            assert not [lib for lib in libraries(w) if any(x in lib for x in pixel)]
+        files = ct_files(tmp_path / "ct", 2)
+        (run,) = send_parallel(box, [files])
+        assert run.returncode == 0, run.stderr
+    finally:
+        d.stop()
+
+
 def test_concurrent_associations_over_workers_make_one_study_and_one_result(
         tmp_path: Path, box: Box, broker: Broker) -> None:
     set_config(box, "dicom", "workers", "2")
