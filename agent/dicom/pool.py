@@ -47,6 +47,7 @@ agent.dicom.{admission, scp, transport}.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -75,7 +76,7 @@ from agent.dicom.admission import (
     association_limit,
     audit_refused,
 )
-from agent.dicom.commitment import ReportFn
+from agent.dicom.commitment import ReportLaterFn
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
@@ -164,10 +165,11 @@ class ReceivePool:
         on_stored: Callable[[StoreReceipt | None], None] | None = None,
         accepting: Callable[[], bool] = lambda: True,
         receipts: ReceiptLog | None = None,
-        on_commitment: ReportFn | None = None,
+        on_commitment: ReportLaterFn | None = None,
     ) -> None:
         """``on_commitment``: where the Storage Commitment reports a worker
-        receives are relayed to (see agent.dicom.worker)."""
+        receives are relayed to (see agent.dicom.worker); it answers later, from
+        its own thread, and the dispatcher passes the answer back to the worker."""
         self.s = settings
         self.on_commitment = on_commitment
         self.inbox = inbox
@@ -194,6 +196,12 @@ class ReceivePool:
         self._stored_seen = 0
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._sel = selectors.DefaultSelector()
+        # Answers to relayed commitment reports, from the delivery's thread: the
+        # dispatcher sends them (it alone writes to the channels), woken by _wake_w.
+        self._answers: collections.deque[tuple[_Worker, object, bool]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._stop = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -286,6 +294,9 @@ class ReceivePool:
             w.chan.close()
         self._workers = [None] * len(self._workers)
         self._close_listeners()
+        self._answers.clear()  # their workers are gone
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
         if self.drainer is not None:
             self.drainer.stop()
 
@@ -412,6 +423,8 @@ class ReceivePool:
                     kind, obj = key.data
                     if kind == "listen":
                         self._accept(key.fileobj, bool(obj))  # type: ignore[arg-type]
+                    elif kind == "wake":
+                        self._send_answers()
                     else:
                         self._from_worker(obj)
                 if self.stage is not None:
@@ -566,14 +579,34 @@ class ReceivePool:
 
     def _commitment(self, w: _Worker, token: object, tx: object, ok: object,
                     failed: object) -> None:
-        """A worker relays a Storage Commitment report; the answer goes back to it.
-        The delivery's entry point is a few database writes and never raises."""
-        taken = False
+        """A worker relays a Storage Commitment report.  Handed on, not handled
+        here: the delivery's database writes (fsync, a busy lock) would hold up
+        every worker's admissions and close notices.  The answer comes back through
+        ``_answer`` and goes to the worker from this thread."""
+        def answer(taken: bool) -> None:
+            self._answer(w, token, taken)
+
         if (self.on_commitment is not None and isinstance(tx, str) and isinstance(ok, list)
                 and isinstance(failed, list)):
-            taken = self.on_commitment(tx, [str(u) for u in ok], [str(u) for u in failed])
+            self.on_commitment(tx, [str(u) for u in ok], [str(u) for u in failed], answer)
+        else:
+            answer(False)
+
+    def _answer(self, w: _Worker, token: object, taken: bool) -> None:
+        """From any thread: queue the answer and wake the dispatcher."""
+        self._answers.append((w, token, taken))
         with contextlib.suppress(OSError):
-            send_msg(w.chan, ("committed", token, taken))
+            self._wake_w.send(b"x")
+
+    def _send_answers(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while self._answers:
+            w, token, taken = self._answers.popleft()
+            if self._workers[w.index] is w:  # a replaced worker's associations are gone
+                with contextlib.suppress(OSError):
+                    send_msg(w.chan, ("committed", token, taken))
 
     def _refused(self, peer: str, why: str) -> None:
         with self._lock:

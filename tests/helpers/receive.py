@@ -97,7 +97,9 @@ class EventJournal:
 @contextmanager
 def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
          inbox: InboxSettings | None = None, receipts: Any = None, workers: int = 1,
-         registry: Any = None, **dicom: Any) -> Iterator[Node]:
+         registry: Any = None, on_commitment: Any = None, **dicom: Any) -> Iterator[Node]:
+    """``on_commitment``: Storage Commitment reports go there (in-process: called with
+    (tx, ok, failed) and returns whether taken; workers: (tx, ok, failed, answer))."""
     port = free_port()
     tls_port = free_port()
     tls = dicom.pop("tls", None)
@@ -124,12 +126,14 @@ def node(tmp: Path, *, peers: tuple[PeerRule, ...] | None = None,
     if workers > 1:
         def init(index: int) -> WorkerInit:
             return WorkerInit(index, settings, tmp / "inbox", inbox_settings, study, kek, pkey,
-                              "WARNING")
+                              "WARNING", commitment=on_commitment is not None)
 
         scp = ReceivePool(settings, ib, init, audit=audit,
-                          receipts=receipts if receipts is not None else EventJournal(events, lock))
+                          receipts=receipts if receipts is not None else EventJournal(events, lock),
+                          on_commitment=on_commitment)
     else:
-        scp = LocalNode(settings, ib, audit=audit, receipts=receipts, registry=registry)
+        scp = LocalNode(settings, ib, audit=audit, receipts=receipts, registry=registry,
+                        on_commitment=on_commitment)
     scp.start()
     try:
         yield Node(scp, ib, port, tls_port, events, lock)

@@ -12,13 +12,19 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from agent.dicom.pool import ReceivePool
 from tests.helpers import (
@@ -205,3 +211,63 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_behind(box: Box, worke
     assert "fix: another service" in log
     assert "Traceback" not in log
     assert not left  # no receive worker outlived the failed start
+
+
+def test_a_commitment_report_waiting_for_the_delivery_holds_up_no_other_association(
+        tmp_path: Path) -> None:
+    """A PACS's Storage Commitment report, taken by a worker, waits for the results
+    delivery (database writes, which a busy disk or lock can make slow); meanwhile
+    the daemon still answers the admission of another association at once, and the
+    report gets its Success when the delivery took it."""
+    release = threading.Event()
+    reported: list[str] = []
+
+    def on_commitment(tx: str, ok: list[str], failed: list[str],
+                      answer: Any = None) -> bool | None:
+        reported.append(tx)
+        if answer is None:  # a delivery that answers in the caller's thread
+            release.wait(60)
+            return True
+
+        def later() -> None:
+            release.wait(60)
+            answer(True)
+
+        threading.Thread(target=later, daemon=True).start()
+        return None
+
+    with node(tmp_path, workers=2, on_commitment=on_commitment) as n:
+        statuses: list[int] = []
+
+        def report() -> None:
+            ae = AE(ae_title="PACS")
+            ae.add_requested_context(StorageCommitmentPushModel)
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE,
+                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+            assert assoc.is_established
+            ds = Dataset()
+            ds.TransactionUID = "1.2.826.0.1.3680043.8.498.77"
+            item = Dataset()
+            item.ReferencedSOPClassUID = CTImageStorage
+            item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.78"
+            ds.ReferencedSOPSequence = [item]
+            status, _ = assoc.send_n_event_report(ds, 1, StorageCommitmentPushModel,
+                                                  "1.2.840.10008.1.20.1.1")
+            statuses.append(int(status.Status) if status else -1)
+            assoc.release()
+
+        pacs = threading.Thread(target=report, daemon=True)
+        pacs.start()
+        try:
+            wait_for(lambda: reported, 60, "the report handed to the delivery")
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
+            accepted = assoc.is_established
+            if accepted:
+                assoc.release()
+        finally:
+            release.set()
+        pacs.join(60)
+        assert accepted  # the admission was answered while the report waited
+        assert statuses == [0x0000]
