@@ -9,7 +9,9 @@ import dataclasses
 import ipaddress
 import os
 import subprocess
+import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +44,17 @@ def wait_for(pred: Any, timeout: float, what: str) -> Any:
             return v
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def association_threads() -> str:
+    """Where each DICOM thread of this process is (an in-process node's): for the
+    message of a test that finds a connection still counted or an answer missing,
+    so that a failure seen once under load says what the node was waiting for."""
+    frames = sys._current_frames()
+    out = [f"{t.name}:\n" + "".join(traceback.format_stack(frames[t.ident], limit=8))
+           for t in threading.enumerate()
+           if t.name.startswith("dicom-") and t.ident is not None and t.ident in frames]
+    return "\n".join(out) or "(no DICOM threads in this process)"
 
 
 def free_port() -> int:

@@ -19,7 +19,15 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 import tests.helpers.rx_peer as rx_peer
 from agent.config import DicomTls, InboxSettings, PeerRule
 from agent.identity import pki
-from tests.helpers.receive import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
+from tests.helpers.receive import (
+    AE_TITLE,
+    LOOPBACK,
+    association_threads,
+    ct_files,
+    dcmtk,
+    node,
+    wait_for,
+)
 
 HOSTILE = "127.0.0.5"  # another loopback address: a different peer to the node
 
@@ -139,7 +147,11 @@ def test_per_peer_connection_cap_and_rate_limit(tmp_path: Path, workers: int) ->
         ok = [a.is_established or a.is_released for a in results]  # type: ignore[attr-defined]
         # (the echo above was the first of the five)
         assert ok == [True] * 4 + [False] * 2
-        assert all(a.is_rejected for a in results[4:])  # type: ignore[attr-defined]
+        # Seen once under heavy load (in-process): the 6th timed out instead. Say how
+        # each ended and what the node's threads were doing.
+        assert all(a.is_rejected for a in results[4:]), (  # type: ignore[attr-defined]
+            [(a.is_rejected, a.is_aborted) for a in results[4:]],  # type: ignore[attr-defined]
+            n.scp.limiter.connections("127.0.0.1"), association_threads())
         def rate_rejections() -> list[tuple[int, int, int]]:
             return [(e["details"]["result"], e["details"]["source"], e["details"]["diagnostic"])
                     for e in n.audited("association.rejected") if "result" in e["details"]]
