@@ -201,6 +201,7 @@ class ReceivePool:
         self._answers: collections.deque[tuple[_Worker, object, bool]] = collections.deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # a full pipe already means a wake is pending
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._stop = threading.Event()
         self._stopping = threading.Event()
