@@ -43,7 +43,7 @@ from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
 from agent.results.common import Issuer
-from agent.results.delivery import Delivery, commitment_result
+from agent.results.delivery import Delivery, commitment_report, commitment_result
 from agent.results.link import LinkStore
 from agent.results.queue import DeliveryQueue
 from agent.review.service import ReviewService
@@ -179,7 +179,7 @@ class Daemon:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
                                    on_stored=lambda _r: self._work.set(),
                                    accepting=self._intake.is_set, receipts=self.audit_log,
-                                   on_commitment=on_commitment)
+                                   on_commitment=commitment_report if on_commitment else None)
         else:
             # Workers journal their audit records in the inbox (durable), so only the
             # in-process node feeds the audit queue and needs its hold.

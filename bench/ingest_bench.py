@@ -116,8 +116,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The receive worker's module: agent.dicom.worker since issue 15, agent.recvworker in a
+# --baseline checkout from before it.
+WORKER_MODULES = (b"agent.dicom.worker", b"agent.recvworker")
+
+
 def children(pid: int) -> list[int]:
-    """Receive worker processes of the daemon (direct children running agent.dicom.worker)."""
+    """Receive worker processes of the daemon (direct children running a WORKER_MODULES)."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -127,16 +132,29 @@ def children(pid: int) -> list[int]:
             cmd = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and b"agent.dicom.worker" in cmd:
+        if int(stat[1]) == pid and any(m in cmd for m in WORKER_MODULES):
             out.append(int(entry.name))
     return out
 
 
 def wait_workers(pid: int, n: int, timeout: float = 30) -> None:
+    """Until the daemon's ``n`` receive workers run and have gone idle.
+
+    Idle, not a fixed pause: a worker still importing when the first association
+    comes in puts its start-up CPU (~0.5 s per worker) into the measured window, and
+    on a busy machine that alone doubled the CPU per instance of an 8-instance cell.
+    The same rule applies to a --baseline checkout, whatever its workers do at start."""
     deadline = time.monotonic() + timeout
     while n > 1 and len(children(pid)) < n and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(0.5 if n > 1 else 0)  # let them finish importing
+    pids = [pid, *children(pid)]
+    before = -1.0
+    while time.monotonic() < deadline:
+        now = sum(cpu_seconds(p) for p in pids)
+        if now - before < 0.02:  # under 4 % of a core over the last 0.5 s
+            return
+        before = now
+        time.sleep(0.5)
 
 
 def reset_peak(pid: int) -> None:

@@ -44,6 +44,10 @@ STATUS_INVALID_ARGUMENT = 0x0115
 
 # (transaction UID, committed SOP Instance UIDs, failed ones) -> taken; never raises
 ReportFn = Callable[[str, list[str], list[str]], bool]
+# The same, answered later: ``answer(taken)`` is called once, from any thread (the
+# receive pool hands reports on this way, so that a slow delivery database holds up
+# only the PACS that reported, never the dispatcher); never raises.
+ReportLaterFn = Callable[[str, list[str], list[str], Callable[[bool], None]], None]
 
 
 def parse_event(ds: Dataset | None) -> tuple[str, list[str], list[str]]:

@@ -23,7 +23,13 @@ What stays in the main process, so that it holds across workers:
   (``ReceiptDrainer``);
 * assembly and processing.
 
-Connections go to the worker with the fewest open ones.  A worker dies with
+The listeners open once every worker has said it is ready (imported and set up,
+``READY_TIMEOUT`` at most): a worker takes about half a second of CPU to start,
+and a connection handed to one that is still importing waits for it.  So the
+daemon's port (and its systemd READY=1) means it receives at full speed.
+
+Connections go to a ready worker with the fewest open ones (one that is still
+starting, e.g. after a restart, only when none is ready).  A worker dies with
 the daemon (``PR_SET_PDEATHSIG``), and a worker that exits is restarted; so is
 one that has sent nothing (not even its counters heartbeat, every 5 s) for the
 stage deadline (``[watchdog] stage_deadline_seconds``, at least 15 s): it is
@@ -41,6 +47,7 @@ agent.dicom.{admission, scp, transport}.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -69,7 +76,7 @@ from agent.dicom.admission import (
     association_limit,
     audit_refused,
 )
-from agent.dicom.commitment import ReportFn
+from agent.dicom.commitment import ReportLaterFn
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
@@ -81,6 +88,8 @@ _RESTART_BACKOFF = (0.2, 1.0, 5.0)
 # A worker reports at least every 5 s (worker.COUNTERS_HEARTBEAT); silence is
 # judged over three of those at least, so a busy machine does not look hung.
 _SILENT_FLOOR = 15.0
+# How long ``start`` waits for the workers to be ready before it listens anyway.
+READY_TIMEOUT = 30.0
 _COUNTER_FIELDS = tuple(f.name for f in dataclasses.fields(ReceiveCounters) if f.name != "by_peer")
 
 
@@ -134,6 +143,7 @@ class _Worker:
     proc: subprocess.Popen[bytes]
     chan: socket.socket
     open: int = 0
+    ready: bool = False  # imported and set up: it sent ("ready",)
     counters: dict[str, Any] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     heard_at: float = field(default_factory=time.monotonic)
@@ -155,10 +165,11 @@ class ReceivePool:
         on_stored: Callable[[StoreReceipt | None], None] | None = None,
         accepting: Callable[[], bool] = lambda: True,
         receipts: ReceiptLog | None = None,
-        on_commitment: ReportFn | None = None,
+        on_commitment: ReportLaterFn | None = None,
     ) -> None:
         """``on_commitment``: where the Storage Commitment reports a worker
-        receives are relayed to (see agent.dicom.worker)."""
+        receives are relayed to (see agent.dicom.worker); it answers later, from
+        its own thread, and the dispatcher passes the answer back to the worker."""
         self.s = settings
         self.on_commitment = on_commitment
         self.inbox = inbox
@@ -185,6 +196,13 @@ class ReceivePool:
         self._stored_seen = 0
         self._listeners: list[tuple[socket.socket, bool]] = []
         self._sel = selectors.DefaultSelector()
+        # Answers to relayed commitment reports, from the delivery's thread: the
+        # dispatcher sends them (it alone writes to the channels), woken by _wake_w.
+        self._answers: collections.deque[tuple[_Worker, object, bool]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)  # a full pipe already means a wake is pending
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._stop = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,6 +222,7 @@ class ReceivePool:
         # Before listening: a connection that comes in finds its worker starting.
         for i in range(self.s.workers):
             self._spawn(i)
+        self._await_ready(time.monotonic() + READY_TIMEOUT)
         tls = self.s.tls
         if not tls.enabled or tls.plain_listener:
             self._listen(self.s.port, tls=False)
@@ -213,6 +232,27 @@ class ReceivePool:
         self._thread.start()
         log.info("DICOM listening on %s:%d as %s with %d receive workers", self.s.host,
                  self.s.port, self.s.ae_title, self.s.workers)
+
+    def _await_ready(self, deadline: float) -> None:
+        """Read the workers' channels here (the dispatcher does not run yet) until
+        each is ready or gone, or ``deadline``; a worker that exits is restarted
+        later by the dispatcher, as always."""
+        while time.monotonic() < deadline:
+            waiting = [w for w in self._workers if w is not None and not w.ready]
+            if not waiting:
+                return
+            left = max(0.0, deadline - time.monotonic())
+            for key, _ in self._sel.select(timeout=min(0.25, left)):
+                kind, obj = key.data
+                if kind == "worker":
+                    self._from_worker(obj)
+            for w in waiting:
+                if self._workers[w.index] is w and w.proc.poll() is not None:
+                    self._worker_gone(w)
+        slow = [w.index for w in self._workers if w is not None and not w.ready]
+        if slow:
+            log.warning("receive worker(s) %s not ready after %.0f s; listening anyway (their "
+                        "connections wait until they are)", slow, READY_TIMEOUT)
 
     def _listen(self, port: int, *, tls: bool) -> None:
         sock = tp.listen(self.s.host, port)
@@ -255,6 +295,9 @@ class ReceivePool:
             w.chan.close()
         self._workers = [None] * len(self._workers)
         self._close_listeners()
+        self._answers.clear()  # their workers are gone
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
         if self.drainer is not None:
             self.drainer.stop()
 
@@ -381,6 +424,8 @@ class ReceivePool:
                     kind, obj = key.data
                     if kind == "listen":
                         self._accept(key.fileobj, bool(obj))  # type: ignore[arg-type]
+                    elif kind == "wake":
+                        self._send_answers()
                     else:
                         self._from_worker(obj)
                 if self.stage is not None:
@@ -430,9 +475,10 @@ class ReceivePool:
         if admitted.evict is not None:
             self._evict(*admitted.evict)
         conn.setblocking(True)
-        # The least busy worker; one that died since the last look is retired
+        # The least busy ready worker; one that died since the last look is retired
         # and the next one takes the connection.
-        for w in sorted((x for x in self._workers if x is not None), key=lambda x: x.open):
+        for w in sorted((x for x in self._workers if x is not None),
+                        key=lambda x: (not x.ready, x.open)):
             try:
                 send_msg(w.chan, ("conn", Handoff(cid, addr, tls)), (conn.fileno(),))
             except OSError as exc:
@@ -513,6 +559,8 @@ class ReceivePool:
             return
         if msg[0] == "closed":
             self._release(int(msg[1]))
+        elif msg[0] == "ready":
+            w.ready = True
         elif msg[0] == "ended":
             self._ended(int(msg[1]))
         elif msg[0] == "admit":
@@ -534,14 +582,34 @@ class ReceivePool:
 
     def _commitment(self, w: _Worker, token: object, tx: object, ok: object,
                     failed: object) -> None:
-        """A worker relays a Storage Commitment report; the answer goes back to it.
-        The delivery's entry point is a few database writes and never raises."""
-        taken = False
+        """A worker relays a Storage Commitment report.  Handed on, not handled
+        here: the delivery's database writes (fsync, a busy lock) would hold up
+        every worker's admissions and close notices.  The answer comes back through
+        ``_answer`` and goes to the worker from this thread."""
+        def answer(taken: bool) -> None:
+            self._answer(w, token, taken)
+
         if (self.on_commitment is not None and isinstance(tx, str) and isinstance(ok, list)
                 and isinstance(failed, list)):
-            taken = self.on_commitment(tx, [str(u) for u in ok], [str(u) for u in failed])
+            self.on_commitment(tx, [str(u) for u in ok], [str(u) for u in failed], answer)
+        else:
+            answer(False)
+
+    def _answer(self, w: _Worker, token: object, taken: bool) -> None:
+        """From any thread: queue the answer and wake the dispatcher."""
+        self._answers.append((w, token, taken))
         with contextlib.suppress(OSError):
-            send_msg(w.chan, ("committed", token, taken))
+            self._wake_w.send(b"x")
+
+    def _send_answers(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while self._answers:
+            w, token, taken = self._answers.popleft()
+            if self._workers[w.index] is w:  # a replaced worker's associations are gone
+                with contextlib.suppress(OSError):
+                    send_msg(w.chan, ("committed", token, taken))
 
     def _refused(self, peer: str, why: str) -> None:
         with self._lock:

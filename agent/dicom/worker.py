@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - the imports below follow PIXEL_BACKENDS on purpose
 """A receive worker process (see agent.dicom.pool): runs the acceptor on each
 connection the daemon hands it, one thread per connection, with the same store
 decisions as the in-process node; the association bounds are asked of the
@@ -13,6 +14,21 @@ agent.dicom.*.
 
 from __future__ import annotations
 
+import sys
+
+# A receive worker never decodes pixels, but importing pydicom (which pynetdicom's
+# PDU classes need) imports its optional pixel back-ends with it: numpy, Pillow,
+# pylibjpeg and the codecs, about 20 MiB of a worker's memory and a fifth of its
+# start-up CPU.  Marked absent (the import system's documented ``None`` entry) when
+# this module runs as the worker process, before anything imports pydicom, which
+# then treats them as not installed.  Never when merely imported (the daemon needs
+# numpy).  tests/receive/test_receive_workers.py checks a running worker for it.
+PIXEL_BACKENDS = ("numpy", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle", "jpeg_ls",
+                  "gdcm", "pyjpegls")
+if __name__ == "__main__":
+    for _name in PIXEL_BACKENDS:
+        sys.modules.setdefault(_name, None)  # type: ignore[arg-type]
+
 import contextlib
 import ctypes
 import dataclasses
@@ -20,7 +36,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -192,6 +207,7 @@ class Worker:
 
     def run(self) -> int:
         threading.Thread(target=self._report, name="counters", daemon=True).start()
+        self._send(("ready",))  # the daemon listens once every worker said so
         while True:
             got = recv_msg(self.chan)
             if got is None:

@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
+from queue import Empty, Queue
 from typing import Any
 
 import pydicom
@@ -73,6 +74,28 @@ def commitment_result(transaction_uid: str, success_uids: list[str],
         return False
 
 
+def commitment_report(transaction_uid: str, success_uids: list[str], failed_uids: list[str],
+                      answer: Callable[[bool], None]) -> None:
+    """``commitment_result``, answered later: the report waits in the delivery's
+    queue and its own thread calls ``answer(taken)`` (``answer(False)`` at once when
+    delivery is not running).  For the receive pool's dispatcher, which relays the
+    reports its workers take and must not wait for the database meanwhile
+    (agent/dicom/pool.py).  Never raises."""
+    with _active_lock:
+        d = _active
+    if d is None:
+        _answer(answer, False)
+        return
+    d.reports.put((transaction_uid, success_uids, failed_uids, answer))
+
+
+def _answer(answer: Callable[[bool], None], taken: bool) -> None:
+    try:
+        answer(taken)
+    except Exception:  # noqa: BLE001 - the caller's callback; nothing to undo here
+        log.exception("answering a storage commitment report failed")
+
+
 def backoff(attempt: int, lo: float, hi: float, rnd: random.Random | None = None) -> float:
     """Seconds before retry number ``attempt`` (1-based): exponential from ``lo`` to
     ``hi``, with "equal jitter" (half fixed, half random) so a fleet of boxes that lost
@@ -113,6 +136,10 @@ class Delivery:
             for d in self.destinations}
         self._subjects: dict[tuple[str, int], dict[str, str]] = {}
         self._planned: set[tuple[str, int]] = set()  # saves a query per held link and round
+        # Storage Commitment reports handed on by ``commitment_report``, applied in
+        # order by the results-commitment thread.
+        self.reports: Queue[tuple[str, list[str], list[str], Callable[[bool], None]]] = (
+            Queue())
 
     def __repr__(self) -> str:
         return f"Delivery(<{len(self.destinations)} destinations>)"
@@ -124,6 +151,8 @@ class Delivery:
         with _active_lock:
             _active = self
         self._threads = [threading.Thread(target=self._planner, name="results-plan",
+                                          daemon=True),
+                         threading.Thread(target=self._reports_loop, name="results-commitment",
                                           daemon=True)]
         self._threads += [threading.Thread(target=self._sender, args=(d,),
                                            name=f"results-send-{d.name}", daemon=True)
@@ -143,10 +172,29 @@ class Delivery:
         with _active_lock:
             if _active is self:
                 _active = None
+        while True:  # not applied: the PACS keeps its record and may report again
+            try:
+                *_, answer = self.reports.get_nowait()
+            except Empty:
+                break
+            _answer(answer, False)
 
     def wake(self) -> None:
         """New links may be held (the pipeline processed a study)."""
         self._plan_now.set()
+
+    def _reports_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                tx, ok, failed, answer = self.reports.get(timeout=0.5)
+            except Empty:
+                continue
+            try:
+                taken = self.on_commitment(tx, ok, failed)
+            except Exception:  # noqa: BLE001 - one report's failure is its own
+                log.exception("storage commitment report not handled")
+                taken = False
+            _answer(answer, taken)
 
     # -- plan + finish ------------------------------------------------------------------
 

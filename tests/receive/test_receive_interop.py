@@ -17,7 +17,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from agent.config import PeerRule
 from agent.dicom.status import STATUS_OUT_OF_RESOURCES
 from agent.errors import StorageError
-from tests.helpers.receive import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, wait_for
+from tests.helpers.receive import AE_TITLE, LOOPBACK, ct_files, dcmtk, node, rejected, wait_for
 
 needs_dcmtk = pytest.mark.peer("storescu", "echoscu")
 
@@ -182,16 +182,16 @@ def test_unknown_sop_class_rejected_at_negotiation(tmp_path: Path) -> None:
 def test_allowlist_and_called_ae_rejections_are_permanent_and_audited(tmp_path: Path) -> None:
     with node(tmp_path, peers=(PeerRule("CT1", LOOPBACK),)) as n:
         _, bad_calling = _scu(n.port, aet="INTRUDER")
-        assert bad_calling.is_rejected  # type: ignore[attr-defined]
+        assert rejected(bad_calling)
         _, bad_called = _scu(n.port, aet="CT1", aec="SOMEONE_ELSE")
-        assert bad_called.is_rejected  # type: ignore[attr-defined]
+        assert rejected(bad_called)
         _, ok = _scu(n.port, aet="CT1")
         assert ok.is_established  # type: ignore[attr-defined]
         ok.release()  # type: ignore[attr-defined]
-        rejected = n.audited("association.rejected")
-    assert [(r["details"]["result"], r["details"]["diagnostic"]) for r in rejected] == [
+        audited = n.audited("association.rejected")
+    assert [(r["details"]["result"], r["details"]["diagnostic"]) for r in audited] == [
         (1, 3), (1, 7)]
-    assert all(r["outcome"] == "minor_failure" for r in rejected)
+    assert all(r["outcome"] == "minor_failure" for r in audited)
 
 
 def test_resend_is_idempotent_and_changed_content_is_flagged(tmp_path: Path) -> None:

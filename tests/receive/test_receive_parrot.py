@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 import tests.helpers.parrot as parrot
 from tests.helpers.parrot import Parrot, Reply
-from tests.helpers.receive import AE_TITLE, Node, node, wait_for
+from tests.helpers.receive import AE_TITLE, Node, association_threads, node, wait_for
 
 TIMEOUTS = {"acse_timeout": 3.0, "pdu_timeout": 3.0, "network_timeout": 3.0}
 
@@ -276,6 +276,11 @@ def test_a_request_we_do_not_serve_gets_0211_and_the_association_goes_on(
 
 
 def test_the_node_held_no_association_after_the_suite(n: Node, tmp_path: Path) -> None:
-    wait_for(lambda: n.scp.counters.active == 0, 20, "no association left open")
-    assert n.scp.limiter.connections() == 0 or wait_for(
-        lambda: n.scp.limiter.connections() == 0, 20, "no connection left open")
+    try:
+        wait_for(lambda: n.scp.counters.active == 0, 20, "no association left open")
+        wait_for(lambda: n.scp.limiter.connections() == 0, 20, "no connection left open")
+    except TimeoutError as exc:
+        # Seen once under heavy load (in-process): say what the node still waits for.
+        raise AssertionError(f"{exc}: {n.scp.counters.active} association(s), "
+                             f"{n.scp.limiter.connections()} connection(s) counted\n"
+                             f"{association_threads()}") from None

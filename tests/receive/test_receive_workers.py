@@ -12,13 +12,19 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom import AE, build_role
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from agent.dicom.pool import ReceivePool
 from tests.helpers import (
@@ -52,6 +58,36 @@ def send_parallel(box: Box, groups: list[list[Path]]) -> list[subprocess.Complet
         o, e = p.communicate(timeout=300)
         out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
     return out
+
+
+def test_the_port_opens_with_the_workers_ready_and_without_pixel_libraries(
+        tmp_path: Path, box: Box) -> None:
+    """When the daemon's DICOM port accepts, every worker has finished starting (it
+    runs its counters thread, started just before it reports ready): a first
+    association is not served by a process still importing.  And a worker, which
+    never decodes pixels, does not load pydicom's pixel back-ends (numpy, Pillow,
+    pylibjpeg), which the daemon does."""
+    set_config(box, "dicom", "workers", "2")
+    d = Daemon(box)
+    d.start()  # returns once the DICOM port accepts connections
+    try:
+        assert d.proc is not None
+        workers = workers_of(d)
+        assert len(workers) == 2
+        assert all(w.num_threads() >= 2 for w in workers), [w.num_threads() for w in workers]
+
+        def libraries(p: psutil.Process) -> set[str]:
+            return {m.path for m in p.memory_maps()}
+
+        pixel = ("/numpy", "/PIL/", "/pylibjpeg", "/openjpeg/", "/libjpeg/")
+        assert any("/numpy" in lib for lib in libraries(psutil.Process(d.proc.pid)))
+        for w in workers:
+            assert not [lib for lib in libraries(w) if any(x in lib for x in pixel)]
+        files = ct_files(tmp_path / "ct", 2)
+        (run,) = send_parallel(box, [files])
+        assert run.returncode == 0, run.stderr
+    finally:
+        d.stop()
 
 
 def test_concurrent_associations_over_workers_make_one_study_and_one_result(
@@ -175,3 +211,63 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_behind(box: Box, worke
     assert "fix: another service" in log
     assert "Traceback" not in log
     assert not left  # no receive worker outlived the failed start
+
+
+def test_a_commitment_report_waiting_for_the_delivery_holds_up_no_other_association(
+        tmp_path: Path) -> None:
+    """A PACS's Storage Commitment report, taken by a worker, waits for the results
+    delivery (database writes, which a busy disk or lock can make slow); meanwhile
+    the daemon still answers the admission of another association at once, and the
+    report gets its Success when the delivery took it."""
+    release = threading.Event()
+    reported: list[str] = []
+
+    def on_commitment(tx: str, ok: list[str], failed: list[str],
+                      answer: Any = None) -> bool | None:
+        reported.append(tx)
+        if answer is None:  # a delivery that answers in the caller's thread
+            release.wait(60)
+            return True
+
+        def later() -> None:
+            release.wait(60)
+            answer(True)
+
+        threading.Thread(target=later, daemon=True).start()
+        return None
+
+    with node(tmp_path, workers=2, on_commitment=on_commitment) as n:
+        statuses: list[int] = []
+
+        def report() -> None:
+            ae = AE(ae_title="PACS")
+            ae.add_requested_context(StorageCommitmentPushModel)
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE,
+                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+            assert assoc.is_established
+            ds = Dataset()
+            ds.TransactionUID = "1.2.826.0.1.3680043.8.498.77"
+            item = Dataset()
+            item.ReferencedSOPClassUID = CTImageStorage
+            item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.78"
+            ds.ReferencedSOPSequence = [item]
+            status, _ = assoc.send_n_event_report(ds, 1, StorageCommitmentPushModel,
+                                                  "1.2.840.10008.1.20.1.1")
+            statuses.append(int(status.Status) if status else -1)
+            assoc.release()
+
+        pacs = threading.Thread(target=report, daemon=True)
+        pacs.start()
+        try:
+            wait_for(lambda: reported, 60, "the report handed to the delivery")
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", n.port, ae_title=AE_TITLE)
+            accepted = assoc.is_established
+            if accepted:
+                assoc.release()
+        finally:
+            release.set()
+        pacs.join(60)
+        assert accepted  # the admission was answered while the report waited
+        assert statuses == [0x0000]
