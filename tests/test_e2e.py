@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.helpers import Box, Daemon, Subscriber, storescu, wait_for
 from tests.helpers.dicom import make_instance, write_instances
+from tests.helpers.receive import rejected
 
 PATIENT_NAME = "Canary^Zebulon^Quixote"
 PATIENT_ID = "PID-7781-CANARY"
@@ -103,11 +104,11 @@ def test_unknown_calling_ae_is_rejected_and_audited(tmp_path: Path, box: Box,
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", box.dicom_port, ae_title=box.ae_title)
-    assert assoc.is_rejected
+    assert rejected(assoc)
     ae2 = AE(ae_title="PYNETDICOM")
     ae2.add_requested_context(CTImageStorage)
     assoc2 = ae2.associate("127.0.0.1", box.dicom_port, ae_title="WRONG_CALLED")
-    assert assoc2.is_rejected
+    assert rejected(assoc2)
     assert daemon.stop() == 0
     assert "calling AE title/address not allowed" in daemon.log_text()
 

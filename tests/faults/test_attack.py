@@ -31,6 +31,7 @@ from tests.helpers.faults import (
     results,
     send,
 )
+from tests.helpers.receive import rejected
 
 
 def _associate(box: Box, aet: str, *, called: str | None = None,
@@ -129,7 +130,7 @@ def test_unknown_and_malformed_ae_titles_are_rejected(box: Box, daemon: Daemon) 
                             ("PYNETDICOM", "edge_agent"), ("PYNETDICOM", "OTHER_NODE"),
                             ("*", None), ("STORE SCU", None)]:
         a = _associate(box, calling, called=called)
-        assert a.is_rejected, (calling, called)  # type: ignore[attr-defined]
+        assert rejected(a), (calling, called)
     ok = _associate(box, "PYNETDICOM")
     assert ok.is_established  # type: ignore[attr-defined]
     ok.release()  # type: ignore[attr-defined]
