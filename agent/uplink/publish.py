@@ -38,10 +38,11 @@ from agent.config import Config
 from agent.errors import EdgeAgentError
 from agent.ops import faults
 from agent.ops.liveness import Liveness, Stage
+from agent.types import OutboxMessage
 from agent.uplink import egress
 from agent.uplink.inbound import Inbound
 from agent.uplink.mqtt_tls import check_identity, describe_tls_failure, explain, tls_context
-from agent.uplink.mqttloop import Wakeup, step
+from agent.uplink.mqttloop import Wakeup, corked, step
 from agent.uplink.outbox import Outbox
 
 # Status and job state are retained: the latest of each is what a consumer that
@@ -397,8 +398,15 @@ class Publisher:
         if room <= 0:
             return
         msgs = self.outbox.peek(after, room)
+        if not msgs:
+            return
         # The whole window checked in one pass (agent/uplink/guardscan.py).
         hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
+        with corked(client):
+            self._publish(client, msgs, hits)
+
+    def _publish(self, client: mqtt.Client, msgs: list[OutboxMessage],
+                 hits: list[egress.GuardHit | None]) -> None:
         for msg, hit in zip(msgs, hits, strict=True):
             with self._lock:
                 self._last_seq = msg.seq
