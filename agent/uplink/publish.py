@@ -44,6 +44,7 @@ from agent.uplink.inbound import Inbound
 from agent.uplink.mqtt_tls import check_identity, describe_tls_failure, explain, tls_context
 from agent.uplink.mqttloop import Wakeup, corked, step
 from agent.uplink.outbox import Outbox
+from agent.uplink.readahead import ReadAhead
 
 # Status and job state are retained: the latest of each is what a consumer that
 # subscribes later must see (presence; a deployment's progress).
@@ -113,7 +114,6 @@ class Publisher:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # mid -> outbox seq
         self._status_mids: set[int] = set()
-        self._last_seq = 0
         self._client: mqtt.Client | None = None
         self._ctx = tls_context(self.s)
         self._connected_evt = threading.Event()
@@ -123,6 +123,8 @@ class Publisher:
         self._wake = Wakeup()
         outbox.on_enqueue(self._wake.set)
         self._acks: list[int] = []  # seqs PUBACKed during one network step, acked together
+        # The next messages read and checked on a thread of their own (agent/uplink/readahead.py).
+        self._ahead = ReadAhead(outbox, 2 * self.s.inflight, self._wake.set)
 
     # -- topics -------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Publisher:
         if self._liveness is not None:
             self._stage = self._liveness.stage("publisher",
                                                self.cfg.watchdog.stage_deadline_seconds)
+        self._ahead.start()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._thread.start()
 
@@ -147,6 +150,7 @@ class Publisher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=drain_timeout + 5)
+        self._ahead.stop()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_evt.wait(timeout)
@@ -180,7 +184,7 @@ class Publisher:
             with self._lock:
                 self._inflight.clear()
                 self._status_mids.clear()
-                self._last_seq = 0
+            self._restart_walk()
             self.state.connected = True
             self.state.since = time.time()
             self.state.last_error = None
@@ -242,8 +246,8 @@ class Publisher:
             with self._lock:
                 self._inflight.clear()
                 self._status_mids.clear()
-                self._last_seq = 0
                 self.state.inflight = 0
+            self._restart_walk()
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_disconnect handler failed")
 
@@ -344,6 +348,12 @@ class Publisher:
             self._beat(doing="waiting to reconnect")
             self._stop.wait(min(left, 5.0))
 
+    def _restart_walk(self) -> None:
+        # From the oldest un-acknowledged message again; the PUBACKs this network step
+        # brought are recorded first, so those messages are not read (and sent) again.
+        self._apply_acks()
+        self._ahead.restart(0)
+
     def _apply_acks(self) -> None:
         if self._acks:
             acks, self._acks = self._acks, []
@@ -394,22 +404,18 @@ class Publisher:
     def _pump(self, client: mqtt.Client) -> None:
         with self._lock:
             room = self.s.inflight - len(self._inflight)
-            after = self._last_seq
         if room <= 0:
             return
-        msgs = self.outbox.peek(after, room)
-        if not msgs:
+        # Read, decrypted and checked by the guard ahead of time, in seq order.
+        checked = self._ahead.take(room)
+        if not checked:
             return
-        # The whole window checked in one pass (agent/uplink/guardscan.py).
-        hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
         with corked(client):
-            self._publish(client, msgs, hits)
+            self._publish(client, checked)
 
-    def _publish(self, client: mqtt.Client, msgs: list[OutboxMessage],
-                 hits: list[egress.GuardHit | None]) -> None:
-        for msg, hit in zip(msgs, hits, strict=True):
-            with self._lock:
-                self._last_seq = msg.seq
+    def _publish(self, client: mqtt.Client,
+                 checked: list[tuple[OutboxMessage, egress.GuardHit | None]]) -> None:
+        for msg, hit in checked:
             if hit is not None:
                 self.state.blocked_phi += 1
                 self.outbox.block(msg.seq, str(hit))
@@ -423,8 +429,7 @@ class Publisher:
                                   retain=msg.channel in RETAINED_CHANNELS)
             self._beat(progress=True, doing="publishing")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                with self._lock:
-                    self._last_seq = msg.seq - 1
+                self._ahead.restart(msg.seq - 1)  # this one and the rest again, later
                 return
             with self._lock:
                 self._inflight[info.mid] = msg.seq
