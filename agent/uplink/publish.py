@@ -3,7 +3,9 @@
 One thread owns the paho client (paho's client is not meant to be driven from
 several threads).  It connects with a jittered exponential backoff, publishes
 the retained birth message, then walks the outbox in sequence order keeping at
-most ``inflight`` messages un-acknowledged.  A message is deleted from the
+most ``inflight`` messages un-acknowledged.  The reading of that walk (decrypting
+rows, the egress guard) runs ahead on a thread of its own (agent/uplink/readahead.py),
+which hands the MQTT thread checked messages in sequence order.  A message is deleted from the
 outbox only on a PUBACK with a success reason code; a refusal (e.g. 0x87 not
 authorized) moves it to the blocked table and raises an alert, because
 retrying a refused message forever would stall everything behind it.
