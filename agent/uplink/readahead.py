@@ -45,6 +45,7 @@ class ReadAhead:
         self._epoch = 0
         self._more = True  # the outbox may hold more than was read
         self._stop = False
+        self._last_error = ""
         self._thread: threading.Thread | None = None
         outbox.on_enqueue(self.poke)
 
@@ -98,7 +99,9 @@ class ReadAhead:
                 # The whole batch checked in one pass (agent/uplink/guardscan.py).
                 hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
             except EdgeAgentError as exc:
-                log.error("outbox: cannot read the next messages: %s", exc)
+                if str(exc) != self._last_error:  # once per cause, not once a second
+                    log.error("outbox: cannot read the next messages: %s", exc)
+                    self._last_error = str(exc)
                 with self._cond:
                     self._cond.wait(IDLE_S)
                     self._more = True
@@ -109,6 +112,7 @@ class ReadAhead:
                     self._cond.wait(IDLE_S)
                     self._more = True
                 continue
+            self._last_error = ""
             with self._cond:
                 if epoch != self._epoch:
                     continue  # restarted meanwhile: read again from the new start
