@@ -31,14 +31,15 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
-from agent.errors import EdgeAgentError, OutOfResources, StorageError
+from agent.crypto import KeyEncryptionKey
+from agent.errors import EdgeAgentError, StorageError
 from agent.fileperm import private_db
+from agent.sealedrows import RowKeys, transaction, translate
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,7 @@ def _aad(destination: str, sop_uid: str) -> bytes:
 
 
 def _translate(exc: sqlite3.Error, what: str) -> StorageError:
-    text = str(exc)
-    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in text:
-        return OutOfResources(f"results queue: {what}: the state volume is full",
-                              hint="free space on the state volume; queued results are kept")
-    return StorageError(f"results queue: {what}: {text}",
-                        hint="check the state volume; 'edge-agent doctor' reports its health")
+    return translate(exc, "results queue", what, "queued results are kept")
 
 
 class DeliveryQueue:
@@ -148,7 +144,8 @@ class DeliveryQueue:
     def __init__(self, path: Path, kek: KeyEncryptionKey) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
-        self._kek = kek
+        # A data key per row (agent/sealedrows.py): deleting a final row's key shreds it.
+        self._keys = RowKeys(kek, "items", "id", "wrapped_key")
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         try:
@@ -166,24 +163,8 @@ class DeliveryQueue:
     def __repr__(self) -> str:
         return f"DeliveryQueue({self.path})"
 
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _translate(exc, what) from None
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(exc, sqlite3.Error):
-                    raise _translate(exc, what) from None
-                raise
+    def _tx(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db, self._lock, _translate, what)
 
     # -- plan -------------------------------------------------------------------------
 
@@ -197,11 +178,8 @@ class DeliveryQueue:
         """Queue every object of one study version in one durable transaction; a
         version already planned is left alone (0).  Returns the rows added."""
         now = time.time() if now is None else now
-        sealed = []
-        for o in objects:
-            key = random_key()
-            sealed.append((o, self._kek.wrap(key), seal(key, o.data, _aad(o.destination,
-                                                                          o.sop_uid))))
+        sealed = [(o, *self._keys.seal(o.data, _aad(o.destination, o.sop_uid)))
+                  for o in objects]
         added = 0
         with self._tx("plan") as db:
             if db.execute("SELECT 1 FROM plans WHERE study_ref=? AND version=?",
@@ -238,7 +216,7 @@ class DeliveryQueue:
         out: list[Item] = []
         for r in rows:
             try:
-                data = unseal(self._kek.unwrap(bytes(r[12])), bytes(r[13]), _aad(r[1], r[7]))
+                data = self._keys.open(bytes(r[12]), bytes(r[13]), _aad(r[1], r[7]))
             except (EdgeAgentError, ValueError, TypeError) as exc:
                 log.error("results queue row %d failed authentication (%s): dead-lettered",
                           r[0], type(exc).__name__)
@@ -442,19 +420,13 @@ class DeliveryQueue:
 
     def rewrap(self, old: KeyEncryptionKey, new: KeyEncryptionKey) -> int:
         with self._tx("rewrap") as db:
-            rows = db.execute("SELECT id, wrapped_key FROM items WHERE wrapped_key IS NOT "
-                              "NULL").fetchall()
-            for i, wrapped in rows:
-                db.execute("UPDATE items SET wrapped_key=? WHERE id=?",
-                           (new.wrap(old.unwrap(bytes(wrapped))), i))
-        self._kek = new
-        return len(rows)
+            n = self._keys.rewrap(db, old, new)
+        self._keys.kek = new
+        return n
 
     def wrapped_by(self) -> set[str]:
         with self._lock:
-            rows = self._db.execute("SELECT wrapped_key FROM items WHERE wrapped_key IS NOT "
-                                    "NULL").fetchall()
-        return {bytes(r[0])[:16].decode("ascii", "replace") for r in rows}
+            return self._keys.kek_ids(self._db)
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,7 @@ CloudEvents envelope (``cloudevents``) and the fixed vocabulary of reasons
 (``vocabulary``), the router of the inbound topics (``inbound``: verdicts, deployments), health telemetry (``telemetry``) and the loopback Prometheus
 endpoint (``metrics``).
 
-May import: agent.config, agent.errors, agent.crypto, agent.fileperm, agent.types,
+May import: agent.config, agent.errors, agent.crypto, agent.sealedrows, agent.fileperm, agent.types,
 agent.dicomraw (the standard UID table), agent.ops (liveness, faults). Must not import the DICOM node, agent.store or
 agent.pipeline: stages hand it frozen messages, it never reaches back.
 """

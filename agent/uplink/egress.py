@@ -167,11 +167,52 @@ assert [p.name for p in _SCAN_PATTERNS] == [name for name, _ in _PATTERNS]
 _STUDY_VALUE = GuardHit("study-value")
 
 
+# What one string or number of a payload contributes to its check, in order: a hit
+# decided on the spot (a whole token or number equal to a study value), or a free text
+# to be searched with the rest of the batch (agent/uplink/guardscan.py).
+_Step = GuardHit | str
+MEMO_MAX = 4096  # remembered strings and numbers per study
+MEMO_TEXT_MAX = 256  # longer strings are free text in practice: not remembered
+
+
+class _Study:
+    """One study's values compiled once, and what its payloads' short strings and numbers
+    were found to be.
+
+    A drain checks the same keys, fixed words, model names and numbers in every message
+    of a study: deciding again which of them are the box's own words, tokens, template
+    instances or free text was most of the guard's walk through a payload.  Only that
+    decision is remembered, never a search result: every free text is still searched,
+    in every message.  The decision depends on the study's values (this object) and the
+    vocabulary, which only grows (``vocabulary.allow``): the memo is dropped when it has.
+    """
+
+    __slots__ = ("matcher", "memo", "generation")
+
+    def __init__(self, matcher: guardscan.ValueMatcher) -> None:
+        self.matcher = matcher
+        self.memo: dict[object, tuple[_Step, ...]] = {}
+        self.generation = vocabulary.generation()
+
+    def fresh(self) -> _Study:
+        if (gen := vocabulary.generation()) != self.generation:
+            self.memo = {}
+            self.generation = gen
+        return self
+
+    def remember(self, key: object, steps: tuple[_Step, ...], generation: int) -> None:
+        if generation != self.generation:
+            return  # the vocabulary grew meanwhile: decided under the old one
+        if len(self.memo) >= MEMO_MAX:
+            self.memo = {}
+        self.memo[key] = steps
+
+
 @lru_cache(maxsize=64)
-def _matcher(values: frozenset[str]) -> guardscan.ValueMatcher:
+def _study(values: frozenset[str]) -> _Study:
     """One study's values compiled once: the outbox hands every message of a study the
     same fingerprint, so a drain compiles each study once (bounded: 64 studies)."""
-    return guardscan.compile_values(needles(values), short_parts(values))
+    return _Study(guardscan.compile_values(needles(values), short_parts(values)))
 
 
 def _number_forms(x: float) -> set[str]:
@@ -182,60 +223,88 @@ def _number_forms(x: float) -> set[str]:
 
 
 # What a payload's check depends on, in the order the checks ran one by one: a hit
-# decided on the spot (a whole token or number equal to a study value), or the index
-# of a free text in the batch, searched with all the others in one pass.
+# decided on the spot, or the index of a free text in the batch, searched with all the
+# others in one pass.
 _Plan = list["GuardHit | int"]
 
 
-def _free_text(text: str, n: guardscan.ValueMatcher, batch: guardscan.TextBatch,
-               plan: _Plan) -> None:
-    plan.append(batch.add(text, n))
-
-
-def _string(text: str, n: guardscan.ValueMatcher, batch: guardscan.TextBatch, plan: _Plan,
-            depth: int = 0) -> None:
+def _classify(text: str, long: frozenset[str], out: list[_Step], depth: int = 0) -> None:
     if vocabulary.is_fixed(text) or vocabulary.is_standard_uid(text):
         return
     if _TOKEN.fullmatch(text):
-        if guardscan.norm(text) in n.long:
-            plan.append(_STUDY_VALUE)
+        if guardscan.norm(text) in long:
+            out.append(_STUDY_VALUE)
         return
     parts = vocabulary.holes(text) if depth < 3 else None
     if parts is not None:
         for hole, is_number in parts:
             if not is_number:
-                _string(hole, n, batch, plan, depth + 1)
-            elif guardscan.norm(hole) in n.long:
-                plan.append(_STUDY_VALUE)
+                _classify(hole, long, out, depth + 1)
+            elif guardscan.norm(hole) in long:
+                out.append(_STUDY_VALUE)
         return
-    _free_text(text, n, batch, plan)
+    out.append(text)
 
 
-def _value(doc: Any, n: guardscan.ValueMatcher, batch: guardscan.TextBatch,
-           plan: _Plan) -> None:
-    if isinstance(doc, str):
-        _string(doc, n, batch, plan)
-    elif isinstance(doc, bool) or doc is None:
-        return
-    elif isinstance(doc, int | float):
-        if _number_forms(doc) & n.long:
-            plan.append(_STUDY_VALUE)
-    elif isinstance(doc, dict):
-        for k, v in doc.items():
-            _string(str(k), n, batch, plan)
-            _value(v, n, batch, plan)
-    elif isinstance(doc, list):
-        for v in doc:
-            _value(v, n, batch, plan)
-    else:
-        _free_text(str(doc), n, batch, plan)
+class _Walk:
+    """One payload's walk: its steps go into ``plan``, its free texts into ``batch``."""
+
+    __slots__ = ("study", "batch", "plan", "generation")
+
+    def __init__(self, study: _Study, batch: guardscan.TextBatch, plan: _Plan) -> None:
+        self.study = study.fresh()
+        self.batch = batch
+        self.plan = plan
+        self.generation = study.generation
+
+    def emit(self, steps: tuple[_Step, ...] | list[_Step]) -> None:
+        for step in steps:
+            if isinstance(step, str):
+                self.plan.append(self.batch.add(step, self.study.matcher))
+            else:
+                self.plan.append(step)
+
+    def string(self, text: str) -> None:
+        steps = self.study.memo.get(text)
+        if steps is None:
+            out: list[_Step] = []
+            _classify(text, self.study.matcher.long, out)
+            steps = tuple(out)
+            if len(text) <= MEMO_TEXT_MAX:
+                self.study.remember(text, steps, self.generation)
+        self.emit(steps)
+
+    def number(self, x: float) -> None:
+        key = (type(x), x)  # 1 and 1.0 are equal keys but not the same JSON
+        steps = self.study.memo.get(key)
+        if steps is None:
+            steps = (_STUDY_VALUE,) if _number_forms(x) & self.study.matcher.long else ()
+            self.study.remember(key, steps, self.generation)
+        self.emit(steps)
+
+    def value(self, doc: Any) -> None:
+        if isinstance(doc, str):
+            self.string(doc)
+        elif isinstance(doc, bool) or doc is None:
+            return
+        elif isinstance(doc, int | float):
+            self.number(doc)
+        elif isinstance(doc, dict):
+            for k, v in doc.items():
+                self.string(str(k))
+                self.value(v)
+        elif isinstance(doc, list):
+            for v in doc:
+                self.value(v)
+        else:
+            self.emit([str(doc)])
 
 
 def _plan(payload: bytes | str, guard: PhiFingerprint, made_at: float | None,
           batch: guardscan.TextBatch) -> _Plan:
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
-    n = _matcher(guard.values)
     plan: _Plan = []
+    walk = _Walk(_study(guard.values), batch, plan)
     try:
         doc = json.loads(text)
     except ValueError:
@@ -248,14 +317,13 @@ def _plan(payload: bytes | str, guard: PhiFingerprint, made_at: float | None,
                 continue
             # data, subject (standard names) and any extension attribute (its name too)
             if key not in ("data", "subject"):
-                _string(key, n, batch, plan)
-            _value(value, n, batch, plan)
+                walk.string(key)
+            walk.value(value)
         return plan
     # Not a CloudEvent: everything in it is free text, the raw text first.
-    _free_text(text, n, batch, plan)
+    walk.emit([text])
     if doc is not None:
-        for t in _strings(doc):
-            _free_text(t, n, batch, plan)
+        walk.emit(list(_strings(doc)))
     return plan
 
 

@@ -40,13 +40,14 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from agent.crypto import KeyEncryptionKey, Unsealer, load_or_create_data_key, seal
+from agent.crypto import KeyEncryptionKey
 from agent.errors import EdgeAgentError, OutOfResources, StorageError
 from agent.fileperm import private_db
+from agent.sealedrows import StoreKey, transaction, translate
 from agent.types import Channel, OutboxMessage, PhiFingerprint
 
 TELEMETRY_MAX = 2000  # samples kept before coalescing (1.4 days at the 60 s default)
@@ -82,13 +83,7 @@ CREATE TABLE IF NOT EXISTS blocked (
 
 def _translate(exc: sqlite3.Error, what: str) -> StorageError:
     """SQLite's errors as ours: a full disk is OutOfResources (DICOM 0xA700)."""
-    text = str(exc)
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL or "disk is full" in text or "database or disk is full" in text:
-        return OutOfResources(f"outbox: {what}: the state volume is full",
-                              hint="free space on the state volume; queued messages are kept")
-    return StorageError(f"outbox: {what}: {text}",
-                        hint="check the state volume; 'edge-agent doctor' reports its health")
+    return translate(exc, "outbox", what, "queued messages are kept")
 
 
 class Outbox:
@@ -127,8 +122,9 @@ class Outbox:
             # default) buys nothing and doubles the writes of a drain.
             self._db.execute("PRAGMA secure_delete=FAST")
             self._db.executescript(_SCHEMA)
-            self._key = load_or_create_data_key(self._db, kek)
-            self._unsealer = Unsealer(self._key)
+            # One data key for the outbox (agent/sealedrows.py); each row's event id is
+            # its associated data.
+            self._key = StoreKey(self._db, kek)
             self._bytes, self._tel_n, self._tel_bytes, self._n = self._totals()
         except sqlite3.Error as exc:
             raise _translate(exc, f"cannot open {path}") from None
@@ -152,10 +148,10 @@ class Outbox:
         doc = json.dumps({"g": sorted(guard.values)}).encode()
         body = len(doc).to_bytes(4, "big") + doc + payload
         # The event id is bound as associated data: a row cannot be moved under another id.
-        return seal(self._key, body, event_id.encode())
+        return self._key.seal(body, event_id.encode())
 
     def _unpack(self, blob: bytes, event_id: str) -> tuple[bytes, PhiFingerprint]:
-        body = self._unsealer.unseal(blob, event_id.encode())
+        body = self._key.open(blob, event_id.encode())
         n = int.from_bytes(body[:4], "big")
         header = body[4:4 + n]
         guard = self._guards.get(header)
@@ -166,26 +162,12 @@ class Outbox:
             self._guards[header] = guard
         return body[4 + n:], guard
 
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise _translate(exc, what) from None
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # the failed COMMIT may already have rolled back
-                # In-memory totals may have moved inside the failed transaction.
-                self._bytes, self._tel_n, self._tel_bytes, self._n = self._totals()
-                if isinstance(exc, sqlite3.Error):
-                    raise _translate(exc, what) from None
-                raise
+    def _tx(self, what: str) -> AbstractContextManager[sqlite3.Connection]:
+        # In-memory totals may have moved inside a failed transaction: counted again.
+        return transaction(self._db, self._lock, _translate, what, self._recount)
+
+    def _recount(self) -> None:
+        self._bytes, self._tel_n, self._tel_bytes, self._n = self._totals()
 
     # -- enqueue --------------------------------------------------------------
 
@@ -470,14 +452,13 @@ class Outbox:
     def rewrap(self, new: KeyEncryptionKey) -> None:
         """Re-wrap the outbox data key under ``new`` (the data is not re-encrypted)."""
         with self._tx("rewrap") as db:
-            db.execute("UPDATE meta SET v=? WHERE k='data_key'", (new.wrap(self._key),))
+            self._key.rewrap(db, new)
         self._kek = new
 
     def wrapped_by(self) -> str:
         """The id of the KEK that currently wraps the outbox data key."""
         with self._lock:
-            row = self._db.execute("SELECT v FROM meta WHERE k='data_key'").fetchone()
-        return bytes(row[0])[:16].decode("ascii", "replace")
+            return self._key.kek_id(self._db)
 
     def close(self) -> None:
         with self._lock:

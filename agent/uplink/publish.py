@@ -3,7 +3,9 @@
 One thread owns the paho client (paho's client is not meant to be driven from
 several threads).  It connects with a jittered exponential backoff, publishes
 the retained birth message, then walks the outbox in sequence order keeping at
-most ``inflight`` messages un-acknowledged.  A message is deleted from the
+most ``inflight`` messages un-acknowledged.  The reading of that walk (decrypting
+rows, the egress guard) runs ahead on a thread of its own (agent/uplink/readahead.py),
+which hands the MQTT thread checked messages in sequence order.  A message is deleted from the
 outbox only on a PUBACK with a success reason code; a refusal (e.g. 0x87 not
 authorized) moves it to the blocked table and raises an alert, because
 retrying a refused message forever would stall everything behind it.
@@ -38,11 +40,13 @@ from agent.config import Config
 from agent.errors import EdgeAgentError
 from agent.ops import faults
 from agent.ops.liveness import Liveness, Stage
+from agent.types import OutboxMessage
 from agent.uplink import egress
 from agent.uplink.inbound import Inbound
 from agent.uplink.mqtt_tls import check_identity, describe_tls_failure, explain, tls_context
-from agent.uplink.mqttloop import Wakeup, step
+from agent.uplink.mqttloop import Wakeup, corked, step
 from agent.uplink.outbox import Outbox
+from agent.uplink.readahead import ReadAhead
 
 # Status and job state are retained: the latest of each is what a consumer that
 # subscribes later must see (presence; a deployment's progress).
@@ -112,7 +116,6 @@ class Publisher:
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}  # mid -> outbox seq
         self._status_mids: set[int] = set()
-        self._last_seq = 0
         self._client: mqtt.Client | None = None
         self._ctx = tls_context(self.s)
         self._connected_evt = threading.Event()
@@ -122,6 +125,8 @@ class Publisher:
         self._wake = Wakeup()
         outbox.on_enqueue(self._wake.set)
         self._acks: list[int] = []  # seqs PUBACKed during one network step, acked together
+        # The next messages read and checked on a thread of their own (agent/uplink/readahead.py).
+        self._ahead = ReadAhead(outbox, 2 * self.s.inflight, self._wake.set)
 
     # -- topics -------------------------------------------------------------
 
@@ -134,6 +139,7 @@ class Publisher:
         if self._liveness is not None:
             self._stage = self._liveness.stage("publisher",
                                                self.cfg.watchdog.stage_deadline_seconds)
+        self._ahead.start()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._thread.start()
 
@@ -146,6 +152,7 @@ class Publisher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=drain_timeout + 5)
+        self._ahead.stop()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_evt.wait(timeout)
@@ -179,7 +186,7 @@ class Publisher:
             with self._lock:
                 self._inflight.clear()
                 self._status_mids.clear()
-                self._last_seq = 0
+            self._restart_walk()
             self.state.connected = True
             self.state.since = time.time()
             self.state.last_error = None
@@ -241,8 +248,8 @@ class Publisher:
             with self._lock:
                 self._inflight.clear()
                 self._status_mids.clear()
-                self._last_seq = 0
                 self.state.inflight = 0
+            self._restart_walk()
         except Exception:  # noqa: BLE001
             log.exception("mqtt on_disconnect handler failed")
 
@@ -343,6 +350,12 @@ class Publisher:
             self._beat(doing="waiting to reconnect")
             self._stop.wait(min(left, 5.0))
 
+    def _restart_walk(self) -> None:
+        # From the oldest un-acknowledged message again; the PUBACKs this network step
+        # brought are recorded first, so those messages are not read (and sent) again.
+        self._apply_acks()
+        self._ahead.restart(0)
+
     def _apply_acks(self) -> None:
         if self._acks:
             acks, self._acks = self._acks, []
@@ -393,15 +406,18 @@ class Publisher:
     def _pump(self, client: mqtt.Client) -> None:
         with self._lock:
             room = self.s.inflight - len(self._inflight)
-            after = self._last_seq
         if room <= 0:
             return
-        msgs = self.outbox.peek(after, room)
-        # The whole window checked in one pass (agent/uplink/guardscan.py).
-        hits = egress.check_many([(m.payload, m.guard, m.created_at) for m in msgs])
-        for msg, hit in zip(msgs, hits, strict=True):
-            with self._lock:
-                self._last_seq = msg.seq
+        # Read, decrypted and checked by the guard ahead of time, in seq order.
+        checked = self._ahead.take(room)
+        if not checked:
+            return
+        with corked(client):
+            self._publish(client, checked)
+
+    def _publish(self, client: mqtt.Client,
+                 checked: list[tuple[OutboxMessage, egress.GuardHit | None]]) -> None:
+        for msg, hit in checked:
             if hit is not None:
                 self.state.blocked_phi += 1
                 self.outbox.block(msg.seq, str(hit))
@@ -415,8 +431,7 @@ class Publisher:
                                   retain=msg.channel in RETAINED_CHANNELS)
             self._beat(progress=True, doing="publishing")
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                with self._lock:
-                    self._last_seq = msg.seq - 1
+                self._ahead.restart(msg.seq - 1)  # this one and the rest again, later
                 return
             with self._lock:
                 self._inflight[info.mid] = msg.seq

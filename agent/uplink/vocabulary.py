@@ -158,12 +158,20 @@ _FIXED = frozenset({
 }) | _standard_uid_words()
 _allowed: set[str] = set()
 _allowed_lock = threading.Lock()
+_generation = 0  # bumped by every ``allow``: what the guard remembered about a text is stale
 
 
 def allow(words: Iterable[str]) -> None:
     """Add words fixed by configuration or a signed model manifest (never study data)."""
+    global _generation
     with _allowed_lock:
         _allowed.update(w for w in words if w)
+        _generation += 1
+
+
+def generation() -> int:
+    """Changes whenever ``is_fixed`` may answer differently for some text."""
+    return _generation
 
 
 def is_standard_uid(text: str) -> bool:

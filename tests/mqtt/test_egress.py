@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 
 from agent import config as cfgmod
@@ -137,6 +138,24 @@ def test_study_text_is_still_caught_beside_the_boxs_words() -> None:
     assert egress.check(result({"note": "delivery wunderbar"}), TODAY_GUARD) is None
     assert egress.check(result({"x": "1.2.840.10008.5.1.4.1.1.2.77"})) == \
         egress.GuardHit("dicom-uid")
+
+
+def test_what_the_guard_remembers_of_a_study_follows_the_vocabulary() -> None:
+    """The guard remembers, per study, which strings are the box's words (issue 19: a
+    drain checks the same keys and names in every message).  A word a signed manifest
+    adds later (``vocabulary.allow``) must count from then on, and free text is still
+    searched in every message."""
+    word = f"zqx-{uuid.uuid4().hex[:8]}-lesion-model"  # a model name equal to a study value
+    guard = PhiFingerprint(frozenset({word, PID}))
+    payload = result({"models": [{"name": word}]})
+    assert egress.check(payload, guard) == egress.GuardHit("study-value")
+    assert egress.check(payload, guard) == egress.GuardHit("study-value")  # remembered
+    vocabulary.allow([word])
+    assert egress.check(payload, guard) is None  # the box's own word now
+    assert egress.check_many([(payload, guard, None)] * 3) == [None] * 3
+    leaking = result({"models": [{"name": word}], "note": f"see {PID.lower()}"})
+    assert egress.check_many([(payload, guard, None), (leaking, guard, None)]) == [
+        None, egress.GuardHit("study-value")]
 
 
 def test_result_schema_and_fleet_doc_list_exactly_the_vocabulary() -> None:

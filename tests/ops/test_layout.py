@@ -36,6 +36,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "agent.dicomraw": ("agent.",),
     "agent.subgroups": ("agent.",),
     "agent.crypto": ("agent.",),
+    # sealed SQLite rows, shared by the outbox and the results queue: below every stage
+    "agent.sealedrows": ("agent.",),
     "agent": ("fleet", "provisioning"),
     "fleet": ("agent.store", "agent.deid", "agent.infer", "agent.results", "agent.ops",
               "agent.identity", "agent.uplink.publish", "agent.uplink.outbox", *DICOM_NODE,
@@ -58,6 +60,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "agent.infer.engine": ("agent.uplink.vocabulary",),
     "agent.infer.pixels": ("agent.uplink.vocabulary",),
     "agent.crypto": ("agent.errors",),
+    "agent.sealedrows": ("agent.crypto", "agent.errors"),
     "agent.types": ("agent.errors",),
 }
 
