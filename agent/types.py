@@ -15,11 +15,15 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import numpy.typing as npt
 from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    # Only for SegMask's signatures: receive workers import this module and run
+    # without numpy (agent/dicom/worker.py keeps pixel libraries out of them).
+    import numpy as np
+    import numpy.typing as npt
 
 StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown",
                           "expected_count", "mpps", "mpps_discontinued", "commitment"]
@@ -147,10 +151,14 @@ class SegMask:
 
     @staticmethod
     def pack(mask: npt.NDArray[np.bool_]) -> bytes:
+        import numpy as np
+
         return zlib.compress(np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes(), 9)
 
     def pixels(self) -> npt.NDArray[np.bool_]:
         """The (rows, cols) boolean mask; ValueError when the bits do not make one."""
+        import numpy as np
+
         n = self.rows * self.cols
         inflate = zlib.decompressobj()
         raw = inflate.decompress(self.bits, (n + 7) // 8 + 1)  # bounded: no inflation bomb
