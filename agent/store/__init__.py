@@ -5,7 +5,7 @@ parts, the quarantine of instances that must not be published (``quarantine``) a
 the privacy officer's review of it (``quarantine_review``).
 
 May import: agent.config, agent.errors, agent.crypto, agent.fileperm, agent.types,
-agent.deid (burned-in text rules). Must not import the DICOM node, agent.uplink or
+agent.deid (burned-in text rules), agent.ops.faults (the inbox's test hook). Must not import the DICOM node, agent.uplink or
 agent.pipeline (``quarantine_review`` alone reuses the pipeline's parser and the
 daemon's parts lazily, to re-run an item through the same code).
 """
