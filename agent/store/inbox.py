@@ -97,6 +97,7 @@ class Inbox:
             with self._tx() as db:
                 reconcile.run(db, self.root, self._slot_root, self._kek, self._receipts)
             self._index.sync()
+            self._refresh_pending()
             used = {str(r[0]) for r in self._db.execute(
                 "SELECT file FROM instances WHERE file LIKE 'files/slots/%'")}
             self._slots.recover(self.root, self._slot_root, used)

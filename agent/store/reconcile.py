@@ -39,7 +39,10 @@ from agent.store.record import MAGIC, InstanceRecord, read_trailer
 
 log = logging.getLogger(__name__)
 
-RECOVERED = "indexed again from its own record at start"
+# Tokens, not sentences: audit detail values that look like free text are redacted
+# when records are shown or leave the box.
+RECOVERED = "reindexed_from_own_record"
+DROPPED = "index_row_without_file_dropped"
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _drop_orphans(db: sqlite3.Connection, root: Path,
         emptied.add(int(sid))
         receipts.record(db, {
             "event": "security.alert", "outcome": "serious_failure", "source": None,
-            "details": {"reason": "inbox index row without its instance file: dropped",
+            "details": {"reason": DROPPED,
                         "instance": str(ikey)[:12], "study": str(skey)[:12],
                         "version": int(version), "bytes": int(size)}})
         log.error("inbox: instance %s of study %s v%d is indexed but its file is missing or "
