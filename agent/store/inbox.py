@@ -207,10 +207,11 @@ class Inbox:
         if cached is None:
             with self._tx() as db:
                 study_id, version, new_study, wrapped = self._open_study(db, skey, time.time())
-            if new_study:
-                # Its data key must outlive a power cut before anything is sealed
-                # under it: instance files are indexed again from it at start.
-                self._index.sync()
+            # The version's data key must outlive a power cut before anything is
+            # sealed under it (files are indexed again from it at start), also
+            # when another thread or process created it and may not have synced
+            # yet: once per study version and process.
+            self._index.sync()
             cached = (study_id, version, self._kek.unwrap(wrapped), wrapped)
             with self._lock:
                 self._open[skey] = cached
@@ -283,7 +284,7 @@ class Inbox:
         # commit below needs no fsync (a row a power cut takes back is rebuilt).
         size = pending.finish(lambda n: record(n, version).seal(pending.data_key))
         faults.hang_point("inbox_index")
-        made_version = False
+        resealed = False
         try:
             with self._tx() as db:
                 dup = db.execute(
@@ -311,7 +312,7 @@ class Inbox:
                     reseal(tmp, pending.data_key, new_key, aad,
                            record(size, version2).seal(new_key))
                     study_id, version, new_study = study_id2, version2, new2
-                    made_version = new2
+                    resealed = True
                     with self._lock:
                         self._open[skey] = (study_id, version, new_key, wrapped2)
                 outcome: StoreOutcome = "conflict" if dup else "stored"
@@ -333,8 +334,8 @@ class Inbox:
                 receipt = StoreReceipt(outcome, inst, version, new_study)
                 self._receipts.add(db, audit, receipt)
                 self._pending_bytes += size
-            if made_version:
-                self._index.sync()  # the version's data key, as in begin
+            if resealed:
+                self._index.sync()  # the version's data key, as in begin (a rare path)
             pending.committed = True
             return receipt
         finally:
