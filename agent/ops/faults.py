@@ -10,7 +10,10 @@ ignores them (and says so in its log), and strips them from its environment so
 that no child process sees them either.  No config key turns them on.
 
 Hang points: ``assembler`` (when it starts processing a study), ``publisher``
-(when it is about to publish a message).  A hung stage blocks forever, like a
+(when it is about to publish a message), ``inbox_index`` (a received instance's
+file and its own index record are durable, its index row not yet committed: a
+kill -9 there leaves the file for the start-up reconciliation; armed in the
+daemon's process, i.e. with ``[dicom] workers = 1``).  A hung stage blocks forever, like a
 deadlock would: only the watchdog (systemd) ends it.
 """
 
@@ -24,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MODE_VAR = "EDGE_AGENT_TEST_MODE"
 FAULTS_VAR = "EDGE_AGENT_TEST_FAULTS"
-HANG_POINTS = frozenset({"assembler", "publisher"})
+HANG_POINTS = frozenset({"assembler", "publisher", "inbox_index"})
 
 _armed: frozenset[str] = frozenset()
 _never = threading.Event()  # never set: what a hung stage waits on

@@ -6,11 +6,14 @@ random, never derived from UIDs or dataset values, so nothing a peer sends can s
 a path.
 
 Instance files are pre-created empty in batches ("slots") and written in place, so
-acknowledging an instance costs one file fsync and one index commit; the directory
-fsync that a create or rename needs is paid once per batch.  A slot not referenced
-by the index holds nothing that was acknowledged: it is emptied and reused.
+acknowledging an instance costs one fdatasync of its file: the file ends with its
+own index record (agent.store.record), the index commit needs no fsync of its own
+(a file the index lost is indexed again at start, agent.store.reconcile), and the
+directory fsync that a create needs is paid once per batch.  A slot neither
+referenced by the index nor holding a complete, authentic instance never held an
+acknowledged one: it is emptied and reused.
 
-May import: agent.crypto, agent.errors, agent.fileperm.
+May import: agent.crypto, agent.errors, agent.fileperm, agent.store.record.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from agent.crypto import StreamWriter, fsync_dir, iter_open_stream
 from agent.errors import CryptoError, StorageError
 from agent.fileperm import open_private
+from agent.store.record import stream_length
 
 # Start write-back of a large instance every this many bytes while it streams in,
 # so the fdatasync before Success only has the tail left to flush.
@@ -106,12 +110,15 @@ class PendingWrite:
                                          name="inbox-early-flush", daemon=True)
         self._flusher.start()
 
-    def finish(self) -> int:
-        """Seal the last chunk and fsync; returns the plaintext size."""
+    def finish(self, trailer: Callable[[int], bytes] | None = None) -> int:
+        """Seal the last chunk, append ``trailer(size)`` (the file's own index
+        record) and fdatasync; returns the plaintext size."""
         if self._fh is None:
             raise StorageError("inbox file was already closed")
         try:
             self._writer.close()
+            if trailer is not None:
+                self._fh.write(trailer(self._writer.plain_bytes))
             self._fh.flush()
             # fdatasync still flushes the file size; the inode times it skips are
             # not needed to read the instance back.
@@ -184,11 +191,35 @@ class Slots:
             self.free.append(path)
 
 
+class _Prefix:
+    """The first ``n`` bytes of an open file, read like the file (the sealed stream
+    before an instance file's index record)."""
+
+    def __init__(self, fh: BinaryIO, n: int) -> None:
+        self._fh = fh
+        self._left = n
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self._left:
+            size = self._left
+        data = self._fh.read(size)
+        self._left -= len(data)
+        return data
+
+
+def iter_stream(fh: BinaryIO, key: bytes, aad: bytes) -> Iterator[bytes]:
+    """The plaintext chunks of an instance file, with or without its index record."""
+    n = stream_length(fh, key)
+    fh.seek(0)
+    # _Prefix has the one method iter_open_stream uses.
+    return iter_open_stream(key, cast(BinaryIO, _Prefix(fh, n)), aad)
+
+
 def open_sealed(path: Path, key: bytes, aad: bytes, what: str) -> Iterator[bytes]:
     """Decrypt a sealed file chunk by chunk (bounded memory, authenticated)."""
     try:
         with open(path, "rb") as fh:
-            yield from iter_open_stream(key, fh, aad)
+            yield from iter_stream(fh, key, aad)
     except FileNotFoundError:
         raise StorageError(f"inbox file for {what} is missing") from None
     except CryptoError as exc:
@@ -200,21 +231,23 @@ def file_digest(path: Path, key: bytes, aad: bytes) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
-            for chunk in iter_open_stream(key, fh, aad):
+            for chunk in iter_stream(fh, key, aad):
                 h.update(chunk)
     except (OSError, CryptoError) as exc:
         raise StorageError(f"cannot read back an inbox file: {exc}") from None
     return h.hexdigest()
 
 
-def reseal(path: Path, old: bytes, new: bytes, aad: bytes) -> None:
-    """Re-seal a file under another data key, atomically (fsynced, then renamed)."""
+def reseal(path: Path, old: bytes, new: bytes, aad: bytes, trailer: bytes = b"") -> None:
+    """Re-seal a file under another data key with a new index record ``trailer``,
+    atomically (fsynced, then renamed)."""
     out = path.with_suffix(".rekey")
     with open(path, "rb") as src, open_private(out) as fh:
         w = StreamWriter(new, fh, aad)
-        for chunk in iter_open_stream(old, src, aad):
+        for chunk in iter_stream(src, old, aad):
             w.write(chunk)
         w.close()
+        fh.write(trailer)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(out, path)

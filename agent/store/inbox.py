@@ -1,9 +1,12 @@
 """The durable inbox: the facade the DICOM node and the pipeline use.
 
 A C-STORE is acknowledged only after ``Inbox.commit`` (or ``store``) returns: the
-instance is sealed under its study's data key, written, fsynced, and the index row
-committed with ``synchronous=FULL``.  The parts live next to this module: the
-sealed instance files and their slots (files), the SQLite index (index), the byte
+instance is sealed under its study's data key and written with its own index
+record after it (record), fdatasynced, and the index row committed (without an
+fsync of its own: a row a power cut takes back is rebuilt from the file at start,
+reconcile).  The parts live next to this module: the sealed instance files and
+their slots (files), the record each file carries (record), the SQLite index
+(index) and the start-up reconciliation of files and index (reconcile), the byte
 budget and disk reserve (capacity), study completion (assembly) and the receipt
 journal of audit records (receipts).  This module ties them together: study and
 instance keys, the open study versions, dedupe of a repeated SOP Instance UID,
@@ -12,7 +15,8 @@ reading back, shredding, and re-wrapping the data keys under a new KEK.
 A restart resumes exactly where the previous process stopped (``open`` studies keep
 collecting, ``complete`` and ``processing`` studies are processed again; results are
 idempotent by id).  May import: agent.config, agent.crypto, agent.errors,
-agent.fileperm, agent.types and the modules of agent.store.
+agent.fileperm, agent.types, agent.ops.faults (test hooks, inert in production)
+and the modules of agent.store.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from typing import Any, BinaryIO
 from agent.config import InboxSettings, StudySettings
 from agent.crypto import KeyEncryptionKey, fsync_dir, hmac_sha256, random_key
 from agent.errors import StorageError
-from agent.store import assembly, capacity
+from agent.ops import faults
+from agent.store import assembly, capacity, reconcile
 from agent.store.completion import CompletionStore
 from agent.store.files import PendingWrite, Slots, file_digest, open_sealed, reseal
 from agent.store.index import Index
 from agent.store.receipts import ReceiptAudit, ReceiptJournal, StoreOutcome, StoreReceipt
+from agent.store.record import InstanceRecord
 from agent.types import ReceivedInstance, Study
 
 __all__ = ["Inbox", "PendingWrite", "ReceiptAudit", "StoreOutcome", "StoreReceipt"]
@@ -89,6 +95,12 @@ class Inbox:
         # (id, version, data key, wrapped data key) by study key.
         self._open: dict[str, tuple[int, int, bytes, bytes]] = {}
         if worker is None:
+            # Before anything else looks at the index: instance files it lost are
+            # indexed again, rows whose file is gone are dropped (both audited).
+            with self._tx() as db:
+                reconcile.run(db, self.root, self._slot_root, self._kek, self._receipts)
+            self._index.sync()
+            self._refresh_pending()
             used = {str(r[0]) for r in self._db.execute(
                 "SELECT file FROM instances WHERE file LIKE 'files/slots/%'")}
             self._slots.recover(self.root, self._slot_root, used)
@@ -198,6 +210,11 @@ class Inbox:
         if cached is None:
             with self._tx() as db:
                 study_id, version, new_study, wrapped = self._open_study(db, skey, time.time())
+            # The version's data key must outlive a power cut before anything is
+            # sealed under it (files are indexed again from it at start), also
+            # when another thread or process created it and may not have synced
+            # yet: once per study version and process.
+            self._index.sync()
             cached = (study_id, version, self._kek.unwrap(wrapped), wrapped)
             with self._lock:
                 self._open[skey] = cached
@@ -257,11 +274,20 @@ class Inbox:
         transaction as the index row (see ``pending_receipts``): an acknowledged
         instance never lacks its audit record, and no second fsync is paid for it.
         """
-        size = pending.finish()
         tmp, skey, aad = pending.path, pending.study_key, pending.study_key.encode()
         study_id, version, new_study = pending.study_id, pending.version, pending.new_study
         ikey = self.instance_key(sop_uid)
         now = time.time()
+
+        def record(size: int, version: int) -> InstanceRecord:
+            return InstanceRecord(skey, version, ikey, size, sop_class, transfer_syntax,
+                                  calling_ae, peer, now)
+
+        # The file with its own index record is durable from here on: the index
+        # commit below needs no fsync (a row a power cut takes back is rebuilt).
+        size = pending.finish(lambda n: record(n, version).seal(pending.data_key))
+        faults.hang_point("inbox_index")
+        resealed = False
         try:
             with self._tx() as db:
                 dup = db.execute(
@@ -286,8 +312,10 @@ class Inbox:
                 study_id2, version2, new2, wrapped2 = self._open_study(db, skey, now)
                 if wrapped2 != pending.wrapped_key:
                     new_key = self._kek.unwrap(wrapped2)
-                    reseal(tmp, pending.data_key, new_key, aad)
+                    reseal(tmp, pending.data_key, new_key, aad,
+                           record(size, version2).seal(new_key))
                     study_id, version, new_study = study_id2, version2, new2
+                    resealed = True
                     with self._lock:
                         self._open[skey] = (study_id, version, new_key, wrapped2)
                 outcome: StoreOutcome = "conflict" if dup else "stored"
@@ -309,6 +337,8 @@ class Inbox:
                 receipt = StoreReceipt(outcome, inst, version, new_study)
                 self._receipts.add(db, audit, receipt)
                 self._pending_bytes += size
+            if resealed:
+                self._index.sync()  # the version's data key, as in begin (a rare path)
             pending.committed = True
             return receipt
         finally:
@@ -417,6 +447,9 @@ class Inbox:
                        (study.study_id,))
             db.execute("DELETE FROM instances WHERE study_id=?", (study.study_id,))
             self._pending_bytes = max(0, self._pending_bytes - sum(i.size for i in study.instances))
+        # Durable before the files go: a power cut must not bring back rows
+        # whose files are gone (nor files whose study is shredded).
+        self._index.sync()
         for inst in study.instances:
             if inst.path.parent == self.slots:
                 self._slots.release(inst.path)  # reused, already unreadable (key shredded)
@@ -445,6 +478,7 @@ class Inbox:
             for sid, wrapped in rows:
                 db.execute("UPDATE studies SET wrapped_key=? WHERE id=?",
                            (new.wrap(old.unwrap(bytes(wrapped))), sid))
+        self._index.sync()  # before the old KEK may go
         return len(rows)
 
     def close(self) -> None:

@@ -1,13 +1,22 @@
 """The inbox index: one SQLite database of study versions, instances and receipts.
 
-WAL and ``synchronous=FULL``: a committed row survives a power cut, which is what
-lets the DICOM node acknowledge an instance once its row is committed.  The receive
+WAL and ``synchronous=NORMAL``: a commit is atomic and survives the process (kill
+-9), but a power cut may take the newest commits back.  That is safe for
+instance rows because every instance file carries its own row (agent.store.record)
+and a file the index lost is indexed again at start (agent.store.reconcile): the
+DICOM node acknowledges an instance once its file is fdatasynced and its row
+committed, one fsync.  What cannot be rebuilt from the files is made durable
+explicitly with ``sync`` (one fdatasync of the WAL, which holds every earlier
+commit too): a new study version (its wrapped data key), a study marked done
+before its files go, re-wrapped keys, and the receipt journal before its records
+are moved to the audit log (whose ingested mark must never run ahead of the
+index).  The receive
 worker processes commit into the same database; between processes a blocking
 ``flock`` on ``index.lock`` hands the index over as soon as it is free (SQLite's own
 busy wait sleeps a millisecond or more per retry).
 
 The index is also the study assembly state, so a restart resumes exactly where the
-previous process stopped.  May import: agent.fileperm.
+previous process stopped.  May import: agent.crypto (fsync_dir), agent.fileperm.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from agent.crypto import fsync_dir
 from agent.fileperm import private_db
 
 SCHEMA = """
@@ -79,9 +89,10 @@ class Index:
         self.db = sqlite3.connect(private_db(root / "index.db"), check_same_thread=False,
                                   isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self.db.execute("PRAGMA busy_timeout=60000")  # worker processes share the index
         self.db.executescript(SCHEMA)
+        self._dir_synced = False
         if shared:
             self.share()
 
@@ -111,6 +122,30 @@ class Index:
             finally:
                 if self._xlock is not None:
                     fcntl.flock(self._xlock, fcntl.LOCK_UN)
+
+    def sync(self) -> None:
+        """Make every commit so far durable (any process's: the WAL is one file).
+
+        One fdatasync of the WAL, what ``synchronous=FULL`` pays at every commit.
+        SQLite itself syncs the WAL before a checkpoint copies it into the
+        database, and the database after, so the WAL holds every commit that is
+        not yet durable in the database file."""
+        wal = self.root / "index.db-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # No WAL (nothing written since the last connection closed it): the
+            # database file holds everything, made durable by that checkpoint.
+            return
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if not self._dir_synced:
+            # The WAL may be new (created by this process's first write): its
+            # directory entry must be durable for the synced frames to count.
+            fsync_dir(self.root)
+            self._dir_synced = True
 
     def pending_bytes(self) -> int:
         """Bytes held by studies not yet processed (open or complete)."""

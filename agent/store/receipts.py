@@ -2,7 +2,8 @@
 
 An instance's audit record is committed in the same index transaction as its row,
 so an acknowledged instance never lacks its audit record and no second fsync is
-paid for it.  Receive worker processes cannot append to the hash-chained audit log
+paid for it (should a power cut take both back, the instance is indexed again
+from its file at start, with an audit record of its own: agent.store.reconcile).  Receive worker processes cannot append to the hash-chained audit log
 (one writer keeps the chain): their records go here too.  The main process moves
 them to the audit log in batches (the receipt drainer) and tells the journal how
 far it got; the delete of moved rows rides on the next index transaction.
@@ -53,6 +54,11 @@ class ReceiptJournal:
                    (time.time_ns() // 1000, json.dumps(dict(audit(receipt)), default=str)))
         self.delete_drained(db)
 
+    def record(self, db: sqlite3.Connection, entry: Mapping[str, object]) -> None:
+        """Journal one audit record inside the caller's index transaction."""
+        db.execute("INSERT INTO receipts (ts_us, entry) VALUES (?, ?)",
+                   (time.time_ns() // 1000, json.dumps(dict(entry), default=str)))
+
     def delete_drained(self, db: sqlite3.Connection) -> None:
         # Rides on a transaction that commits anyway: deleting what the audit log
         # already holds needs no fsync of its own (re-delivery is deduplicated).
@@ -69,13 +75,20 @@ class ReceiptJournal:
         with self._index.tx() as db:
             db.execute("INSERT INTO receipts (ts_us, entry) VALUES (?, ?)",
                        (time.time_ns() // 1000, json.dumps(dict(entry), default=str)))
+        self._index.sync()
 
     def pending(self, limit: int = 1000) -> list[tuple[int, int, dict[str, object]]]:
-        """Journaled audit records not yet drained, oldest first: (id, ts_us, entry)."""
+        """Journaled audit records not yet drained, oldest first: (id, ts_us, entry).
+
+        They are made durable in the index first: the audit log remembers the
+        highest id it took, and an index that a power cut took back would number
+        new records below that mark (and they would never be moved)."""
         with self._index.lock:
             rows = self._index.db.execute(
                 "SELECT id, ts_us, entry FROM receipts WHERE id > ? ORDER BY id LIMIT ?",
                 (self._drained, limit)).fetchall()
+        if rows:
+            self._index.sync()
         return [(int(r[0]), int(r[1]), json.loads(r[2])) for r in rows]
 
     def drop(self, upto: int, *, now: bool = False) -> None:
