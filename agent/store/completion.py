@@ -13,7 +13,9 @@ Owns the index tables of completion triggers and the per-sender rules:
   ``[study] max_age_seconds`` (its instances never came, or were processed already);
   MPPS steps untouched for a day (or ``max_age_seconds``, if longer) are forgotten;
 * ``[[study.completion]]`` rules: per calling AE title and modality, a quiet period,
-  an expected instance count, and whether MPPS and commitment may complete a study.
+  an expected instance count, a series trigger (so many distinct series, by the keyed
+  hash of their Series Instance UID in the instance rows, and the last one quiet for
+  a short while), and whether MPPS and commitment may complete a study.
 
 The tables live in the inbox index, so receive worker processes write them in the
 same database the assembler reads (one transaction each, WAL) and a restart resumes
@@ -110,6 +112,18 @@ def study_rule(db: sqlite3.Connection, s: StudySettings, study_id: int) -> Compl
 
 def quiet_seconds(s: StudySettings, rule: CompletionRule | None) -> float:
     return rule.quiet_seconds if rule is not None and rule.quiet_seconds else s.quiet_seconds
+
+
+def series_due(db: sqlite3.Connection, rule: CompletionRule | None, study_id: int,
+               last_at: float) -> float | None:
+    """When the series trigger completes a study version: ``last_at`` + the rule's
+    series quiet period once it holds ``expected_series`` distinct series; None
+    when the rule has no series trigger or too few series are in yet."""
+    if rule is None or not rule.expected_series:
+        return None
+    (n,) = db.execute("SELECT COUNT(DISTINCT series_key) FROM instances "
+                      "WHERE study_id=? AND series_key != ''", (study_id,)).fetchone()
+    return last_at + rule.series_quiet_seconds if int(n) >= rule.expected_series else None
 
 
 def allows(rule: CompletionRule | None, source: str) -> bool:

@@ -6,6 +6,7 @@ period of an hour: a result that arrives came from the trigger under test."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,40 @@ expected_instances = 3
         assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
             "instances_received"] == 3
         assert completions(box.state) == ["expected_count"]
+    finally:
+        ops.stop()
+        d.stop()
+
+
+def test_series_rule_completes_a_ct_study_once_its_second_series_went_quiet(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    """A CT scanner sends a localizer series, pauses while the technologist plans the
+    scan, then the axial series: ``expected_series = 2`` completes the study a short
+    series quiet period after the axial series, not after the localizer (the pause
+    between the series is longer than that period), and not an hour later."""
+    set_config(box, "study", "quiet_seconds", "3600")
+    add_table(box, """
+[[study.completion]]
+calling_ae = "STORESCU"
+modality = "CT"
+expected_series = 2
+series_quiet_seconds = 1
+""")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        study = str(generate_uid())
+        localizer = ct_files(tmp_path / "loc", 1, study_uid=study, tag="loc")
+        axial = ct_files(tmp_path / "ax", 3, study_uid=study, tag="ax")
+        assert storescu(box.dicom_port, localizer, aec=box.ae_title).returncode == 0
+        # Longer than the series quiet period: one series alone must not complete it
+        # (it would, and the result would hold one instance, if series were not counted).
+        time.sleep(3)
+        assert storescu(box.dicom_port, axial, aec=box.ae_title).returncode == 0
+        got = ops.wait("results", 1, timeout=90)[0].json()["data"]["study"]
+        assert got["instances_received"] == 4
+        assert completions(box.state) == ["expected_series"]
     finally:
         ops.stop()
         d.stop()
