@@ -141,6 +141,11 @@ class DicomSettings:
     # How long a Storage Commitment report on a new association may take (connect,
     # negotiate, answer) before it is given up and logged.
     commitment_report_timeout: float = 30.0
+    # A report that could not be delivered is kept (sealed, in the inbox index) and
+    # tried again after this long, doubling per attempt (jittered, at most 10 min),
+    # until it is this old: then it is given up and audited.
+    commitment_report_retry_seconds: float = 10.0
+    commitment_report_max_age_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -817,6 +822,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         known_aes=_known_aes(r),
         commitment_report_timeout=r.field(DicomSettings, "dicom.commitment_report_timeout",
                                           float, check=_positive),
+        commitment_report_retry_seconds=r.field(
+            DicomSettings, "dicom.commitment_report_retry_seconds", float, check=_positive),
+        commitment_report_max_age_seconds=r.field(
+            DicomSettings, "dicom.commitment_report_max_age_seconds", float, check=_positive),
     )
     study = StudySettings(
         quiet_seconds=r.field(StudySettings, "study.quiet_seconds", float, check=_positive),

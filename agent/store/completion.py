@@ -19,7 +19,7 @@ Owns the index tables of completion triggers and the per-sender rules:
 
 The tables live in the inbox index, so receive worker processes write them in the
 same database the assembler reads (one transaction each, WAL) and a restart resumes
-them.  May import: agent.config, agent.store.index.
+them.  May import: agent.config, agent.store.index, agent.store.pending_reports.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from agent.config import CompletionRule, StudySettings
 from agent.store.index import Index
+from agent.store.pending_reports import PendingReports
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpps (
@@ -177,8 +178,10 @@ class CompletionStore:
     sqlite3.Error; the DICOM handlers answer a failure status then."""
 
     def __init__(self, index: Index, instance_key: Callable[[str], str],
-                 study_key: Callable[[str], str]) -> None:
+                 study_key: Callable[[str], str], reports: PendingReports) -> None:
+        """``reports``: the Storage Commitment reports still owed (sealed, retried)."""
         self._index = index
+        self.reports = reports
         self._ikey = instance_key
         self._skey = study_key
         with index.lock:

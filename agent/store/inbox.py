@@ -36,6 +36,7 @@ from agent.store import assembly, capacity, reconcile
 from agent.store.completion import CompletionStore
 from agent.store.files import PendingWrite, Slots, file_digest, open_sealed, reseal
 from agent.store.index import Index
+from agent.store.pending_reports import PendingReports
 from agent.store.receipts import ReceiptAudit, ReceiptJournal, StoreOutcome, StoreReceipt
 from agent.store.record import InstanceRecord
 from agent.types import ReceivedInstance, Study
@@ -82,7 +83,8 @@ class Inbox:
         self._tx = self._index.tx
         self._receipts = ReceiptJournal(self._index)
         # MPPS state and declared-complete instance sets (agent.store.completion).
-        self.completion = CompletionStore(self._index, self.instance_key, self.study_key)
+        self.completion = CompletionStore(self._index, self.instance_key, self.study_key,
+                                          PendingReports(self._index, kek))
         self._slots = Slots(self.slots)
         self._free = self._slots.free  # the empty slots (crash-recovery tests look at them)
         if worker is None:
@@ -489,8 +491,9 @@ class Inbox:
             for sid, wrapped in rows:
                 db.execute("UPDATE studies SET wrapped_key=? WHERE id=?",
                            (new.wrap(old.unwrap(bytes(wrapped))), sid))
+        reports = self.completion.reports.rewrap(old, new)  # commitment reports owed
         self._index.sync()  # before the old KEK may go
-        return len(rows)
+        return len(rows) + reports
 
     def close(self) -> None:
         self._index.close()
