@@ -98,6 +98,12 @@ class CompletionRule:
     # as soon as the instances they list are in; false: only the timers complete it.
     use_mpps: bool = True
     use_commitment: bool = True
+    # Series-level trigger: the study is complete once it holds this many series
+    # (distinct Series Instance UIDs) and nothing arrived for series_quiet_seconds
+    # (the pause after the last image of the last series, much shorter than the
+    # pause between series the study quiet period must outlast); 0: off.
+    expected_series: int = 0
+    series_quiet_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,11 @@ class DicomSettings:
     # How long a Storage Commitment report on a new association may take (connect,
     # negotiate, answer) before it is given up and logged.
     commitment_report_timeout: float = 30.0
+    # A report that could not be delivered is kept (sealed, in the inbox index) and
+    # tried again after this long, doubling per attempt (jittered, at most 10 min),
+    # until it is this old: then it is given up and audited.
+    commitment_report_retry_seconds: float = 10.0
+    commitment_report_max_age_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -664,7 +675,7 @@ def _known_aes(r: _Reader) -> tuple[KnownAE, ...]:
 
 
 _RULE_KEYS = {"calling_ae", "modality", "quiet_seconds", "expected_instances", "use_mpps",
-              "use_commitment"}
+              "use_commitment", "expected_series", "series_quiet_seconds"}
 
 
 def _completion_rules(r: _Reader) -> tuple[CompletionRule, ...]:
@@ -703,6 +714,16 @@ def _completion_rules(r: _Reader) -> tuple[CompletionRule, ...]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             bad.append(f"[{where}.expected_instances] = {count!r}: must be 0 (off) or the "
                        "number of instances a study from this sender has")
+        n_series = entry.get("expected_series", d.expected_series)
+        if isinstance(n_series, bool) or not isinstance(n_series, int) or n_series < 0:
+            bad.append(f"[{where}.expected_series] = {n_series!r}: must be 0 (off) or the "
+                       "number of series a study from this sender has (e.g. 2: a localizer "
+                       "and an axial series)")
+        series_quiet = entry.get("series_quiet_seconds", d.series_quiet_seconds)
+        if (isinstance(series_quiet, bool) or not isinstance(series_quiet, int | float)
+                or series_quiet <= 0):
+            bad.append(f"[{where}.series_quiet_seconds] = {series_quiet!r}: must be a number "
+                       "of seconds > 0 (how long the last series must be quiet)")
         flags = {k: entry.get(k, getattr(d, k)) for k in ("use_mpps", "use_commitment")}
         bad += [f"[{where}.{k}] = {v!r}: must be true or false" for k, v in flags.items()
                 if not isinstance(v, bool)]
@@ -710,7 +731,8 @@ def _completion_rules(r: _Reader) -> tuple[CompletionRule, ...]:
         if not bad:
             out.append(CompletionRule(str(ae), str(modality),
                                       None if quiet is None else float(quiet), int(count),
-                                      bool(flags["use_mpps"]), bool(flags["use_commitment"])))
+                                      bool(flags["use_mpps"]), bool(flags["use_commitment"]),
+                                      int(n_series), float(series_quiet)))
     return tuple(out)
 
 
@@ -800,6 +822,10 @@ def parse(data: dict[str, Any], path: Path) -> Config:
         known_aes=_known_aes(r),
         commitment_report_timeout=r.field(DicomSettings, "dicom.commitment_report_timeout",
                                           float, check=_positive),
+        commitment_report_retry_seconds=r.field(
+            DicomSettings, "dicom.commitment_report_retry_seconds", float, check=_positive),
+        commitment_report_max_age_seconds=r.field(
+            DicomSettings, "dicom.commitment_report_max_age_seconds", float, check=_positive),
     )
     study = StudySettings(
         quiet_seconds=r.field(StudySettings, "study.quiet_seconds", float, check=_positive),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 StudyCompletion = Literal["quiet", "max_instances", "max_bytes", "max_age", "shutdown",
-                          "expected_count", "mpps", "mpps_discontinued", "commitment"]
+                          "expected_count", "expected_series", "mpps", "mpps_discontinued", "commitment"]
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,14 @@ answering the report, or answered it with a failure status (it takes reports onl
 on its own SCP), it goes on a new association to the requesting AE title,
 whose host and port come from ``[[dicom.known_aes]]`` only, never from the
 association that asked.  An AE title not in that table gets no report: logged and
-audited (``commitment.report_undeliverable``); the modality may ask again.  One
-attempt, bounded by ``[dicom] commitment_report_timeout``.
+audited (``commitment.report_undeliverable``); the modality may ask again.  A
+report for a known AE is kept first (sealed, durable, in the inbox index:
+agent.store.pending_reports), then tried, each attempt bounded by ``[dicom]
+commitment_report_timeout``; a failed one is tried again with jittered
+exponential backoff from ``commitment_report_retry_seconds`` (the main process's
+``ReportRetries``, which also sends at start what a previous run still owed),
+until ``commitment_report_max_age_seconds``: then given up and audited
+(``commitment.report_undeliverable``, why ``expired``).
 
 Statuses of the N-ACTION-RSP: 0x0000; 0x0112 when the Requested SOP Instance is
 not the class's well-known instance; 0x0123 (no such action) for an Action Type
@@ -38,15 +44,17 @@ other than 1; 0x0115 (invalid argument value) without a Transaction UID or with
 an empty or malformed Referenced SOP Sequence; 0x0110 when the index cannot be
 read.  Audited: ``commitment.request`` (counts, pseudonymous transaction
 reference) and ``commitment.report_sent``.
-May import pydicom, pynetdicom, agent.config, agent.store.completion and
-agent.dicom.{admission, commitment, dimse, negotiation, status}.
+May import pydicom, pynetdicom, agent.config, agent.store.{completion,
+pending_reports} and agent.dicom.{admission, commitment, dimse, negotiation, status}.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
@@ -63,10 +71,13 @@ from agent.dicom.dimse import (
     HandlerRegistry,
     command_uid,
     command_us,
+    decode_data_set,
+    encode_data_set,
 )
 from agent.dicom.negotiation import STORAGE_COMMITMENT_PUSH
 from agent.dicom.status import STATUS_PROCESSING_FAILURE, STATUS_SUCCESS
 from agent.store.completion import COMMITMENT, CompletionStore
+from agent.store.pending_reports import PendingReport, PendingReports
 
 log = logging.getLogger(__name__)
 
@@ -113,43 +124,126 @@ def report_data_set(tx: str, committed: list[tuple[str, str]],
     return ds
 
 
-class ReportSender:
-    """Sends a report on a new association to a known AE (a thread each; never raises)."""
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+MAX_BACKOFF = 600.0  # seconds between two attempts, at most
+RETRY_POLL = 1.0  # how often the retry loop looks for due reports
 
-    def __init__(self, settings: DicomSettings, audit: AuditFn) -> None:
+
+def backoff(base: float, attempts: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones: ``base``
+    doubling per attempt, at most MAX_BACKOFF, jittered by +-50 % (modalities that
+    came back after an outage are not all called at the same moment)."""
+    return float(min(MAX_BACKOFF, base * 2.0 ** max(0, attempts - 1)) * (0.5 + rand()))
+
+
+class ReportSender:
+    """Sends a report on a new association to a known AE; never raises.
+
+    The report is kept (sealed, durable: agent.store.pending_reports) before the
+    first attempt, which runs in a thread of its own; a failed attempt is tried
+    again by ``retry_due`` (the main process's ReportRetries) with backoff until
+    ``[dicom] commitment_report_max_age_seconds``, then given up and audited."""
+
+    def __init__(self, settings: DicomSettings, audit: AuditFn,
+                 pending: PendingReports | None) -> None:
         self._ae_title = settings.ae_title
         self._known: dict[str, KnownAE] = {k.ae_title: k for k in settings.known_aes}
         self._timeout = settings.commitment_report_timeout
+        self._retry = settings.commitment_report_retry_seconds
+        self._max_age = settings.commitment_report_max_age_seconds
+        # An attempt holds its row this long: connect + negotiate + answer + release.
+        self._hold = 3 * self._timeout + 5
+        self._pending = pending
         self._audit = audit
 
     def send(self, calling_ae: str, event_type: int, ds: Dataset, ref: str) -> None:
-        threading.Thread(target=self._send, args=(calling_ae, event_type, ds, ref),
-                         name="commitment-report", daemon=True).start()
-
-    def _send(self, calling_ae: str, event_type: int, ds: Dataset, ref: str) -> None:
-        known = self._known.get(calling_ae)
-        if known is None:
+        if calling_ae not in self._known:
             log.error("storage commitment report for %s not delivered: the requestor released "
                       "the association and its AE title is not in [[dicom.known_aes]] (add "
                       "ae_title, host and port to report on a new association)", calling_ae)
             self._audited("commitment.report_undeliverable", calling_ae, ref, "serious_failure",
                           {"why": "unknown_ae"})  # audit details are tokens, not text
             return
+        now = time.time()
+        rid = 0
         try:
-            status = self._associate_and_send(known, event_type, ds)
+            body = encode_data_set(ds, EXPLICIT_LE)
+            if self._pending is not None:
+                rid = self._pending.add(calling_ae, ref, event_type, body, self._hold)
+        except Exception:  # noqa: BLE001 - not kept: still try once now
+            log.exception("keeping a storage commitment report for %s failed; one attempt "
+                          "only", calling_ae)
+            body = b""
+        report = PendingReport(rid, calling_ae, ref, event_type, body, now, 0)
+        threading.Thread(target=self._attempt, args=(report, ds), name="commitment-report",
+                         daemon=True).start()
+
+    def retry_due(self) -> int:
+        """Try the kept reports that are due (from the retry loop); how many."""
+        if self._pending is None:
+            return 0
+        at = self._pending.next_at()
+        if at is None or at > time.time():
+            return 0
+        due = self._pending.claim_due(self._hold)
+        for report in due:
+            try:
+                ds = decode_data_set(report.body, EXPLICIT_LE)
+            except Exception:  # noqa: BLE001 - a row we cannot read is given up
+                log.exception("a kept storage commitment report cannot be read: given up")
+                self._give_up(report, "unreadable")
+                continue
+            self._attempt(report, ds)
+        return len(due)
+
+    def _attempt(self, report: PendingReport, ds: Dataset) -> None:
+        calling_ae, ref = report.calling_ae, report.ref
+        known = self._known.get(calling_ae)
+        if known is None:  # no longer in [[dicom.known_aes]] (the config changed)
+            self._give_up(report, "unknown_ae")
+            return
+        try:
+            status = self._associate_and_send(known, report.event_type, ds)
         except Exception as exc:  # noqa: BLE001 - a peer we cannot reach is logged, not raised
-            log.exception("storage commitment report to %s failed", calling_ae)
+            log.warning("storage commitment report to %s failed: %s", calling_ae, exc)
             status, why = None, type(exc).__name__
         else:
             why = "" if status is not None else "association_refused_or_no_answer"
-        ok = status == STATUS_SUCCESS
-        if not ok:
-            log.error("storage commitment report to %s (%s:%d) not delivered: %s", calling_ae,
-                      known.host, known.port, why or f"status 0x{status or 0:04X}")
-        self._audited("commitment.report_sent" if ok else "commitment.report_undeliverable",
-                      calling_ae, ref, "success" if ok else "serious_failure",
-                      {"association": "new", "status": "" if status is None
-                       else f"0x{status:04X}", "why": why})
+        if status == STATUS_SUCCESS:
+            self._forget(report)
+            self._audited("commitment.report_sent", calling_ae, ref, "success",
+                          {"association": "new", "status": f"0x{status:04X}",
+                           "attempts": report.attempts + 1})
+            return
+        why = why or f"status_0x{status or 0:04X}"
+        if report.id == 0 or time.time() - report.created_at >= self._max_age:
+            log.error("storage commitment report to %s (%s:%d) not delivered: %s; given up "
+                      "after %d attempt(s)", calling_ae, known.host, known.port, why,
+                      report.attempts + 1)
+            self._give_up(report, "expired" if report.id else why, status)
+            return
+        wait = backoff(self._retry, report.attempts + 1)
+        log.warning("storage commitment report to %s (%s:%d) not delivered: %s; trying again "
+                    "in %.0f s", calling_ae, known.host, known.port, why, wait)
+        try:
+            assert self._pending is not None
+            self._pending.failed(report.id, time.time() + wait)
+        except Exception:  # noqa: BLE001 - the row stays held; it is tried after the hold
+            log.exception("recording a failed storage commitment report failed")
+
+    def _give_up(self, report: PendingReport, why: str, status: int | None = None) -> None:
+        self._forget(report)
+        self._audited("commitment.report_undeliverable", report.calling_ae, report.ref,
+                      "serious_failure",
+                      {"association": "new", "why": why, "attempts": report.attempts + 1,
+                       "status": "" if status is None else f"0x{status:04X}"})
+
+    def _forget(self, report: PendingReport) -> None:
+        if report.id and self._pending is not None:
+            try:
+                self._pending.drop(report.id)
+            except Exception:  # noqa: BLE001 - then it is sent once more: harmless
+                log.exception("forgetting a storage commitment report failed")
 
     def _associate_and_send(self, known: KnownAE, event_type: int, ds: Dataset) -> int | None:
         ae = AE(ae_title=self._ae_title)
@@ -174,6 +268,42 @@ class ReportSender:
                         details={"calling_ae": calling_ae, "transaction": ref, **details})
         except Exception:  # noqa: BLE001 - delivery does not depend on the audit
             log.exception("auditing %s failed", event)
+
+
+class ReportRetries:
+    """The retry loop of kept reports: one thread in the daemon's main process."""
+
+    def __init__(self, sender: ReportSender, pending: PendingReports) -> None:
+        self._sender = sender
+        self._pending = pending
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Before the node listens: reports a previous run held are due at once."""
+        try:
+            n = self._pending.release_all()
+            if n:
+                log.info("%d storage commitment report(s) from before the restart: sending", n)
+        except Exception:  # noqa: BLE001 - they are due after their hold anyway
+            log.exception("reading the kept storage commitment reports failed")
+        self._thread = threading.Thread(target=self._loop, name="commitment-retries",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._sender.retry_due()
+            except Exception:  # noqa: BLE001 - the loop outlives an index hiccup
+                log.exception("retrying storage commitment reports failed")
+            self._stop.wait(RETRY_POLL)
 
 
 class CommitmentService:

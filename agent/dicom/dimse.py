@@ -341,6 +341,25 @@ class HandlerRegistry:
                          if sop in scp and cmd != N_EVENT_REPORT_RQ)
 
 
+def may_send(cx: Accepted, command_field: int) -> bool:
+    """Whether the peer's negotiated role on ``cx`` lets it send this request.
+
+    PS3.7 D.3.3.4: role selection fixes who is SCU and who SCP of the class on the
+    association; the SCP of a class sends its N-EVENT-REPORTs (PS3.7 10.1.1), the
+    SCU every other request.  A request its role does not allow is answered 0x0211
+    (PS3.7 Annex C: "Unrecognized Operation", an operation that is not one of those
+    agreed between the DIMSE-service-users; it is among the statuses of every
+    N-service, e.g. 10.1.1.1.8), as one we do not serve at all: the message itself
+    is well formed, so it gets a response rather than an abort, and it never
+    reaches a handler (a modality that is only SCU of Storage Commitment cannot
+    feed our own commitment SCU a forged report)."""
+    return cx.peer_scp if command_field == N_EVENT_REPORT_RQ else cx.peer_scu
+
+
+def roles_of(cx: Accepted) -> str:
+    return "/".join(r for r, on in (("SCU", cx.peer_scu), ("SCP", cx.peer_scp)) if on) or "none"
+
+
 def echo(_req: DimseRequest) -> DimseReply:
     """C-ECHO (PS3.4 A.4): Success."""
     return DimseReply(STATUS_SUCCESS)
@@ -570,6 +589,9 @@ class DimseLayer:
                                  has_data_set)
         if not has_data_set:
             msg.refusal = (STATUS_CANNOT_UNDERSTAND, "C-STORE request without a data set")
+        elif not may_send(cx, C_STORE_RQ):
+            msg.refusal = (STATUS_UNRECOGNISED_OPERATION,
+                           "C-STORE on a context where the peer negotiated no SCU role")
         elif sop_class != cx.abstract_syntax:
             # PS3.7 9.1.1.1.9: the SOP class must be the context's abstract syntax (an MR
             # instance on a context accepted for CT only is not stored).
@@ -621,6 +643,13 @@ class DimseLayer:
             self._send_report(cx, reply.follow_up)
 
     def _dispatch(self, msg: _Incoming) -> DimseReply:
+        if not may_send(msg.context, msg.command_field):
+            log.warning("peer %s (%s) sent DIMSE operation 0x%04X on %s, which its negotiated "
+                        "role (%s) may not send: answered 0x0211", self._store.peer,
+                        self._store.calling_ae, msg.command_field, msg.context.abstract_syntax,
+                        roles_of(msg.context))
+            return DimseReply(STATUS_UNRECOGNISED_OPERATION,
+                              error_comment="operation not allowed in the negotiated role")
         handler = self._registry.find(msg.command_field, msg.context.abstract_syntax)
         if handler is None:
             log.warning("peer %s (%s) asked for DIMSE operation 0x%04X on %s, which this node "

@@ -30,6 +30,7 @@ class Header:
     study_uid: str
     sop_class: str | None
     declared_pixel_bytes: int
+    series_uid: str = ""  # "" when absent; only its keyed hash is kept (series trigger)
 
 
 def parse_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) -> Header | None:
@@ -66,6 +67,8 @@ def pydicom_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) 
         study_uid = str(study.value).strip() if study is not None and study.value else ""
         sop = ds.get(0x00080016)
         sop_class = str(sop.value).strip() if sop is not None and sop.value else None
+        series = ds.get(0x0020000E)
+        series_uid = str(series.value).strip() if series is not None and series.value else ""
         declared = _declared_pixel_bytes(ds)
     except Refused:
         raise
@@ -78,7 +81,7 @@ def pydicom_header(prefix: bytes | memoryview, tsyntax: str, *, complete: bool) 
         if not stopped and not complete:
             return None
         raise Refused(STATUS_CANNOT_UNDERSTAND, "data set has no valid StudyInstanceUID")
-    return Header(study_uid, sop_class, declared)
+    return Header(study_uid, sop_class, declared, series_uid)
 
 
 # -- the common case without pydicom ----------------------------------------------------
@@ -97,7 +100,7 @@ _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 _SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                         b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                         b"US"))
-_WANTED = {0x00080016: b"UI", 0x0020000D: b"UI", 0x00280002: b"US", 0x00280008: b"IS",
+_WANTED = {0x00080016: b"UI", 0x0020000D: b"UI", 0x0020000E: b"UI", 0x00280002: b"US", 0x00280008: b"IS",
            0x00280010: b"US", 0x00280011: b"US", 0x00280100: b"US"}
 _UNPACK_TAG = struct.Struct("<HH").unpack_from
 _UNPACK_U16 = struct.Struct("<H").unpack_from
@@ -147,7 +150,9 @@ def _fast_header(buf: memoryview, *, implicit: bool) -> Header | None:
         pos = start + length
     study = _text(found.get(0x0020000D))
     sop = _text(found.get(0x00080016))
-    if not study or len(study) > 64 or (0x00080016 in found and sop is None):
+    series = _text(found.get(0x0020000E))
+    if (not study or len(study) > 64 or (0x00080016 in found and sop is None)
+            or series is None):
         return None
     try:
         rows, cols = _us(found, 0x00280010), _us(found, 0x00280011)
@@ -162,7 +167,7 @@ def _fast_header(buf: memoryview, *, implicit: bool) -> Header | None:
     else:
         frames = int(frames_text) if frames_text else 1
         declared = pixelbound.geometry_bytes(rows, cols, spp or 1, bits or 8, frames)
-    return Header(study, sop or None, declared)
+    return Header(study, sop or None, declared, series)
 
 
 def _charset_ok(raw: bytes, vr: bytes | None, implicit: bool) -> bool:

@@ -45,6 +45,11 @@ class Accepted:
     context_id: int
     abstract_syntax: str
     transfer_syntax: str
+    # The roles the requestor negotiated on this context (PS3.7 D.3.3.4): as SCU it
+    # may send the class's requests (C-STORE, C-ECHO, N-ACTION, N-CREATE, N-SET), as
+    # SCP its notifications (N-EVENT-REPORT).  Without role selection: SCU only.
+    peer_scu: bool = True
+    peer_scp: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,11 @@ def negotiate(proposed: Sequence[PresentationContext], offered: frozenset[str],
     kept = {str(cx.abstract_syntax) for cx in results if cx.result == 0x00}
     replies = [r for r in replies if str(r.sop_class_uid) in kept]
     accepted = {
+        # pynetdicom's as_scu/as_scp are the acceptor's (our) roles: the requestor
+        # is SCU where we are SCP and the other way round.
         int(cx.context_id): Accepted(int(cx.context_id), str(cx.abstract_syntax),
-                                     str(cx.transfer_syntax[0]))
+                                     str(cx.transfer_syntax[0]),
+                                     peer_scu=bool(cx.as_scp), peer_scp=bool(cx.as_scu))
         for cx in results if cx.result == 0x00 and cx.context_id is not None
     }
     return Negotiated(results, list(replies), accepted)

@@ -29,7 +29,7 @@ from agent.dicom.commitment import CommitmentReports, ReportFn
 from agent.dicom.dimse import HandlerRegistry, default_registry
 from agent.dicom.negotiation import VERIFICATION, storage_sop_classes
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters, StoreDecisions
-from agent.dicom.services import register_completion
+from agent.dicom.services import register_completion, report_retries
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
 
@@ -144,6 +144,7 @@ class LocalNode:
         if on_commitment is not None:
             CommitmentReports(on_commitment, audit).register(self.registry)
         register_completion(self.registry, settings, inbox.completion, audit, wake)
+        self.retries = report_retries(settings, inbox.completion, audit)
         self._acceptor = acceptor_settings(settings)
         self._tls = tls_context(settings)
         self._listeners: list[tuple[socket.socket, bool]] = []
@@ -175,6 +176,7 @@ class LocalNode:
     def start(self) -> None:
         if self.drainer is not None:
             self.drainer.start()
+        self.retries.start()  # before listening: what a previous run owed is due now
         tls = self.s.tls
         try:
             if not tls.enabled or tls.plain_listener:
@@ -187,6 +189,7 @@ class LocalNode:
                          tls.port, "required" if tls.require_client_cert else "optional")
         except Exception:
             self._close_listeners()
+            self.retries.stop()
             if self.drainer is not None:
                 self.drainer.stop()
             raise
@@ -200,6 +203,7 @@ class LocalNode:
     def stop(self) -> None:
         """Close the listeners; let open associations finish (bounded), then close them."""
         self._stop.set()
+        self.retries.stop()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         if self._thread is not None:

@@ -42,7 +42,7 @@ worker runs.
 Channel: one ``AF_UNIX``/``SOCK_SEQPACKET`` socket pair per worker, pickled
 tuples (both ends are this program), connections passed with ``SCM_RIGHTS``.
 May import agent.config, agent.crypto, agent.store.inbox, agent.ops.liveness and
-agent.dicom.{admission, scp, transport}.
+agent.dicom.{admission, scp, services, transport}.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from agent.dicom.admission import (
 )
 from agent.dicom.commitment import ReportLaterFn
 from agent.dicom.scp import ReceiptDrainer, ReceiptLog, ReceiveCounters
+from agent.dicom.services import report_retries
 from agent.ops.liveness import Stage
 from agent.store.inbox import Inbox, StoreReceipt
 
@@ -179,6 +180,9 @@ class ReceivePool:
         self.on_stored = on_stored or (lambda _r: None)
         self.accepting = accepting
         self.drainer = ReceiptDrainer(inbox, receipts, eager=True) if receipts is not None else None
+        # Workers make the first attempt of a commitment report; retries (and what a
+        # previous run owed) are sent from here, one loop for the whole daemon.
+        self.retries = report_retries(settings, inbox.completion, audit)
         self.limiter = PeerLimiter(PeerLimits(
             max_connections_per_peer=settings.max_associations_per_peer + 2,
             max_connections=settings.max_associations * 2,
@@ -217,6 +221,7 @@ class ReceivePool:
     def start(self) -> None:
         if self.drainer is not None:
             self.drainer.start()
+        self.retries.start()  # before any worker runs: nothing holds a kept report now
         # Spawned from the calling (main) thread: PR_SET_PDEATHSIG follows the
         # thread that created the child, and this one lives as long as the daemon.
         # Before listening: a connection that comes in finds its worker starting.
@@ -266,6 +271,7 @@ class ReceivePool:
         connections and counters while their associations finish.  It owns the
         worker list, so it is also the one that retires the exited workers."""
         self._stopping.set()
+        self.retries.stop()
         deadline = time.monotonic() + timeout + 2
         while self._listeners and self._thread is not None and time.monotonic() < deadline:
             time.sleep(0.02)  # the dispatcher closes them between two selects

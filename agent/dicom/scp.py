@@ -316,7 +316,7 @@ class StoreDecisions:
                                   "data set SOP class differs from the C-STORE request")
                 receipt = self.inbox.commit(
                     pending, sop_uid=sop_uid, sop_class=sop_class, transfer_syntax=tsyntax,
-                    calling_ae=ae_title, peer=addr,
+                    calling_ae=ae_title, peer=addr, series_uid=header.series_uid,
                     audit=_receipt_record(addr, ae_title) if self.journal_receipts else None)
             finally:
                 pending.abort()

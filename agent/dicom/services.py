@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from agent.config import DicomSettings
 from agent.dicom.admission import AuditFn
-from agent.dicom.commitment_scp import CommitmentService, ReportSender
+from agent.dicom.commitment_scp import CommitmentService, ReportRetries, ReportSender
 from agent.dicom.dimse import N_ACTION_RQ, N_CREATE_RQ, HandlerRegistry
 from agent.dicom.mpps import MPPS_SOP_CLASS, MppsService
 from agent.dicom.negotiation import STORAGE_COMMITMENT_PUSH
@@ -26,4 +26,12 @@ def register_completion(registry: HandlerRegistry, settings: DicomSettings,
     if registry.find(N_CREATE_RQ, MPPS_SOP_CLASS) is None:
         MppsService(store, audit, wake).register(registry)
     if registry.find(N_ACTION_RQ, STORAGE_COMMITMENT_PUSH) is None:
-        CommitmentService(store, ReportSender(settings, audit), audit, wake).register(registry)
+        CommitmentService(store, ReportSender(settings, audit, store.reports), audit,
+                          wake).register(registry)
+
+
+def report_retries(settings: DicomSettings, store: CompletionStore,
+                   audit: AuditFn) -> ReportRetries:
+    """The retry loop of Storage Commitment reports still owed: one per daemon, in
+    its main process (the in-process node, or the receive pool's dispatcher side)."""
+    return ReportRetries(ReportSender(settings, audit, store.reports), store.reports)

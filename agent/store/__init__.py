@@ -4,7 +4,8 @@ Owns the inbox (``inbox``: the facade the DICOM node and the pipeline use) and i
 parts, the quarantine of instances that must not be published (``quarantine``) and
 the privacy officer's review of it (``quarantine_review``).
 
-May import: agent.config, agent.errors, agent.crypto, agent.fileperm, agent.types,
+May import: agent.config, agent.errors, agent.crypto, agent.sealedrows (the sealed
+Storage Commitment reports still owed), agent.fileperm, agent.types,
 agent.deid (burned-in text rules), agent.subgroups (the patient characteristics a
 released item is reviewed by), agent.ops.faults (the inbox's test hook). Must not
 import the DICOM node, agent.uplink or

@@ -3,7 +3,8 @@
 DICOM has no "end of study": a version is closed when the modality said so (an
 MPPS COMPLETED or DISCONTINUED, or a Storage Commitment request, whose listed
 instances are all in: agent.store.completion), when it holds the instance count its
-sender's ``[[study.completion]]`` rule expects, when it went quiet (the rule's quiet
+sender's ``[[study.completion]]`` rule expects, or the series count it expects
+and the last series went quiet for the rule's series quiet period, when it went quiet (the rule's quiet
 period, else ``[study]``'s: the fallback), hit an instance or byte bound, or got too
 old; a follow-up instance then opens a new version.  Every function here runs inside the caller's index transaction and
 returns the ids it changed, so the inbox can forget its cached open versions.
@@ -59,8 +60,11 @@ def complete_due(db: sqlite3.Connection, s: StudySettings, now: float) -> list[i
                        (last_at, first_at, sid))
         reason: StudyCompletion | None = None
         rule = completion.study_rule(db, s, int(sid))
+        series_at = completion.series_due(db, rule, int(sid), last_at)
         if rule is not None and rule.expected_instances and n >= rule.expected_instances:
             reason = "expected_count"
+        elif series_at is not None and now >= series_at:
+            reason = "expected_series"
         elif n >= s.max_instances:
             reason = "max_instances"
         elif nbytes >= s.max_bytes:
@@ -93,11 +97,14 @@ def next_due(db: sqlite3.Connection, s: StudySettings) -> float | None:
     """The earliest wall-clock time an open study completes by its quiet
     period or age, if nothing else arrives; None when no study is open."""
     if s.completion:  # per-sender quiet periods: the few open versions one by one
-        due = [min(last_at + completion.quiet_seconds(s, completion.study_rule(db, s, int(sid))),
-                   first_at + s.max_age_seconds)
-               for sid, first_at, last_at in db.execute(
-                   "SELECT id, first_at, last_at FROM studies "
-                   "WHERE state='open' AND n_instances > 0").fetchall()]
+        due = []
+        for sid, first_at, last_at in db.execute(
+                "SELECT id, first_at, last_at FROM studies "
+                "WHERE state='open' AND n_instances > 0").fetchall():
+            rule = completion.study_rule(db, s, int(sid))
+            at = min(last_at + completion.quiet_seconds(s, rule), first_at + s.max_age_seconds)
+            series_at = completion.series_due(db, rule, int(sid), last_at)
+            due.append(at if series_at is None else min(at, series_at))
         return float(min(due)) if due else None
     row = db.execute(
         "SELECT MIN(MIN(last_at + ?, first_at + ?)) FROM studies "

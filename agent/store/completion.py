@@ -13,11 +13,13 @@ Owns the index tables of completion triggers and the per-sender rules:
   ``[study] max_age_seconds`` (its instances never came, or were processed already);
   MPPS steps untouched for a day (or ``max_age_seconds``, if longer) are forgotten;
 * ``[[study.completion]]`` rules: per calling AE title and modality, a quiet period,
-  an expected instance count, and whether MPPS and commitment may complete a study.
+  an expected instance count, a series trigger (so many distinct series, by the keyed
+  hash of their Series Instance UID in the instance rows, and the last one quiet for
+  a short while), and whether MPPS and commitment may complete a study.
 
 The tables live in the inbox index, so receive worker processes write them in the
 same database the assembler reads (one transaction each, WAL) and a restart resumes
-them.  May import: agent.config, agent.store.index.
+them.  May import: agent.config, agent.store.index, agent.store.pending_reports.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 from agent.config import CompletionRule, StudySettings
 from agent.store.index import Index
+from agent.store.pending_reports import PendingReports
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpps (
@@ -112,6 +115,18 @@ def quiet_seconds(s: StudySettings, rule: CompletionRule | None) -> float:
     return rule.quiet_seconds if rule is not None and rule.quiet_seconds else s.quiet_seconds
 
 
+def series_due(db: sqlite3.Connection, rule: CompletionRule | None, study_id: int,
+               last_at: float) -> float | None:
+    """When the series trigger completes a study version: ``last_at`` + the rule's
+    series quiet period once it holds ``expected_series`` distinct series; None
+    when the rule has no series trigger or too few series are in yet."""
+    if rule is None or not rule.expected_series:
+        return None
+    (n,) = db.execute("SELECT COUNT(DISTINCT series_key) FROM instances "
+                      "WHERE study_id=? AND series_key != ''", (study_id,)).fetchone()
+    return last_at + rule.series_quiet_seconds if int(n) >= rule.expected_series else None
+
+
 def allows(rule: CompletionRule | None, source: str) -> bool:
     """Whether a trigger of ``source`` may complete a study under ``rule``."""
     if rule is None:
@@ -163,8 +178,10 @@ class CompletionStore:
     sqlite3.Error; the DICOM handlers answer a failure status then."""
 
     def __init__(self, index: Index, instance_key: Callable[[str], str],
-                 study_key: Callable[[str], str]) -> None:
+                 study_key: Callable[[str], str], reports: PendingReports) -> None:
+        """``reports``: the Storage Commitment reports still owed (sealed, retried)."""
         self._index = index
+        self.reports = reports
         self._ikey = instance_key
         self._skey = study_key
         with index.lock:

@@ -36,6 +36,7 @@ from agent.store import assembly, capacity, reconcile
 from agent.store.completion import CompletionStore
 from agent.store.files import PendingWrite, Slots, file_digest, open_sealed, reseal
 from agent.store.index import Index
+from agent.store.pending_reports import PendingReports
 from agent.store.receipts import ReceiptAudit, ReceiptJournal, StoreOutcome, StoreReceipt
 from agent.store.record import InstanceRecord
 from agent.types import ReceivedInstance, Study
@@ -82,7 +83,8 @@ class Inbox:
         self._tx = self._index.tx
         self._receipts = ReceiptJournal(self._index)
         # MPPS state and declared-complete instance sets (agent.store.completion).
-        self.completion = CompletionStore(self._index, self.instance_key, self.study_key)
+        self.completion = CompletionStore(self._index, self.instance_key, self.study_key,
+                                          PendingReports(self._index, kek))
         self._slots = Slots(self.slots)
         self._free = self._slots.free  # the empty slots (crash-recovery tests look at them)
         if worker is None:
@@ -115,6 +117,12 @@ class Inbox:
 
     def instance_key(self, sop_uid: str) -> str:
         return hmac_sha256(self._pkey, b"instance", sop_uid.encode()).hex()[:32]
+
+    def series_key(self, series_uid: str) -> str:
+        """"" for an instance without a Series Instance UID (it counts as no series)."""
+        if not series_uid:
+            return ""
+        return hmac_sha256(self._pkey, b"series", series_uid.encode()).hex()[:32]
 
     # -- capacity -----------------------------------------------------------
 
@@ -243,6 +251,7 @@ class Inbox:
         calling_ae: str,
         peer: str,
         size_hint: int = 0,
+        series_uid: str = "",
     ) -> StoreReceipt:
         """Seal the Part 10 stream ``src`` durably; return once it is safe to ack."""
         pending = self.begin(study_uid, size_hint=size_hint)
@@ -253,7 +262,8 @@ class Inbox:
                     break
                 pending.write(block)
             return self.commit(pending, sop_uid=sop_uid, sop_class=sop_class,
-                               transfer_syntax=transfer_syntax, calling_ae=calling_ae, peer=peer)
+                               transfer_syntax=transfer_syntax, calling_ae=calling_ae, peer=peer,
+                               series_uid=series_uid)
         finally:
             pending.abort()
 
@@ -267,6 +277,7 @@ class Inbox:
         calling_ae: str,
         peer: str,
         audit: ReceiptAudit | None = None,
+        series_uid: str = "",
     ) -> StoreReceipt:
         """fsync, dedupe and index a streamed instance; return once it is safe to ack.
 
@@ -277,11 +288,12 @@ class Inbox:
         tmp, skey, aad = pending.path, pending.study_key, pending.study_key.encode()
         study_id, version, new_study = pending.study_id, pending.version, pending.new_study
         ikey = self.instance_key(sop_uid)
+        series = self.series_key(series_uid)
         now = time.time()
 
         def record(size: int, version: int) -> InstanceRecord:
             return InstanceRecord(skey, version, ikey, size, sop_class, transfer_syntax,
-                                  calling_ae, peer, now)
+                                  calling_ae, peer, now, series)
 
         # The file with its own index record is durable from here on: the index
         # commit below needs no fsync (a row a power cut takes back is rebuilt).
@@ -322,10 +334,11 @@ class Inbox:
                 dest = tmp
                 db.execute(
                     "INSERT INTO instances (study_id, instance_key, sha256, file, size, sop_class, "
-                    "transfer_syntax, calling_ae, peer, received_at, flag) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "transfer_syntax, calling_ae, peer, received_at, flag, series_key) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (study_id, ikey, sha, str(dest.relative_to(self.root)), size, sop_class,
-                     transfer_syntax, calling_ae, peer, now, "conflict" if dup else None),
+                     transfer_syntax, calling_ae, peer, now, "conflict" if dup else None,
+                     series),
                 )
                 db.execute(
                     "UPDATE studies SET last_at=?, n_instances=n_instances+1, n_bytes=n_bytes+? "
@@ -478,8 +491,9 @@ class Inbox:
             for sid, wrapped in rows:
                 db.execute("UPDATE studies SET wrapped_key=? WHERE id=?",
                            (new.wrap(old.unwrap(bytes(wrapped))), sid))
+        reports = self.completion.reports.rewrap(old, new)  # commitment reports owed
         self._index.sync()  # before the old KEK may go
-        return len(rows)
+        return len(rows) + reports
 
     def close(self) -> None:
         self._index.close()

@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL,
     peer TEXT NOT NULL,
     received_at REAL NOT NULL,
-    flag TEXT                       -- NULL | conflict
+    flag TEXT,                      -- NULL | conflict
+    series_key TEXT NOT NULL DEFAULT ''  -- keyed hash of the Series Instance UID, or ''
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_id);
 CREATE INDEX IF NOT EXISTS instances_key ON instances(instance_key);
@@ -92,9 +93,21 @@ class Index:
         self.db.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
         self.db.execute("PRAGMA busy_timeout=60000")  # worker processes share the index
         self.db.executescript(SCHEMA)
+        self._upgrade()
         self._dir_synced = False
         if shared:
             self.share()
+
+    def _upgrade(self) -> None:
+        """Columns added since an older inbox was created (its rows keep the default:
+        an instance indexed before series were kept belongs to no known series)."""
+        cols = {str(r[1]) for r in self.db.execute("PRAGMA table_info(instances)")}
+        if "series_key" not in cols:
+            try:
+                self.db.execute(
+                    "ALTER TABLE instances ADD COLUMN series_key TEXT NOT NULL DEFAULT ''")
+            except sqlite3.OperationalError:
+                pass  # another process added it a moment ago ("duplicate column")
 
     def share(self) -> None:
         """From now on other processes commit too: take the index lock for every transaction."""

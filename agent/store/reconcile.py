@@ -184,9 +184,11 @@ def _index(db: sqlite3.Connection, root: Path, kek: KeyEncryptionKey,
             return False
     db.execute(
         "INSERT INTO instances (study_id, instance_key, sha256, file, size, sop_class, "
-        "transfer_syntax, calling_ae, peer, received_at, flag) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "transfer_syntax, calling_ae, peer, received_at, flag, series_key) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (f.study_id, r.instance_key, f.sha256 if dup else "", f.rel, r.size, r.sop_class,
-         r.transfer_syntax, r.calling_ae, r.peer, r.received_at, "conflict" if dup else None))
+         r.transfer_syntax, r.calling_ae, r.peer, r.received_at, "conflict" if dup else None,
+         r.series_key))
     db.execute("UPDATE studies SET n_instances=n_instances+1, n_bytes=n_bytes+?, "
                "last_at=MAX(last_at, ?) WHERE id=?", (r.size, r.received_at, f.study_id))
     receipts.record(db, {

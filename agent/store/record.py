@@ -11,7 +11,7 @@ instance stream (agent.crypto's chunked stream)::
 ``ident`` names the study version whose data key sealed the file (the study key,
 an HMAC pseudonym as the index stores it, and the version number); the record
 itself (instance key, size, SOP class, transfer syntax, calling AE, peer address,
-receive time) is sealed under that data key with ``ident`` as associated data, so
+receive time, series key) is sealed under that data key with ``ident`` as associated data, so
 it is authenticated and nothing of it is readable without the key.  Files written
 before this existed end with the stream's last chunk: ``stream_length`` tells the
 two apart by authenticating the record, never by the magic alone.
@@ -50,6 +50,9 @@ class InstanceRecord:
     calling_ae: str
     peer: str
     received_at: float
+    # Keyed hash of the Series Instance UID ("" when the instance had none, and in
+    # records written before series were kept: such files read as before).
+    series_key: str = ""
 
     def seal(self, data_key: bytes) -> bytes:
         """The trailer to append after the sealed stream."""
@@ -80,7 +83,8 @@ class Trailer:
                 instance_key=str(body["instance_key"]), size=int(body["size"]),
                 sop_class=str(body["sop_class"]), transfer_syntax=str(body["transfer_syntax"]),
                 calling_ae=str(body["calling_ae"]), peer=str(body["peer"]),
-                received_at=float(body["received_at"]))
+                received_at=float(body["received_at"]),
+                series_key=str(body.get("series_key", "")))
         except (CryptoError, ValueError, KeyError, TypeError):
             return None
 

@@ -6,6 +6,8 @@ period of an hour: a result that arrives came from the trigger under test."""
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,115 @@ def test_commitment_report_to_an_unknown_ae_is_audited_not_sent(
         d.stop()
 
 
+def _kept_reports(box: Box) -> list[tuple[int, bytes]]:
+    """(attempts, sealed event information) of the commitment reports the box owes."""
+    db = sqlite3.connect(f"file:{box.state / 'inbox' / 'index.db'}?mode=ro", uri=True)
+    try:
+        return [(int(r[0]), bytes(r[1])) for r in db.execute(
+            "SELECT attempts, sealed FROM commitment_reports")]
+    except sqlite3.OperationalError:  # no such table (yet)
+        return []
+    finally:
+        db.close()
+
+
+def _owe_a_report(tmp_path: Path, box: Box, d: Daemon) -> tuple[str, list[Path]]:
+    """A commitment request whose report the modality refuses on the association,
+    while its own SCP is down: the box keeps the report after a failed attempt."""
+    files = ct_files(tmp_path / "ct", 2)
+    assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+    m = Modality(box.dicom_port, box.ae_title, report_status=0x0110)
+    tx, status = m.commit(refs_of(files))
+    assert m.got_report.wait(30), "no N-EVENT-REPORT on the association"
+    m.release()
+    assert status.Status == 0x0000
+    kept = wait_for(lambda: [r for r in _kept_reports(box) if r[0] >= 1] or None, 60,
+                    "a kept report after a failed attempt", step=0.2)
+    # Sealed: neither the Transaction UID nor an instance UID is readable in the index.
+    assert all(tx.encode() not in blob for _, blob in kept)
+    for _, uid in refs_of(files):
+        assert all(uid.encode() not in blob for _, blob in kept)
+    return tx, files
+
+
+def _known_ae(box: Box, port: int, **dicom: str) -> None:
+    for key, value in dicom.items():
+        set_config(box, "dicom", key, value)
+    add_table(box, f"""
+[[dicom.known_aes]]
+ae_title = "{MODALITY_AE}"
+host = "127.0.0.1"
+port = {port}
+""")
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "workers"])
+def test_an_undelivered_commitment_report_is_retried_until_the_modality_is_up(
+        tmp_path: Path, box: Box, broker: Broker, workers: int) -> None:
+    set_config(box, "dicom", "workers", str(workers))
+    set_config(box, "study", "quiet_seconds", "3600")
+    port = free_port()
+    _known_ae(box, port, commitment_report_retry_seconds="1",
+              commitment_report_timeout="5")
+    d = Daemon(box)
+    d.start()
+    listener: ReportListener | None = None
+    try:
+        tx, files = _owe_a_report(tmp_path, box, d)
+        listener = ReportListener(port)  # the modality's SCP comes up
+        assert listener.got.wait(60), "the kept report was not sent again"
+        assert str(listener.reports[0].TransactionUID) == tx
+        assert len(listener.reports[0].ReferencedSOPSequence) == len(files)
+        sent = events(box, "commitment.report_sent")[0]["details"]
+        assert sent["association"] == "new" and sent["attempts"] >= 2
+        wait_for(lambda: not _kept_reports(box), 30, "the delivered report forgotten")
+        assert not [e for e in audit_events(box) if e["event"] == "commitment.report_undeliverable"]
+    finally:
+        if listener is not None:
+            listener.stop()
+        d.stop()
+
+
+def test_a_commitment_report_owed_at_a_kill9_is_sent_after_the_restart(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "study", "quiet_seconds", "3600")
+    port = free_port()
+    # Retries far apart: only the restart can send it within the test.
+    _known_ae(box, port, commitment_report_retry_seconds="3000",
+              commitment_report_timeout="5")
+    d = Daemon(box)
+    d.start()
+    tx, _ = _owe_a_report(tmp_path, box, d)
+    d.kill9()
+    listener = ReportListener(port)
+    d = Daemon(box)
+    d.start()
+    try:
+        assert listener.got.wait(60), "the report owed before the kill -9 was not sent"
+        assert str(listener.reports[0].TransactionUID) == tx
+        wait_for(lambda: not _kept_reports(box), 30, "the delivered report forgotten")
+    finally:
+        listener.stop()
+        d.stop()
+
+
+def test_a_commitment_report_never_delivered_is_given_up_and_audited(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    set_config(box, "study", "quiet_seconds", "3600")
+    _known_ae(box, free_port(), commitment_report_retry_seconds="0.5",
+              commitment_report_max_age_seconds="3", commitment_report_timeout="2")
+    d = Daemon(box)
+    d.start()
+    try:
+        _owe_a_report(tmp_path, box, d)
+        why = events(box, "commitment.report_undeliverable")[0]
+        assert why["outcome"] == OUTCOMES["serious_failure"]
+        assert why["details"]["why"] == "expired" and why["details"]["attempts"] >= 2
+        wait_for(lambda: not _kept_reports(box), 30, "the given-up report forgotten")
+    finally:
+        d.stop()
+
+
 def test_malformed_mpps_gets_standard_statuses_is_audited_and_the_box_keeps_working(
         tmp_path: Path, box: Box, daemon: Daemon, ops: Subscriber) -> None:
     study = str(generate_uid())
@@ -246,6 +357,40 @@ expected_instances = 3
         assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
             "instances_received"] == 3
         assert completions(box.state) == ["expected_count"]
+    finally:
+        ops.stop()
+        d.stop()
+
+
+def test_series_rule_completes_a_ct_study_once_its_second_series_went_quiet(
+        tmp_path: Path, box: Box, broker: Broker) -> None:
+    """A CT scanner sends a localizer series, pauses while the technologist plans the
+    scan, then the axial series: ``expected_series = 2`` completes the study a short
+    series quiet period after the axial series, not after the localizer (the pause
+    between the series is longer than that period), and not an hour later."""
+    set_config(box, "study", "quiet_seconds", "3600")
+    add_table(box, """
+[[study.completion]]
+calling_ae = "STORESCU"
+modality = "CT"
+expected_series = 2
+series_quiet_seconds = 1
+""")
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        study = str(generate_uid())
+        localizer = ct_files(tmp_path / "loc", 1, study_uid=study, tag="loc")
+        axial = ct_files(tmp_path / "ax", 3, study_uid=study, tag="ax")
+        assert storescu(box.dicom_port, localizer, aec=box.ae_title).returncode == 0
+        # Longer than the series quiet period: one series alone must not complete it
+        # (it would, and the result would hold one instance, if series were not counted).
+        time.sleep(3)
+        assert storescu(box.dicom_port, axial, aec=box.ae_title).returncode == 0
+        got = ops.wait("results", 1, timeout=90)[0].json()["data"]["study"]
+        assert got["instances_received"] == 4
+        assert completions(box.state) == ["expected_series"]
     finally:
         ops.stop()
         d.stop()

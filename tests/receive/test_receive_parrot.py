@@ -284,3 +284,72 @@ def test_the_node_held_no_association_after_the_suite(n: Node, tmp_path: Path) -
         raise AssertionError(f"{exc}: {n.scp.counters.active} association(s), "
                              f"{n.scp.limiter.connections()} connection(s) counted\n"
                              f"{association_threads()}") from None
+
+
+# -- roles enforced per message (PS3.7 D.3.3.4) --------------------------------------------
+
+COMMITMENT = "1.2.840.10008.1.20.1"
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+def _event_report(message_id: int) -> bytes:
+    # The command of parrot.command plus Event Type ID (0000,1002) after (0000,1000).
+    body = parrot.command(0x0100, message_id, COMMITMENT, has_data=True,
+                          sop_instance=COMMITMENT_INSTANCE)[12:]
+    body += struct.pack("<HHIH", 0, 0x1002, 2, 1)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def _event_information(tx: str) -> bytes:
+    """Transaction UID + one Referenced SOP Sequence item, Implicit VR Little Endian."""
+    def ui(group: int, elem: int, uid: str) -> bytes:
+        raw = uid.encode() + (b"\0" if len(uid) % 2 else b"")
+        return struct.pack("<HHI", group, elem, len(raw)) + raw
+    inner = ui(0x0008, 0x1150, parrot.CT) + ui(0x0008, 0x1155, generate_uid())
+    item_ = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+    return ui(0x0008, 0x1195, tx) + struct.pack("<HHI", 0x0008, 0x1199, len(item_)) + item_
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["in-process", "2-workers"])
+def reporting(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Node, list[str]]]:
+    """A node whose own commitment SCU takes reports (every report is recorded)."""
+    taken: list[str] = []
+
+    def in_process(tx: str, ok: list[str], failed: list[str]) -> bool:
+        taken.append(tx)
+        return True
+
+    def later(tx: str, ok: list[str], failed: list[str], answer: object) -> None:
+        taken.append(tx)
+        answer(True)  # type: ignore[operator]
+
+    with node(tmp_path_factory.mktemp("roles"), workers=request.param,
+              on_commitment=in_process if request.param == 1 else later,
+              associations_per_minute_per_peer=10_000, **TIMEOUTS) as running:
+        yield running, taken
+
+
+@pytest.mark.parametrize("scu, scp, expected", [(1, 0, 0x0211), (0, 1, 0x0000), (1, 1, 0x0000)],
+                         ids=["scu-only", "scp-only", "both"])
+def test_an_event_report_needs_the_scp_role_on_its_context(
+        reporting: tuple[Node, list[str]], scu: int, scp: int, expected: int) -> None:
+    """An N-EVENT-REPORT is the SCP's message (PS3.7 10.1.1): from a peer that
+    negotiated only the SCU role of Storage Commitment (a modality asking us to
+    commit) it is answered 0x0211 and never reaches our commitment SCU's report
+    handler; the association goes on.  The SCP role (a PACS reporting) is served."""
+    n, taken = reporting
+    tx = generate_uid()
+    with Parrot(n.port) as p:
+        ac = p.associate(AE_TITLE, contexts=((1, COMMITMENT, (parrot.IMPLICIT_LE,)),
+                                             (3, parrot.VERIFICATION, (parrot.IMPLICIT_LE,))),
+                         extra_user_items=parrot.role_selection(COMMITMENT, scu, scp))
+        assert ac.context_results() == {1: 0, 3: 0}
+        p.send(parrot.pdata(parrot.pdv(1, 0x03, _event_report(5))),
+               parrot.pdata(parrot.pdv(1, 0x02, _event_information(tx))))
+        assert p.read().command_and_status() == (0x8100, expected)
+        p.send(parrot.pdata(parrot.pdv(3, 0x03, parrot.echo_rq(6))))
+        assert p.read().command_and_status() == (0x8030, 0x0000)
+        p.send(parrot.release_rq())
+        assert p.read().kind == parrot.RELEASE_RP
+    assert (tx in taken) == (expected == 0x0000)

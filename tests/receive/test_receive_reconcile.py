@@ -187,12 +187,17 @@ class Store:
         return sqlite3.connect(self.root / "index.db", isolation_level=None)
 
 
-def _put(ib: Inbox, study: str, sop: str, data: bytes) -> Path:
+def _put(ib: Inbox, study: str, sop: str, data: bytes, series: str = "") -> Path:
     w = ib.begin(study)
     w.write(data)
     r = ib.commit(w, sop_uid=sop, sop_class=SOP_CLASS, transfer_syntax="1.2.840.10008.1.2.1",
-                  calling_ae="MOD", peer="10.0.0.9", audit=lambda _r: {"event": "instance.received"})
+                  calling_ae="MOD", peer="10.0.0.9", audit=lambda _r: {"event": "instance.received"},
+                  series_uid=series)
     return r.instance.path
+
+
+def _series_keys(db: sqlite3.Connection) -> list[str]:
+    return [str(r[0]) for r in db.execute("SELECT series_key FROM instances ORDER BY id")]
 
 
 def _journal(db: sqlite3.Connection) -> list[str]:
@@ -203,9 +208,14 @@ def test_rows_a_power_cut_took_back_are_rebuilt_from_the_files(tmp_path: Path) -
     s = Store(tmp_path / "inbox")
     ib = s.open()
     blobs = [os.urandom(3000 + i) for i in range(3)]
+    series = ["1.2.3.100", "1.2.3.200", "1.2.3.200"]  # a localizer and an axial series
     for i, b in enumerate(blobs):
-        _put(ib, "1.2.3", f"1.2.3.{i}", b)
+        _put(ib, "1.2.3", f"1.2.3.{i}", b, series[i])
     want = ib.study(ib._db.execute("SELECT id FROM studies").fetchone()[0])
+    want_series = _series_keys(ib._db)
+    # Keyed hashes, never the UIDs (the series trigger counts distinct ones).
+    assert want_series == [ib.series_key(u) for u in series] and not set(want_series) & set(series)
+    assert len(set(want_series)) == 2
     ib.close()
     # What the rolled-back commits leave: the version (made durable before its
     # first instance), no instance rows, no receipts, no counts.
@@ -219,6 +229,7 @@ def test_rows_a_power_cut_took_back_are_rebuilt_from_the_files(tmp_path: Path) -
     assert [(i.path, i.size, i.calling_ae, i.peer, i.received_at) for i in got.instances] == [
         (i.path, i.size, i.calling_ae, i.peer, i.received_at) for i in want.instances]
     assert [ib.read(got, i)[-len(b):] for i, b in zip(got.instances, blobs, strict=True)] == blobs
+    assert _series_keys(ib._db) == want_series  # from the sealed records
     assert ib.counts()["pending_bytes"] == sum(i.size for i in want.instances)
     records = _journal(ib._db)
     assert len(records) == 3 and all(RECOVERED in r for r in records)
