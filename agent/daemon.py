@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -35,6 +35,7 @@ from agent.deid import Deidentifier, DeidSettings, PixelCleanRule
 from agent.deid.pseudonym import Pseudonymizer
 from agent.deid.vault import PseudonymVault, VaultPseudonymizer
 from agent.deploy.runner import DeployStage, Hooks
+from agent.dicom.commitment import ReportFn, ReportLaterFn
 from agent.dicom.node import DicomNode, LocalNode
 from agent.dicom.pool import ReceivePool, WorkerInit
 from agent.errors import ConfigError, EdgeAgentError, OutOfResources
@@ -42,10 +43,7 @@ from agent.identity.keyrotate import hold_state_lock
 from agent.infer import InferenceEngine, InferenceSettings
 from agent.ops import control, faults, liveness, sdnotify
 from agent.pipeline import Pipeline
-from agent.results.common import Issuer
-from agent.results.delivery import Delivery, commitment_report, commitment_result
 from agent.results.link import LinkStore
-from agent.results.queue import DeliveryQueue
 from agent.review.service import ReviewService
 from agent.store.inbox import Inbox
 from agent.store.quarantine import Quarantine
@@ -53,6 +51,9 @@ from agent.uplink import cloudevents, metrics, telemetry
 from agent.uplink.inbound import Inbound
 from agent.uplink.outbox import Outbox
 from agent.uplink.publish import Publisher
+
+if TYPE_CHECKING:
+    from agent.results.delivery import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,22 @@ class Daemon:
             self.links.expire()
         # [[results.destinations]]: the durable C-STORE queue into the PACS.
         self.delivery: Delivery | None = None
+        # A PACS's Storage Commitment report arrives on its own association to the node.
+        on_commitment: ReportFn | None = None
+        on_commitment_later: ReportLaterFn | None = None
         if self.links is not None and cfg.results.destinations:
+            # Imported only for a box that sends results: the object builders load
+            # highdicom (and pydicom's SR concept tables), about 21 MiB of the daemon's
+            # memory and a tenth of its start-up, which a box without destinations
+            # never uses (issue 19 section 5, peak RSS; docs/benchmarks.md).
+            from agent.results.common import Issuer
+            from agent.results.delivery import Delivery, commitment_report, commitment_result
+            from agent.results.queue import DeliveryQueue
+
             self.delivery = Delivery(
                 cfg, self.links, DeliveryQueue(state / "results" / "delivery.db", self.kek),
                 Issuer(cfg.site, cfg.device, self.pseudonym_key), self.outbox, self.audit)
+            on_commitment, on_commitment_later = commitment_result, commitment_report
         self.expire_quarantine()
         # Flagged results wait here for reviewers' verdicts (agent/review/).
         self.review = ReviewService(cfg, self.kek, self.engine.manifest_of, self.audit,
@@ -173,13 +186,11 @@ class Daemon:
                                  links=self.links)
         self.pipeline.on_result = self.review.record
         self.scp: DicomNode
-        # A PACS's Storage Commitment report arrives on its own association to the node.
-        on_commitment = commitment_result if self.delivery is not None else None
         if cfg.dicom.workers > 1:
             self.scp = ReceivePool(cfg.dicom, self.inbox, self._worker_init, audit=self.audit,
                                    on_stored=lambda _r: self._work.set(),
                                    accepting=self._intake.is_set, receipts=self.audit_log,
-                                   on_commitment=commitment_report if on_commitment else None)
+                                   on_commitment=on_commitment_later)
         else:
             # Workers journal their audit records in the inbox (durable), so only the
             # in-process node feeds the audit queue and needs its hold.

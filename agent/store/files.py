@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from agent.crypto import StreamWriter, fsync_dir, iter_open_stream
 from agent.errors import CryptoError, StorageError
 from agent.fileperm import open_private
 from agent.store.record import stream_length
+
+log = logging.getLogger(__name__)
 
 # Start write-back of a large instance every this many bytes while it streams in,
 # so the fdatasync before Success only has the tail left to flush.
@@ -141,14 +144,26 @@ class PendingWrite:
 
 
 class Slots:
-    """The pre-created instance files of one process (its own directory)."""
+    """The pre-created instance files of one process (its own directory).
+
+    Creating files (and the directory fsync that makes them durable) waits on the
+    file system's journal, which the fdatasync of every acknowledged instance keeps
+    busy: done in the association's thread, a batch held up the C-STORE that ran out
+    of slots (up to a sixth of a receive worker's busy time on CT over four
+    associations).  So the next batch is made by a short-lived thread of its own
+    once fewer than ``LOW_WATER`` are left; a slot is handed out only after the
+    directory fsync of its batch, as before.  ``take`` still creates a batch itself
+    when none is left (the first one, or a refill that cannot keep up or failed).
+    """
 
     BATCH = 32
+    LOW_WATER = 16
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
         self.free: collections.deque[Path] = collections.deque()  # empty slots, ready
+        self._refilling = False
 
     def recover(self, root: Path, slot_root: Path, used: set[str]) -> None:
         """At start, before any worker runs: empty and reuse every slot the index does not
@@ -174,12 +189,34 @@ class Slots:
     def take(self) -> Path:
         with self._lock:
             if not self.free:
-                for _ in range(self.BATCH):
-                    p = self.folder / f"{os.urandom(8).hex()}.enc"
-                    os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                    self.free.append(p)
-                fsync_dir(self.folder)
-            return self.free.popleft()
+                self.free.extend(self._create())
+            path = self.free.popleft()
+            refill = len(self.free) < self.LOW_WATER and not self._refilling
+            self._refilling = self._refilling or refill
+        if refill:
+            threading.Thread(target=self._refill, name="inbox-slots", daemon=True).start()
+        return path
+
+    def _create(self) -> list[Path]:
+        """A batch of empty slot files, durable in the directory before they are used."""
+        made = []
+        for _ in range(self.BATCH):
+            p = self.folder / f"{os.urandom(8).hex()}.enc"
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            made.append(p)
+        fsync_dir(self.folder)
+        return made
+
+    def _refill(self) -> None:
+        made: list[Path] = []
+        try:
+            made = self._create()
+        except OSError as exc:  # a full disk: ``take`` tries again, and reports it
+            log.warning("cannot create inbox slots ahead of time: %s", exc)
+        finally:
+            with self._lock:
+                self.free.extend(made)
+                self._refilling = False
 
     def release(self, path: Path) -> None:
         """Empty a slot and make it available again (it never held an ack)."""
