@@ -65,6 +65,24 @@ def no_uids(text: str, files: list[Path]) -> None:
         assert uid not in text
 
 
+
+def _study_completes_as(tmp_path: Path, box: Box, n: int, completion: str) -> None:
+    """Run the daemon, send ``n`` CT instances with storescu (calling AE STORESCU) and
+    check that one result of ``n`` instances arrives and that the study completed by
+    ``completion`` (the reason kept in the index)."""
+    ops = Subscriber(box).start()
+    d = Daemon(box)
+    d.start()
+    try:
+        files = ct_files(tmp_path / "ct", n)
+        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
+        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
+            "instances_received"] == n
+        assert completions(box.state) == [completion]
+    finally:
+        ops.stop()
+        d.stop()
+
 def test_mpps_completed_completes_the_study_at_once(
         tmp_path: Path, box: Box, started: tuple[Daemon, Subscriber]) -> None:
     d, ops = started
@@ -348,18 +366,7 @@ calling_ae = "STORESCU"
 modality = "CT"
 expected_instances = 3
 """)
-    ops = Subscriber(box).start()
-    d = Daemon(box)
-    d.start()
-    try:
-        files = ct_files(tmp_path / "ct", 3)
-        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
-        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
-            "instances_received"] == 3
-        assert completions(box.state) == ["expected_count"]
-    finally:
-        ops.stop()
-        d.stop()
+    _study_completes_as(tmp_path, box, 3, "expected_count")
 
 
 def test_series_rule_completes_a_ct_study_once_its_second_series_went_quiet(
@@ -427,15 +434,4 @@ expected_instances = 1
 calling_ae = "STORESCU"
 quiet_seconds = 1.0
 """)
-    ops = Subscriber(box).start()
-    d = Daemon(box)
-    d.start()
-    try:
-        files = ct_files(tmp_path / "ct", 3)
-        assert storescu(box.dicom_port, files, aec=box.ae_title).returncode == 0
-        assert ops.wait("results", 1, timeout=90)[0].json()["data"]["study"][
-            "instances_received"] == 3
-        assert completions(box.state) == ["quiet"]
-    finally:
-        ops.stop()
-        d.stop()
+    _study_completes_as(tmp_path, box, 3, "quiet")
