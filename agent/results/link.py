@@ -29,7 +29,6 @@ import base64
 import copy
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -47,6 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from agent.crypto import KeyEncryptionKey, random_key, seal, unseal
 from agent.errors import EdgeAgentError, StorageError
+from agent.fileperm import open_private_db
 from agent.types import (
     DeidentifiedStudy,
     InferenceResult,
@@ -298,14 +298,8 @@ class LinkStore:
         self._audit = audit
         self._lock = threading.RLock()
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # never briefly world-readable
-            os.close(fd)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            # Shredding deletes wrapped keys: their freed pages are zeroed, not left behind.
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._db.executescript(_SCHEMA)
+            # 0600 with its side files, WAL + FULL, secure_delete (a shredded key's pages zeroed)
+            self._db = open_private_db(path, _SCHEMA)
         except sqlite3.Error as exc:
             raise StorageError(f"results link store {path}: {exc}",
                                hint="check the state volume; 'edge-agent doctor' reports "

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from agent.crypto import KeyEncryptionKey
 from agent.errors import EdgeAgentError, StorageError
-from agent.fileperm import private_db
+from agent.fileperm import open_private_db
 from agent.sealedrows import RowKeys, transaction, translate
 
 log = logging.getLogger(__name__)
@@ -149,14 +149,8 @@ class DeliveryQueue:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         try:
-            # 0600 before sqlite writes a byte, its -wal/-shm side files too.
-            self._db = sqlite3.connect(private_db(path), check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            # A final row's key is deleted: its freed pages are zeroed, not left behind.
-            self._db.execute("PRAGMA secure_delete=ON")
-            self._db.executescript(_SCHEMA)
+            # A final row's key is deleted: secure_delete zeroes its freed pages.
+            self._db = open_private_db(path, _SCHEMA)
         except sqlite3.Error as exc:
             raise _translate(exc, f"cannot open {path}") from None
 

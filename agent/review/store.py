@@ -24,7 +24,6 @@ them): performance is computed over windows shorter than that.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from typing import Any
 
 from agent.crypto import KeyEncryptionKey, load_or_create_data_key, seal, unseal
 from agent.errors import CryptoError, StorageError
-from agent.fileperm import private_db
+from agent.fileperm import open_private_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -127,12 +126,7 @@ class ReviewStore:
         # Verdicts stored since this process opened the store: what the performance
         # section's step gate counts (agent/review/service.py), read with the rows.
         self.added = 0
-        self._db = sqlite3.connect(private_db(path), check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a verdict acked is a verdict kept
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = open_private_db(path, _SCHEMA)  # FULL: a verdict acked is a verdict kept
         self._kek = kek
         self._key = load_or_create_data_key(self._db, kek)
 
